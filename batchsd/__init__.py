@@ -1,0 +1,1 @@
+"""batchsd: Stable Diffusion 1.x inference from scratch, run as a batch job processor."""

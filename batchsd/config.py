@@ -1,0 +1,75 @@
+"""Frozen model configurations: the SD 1.x shapes and a tiny preset with the same topology.
+
+Every model module takes its config dataclass whole; nothing about widths is hard-coded in the
+modules. `tiny` keeps the SD 1.x topology (4 UNet levels, 2 res blocks, attention on the first
+3 levels and the middle block, 4 VAE levels) with small widths, for tests and dry runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CLIPTextConfig:
+    vocab_size: int = 49408
+    max_positions: int = 77
+    width: int = 768           # hidden size
+    layers: int = 12
+    heads: int = 12
+    mlp_width: int = 3072      # QuickGELU MLP
+    eps: float = 1e-5          # LayerNorm eps
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    image_channels: int = 3
+    latent_channels: int = 4
+    base_channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)   # one level each; 3 downsamples -> factor 8
+    res_blocks: int = 2
+    groups: int = 32
+    eps: float = 1e-6          # GroupNorm eps (the VAE uses 1e-6, the UNet 1e-5)
+    scaling_factor: float = 0.18215
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    res_blocks: int = 2
+    attention_levels: tuple[int, ...] = (0, 1, 2)  # levels with a spatial transformer (+ middle)
+    heads: int = 8
+    context_dim: int = 768     # text-state width (CLIP width)
+    groups: int = 32
+    eps: float = 1e-5          # GroupNorm eps
+    transformer_eps: float = 1e-5  # LayerNorm eps inside transformer blocks; transformer GroupNorm uses 1e-6
+
+    @property
+    def time_embed_dim(self) -> int:
+        return self.model_channels * 4
+
+
+@dataclass(frozen=True)
+class SDConfig:
+    name: str
+    clip: CLIPTextConfig
+    vae: VAEConfig
+    unet: UNetConfig
+
+    @property
+    def latent_factor(self) -> int:
+        return 2 ** (len(self.vae.channel_mult) - 1)
+
+
+SD15 = SDConfig("sd15", CLIPTextConfig(), VAEConfig(), UNetConfig())
+
+TINY = SDConfig(
+    "tiny",
+    CLIPTextConfig(width=64, layers=2, heads=4, mlp_width=256),
+    VAEConfig(base_channels=32, channel_mult=(1, 2, 2, 2)),
+    UNetConfig(model_channels=32, channel_mult=(1, 2, 4, 4), heads=8, context_dim=64),
+)
+
+PRESETS = {"sd15": SD15, "tiny": TINY}
