@@ -1,0 +1,167 @@
+"""Rename diffusers-format state dicts to the original (CompVis / LDM) single-file layout.
+
+The original layout is what batchsd's modules use, so a diffusers folder loads through the same
+strict `load_state_dict` as a single-file checkpoint once its keys are renamed here. Keys come out
+relative to the original component prefixes (`ORIGINAL_PREFIX`):
+
+    unet          diffusers UNet2DConditionModel  -> below `model.diffusion_model.`
+    vae           diffusers AutoencoderKL         -> below `first_stage_model.`
+    text_encoder  transformers CLIPTextModel      -> below `cond_stage_model.transformer.text_model.`
+
+The correspondence is the inverse of diffusers' `convert_ldm_unet_checkpoint` /
+`convert_ldm_vae_checkpoint` (loaders/single_file_utils.py). It is rule-based: the number of
+levels, res blocks per level and which levels have attention are read from the keys present, so
+any SD 1.x-shaped model (including the tiny preset) maps through the same code.
+
+Besides renaming, the only tensor change is the VAE mid-block attention: diffusers stores its
+q/k/v/out projections as Linear weights [C, C], the original as 1x1 convolutions [C, C, 1, 1].
+Keys no rule recognises are passed through unchanged, so a loader's strict check names them.
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterable, Mapping
+
+import torch
+
+ORIGINAL_PREFIX = {
+    "unet": "model.diffusion_model.",
+    "vae": "first_stage_model.",
+    "text_encoder": "cond_stage_model.transformer.text_model.",
+}
+
+# ResBlock parameter names inside one block, diffusers -> original.
+_UNET_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "time_emb_proj": "emb_layers.1",
+    "conv_shortcut": "skip_connection",
+}
+_UNET_TOP = {
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "conv_in": "input_blocks.0.0",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+_VAE_RESNET = {"conv_shortcut": "nin_shortcut"}  # norm1/conv1/norm2/conv2 keep their names
+# VAE mid attention: current diffusers names and the pre-0.14 ones (query/key/value/proj_attn).
+_VAE_ATTN = {
+    "group_norm": "norm",
+    "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
+    "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out",
+}
+_VAE_ATTN_PROJ = ("q.weight", "k.weight", "v.weight", "proj_out.weight")
+
+
+def _rename_head(rest: str, table: Mapping[str, str]) -> str:
+    """Rename the leading module path of `rest` (e.g. "conv1.weight") by `table`."""
+    for old, new in table.items():
+        if rest.startswith(old + "."):
+            return new + rest[len(old):]
+    return rest
+
+
+def _max_index(keys: Iterable[str], pattern: str) -> int:
+    """Largest integer captured by `pattern` over keys, -1 if none match."""
+    rx = re.compile(pattern)
+    found = [int(m.group(1)) for k in keys if (m := rx.match(k))]
+    return max(found, default=-1)
+
+
+def unet_key_map(keys: Iterable[str]) -> dict[str, str]:
+    """diffusers UNet2DConditionModel key -> original key below `model.diffusion_model.`."""
+    keys = list(keys)
+    res_per_level = _max_index(keys, r"down_blocks\.\d+\.resnets\.(\d+)\.") + 1  # L
+    blocks_per_level = res_per_level + 1  # L res blocks + the downsampler (input) / L+1 (output)
+    up_with_attention = {int(m.group(1)) for k in keys if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", k))}
+
+    out = {}
+    for key in keys:
+        if m := re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+            level, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+            index = 1 + level * blocks_per_level + j
+            new = (f"input_blocks.{index}.0.{_rename_head(rest, _UNET_RESNET)}" if kind == "resnets"
+                   else f"input_blocks.{index}.1.{rest}")
+        elif m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+            index = 1 + int(m[1]) * blocks_per_level + res_per_level
+            new = f"input_blocks.{index}.0.op.{m[2]}"
+        elif m := re.match(r"mid_block\.resnets\.(\d+)\.(.+)", key):
+            new = f"middle_block.{2 * int(m[1])}.{_rename_head(m[2], _UNET_RESNET)}"
+        elif m := re.match(r"mid_block\.attentions\.0\.(.+)", key):
+            new = f"middle_block.1.{m[1]}"
+        elif m := re.match(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+            level, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+            index = level * blocks_per_level + j
+            new = (f"output_blocks.{index}.0.{_rename_head(rest, _UNET_RESNET)}" if kind == "resnets"
+                   else f"output_blocks.{index}.1.{rest}")
+        elif m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
+            level = int(m[1])
+            index = level * blocks_per_level + res_per_level
+            slot = 2 if level in up_with_attention else 1  # after the res block (and the attention)
+            new = f"output_blocks.{index}.{slot}.conv.{m[2]}"
+        else:
+            new = _rename_head(key, _UNET_TOP)
+        out[key] = new
+    return out
+
+
+def vae_key_map(keys: Iterable[str]) -> dict[str, str]:
+    """diffusers AutoencoderKL key -> original key below `first_stage_model.`."""
+    keys = list(keys)
+    decoder_levels = _max_index(keys, r"decoder\.up_blocks\.(\d+)\.") + 1  # diffusers counts up from the bottom
+    out = {}
+    for key in keys:
+        if m := re.match(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+            new = f"encoder.down.{m[1]}.block.{m[2]}.{_rename_head(m[3], _VAE_RESNET)}"
+        elif m := re.match(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+            new = f"encoder.down.{m[1]}.downsample.conv.{m[2]}"
+        elif m := re.match(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+            level = decoder_levels - 1 - int(m[1])
+            new = f"decoder.up.{level}.block.{m[2]}.{_rename_head(m[3], _VAE_RESNET)}"
+        elif m := re.match(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
+            level = decoder_levels - 1 - int(m[1])
+            new = f"decoder.up.{level}.upsample.conv.{m[2]}"
+        elif m := re.match(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", key):
+            new = f"{m[1]}.mid.block_{int(m[2]) + 1}.{_rename_head(m[3], _VAE_RESNET)}"
+        elif m := re.match(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)", key):
+            new = f"{m[1]}.mid.attn_1.{_rename_head(m[2], _VAE_ATTN)}"
+        elif m := re.match(r"(encoder|decoder)\.conv_norm_out\.(.+)", key):
+            new = f"{m[1]}.norm_out.{m[2]}"
+        else:  # conv_in, conv_out, quant_conv, post_quant_conv keep their names
+            new = key
+        out[key] = new
+    return out
+
+
+def text_encoder_key_map(keys: Iterable[str]) -> dict[str, str]:
+    """transformers CLIPTextModel key (with or without `text_model.`) -> key below `...text_model.`."""
+    return {k: k[len("text_model."):] if k.startswith("text_model.") else k for k in keys}
+
+
+KEY_MAPS = {"unet": unet_key_map, "vae": vae_key_map, "text_encoder": text_encoder_key_map}
+
+
+def to_original_tensor(component: str, original_key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor change that goes with a rename: VAE attention Linear [C, C] -> 1x1 conv [C, C, 1, 1]."""
+    if component == "vae" and ".mid.attn_1." in original_key and original_key.endswith(_VAE_ATTN_PROJ):
+        if tensor.ndim == 2:
+            return tensor[:, :, None, None]
+        if tensor.ndim == 3:  # very old conv1d proj_attn
+            return tensor[:, :, :, None]
+    return tensor
+
+
+def diffusers_to_original(component: str, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a diffusers-format component state dict to original keys (relative to ORIGINAL_PREFIX[component])."""
+    if component not in KEY_MAPS:
+        raise ValueError(f"unknown component {component!r}; expected one of {sorted(KEY_MAPS)}")
+    key_map = KEY_MAPS[component](state_dict.keys())
+    out: dict[str, torch.Tensor] = {}
+    for old, new in key_map.items():
+        if new in out:
+            raise ValueError(f"{component}: two diffusers keys map to {new!r} (one is {old!r})")
+        out[new] = to_original_tensor(component, new, state_dict[old])
+    return out
