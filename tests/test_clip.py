@@ -16,7 +16,12 @@ import torch
 from batchsd.clip import CLIPTextModel
 from batchsd.config import SD15, TINY
 from batchsd.tokenizer import tokenize
-from ref_clip import TEXT_MODEL_PREFIX, build_reference_clip, randomize_clip_, reference_clip_state_dict_original
+try:  # tests/ as a package (tests/__init__.py) or as a plain folder on sys.path
+    from .ref_clip import (TEXT_MODEL_PREFIX, build_reference_clip, randomize_clip_, reference_clip_config,
+                           reference_clip_state_dict_original)
+except ImportError:
+    from ref_clip import (TEXT_MODEL_PREFIX, build_reference_clip, randomize_clip_, reference_clip_config,
+                          reference_clip_state_dict_original)
 
 SD15_KEYS = Path("/work/shared/reference/sd15_keys.json")
 TOLERANCE = 1e-4
@@ -136,7 +141,6 @@ def test_state_dict_matches_sd15_checkpoint_keys():
     assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == expected
 
     import transformers
-    from ref_clip import reference_clip_config
     with torch.device("meta"):
         reference = transformers.CLIPTextModel(reference_clip_config(SD15.clip))
     ref_keys = {k: tuple(v.shape) for k, v in reference_clip_state_dict_original(reference).items()}
