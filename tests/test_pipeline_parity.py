@@ -30,10 +30,10 @@ from batchsd.config import TINY  # noqa: E402
 from batchsd.diffusers_layout import diffusers_to_original  # noqa: E402
 from batchsd.tokenizer import load_tokenizer  # noqa: E402
 
-from .ref_checkpoint import write_original_checkpoint  # noqa: E402
-from .ref_clip import build_reference_clip  # noqa: E402
-from .ref_unet import build_reference_unet  # noqa: E402
-from .ref_vae import build_reference_vae  # noqa: E402
+from ref_checkpoint import write_original_checkpoint  # noqa: E402
+from ref_clip import build_reference_clip  # noqa: E402
+from ref_unet import build_reference_unet  # noqa: E402
+from ref_vae import build_reference_vae  # noqa: E402
 
 SD15_SCHEDULER = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
