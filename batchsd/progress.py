@@ -1,0 +1,107 @@
+"""Progress of a run: a rich bar on a terminal, one plain line per batch elsewhere (SLURM logs).
+
+Both show rows done/total, images/s, ETA and failures; `update` is called from the writer thread
+once a batch is durable, so the figures count rows that are really on disk.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.text import Text
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds or seconds == float("inf"):
+        return "?"
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        rate = task.fields.get("rate")
+        return Text(f"{rate:.2f} img/s" if rate else "- img/s", style="cyan")
+
+
+class _FailedColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        failed = task.fields.get("failed", 0)
+        return Text(f"{failed} failed", style="red" if failed else "dim")
+
+
+class RunProgress:
+    """Counts rows written (ok + failed) against `total`; images/s over the ok rows of this run."""
+
+    def __init__(self, total: int, console: Console | None = None, *, rich_bar: bool | None = None,
+                 stream=None):
+        self.total = total
+        self.ok = 0
+        self.failed = 0
+        self.batches = 0
+        self.stream = stream or sys.stderr
+        self.console = console or Console(file=self.stream)
+        self.rich_bar = self.console.is_terminal if rich_bar is None else rich_bar
+        self._lock = threading.Lock()
+        self._t0 = time.monotonic()
+        self._progress: Progress | None = None
+        self._task = None
+
+    # ---------------------------------------------------------------- lifecycle
+    def __enter__(self) -> "RunProgress":
+        self._t0 = time.monotonic()
+        if self.rich_bar:
+            self._progress = Progress(
+                TextColumn("[bold]batchsd"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
+                TextColumn("ETA"), TimeRemainingColumn(), TimeElapsedColumn(), _FailedColumn(),
+                console=self.console, transient=False)
+            self._progress.start()
+            self._task = self._progress.add_task("rows", total=self.total, rate=None, failed=0)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    # ---------------------------------------------------------------- figures
+    @property
+    def done(self) -> int:
+        return self.ok + self.failed
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self._t0
+
+    @property
+    def rate(self) -> float:
+        e = self.elapsed
+        return self.ok / e if e > 0 else 0.0
+
+    def eta(self) -> float | None:
+        e = self.elapsed
+        if self.done == 0 or e <= 0:
+            return None
+        return (self.total - self.done) * e / self.done
+
+    def update(self, n_ok: int, n_failed: int) -> None:
+        with self._lock:
+            self.ok += n_ok
+            self.failed += n_failed
+            self.batches += 1
+            if self._progress is not None:
+                self._progress.update(self._task, completed=self.done, rate=self.rate, failed=self.failed)
+            else:
+                self.line()
+
+    def line(self) -> None:
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        print(f"[batchsd] batch {self.batches}: {self.done}/{self.total} rows ({pct:.1f}%), "
+              f"{self.failed} failed, {self.rate:.2f} img/s, elapsed {format_duration(self.elapsed)}, "
+              f"ETA {format_duration(self.eta())}", file=self.stream, flush=True)
