@@ -1,0 +1,176 @@
+"""The `batchsd` command line: run, validate, inspect.
+
+    batchsd run MANIFEST [--model PATH|tiny] [--out DIR] [--batch-size N] [--device auto|cpu|cuda[:N]]
+                         [--dtype auto|fp32|fp16|bf16] [--save-latents] [--limit N] [--dry-run]
+                         [--overwrite] [--retry-errors] [--low-memory]
+    batchsd validate MANIFEST [--batch-size N]
+    batchsd inspect MODEL [--json]
+
+Exit status: 0 all rows ok; 1 some rows failed (recorded in results.parquet); 2 usage, model or
+manifest error (nothing run); 130/143 stopped by SIGINT/SIGTERM (resume by running the same
+command again). Input errors are reported as messages, never as tracebacks.
+
+Progress and log lines go to stderr; the final summary, the validate report and inspect's
+output go to stdout.
+"""
+from __future__ import annotations
+
+import enum
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Stable Diffusion 1.x batch jobs: a manifest in, images and results.parquet out.")
+
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+class DType(str, enum.Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+def _check_device(value: str) -> str:
+    v = value.strip().lower()
+    if not _DEVICE_RE.match(v):
+        raise typer.BadParameter(f"{value!r}: use auto, cpu, cuda or cuda:N")
+    return v
+
+
+def _err_console() -> Console:
+    return Console(stderr=True, soft_wrap=True, highlight=False)
+
+
+def _out_console() -> Console:
+    return Console(soft_wrap=True, highlight=False)
+
+
+def _fail(console: Console, message: str, code: int) -> "typer.Exit":
+    console.print(f"[bold red]error:[/bold red] {escape(message)}")
+    return typer.Exit(code)
+
+
+@app.command()
+def run(
+    manifest: Path = typer.Argument(..., help="Job manifest (.csv or .parquet), one row per image."),
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+                                        help="Checkpoint file or diffusers folder, or 'tiny' (random weights, noise "
+                                             "images). Default: $BATCHSD_MODEL, else the one checkpoint in ./weights/."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder. Default: outputs/<manifest name>/."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1,
+                                             help="Rows per batch. Default: 4 on the CPU; on CUDA chosen from free "
+                                                  "memory and image size."),
+    device: str = typer.Option("auto", "--device", callback=_check_device, help="auto, cpu, cuda or cuda:N."),
+    dtype: DType = typer.Option(DType.auto, "--dtype", case_sensitive=False,
+                                help="auto (fp16 on CUDA, fp32 on the CPU), fp32, fp16 or bf16."),
+    save_latents: bool = typer.Option(False, "--save-latents", help="Also write latents/<id>.npy (float32, before VAE decoding)."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=0, help="Only the first N rows of the manifest."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the batch plan; load no model."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Make every row again, even those already done."),
+    retry_errors: bool = typer.Option(False, "--retry-errors", help="Make rows that failed in an earlier run again."),
+    low_memory: bool = typer.Option(False, "--low-memory", help="CUDA: keep idle model parts in CPU memory."),
+) -> None:
+    """Make the images of MANIFEST; resumable: run the same command again to finish an interrupted job."""
+    from .errors import BatchSDError
+    from .runner import ManifestInvalid, RunOptions, print_summary
+    from .runner import run as run_job
+
+    err = _err_console()
+    opts = RunOptions(manifest=manifest, model=model, out_dir=out, batch_size=batch_size, device=device,
+                      dtype=dtype.value, save_latents=save_latents, limit=limit, dry_run=dry_run,
+                      overwrite=overwrite, retry_errors=retry_errors, low_memory=low_memory)
+    try:
+        summary = run_job(opts, err, out_console=_out_console())
+    except ManifestInvalid as e:
+        err.print(escape(e.manifest.format_problems()))
+        err.print("nothing was run: fix the manifest (`batchsd validate` lists every problem) and run again")
+        raise typer.Exit(2)
+    except BatchSDError as e:
+        raise _fail(err, str(e), 2)
+    except KeyboardInterrupt:
+        err.print("[yellow]stopped; finished rows are kept: run the same command again to resume[/yellow]")
+        raise typer.Exit(130)
+    except (RuntimeError, OSError) as e:  # e.g. the disk filled up while writing results
+        raise _fail(err, f"{e}; finished rows are kept: fix the cause and run the same command again", 1)
+    print_summary(_out_console(), summary)
+    raise typer.Exit(summary.exit_code)
+
+
+@app.command()
+def validate(
+    manifest: Path = typer.Argument(..., help="Job manifest (.csv or .parquet)."),
+    batch_size: int = typer.Option(4, "--batch-size", "-b", min=1, help="Batch size for the plan shown."),
+) -> None:
+    """List every problem in MANIFEST and print the batch plan; loads no model.
+
+    Exit 0: ready to run; 1: the manifest is valid but some rows will fail (unreadable init
+    images); 2: manifest problems (`batchsd run` would refuse it).
+    """
+    from .manifest import read_manifest
+    from .planner import plan_batches, resolve_image_sizes
+    from .runner import print_plan
+
+    out = _out_console()
+    m = read_manifest(manifest)
+    if m.problems:
+        out.print(escape(m.format_problems(limit=len(m.problems))))
+        raise typer.Exit(2)
+    rows, failures = resolve_image_sizes(list(m.rows))
+    by_index = {r.index: r for r in m.rows}
+    out.print(f"{escape(str(manifest))}: {len(m.rows)} row(s), columns: {escape(', '.join(m.columns))}"
+              + (f" (passed through: {escape(', '.join(m.extra_columns))})" if m.extra_columns else ""))
+    for index, reason in failures.items():
+        row = by_index[index]
+        out.print(f"[red]data row {index + 1} (id {escape(row.id)!r}), column 'init_image':[/red] {escape(str(reason))}")
+    print_plan(out, plan_batches(rows, batch_size), batch_size)
+    if failures:
+        out.print(f"{len(failures)} row(s) will fail and be recorded as errors; the others can run")
+        raise typer.Exit(1)
+    out.print("[green]ok[/green]: ready to run")
+
+
+@app.command()
+def inspect(
+    model: Path = typer.Argument(..., help="Checkpoint file (.safetensors, .ckpt) or diffusers folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Show a checkpoint's format, layout, dtype, missing/extra keys and sha256 prefix; loads no weights."""
+    from .errors import BatchSDError
+
+    err = _err_console()
+    if not model.exists():
+        raise _fail(err, f"{model} does not exist: give a .safetensors/.ckpt file or a diffusers folder", 2)
+    try:
+        from .checkpoint import inspect_checkpoint
+        report = inspect_checkpoint(model)
+    except BatchSDError as e:
+        raise _fail(err, str(e), 2)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2, default=str))
+        return
+    out = _out_console()
+    width = max((len(str(k)) for k in report), default=0)
+    for key, value in report.items():
+        if isinstance(value, (list, tuple)):
+            shown = ", ".join(map(str, value[:10])) + (f", ... ({len(value)} in all)" if len(value) > 10 else "")
+            value = shown or "none"
+        elif isinstance(value, dict):
+            value = json.dumps(value, default=str)
+        out.print(f"{escape(str(key)).ljust(width)}  {escape(str(value))}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,559 @@
+"""`batchsd run`: validated manifest rows -> images/, latents/, results.parquet. Resumable.
+
+Three parts, img2dataset-style:
+    reader  manifest.read_manifest + planner (sizes, batch plan); init images are decoded one
+            batch ahead in a helper thread
+    worker  this module's main loop: Pipeline.generate per batch, out-of-memory halving
+    writer  writer.ResultWriter: PNG/npy/journal writes in a thread beside the model
+
+Resume: the journal (results.py) holds the latest record of every row made. A row is skipped when
+its record is "ok", its params_hash and model are the current ones and its image (and latents
+with --save-latents) exist. Rows whose params or model changed are made again; "error" rows only
+with --retry-errors; --overwrite makes everything again. Rows are deterministic (a CPU generator
+per row, README "Seeding contract"), so an interrupted and resumed run equals an uninterrupted one.
+
+Batch size: --batch-size N, else on the CPU DEFAULT_CPU_BATCH (4), on CUDA the free memory after
+the model is loaded, minus CUDA_RESERVE_BYTES, divided by an estimate of one image's working
+memory, CUDA_BYTES_PER_IMAGE_512 x (W*H / 512^2) x (bytes per element / 2), at the largest size in
+the job; clamped to 1..MAX_AUTO_BATCH. Out of memory on a batch (torch.cuda.OutOfMemoryError, or a
+RuntimeError saying "out of memory") halves it and retries, down to 1, and the smaller size is
+kept for the rest of the run; only a single row that still does not fit fails. Any other
+exception on a batch of several rows retries its rows one by one, so only the rows that raise
+fail, with the reason in `error`.
+
+Signals: the first SIGINT/SIGTERM lets the batch in flight finish and be written, then stops:
+queued results are flushed, results.parquet is compacted, and the exit status is 130 (SIGINT) or
+143 (SIGTERM). A second signal drops the batch in flight (its rows stay undone) and stops the
+same way. summary.json is written only by a run that got through every row (the done marker).
+
+Exit status: 0 every row of the job is ok; 1 some rows failed (recorded in results.parquet, also
+rows that failed in an earlier run and were not retried); 2 usage, model or manifest errors
+(nothing run); 130/143 interrupted.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from rich.console import Console
+from rich.markup import escape
+
+from .errors import BatchSDError, InputError
+from .manifest import JobRow, Manifest, read_manifest
+from .results import (JOURNAL_DIR, RESULTS_FILE, SUMMARY_FILE, Journal, clear_summary, extra_types_for,
+                      now_utc, read_prior, results_schema, write_summary)
+
+DEFAULT_CPU_BATCH = 4
+MAX_AUTO_BATCH = 32
+CUDA_RESERVE_BYTES = 2 * 1024**3
+CUDA_BYTES_PER_IMAGE_512 = int(1.5 * 1024**3)
+MODEL_ENV = "BATCHSD_MODEL"
+WEIGHT_SUFFIXES = (".safetensors", ".ckpt")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
+
+
+class UsageError(InputError):
+    """Bad arguments, a model that cannot be found or loaded: nothing was run (exit 2)."""
+
+
+class ManifestInvalid(UsageError):
+    def __init__(self, manifest: Manifest):
+        self.manifest = manifest
+        super().__init__(manifest.format_problems())
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    manifest: Path
+    model: str | None = None
+    out_dir: Path | None = None
+    batch_size: int | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    save_latents: bool = False
+    limit: int | None = None
+    dry_run: bool = False
+    overwrite: bool = False
+    retry_errors: bool = False
+    low_memory: bool = False
+
+
+@dataclass
+class RunSummary:
+    out_dir: Path
+    total: int = 0              # rows in this job (after --limit)
+    ok: int = 0                 # made ok in this run
+    failed: int = 0             # failed in this run
+    skipped: int = 0            # already done (ok) before this run
+    previously_failed: int = 0  # error rows from an earlier run, not retried
+    pending: int = 0            # left undone (interrupted)
+    elapsed_s: float = 0.0
+    interrupted_by: str | None = None
+    model: str | None = None
+    model_sha256: str | None = None
+    batch_size: int | None = None
+    dry_run: bool = False
+
+    @property
+    def images_per_s(self) -> float:
+        return self.ok / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted_by == "SIGINT":
+            return EXIT_SIGINT
+        if self.interrupted_by is not None:
+            return EXIT_SIGTERM
+        return EXIT_FAILED if (self.failed or self.previously_failed) else EXIT_OK
+
+
+# ----------------------------------------------------------------------------- model and paths
+
+def _weight_candidates(folder: Path) -> list[Path]:
+    if (folder / "model_index.json").is_file() or (folder / "unet").is_dir():
+        return [folder]
+    found = []
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES:
+            found.append(p)
+        elif p.is_dir() and ((p / "model_index.json").is_file() or (p / "unet").is_dir()):
+            found.append(p)
+    return found
+
+
+def resolve_model(model: str | None, cwd: Path | None = None) -> str:
+    """--model > $BATCHSD_MODEL > the one checkpoint in ./weights/ > UsageError saying where to put one."""
+    if model:
+        choice, source = model, "--model"
+    elif os.environ.get(MODEL_ENV):
+        choice, source = os.environ[MODEL_ENV], f"${MODEL_ENV}"
+    else:
+        weights = (cwd or Path.cwd()) / "weights"
+        found = _weight_candidates(weights) if weights.is_dir() else []
+        if len(found) == 1:
+            return str(found[0])
+        if len(found) > 1:
+            listing = "\n".join(f"  {p}" for p in found)
+            raise UsageError(f"{weights} holds {len(found)} checkpoints; choose one with --model:\n{listing}")
+        raise UsageError(f"no model given and none found: put one SD 1.x checkpoint (.safetensors, .ckpt or a "
+                         f"diffusers folder) in {weights}/, or pass --model PATH (or set ${MODEL_ENV}); "
+                         "--model tiny runs a random tiny model (its images are noise) to try the tool")
+    if choice == "tiny":
+        return choice
+    path = Path(choice).expanduser()
+    if not path.exists():
+        raise UsageError(f"model {choice!r} (from {source}) does not exist: give the path of a .safetensors/.ckpt "
+                         "file or a diffusers folder, or --model tiny")
+    return str(path)
+
+
+def default_out_dir(manifest: Path) -> Path:
+    return Path("outputs") / manifest.stem
+
+
+@contextmanager
+def out_dir_lock(out_dir: Path):
+    """One run per output folder at a time (flock on <out>/.batchsd/lock; released on exit, even SIGKILL)."""
+    (out_dir / JOURNAL_DIR).mkdir(parents=True, exist_ok=True)
+    fd = os.open(out_dir / JOURNAL_DIR / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"another batchsd run is writing to {out_dir}; wait for it or use another --out") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def default_batch_size(pipe, width: int, height: int) -> int:
+    """See the module docstring: 4 on the CPU, from free memory and image size on CUDA."""
+    import torch
+
+    if pipe.device.type != "cuda":
+        return DEFAULT_CPU_BATCH
+    free, _ = torch.cuda.mem_get_info(pipe.device)
+    elem = torch.finfo(pipe.dtype).bits // 8
+    per_image = CUDA_BYTES_PER_IMAGE_512 * (width * height) / (512 * 512) * elem / 2
+    return max(1, min(MAX_AUTO_BATCH, int((free - CUDA_RESERVE_BYTES) // per_image)))
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    import torch
+
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
+
+
+# ----------------------------------------------------------------------------- reading the job
+
+@dataclass
+class Job:
+    manifest: Manifest
+    rows: list[JobRow]                       # this run's rows (after --limit), sizes resolved
+    row_errors: dict[str, str]               # id -> why the row cannot be made (unreadable init image)
+    out_dir: Path
+
+
+def read_job(opts: RunOptions) -> Job:
+    from .planner import resolve_image_sizes
+
+    manifest = read_manifest(opts.manifest)
+    if manifest.problems:
+        raise ManifestInvalid(manifest)
+    rows = manifest.rows[: opts.limit] if opts.limit is not None else list(manifest.rows)
+    resolved, failures = resolve_image_sizes(rows)
+    by_index = {r.index: r for r in resolved}
+    rows = [by_index.get(r.index, r) for r in rows]  # failing rows stay in the job, with their reason
+    row_errors = {r.id: str(failures[r.index]) for r in rows if r.index in failures}
+    out_dir = Path(opts.out_dir) if opts.out_dir is not None else default_out_dir(Path(opts.manifest))
+    return Job(manifest, rows, row_errors, out_dir)
+
+
+# ----------------------------------------------------------------------------- the worker
+
+class StopRequested:
+    """Turns the first SIGINT/SIGTERM into a flag; the second raises KeyboardInterrupt (drop the batch)."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.signal_name: str | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.signal_name is None:
+            self.signal_name = name
+            self.console.print(f"[yellow]{name}: finishing the batch in flight, then stopping "
+                               "(send it again to drop that batch)[/yellow]")
+        else:
+            raise KeyboardInterrupt
+
+    def __bool__(self) -> bool:
+        return self.signal_name is not None
+
+
+@dataclass
+class Worker:
+    pipe: object
+    batch_size: int
+    emit: Callable                           # emit(BatchResult)
+    console: Console
+    oom_halvings: int = 0
+
+    def run_rows(self, rows: list[JobRow], images: dict[str, object]) -> None:
+        """Generate `rows` (one batch key) in chunks of at most self.batch_size."""
+        i = 0
+        while i < len(rows):
+            chunk = rows[i:i + self.batch_size]
+            self._run_chunk(chunk, images)
+            i += len(chunk)
+
+    def _run_chunk(self, chunk: list[JobRow], images: dict) -> None:
+        from .pipeline import GenerationRow
+        from .writer import BatchResult
+
+        gen_rows = [GenerationRow(prompt=r.prompt, negative_prompt=r.negative_prompt, seed=r.seed, steps=r.steps,
+                                  cfg_scale=r.cfg_scale, sampler=r.sampler, width=r.width, height=r.height,
+                                  init_image=images.get(r.id),
+                                  strength=r.strength if r.strength is not None else 0.75)
+                    for r in chunk]
+        t0 = time.perf_counter()
+        try:
+            out = self.pipe.generate(gen_rows)
+        except Exception as e:  # noqa: BLE001 - classified below; nothing escapes but KeyboardInterrupt
+            if is_out_of_memory(e):
+                self._free_memory()
+                if len(chunk) == 1:
+                    self.emit(BatchResult(records=[_record(chunk[0])], images=[None],
+                                          errors=[f"out of memory at batch size 1 ({_first_line(e)}); "
+                                                  "use a smaller size, --low-memory or --dtype fp16"]))
+                    return
+                half = max(1, len(chunk) // 2)
+                self.oom_halvings += 1
+                self.console.print(f"[yellow]out of memory at batch size {len(chunk)}: retrying at {half}[/yellow]")
+                self.batch_size = min(self.batch_size, half)
+                self.run_rows(chunk, images)
+                return
+            if len(chunk) > 1:  # find the row(s) that raise
+                for r in chunk:
+                    self._run_chunk([r], images)
+                return
+            self.emit(BatchResult(records=[_record(chunk[0])], images=[None], errors=[_error_text(e)]))
+            return
+        elapsed = time.perf_counter() - t0
+        self.emit(BatchResult(records=[_record(r) for r in chunk], images=list(out.images),
+                              latents=out.latents.float().numpy(), errors=[None] * len(chunk),
+                              elapsed_s=elapsed, truncated=list(getattr(out, "prompt_truncated", []) or [])))
+
+    @staticmethod
+    def _free_memory() -> None:
+        import gc
+
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _error_text(e: BaseException) -> str:
+    if isinstance(e, BatchSDError):
+        return str(e)
+    return f"{type(e).__name__}: {_first_line(e)}"
+
+
+def _record(row: JobRow) -> dict:
+    rec = row.to_record()
+    rec["params_hash"] = row.params_hash()
+    return rec
+
+
+# ----------------------------------------------------------------------------- run
+
+def decide(rows: Sequence[JobRow], prior: dict, out_dir: Path, *, model: str, model_sha256: str | None,
+           save_latents: bool, overwrite: bool, retry_errors: bool) -> tuple[list[JobRow], int, int]:
+    """Split rows into (to make, skipped ok, skipped earlier failures)."""
+    todo, skipped, prev_failed = [], 0, 0
+    for row in rows:
+        rec = prior.get(row.id)
+        if overwrite or rec is None or rec.params_hash != row.params_hash():
+            todo.append(row)
+            continue
+        same_model = rec.model_sha256 == model_sha256 if model_sha256 else (rec.model == model and not rec.model_sha256)
+        if not same_model:
+            todo.append(row)
+        elif rec.status == "ok":
+            files = [rec.image_path] + ([rec.latents_path] if save_latents else [])
+            if all(f and (out_dir / f).is_file() for f in files):
+                skipped += 1
+            else:
+                todo.append(row)
+        elif retry_errors:
+            todo.append(row)
+        else:
+            prev_failed += 1
+    return todo, skipped, prev_failed
+
+
+def print_plan(console: Console, batches, batch_size: int, skipped_note: str = "") -> None:
+    from rich.table import Table
+
+    groups: dict[tuple, list] = {}
+    for b in batches:
+        groups.setdefault(tuple(b.key), []).append(b)
+    table = Table(title=f"batch plan: {len(batches)} batch(es) of at most {batch_size} rows{skipped_note}")
+    for col in ("size", "steps", "sampler", "img2img steps", "batches", "rows", "first ids"):
+        table.add_column(col)
+    for key, bs in groups.items():
+        width, height, steps, sampler = key[:4]
+        den = key[4] if len(key) > 4 else None
+        ids = [r.id for b in bs for r in b.rows]
+        table.add_row(f"{width}x{height}", str(steps), str(sampler), "-" if den is None else str(den),
+                      str(len(bs)), str(len(ids)), escape(", ".join(ids[:3]) + (" ..." if len(ids) > 3 else "")))
+    console.print(table)
+
+
+def _dry_run(opts: RunOptions, job: Job, plan_batches, console: Console) -> None:
+    """Print what `run` would do: rows, failures known now, the batch plan. Loads no model, writes nothing."""
+    runnable = [r for r in job.rows if r.id not in job.row_errors]
+    note = ""
+    if not opts.overwrite:
+        prior = read_prior(job.out_dir)
+        done = [r for r in runnable if (rec := prior.get(r.id)) is not None and rec.params_hash == r.params_hash()
+                and (rec.status == "ok" or not opts.retry_errors)]
+        if done:
+            done_ids = {r.id for r in done}
+            runnable = [r for r in runnable if r.id not in done_ids]
+            note = f"; {len(done)} row(s) already made with these parameters are left out (if the model is the same)"
+    size = opts.batch_size or DEFAULT_CPU_BATCH
+    console.print(f"dry run: {len(job.rows)} row(s) from {escape(str(opts.manifest))}, "
+                  f"output to {escape(str(job.out_dir))}/, no model loaded")
+    for rid, why in job.row_errors.items():
+        console.print(f"[red]row {escape(repr(rid))} would fail:[/red] {escape(why)}")
+    print_plan(console, plan_batches(runnable, size), size, note)
+    if opts.batch_size is None:
+        console.print(f"(batch size: {DEFAULT_CPU_BATCH} on the CPU; on CUDA it is chosen from free memory)")
+
+
+def run(opts: RunOptions, console: Console | None = None, *, rich_bar: bool | None = None,
+        out_console: Console | None = None) -> RunSummary:
+    """Run the job. Raises UsageError (exit 2) before anything is run; returns the summary otherwise.
+    `console` takes progress and log lines, `out_console` the dry-run plan."""
+    from .planner import plan_batches
+
+    console = console or Console(stderr=True)
+    if opts.batch_size is not None and opts.batch_size < 1:
+        raise UsageError(f"--batch-size {opts.batch_size}: use a whole number >= 1")
+    if opts.limit is not None and opts.limit < 0:
+        raise UsageError(f"--limit {opts.limit}: use a whole number >= 0")
+    job = read_job(opts)
+    out_dir = job.out_dir
+    summary = RunSummary(out_dir=out_dir, total=len(job.rows), dry_run=opts.dry_run)
+
+    if opts.dry_run:
+        _dry_run(opts, job, plan_batches, out_console or console)
+        summary.pending = len(job.rows)
+        return summary
+
+    from .devices import resolve_device
+    from .pipeline import Pipeline
+
+    resolve_device(opts.device)  # InputError (exit 2) for cuda without CUDA, before any loading
+    model = resolve_model(opts.model)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with out_dir_lock(out_dir):
+        console.print(f"loading model {escape(model)} ...")
+        try:
+            pipe = Pipeline.load(model, device=opts.device, dtype=opts.dtype, low_memory=opts.low_memory)
+        except BatchSDError as e:
+            raise UsageError(str(e)) from None
+        summary.model, summary.model_sha256 = pipe.name, pipe.sha256
+        hash_note = f", hash {pipe.short_hash}" if pipe.short_hash else ""
+        console.print(f"model {escape(pipe.name)}{hash_note} on {pipe.device} ({str(pipe.dtype).removeprefix('torch.')})")
+        if pipe.sha256 is None:
+            console.print("[bold yellow]model 'tiny' has random weights: its images are noise. "
+                          "It is for trying the tool and for tests; pass a real SD 1.x checkpoint for pictures.[/bold yellow]")
+        return _run_loaded(opts, job, pipe, console, summary, rich_bar, plan_batches)
+
+
+def _run_loaded(opts: RunOptions, job: Job, pipe, console: Console, summary: RunSummary,
+                rich_bar: bool | None, plan_batches) -> RunSummary:
+    from .progress import RunProgress, format_duration
+    from .writer import BatchResult, ResultWriter
+
+    out_dir = job.out_dir
+    all_records = [r.to_record() for r in job.manifest.rows]
+    schema = results_schema(extra_types_for(all_records, job.manifest.extra_columns))
+    journal = Journal(out_dir, schema, [r.id for r in job.manifest.rows])
+    clear_summary(out_dir)  # its presence means "the last run finished"
+    prior = journal.read_prior()
+    todo, summary.skipped, summary.previously_failed = decide(
+        job.rows, prior, out_dir, model=pipe.name, model_sha256=pipe.sha256, save_latents=opts.save_latents,
+        overwrite=opts.overwrite, retry_errors=opts.retry_errors)
+    failing_now = [r for r in todo if r.id in job.row_errors]
+    runnable = [r for r in todo if r.id not in job.row_errors]
+    if runnable:
+        big = max(runnable, key=lambda r: (r.width or 512) * (r.height or 512))
+        batch_size = opts.batch_size or default_batch_size(pipe, big.width or 512, big.height or 512)
+    else:
+        batch_size = opts.batch_size or DEFAULT_CPU_BATCH
+    summary.batch_size = batch_size
+    batches = plan_batches(runnable, batch_size)
+    console.print(f"{len(job.rows)} row(s): {len(todo)} to make, {summary.skipped} already done"
+                  + (f", {summary.previously_failed} failed earlier (--retry-errors to retry)"
+                     if summary.previously_failed else "")
+                  + f"; {len(batches)} batch(es) of at most {batch_size}; output {escape(str(out_dir))}/")
+
+    t0 = time.monotonic()
+    progress = RunProgress(len(todo), console, rich_bar=rich_bar)
+    writer = ResultWriter(out_dir, journal, model_name=pipe.name, model_sha256=pipe.sha256,
+                          short_hash=pipe.short_hash, save_latents=opts.save_latents, on_written=progress.update)
+    worker = Worker(pipe, batch_size, writer.submit, console)
+    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchsd-reader")
+
+    def prefetch(batch) -> Future:
+        return reader.submit(_load_images, batch.rows)
+
+    stop = StopRequested(console)
+    with stop:  # signals stay handled through the final flush; a second one raises KeyboardInterrupt
+        try:
+            with progress:
+                if failing_now:
+                    writer.submit(BatchResult(records=[_record(r) for r in failing_now],
+                                              images=[None] * len(failing_now),
+                                              errors=[job.row_errors[r.id] for r in failing_now]))
+                pending = prefetch(batches[0]) if batches else None
+                for i, batch in enumerate(batches):
+                    if stop:
+                        break
+                    images, errors = pending.result()
+                    pending = prefetch(batches[i + 1]) if i + 1 < len(batches) else None
+                    bad = [r for r in batch.rows if r.id in errors]
+                    if bad:
+                        writer.submit(BatchResult(records=[_record(r) for r in bad], images=[None] * len(bad),
+                                                  errors=[errors[r.id] for r in bad]))
+                    worker.run_rows([r for r in batch.rows if r.id not in errors], images)
+        except KeyboardInterrupt:  # second signal: the batch in flight is dropped
+            stop.signal_name = stop.signal_name or "SIGINT"
+        finally:
+            reader.shutdown(wait=True, cancel_futures=True)
+            try:
+                writer.close()
+            finally:
+                journal.compact()
+    summary.elapsed_s = time.monotonic() - t0
+    summary.ok, summary.failed = writer.written_ok, writer.written_failed
+    summary.pending = len(todo) - summary.ok - summary.failed
+    summary.interrupted_by = stop.signal_name if (stop.signal_name and summary.pending) else None
+    if stop.signal_name and not summary.pending:
+        summary.interrupted_by = None  # the signal came after the last batch: the run is complete
+    if summary.interrupted_by is None:
+        write_summary(out_dir, summary_record(opts, summary))
+    return summary
+
+
+def _load_images(rows: Sequence[JobRow]) -> tuple[dict, dict]:
+    from .planner import load_init_image
+
+    images, errors = {}, {}
+    for r in rows:
+        if r.init_image is None:
+            continue
+        try:
+            images[r.id] = load_init_image(r.init_image)
+        except InputError as e:
+            errors[r.id] = str(e)
+    return images, errors
+
+
+def summary_record(opts: RunOptions, s: RunSummary) -> dict:
+    return {
+        "complete": s.interrupted_by is None, "manifest": str(opts.manifest), "out_dir": str(s.out_dir),
+        "results": str(Path(s.out_dir) / RESULTS_FILE), "model": s.model, "model_sha256": s.model_sha256,
+        "rows": s.total, "ok": s.ok, "failed": s.failed, "skipped": s.skipped,
+        "previously_failed": s.previously_failed, "pending": s.pending, "batch_size": s.batch_size,
+        "elapsed_s": round(s.elapsed_s, 3), "images_per_s": round(s.images_per_s, 4),
+        "finished_at": now_utc().isoformat(), "exit_code": s.exit_code,
+    }
+
+
+def print_summary(console: Console, s: RunSummary) -> None:
+    from .progress import format_duration
+
+    if s.dry_run:
+        return
+    head = "[bold green]done[/bold green]" if s.exit_code == 0 else (
+        "[bold red]done, with failures[/bold red]" if s.exit_code == 1 else f"[bold yellow]stopped by {s.interrupted_by}[/bold yellow]")
+    console.print(f"{head}: {s.ok} ok, {s.failed} failed, {s.skipped} skipped (already done)"
+                  + (f", {s.previously_failed} failed earlier (not retried; --retry-errors)" if s.previously_failed else "")
+                  + (f", {s.pending} not made yet (run the same command again to resume)" if s.pending else "")
+                  + f"; {s.images_per_s:.2f} images/s over {format_duration(s.elapsed_s)}")
+    out = Path(s.out_dir)
+    console.print(escape(f"results: {out / RESULTS_FILE}  images: {out / 'images'}/"
+                         + (f"  summary: {out / SUMMARY_FILE}" if s.interrupted_by is None else "")))
