@@ -42,7 +42,9 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 COLUMNS = ("id", "prompt", "negative_prompt", "seed", "steps", "cfg_scale", "sampler",
            "width", "height", "init_image", "strength")
@@ -62,10 +64,10 @@ MIN_ID_WIDTH = 5
 CSV_SUFFIXES = (".csv",)
 PARQUET_SUFFIXES = (".parquet", ".pq")
 
-_ID_RE = re.compile(r"[A-Za-z0-9._-]+")
+# letters, digits, . _ -; not starting with . or -; not a Windows device name (CON, NUL.txt, ...)
+_SAFE_ID_RE = re.compile(r"(?!(?i:con|prn|aux|nul|com[1-9]|lpt[1-9])(?:\.|$))[A-Za-z0-9_][A-Za-z0-9._-]{0,%d}"
+                         % (MAX_ID_LENGTH - 1))
 _ID_BAD_CHAR_RE = re.compile(r"[^A-Za-z0-9._-]")
-_WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
-                     *(f"LPT{i}" for i in range(1, 10))}
 _EXACT_FLOAT_INT = 2 ** 53
 
 
@@ -170,30 +172,27 @@ def default_id(index: int, num_rows: int) -> str:
 
 
 # ----------------------------------------------------------------------------- cell parsers
-# Each parser takes one non-null Python value from the file and returns the parsed value, _EMPTY
-# (use the default) or raises _Bad(reason and fix).
+# A parser takes one non-null Python value from the file and returns the parsed value, None for a
+# blank cell (use the default), or raises _Bad(reason and fix).
 
 class _Bad(Exception):
     pass
 
 
-_EMPTY = object()
-
-
 def _number(v, fix: str):
-    """int or float from an int, float or text cell; _EMPTY for blanks."""
+    """int or float from an int, float or text cell; None for blanks."""
     if isinstance(v, bool):
         raise _Bad(f"{v!r} is a boolean, not a number; {fix}")
     if isinstance(v, int):
         return v
     if isinstance(v, float):
         if v != v:
-            return _EMPTY
+            return None
         x = v
     elif isinstance(v, str):
         s = v.strip()
         if not s:
-            return _EMPTY
+            return None
         try:
             return int(s)
         except ValueError:
@@ -217,7 +216,7 @@ def _number(v, fix: str):
 def _int_parser(lo: int, hi: int, fix: str) -> Callable:
     def parse(v):
         x = _number(v, fix)
-        if x is _EMPTY or type(x) is int:
+        if x is None or type(x) is int:
             pass
         elif x != int(x):
             raise _Bad(f"{v!r} is not a whole number; {fix}")
@@ -226,7 +225,7 @@ def _int_parser(lo: int, hi: int, fix: str) -> Callable:
                        "may already be lost; write it as an integer (in pandas: an Int64 column)")
         else:
             x = int(x)
-        if x is not _EMPTY and not lo <= x <= hi:
+        if x is not None and not lo <= x <= hi:
             raise _Bad(f"{v!r} is out of range; {fix}")
         return x
     return parse
@@ -235,7 +234,7 @@ def _int_parser(lo: int, hi: int, fix: str) -> Callable:
 def _float_parser(ok: Callable[[float], bool], fix: str) -> Callable:
     def parse(v):
         x = _number(v, fix)
-        if x is _EMPTY:
+        if x is None:
             return x
         x = float(x)
         if not ok(x):
@@ -250,7 +249,7 @@ def _size_parser(name: str) -> Callable:
 
     def parse(v):
         x = parse_int(v)
-        if x is _EMPTY:
+        if x is None:
             return x
         if not MIN_SIZE <= x <= MAX_SIZE:
             raise _Bad(f"{name} {x} is out of range; {fix} (e.g. {MIN_SIZE if x < MIN_SIZE else MAX_SIZE})")
@@ -261,20 +260,18 @@ def _size_parser(name: str) -> Callable:
     return parse
 
 
-def _text_parser(fix: str) -> Callable:
+def _text_parser(fix: str, blank_is_empty: bool = False) -> Callable:
     def parse(v):
-        if isinstance(v, str):
-            return v
-        raise _Bad(f"{v!r} ({type(v).__name__}) is not text; {fix}")
+        if not isinstance(v, str):
+            raise _Bad(f"{v!r} ({type(v).__name__}) is not text; {fix}")
+        return None if blank_is_empty and not v.strip() else v
     return parse
 
 
 def _parse_prompt(v):
     if not isinstance(v, str):
         raise _Bad(f"{v!r} ({type(v).__name__}) is not text; write the prompt as text")
-    if not v.strip():
-        raise _Bad("the prompt is empty; every row needs a prompt")
-    return v
+    return v if v.strip() else None
 
 
 def _parse_id(v):
@@ -284,66 +281,174 @@ def _parse_id(v):
         return str(v)
     if isinstance(v, float):
         if v != v:
-            return _EMPTY
+            return None
         if not math.isfinite(v) or v != int(v):
             raise _Bad(f"{v!r} is not a usable id; write ids as text")
         return str(int(v))
     if not isinstance(v, str):
         raise _Bad(f"{v!r} ({type(v).__name__}) is not text; write the id as text")
-    if not v.strip():
-        return _EMPTY
-    return v
+    return v if v.strip() else None
 
 
 def id_problem(row_id: str) -> str | None:
     """Why `row_id` cannot name output files (with the fix), or None when it is safe."""
+    if _SAFE_ID_RE.fullmatch(row_id):
+        return None
     rule = "ids name the output files: use only letters, digits, '.', '_' and '-'"
     if len(row_id) > MAX_ID_LENGTH:
         return f"id is {len(row_id)} characters long; use at most {MAX_ID_LENGTH}"
-    if not _ID_RE.fullmatch(row_id):
-        bad = _ID_BAD_CHAR_RE.search(row_id).group()
-        return f"id {row_id!r} contains {bad!r}; {rule}"
+    bad = _ID_BAD_CHAR_RE.search(row_id)
+    if bad:
+        return f"id {row_id!r} contains {bad.group()!r}; {rule}"
     if row_id in (".", ".."):
         return f"id {row_id!r} is not a file name; {rule}, not only dots"
     if row_id[0] in ".-":
-        return f"id {row_id!r} starts with {row_id[0]!r} (a hidden file or a command-line option); start it with a letter or digit"
-    if row_id.split(".")[0].upper() in _WINDOWS_RESERVED:
-        return f"id {row_id!r} is a reserved device name on Windows; choose another id"
-    return None
+        return (f"id {row_id!r} starts with {row_id[0]!r} (a hidden file or a command-line option); "
+                "start it with a letter, digit or '_'")
+    return f"id {row_id!r} is a reserved device name on Windows; choose another id"
 
 
-def _parse_sampler(resolve: Callable[[str], str]) -> Callable:
-    cache: dict[str, str | Exception] = {}
-
+def _sampler_parser(resolve: Callable[[str], str]) -> Callable:
     def parse(v):
         if not isinstance(v, str):
             raise _Bad(f"{v!r} ({type(v).__name__}) is not a sampler name; write it as text")
         if not v.strip():
-            return _EMPTY
-        hit = cache.get(v)
-        if hit is None:
-            try:
-                hit = resolve(v)
-            except ValueError as e:
-                hit = e
-            cache[v] = hit
-        if isinstance(hit, Exception):
-            raise _Bad(str(hit))
-        return hit
+            return None
+        try:
+            return resolve(v)
+        except ValueError as e:
+            raise _Bad(str(e)) from None
     return parse
 
 
-def _parse_column(values: list, parse: Callable, column: str, bad: dict[int, list]) -> list:
-    """Parse one column's values; blanks and nulls become _EMPTY; problems go to bad[index]."""
-    out = [_EMPTY] * len(values)
-    for i, v in enumerate(values):
-        if v is None:
-            continue
+# ----------------------------------------------------------------------------- columns
+# Columns are parsed one at a time. Where values repeat (steps, sampler, sizes, negative prompts,
+# pass-through tags) each distinct value is parsed once and shared by its rows; high-cardinality
+# columns (seed, prompt) take Arrow fast paths when their type allows.
+
+def _distinct(arr) -> tuple[list, np.ndarray] | None:
+    """(distinct values, per-row index into them with -1 for null), or None for unhashable types."""
+    try:
+        enc = pc.dictionary_encode(arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr)
+    except (pa.ArrowNotImplementedError, pa.ArrowInvalid, pa.ArrowTypeError):
+        return None
+    index = pc.fill_null(enc.indices, -1).to_numpy(zero_copy_only=False)
+    return enc.dictionary.to_pylist(), index
+
+
+def _pylist(arr) -> list:
+    """Python values of an Arrow column; repeated strings become one shared object."""
+    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type) or pa.types.is_dictionary(arr.type):
+        d = _distinct(arr)
+        if d is not None and len(d[0]) * 2 < len(arr):
+            values, index = d
+            return list(map((values + [None]).__getitem__, index.tolist()))
+    return arr.to_pylist()
+
+
+def _parse_column(arr, parse: Callable, column: str, bad: dict[int, list], default=None,
+                  distinct: bool = True) -> list:
+    """Parse one column: a list with the parsed value per row, `default` for empty or bad cells;
+    problems go to bad[row index]."""
+    n = len(arr)
+    if pa.types.is_null(arr.type):
+        return [default] * n
+    d = _distinct(arr) if distinct else None
+    values, index = d if d is not None else (arr.to_pylist(), None)
+    parsed, messages = [], {}
+    for k, v in enumerate(values):
+        x = None
+        if v is not None:
+            try:
+                x = parse(v)
+            except _Bad as e:
+                messages[k] = str(e)
+        parsed.append(default if x is None else x)
+    if index is None:
+        for k, message in messages.items():
+            bad.setdefault(k, []).append(ManifestProblem(k + 1, column, message))
+        return parsed
+    if messages:
+        for i in np.nonzero(np.isin(index, list(messages)))[0].tolist():
+            bad.setdefault(i, []).append(ManifestProblem(i + 1, column, messages[int(index[i])]))
+    parsed.append(default)                    # index -1: null
+    return list(map(parsed.__getitem__, index.tolist()))
+
+
+def _blank_as_null(arr):
+    trimmed = pc.utf8_trim_whitespace(arr)
+    return pc.if_else(pc.equal(trimmed, ""), pa.scalar(None, trimmed.type), trimmed)
+
+
+def _parse_seeds(arr, parse: Callable, bad: dict[int, list]) -> list:
+    """Seeds are mostly distinct: integer columns and text columns of plain integers in range are
+    checked by Arrow; anything else goes through the per-cell parser for its messages."""
+    fast = None
+    if pa.types.is_integer(arr.type):
+        fast = arr
+    elif pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
         try:
-            out[i] = parse(v)
-        except _Bad as e:
-            bad.setdefault(i, []).append(ManifestProblem(i + 1, column, str(e)))
-    return out
+            fast = pc.cast(_blank_as_null(arr), pa.int64())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            fast = None
+    if fast is not None:
+        low, high = pc.min_max(fast).values()
+        if low.as_py() is None or (low.as_py() >= 0 and high.as_py() < SEED_LIMIT):
+            return fast.to_pylist()
+    return _parse_column(arr, parse, "seed", bad, distinct=False)
+
+
+def _parse_prompts(arr, bad: dict[int, list]) -> list:
+    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+        values = arr.to_pylist()
+        blank = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(arr), ""), True)
+        empty_rows = np.nonzero(blank.to_numpy(zero_copy_only=False))[0].tolist()
+        for i in empty_rows:
+            values[i] = None
+    else:
+        already = set(bad)
+        values = _parse_column(arr, _parse_prompt, "prompt", bad, distinct=False)
+        failed = {i for i in bad if i not in already or any(p.column == "prompt" for p in bad[i])}
+        empty_rows = [i for i, v in enumerate(values) if v is None and i not in failed]
+    for i in empty_rows:
+        bad.setdefault(i, []).append(ManifestProblem(i + 1, "prompt", "the prompt is empty; every row needs a prompt"))
+    return values
+
+
+def _resolve_ids(arr, n: int, bad: dict[int, list]) -> list:
+    """Ids with defaults filled in (None where bad); checks safety and uniqueness ignoring case."""
+    if arr is None:
+        given = [None] * n
+    elif pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+        given = [v if v is None or v.strip() else None for v in arr.to_pylist()]
+    else:
+        given = _parse_column(arr, _parse_id, "id", bad, distinct=False)
+    width = len(default_id(0, n))
+    ids = [str(i).zfill(width) if v is None else v for i, v in enumerate(given)]
+    safe = _SAFE_ID_RE.fullmatch
+    for i, row_id in enumerate(ids):
+        if given[i] is not None and not safe(row_id):
+            bad.setdefault(i, []).append(ManifestProblem(i + 1, "id", id_problem(row_id)))
+            ids[i] = None
+        elif i in bad and given[i] is None and arr is not None and any(p.column == "id" for p in bad[i]):
+            ids[i] = None
+    lowered = [None if v is None else v.lower() for v in ids]
+    if len(set(lowered)) < n - lowered.count(None) + (None in lowered):
+        first: dict[str, int] = {}
+        for i, key in enumerate(lowered):
+            if key is None:
+                continue
+            j = first.setdefault(key, i)
+            if j == i:
+                continue
+            how = "the same id" if ids[j] == ids[i] else f"{ids[j]!r}, which differs only by case"
+            if given[j] is None:
+                how += ", given by default to a row without an id"
+            this = f"id {ids[i]!r}" if given[i] is not None else f"this row has no id; its default id {ids[i]!r}"
+            bad.setdefault(i, []).append(ManifestProblem(
+                i + 1, "id", f"{this} is already used by data row {j + 1} ({how}); ids must be unique, "
+                "ignoring case, because they name the output files: change one of them"))
+    return ids
 
 
 # ----------------------------------------------------------------------------- reading files
@@ -412,7 +517,7 @@ def read_manifest(path) -> Manifest:
     except _Bad as e:
         return Manifest(path, [], [ManifestProblem(None, None, str(e))], [], [])
     names = list(table.column_names)
-    extra_columns = [n for n in names if n not in COLUMNS]
+    extra_columns = [c for c in names if c not in COLUMNS]
     problems = _column_problems(names)
     n = table.num_rows
     if n == 0:
@@ -420,106 +525,65 @@ def read_manifest(path) -> Manifest:
     if problems:
         return Manifest(path, [], problems, names, extra_columns, n)
 
-    def values(name):
-        return table.column(name).to_pylist() if name in names else None
+    # each Arrow column is dropped once parsed, so that the file and the Python rows are not both
+    # held in full at the peak
+    arrays = {name: table.column(name) for name in names}
+    del table
+
+    def column(name, parse, default=None):
+        if name not in arrays:
+            return [default] * n
+        return _parse_column(arrays.pop(name), parse, name, bad, default)
 
     bad: dict[int, list[ManifestProblem]] = {}
-    parsers = {
-        "id": _parse_id,
-        "prompt": _parse_prompt,
-        "negative_prompt": _text_parser("write the negative prompt as text"),
-        "seed": _int_parser(0, SEED_LIMIT - 1, "use an integer from 0 to 2**63-1 "
-                            "(or leave it empty for a seed derived from the id)"),
-        "steps": _int_parser(1, MAX_STEPS, f"use a whole number from 1 to {MAX_STEPS} (e.g. {DEFAULT_STEPS})"),
-        "cfg_scale": _float_parser(lambda x: x >= 0, f"use a finite number >= 0 (e.g. {DEFAULT_CFG_SCALE})"),
-        "sampler": _parse_sampler(resolve_sampler),
-        "width": _size_parser("width"),
-        "height": _size_parser("height"),
-        "init_image": _text_parser("write the init image's path as text"),
-        "strength": _float_parser(lambda x: 0 < x <= 1, "use a number with 0 < strength <= 1 (e.g. 0.75)"),
-    }
-    empty = [_EMPTY] * n
-    parsed = {}
-    for name, parse in parsers.items():
-        col = values(name)
-        parsed[name] = empty if col is None else _parse_column(col, parse, name, bad)
-    del col
+    ids = _resolve_ids(arrays.pop("id", None), n, bad)
+    prompts = _parse_prompts(arrays.pop("prompt"), bad)
+    negatives = column("negative_prompt", _text_parser("write the negative prompt as text"), "")
+    seed_parser = _int_parser(0, SEED_LIMIT - 1, "use an integer from 0 to 2**63-1 "
+                              "(or leave it empty for a seed derived from the id)")
+    seeds = _parse_seeds(arrays.pop("seed"), seed_parser, bad) if "seed" in arrays else [None] * n
+    steps = column("steps", _int_parser(1, MAX_STEPS, f"use a whole number from 1 to {MAX_STEPS} "
+                                        f"(e.g. {DEFAULT_STEPS})"), DEFAULT_STEPS)
+    cfgs = column("cfg_scale", _float_parser(lambda x: x >= 0, f"use a finite number >= 0 (e.g. {DEFAULT_CFG_SCALE})"),
+                  DEFAULT_CFG_SCALE)
+    samplers = column("sampler", _sampler_parser(resolve_sampler), DEFAULT_SAMPLER)
+    widths = column("width", _size_parser("width"))
+    heights = column("height", _size_parser("height"))
+    inits = column("init_image", _text_parser("write the init image's path as text", blank_is_empty=True))
+    strengths = column("strength", _float_parser(lambda x: 0 < x <= 1,
+                                                 "use a number with 0 < strength <= 1 (e.g. 0.75)"))
 
+    # img2img: strength only with an init image; at least one denoising step
     base = os.path.abspath(path.parent)
-    extras = [(name, table.column(name).to_pylist()) for name in extra_columns]
-    seen_ids: dict[str, tuple[int, str]] = {}     # lower-cased id -> (1-based row, id) of first use
-    rows: list[JobRow] = []
-    ids, prompts, negatives, seeds = parsed["id"], parsed["prompt"], parsed["negative_prompt"], parsed["seed"]
-    steps_col, cfgs, samplers = parsed["steps"], parsed["cfg_scale"], parsed["sampler"]
-    widths, heights, inits, strengths = parsed["width"], parsed["height"], parsed["init_image"], parsed["strength"]
-    id_width = len(default_id(0, n))
-    for i in range(n):
-        row_problems = bad.get(i)
-        # id: default, safety, uniqueness (case-insensitive filesystems)
-        row_id = ids[i]
-        if row_id is _EMPTY:
-            row_id = str(i).zfill(id_width)
-        elif row_problems is None or all(p.column != "id" for p in row_problems):
-            reason = id_problem(row_id)
-            if reason is not None:
-                row_problems = bad.setdefault(i, [])
-                row_problems.append(ManifestProblem(i + 1, "id", reason))
-                row_id = None
-        else:
-            row_id = None
-        if row_id is not None:
-            first = seen_ids.setdefault(row_id.lower(), (i + 1, row_id))
-            if first[0] != i + 1:
-                row_problems = bad.setdefault(i, [])
-                how = "the same id" if first[1] == row_id else f"{first[1]!r}, which differs only by case"
-                if ids[first[0] - 1] is _EMPTY:
-                    how += ", given by default to a row without an id"
-                this = f"id {row_id!r}" if ids[i] is not _EMPTY else f"this row has no id; its default id {row_id!r}"
-                row_problems.append(ManifestProblem(
-                    i + 1, "id", f"{this} is already used by data row {first[0]} ({how}); ids must be unique, "
-                    "ignoring case, because they name the output files: change one of them"))
-        # prompt is required in every row
-        if prompts[i] is _EMPTY and not any(p.column == "prompt" for p in row_problems or ()):
-            row_problems = bad.setdefault(i, [])
-            row_problems.append(ManifestProblem(i + 1, "prompt", "the prompt is empty; every row needs a prompt"))
-        # img2img
-        init = inits[i]
-        strength = strengths[i]
-        if init is _EMPTY or (isinstance(init, str) and not init.strip()):
-            init = None
-            if strength is not _EMPTY:
-                row_problems = bad.setdefault(i, [])
-                row_problems.append(ManifestProblem(
+    init_paths: dict[int, str] = {}
+    for i, (init, strength) in enumerate(zip(inits, strengths)):
+        if init is None:
+            if strength is not None:
+                bad.setdefault(i, []).append(ManifestProblem(
                     i + 1, "strength", "strength is set but init_image is empty; strength only applies "
                     "to img2img: give an init_image or leave strength empty"))
-            strength = None
-        else:
-            if strength is _EMPTY:
-                strength = DEFAULT_STRENGTH
-            steps = DEFAULT_STEPS if steps_col[i] is _EMPTY else steps_col[i]
-            steps_ok = not any(p.column == "steps" for p in row_problems or ())
-            if isinstance(strength, float) and steps_ok and int(steps * strength) < 1:
-                row_problems = bad.setdefault(i, [])
-                row_problems.append(ManifestProblem(i + 1, "strength", _no_denoise_steps_message(steps, strength)))
-        if row_problems:
             continue
-        seed = seeds[i]
-        width, height = widths[i], heights[i]
-        default_size = None if init is not None else DEFAULT_SIZE
-        rows.append(JobRow(
-            index=i, id=row_id, prompt=prompts[i],
-            negative_prompt="" if negatives[i] is _EMPTY else negatives[i],
-            seed=seed_from_id(row_id) if seed is _EMPTY else seed,
-            steps=DEFAULT_STEPS if steps_col[i] is _EMPTY else steps_col[i],
-            cfg_scale=DEFAULT_CFG_SCALE if cfgs[i] is _EMPTY else cfgs[i],
-            sampler=DEFAULT_SAMPLER if samplers[i] is _EMPTY else samplers[i],
-            width=default_size if width is _EMPTY else width,
-            height=default_size if height is _EMPTY else height,
-            init_image=None if init is None else os.path.abspath(os.path.join(base, os.path.expanduser(init))),
-            strength=strength,
-            extra={name: col[i] for name, col in extras},
-            init_image_given=init,
-        ))
+        init_paths[i] = os.path.abspath(os.path.join(base, os.path.expanduser(init)))
+        if strength is None:
+            strengths[i] = strength = DEFAULT_STRENGTH
+        steps_ok = not any(p.column == "steps" for p in bad.get(i, ()))
+        if steps_ok and int(steps[i] * strength) < 1:
+            bad.setdefault(i, []).append(ManifestProblem(i + 1, "strength",
+                                                         _no_denoise_steps_message(steps[i], strength)))
+
+    extras = [_pylist(arrays.pop(c)) for c in extra_columns]
+    rows: list[JobRow] = []
+    for i, values in enumerate(zip(ids, prompts, negatives, seeds, steps, cfgs, samplers, widths, heights,
+                                   strengths, *extras)):
+        if i in bad:
+            continue
+        row_id, prompt, negative, seed, n_steps, cfg, sampler, width, height, strength = values[:10]
+        init = init_paths.get(i)
+        if init is None:
+            width, height = width or DEFAULT_SIZE, height or DEFAULT_SIZE
+        rows.append(JobRow(i, row_id, prompt, negative, seed_from_id(row_id) if seed is None else seed,
+                           n_steps, cfg, sampler, width, height, init, strength,
+                           dict(zip(extra_columns, values[10:])), inits[i]))
     order = {c: k for k, c in enumerate(COLUMNS)}
     for i in sorted(bad):
         problems.extend(sorted(bad[i], key=lambda p: order[p.column]))

@@ -139,6 +139,37 @@ def test_parquet_types_and_nan_means_default(tmp_path):
     assert [r.sampler for r in m.rows] == ["euler_a", "dpmpp_2m_karras", "ddim"]
 
 
+def test_arrow_string_kinds_and_row_groups(tmp_path):
+    columns = {"id": ["a", "b", "c"], "prompt": ["x", "y", "z"], "negative_prompt": ["n", "n", None],
+               "seed": [1, 2, None], "sampler": ["ddim", "Euler a", None], "init_image": [None, "a.png", ""],
+               "strength": [None, 0.5, None], "tag": ["t", "t", "u"]}
+    results = []
+    for kind in ("plain", "dictionary", "large_string"):
+        table = {}
+        for name, values in columns.items():
+            array = pa.array(values)
+            if pa.types.is_string(array.type) and kind == "dictionary":
+                array = array.dictionary_encode()
+            elif pa.types.is_string(array.type) and kind == "large_string":
+                array = array.cast(pa.large_string())
+            table[name] = array
+        path = tmp_path / f"{kind}.parquet"
+        pq.write_table(pa.table(table), path, row_group_size=2)   # two chunks per column
+        m = read_manifest(path)
+        assert m.problems == []
+        results.append(m.rows)
+    assert results[0] == results[1] == results[2]
+    assert [(r.sampler, r.init_image_given, r.strength, r.extra["tag"]) for r in results[0]] == [
+        ("ddim", None, None, "t"), ("euler_a", "a.png", 0.5, "t"), ("dpmpp_2m_karras", None, None, "u")]
+
+
+def test_row_with_several_problems_lists_them_all(tmp_path):
+    path = write_csv(tmp_path, "id,prompt,steps,width,sampler\nok,a,4,64,ddim\na/b, ,0,65,nope\n")
+    m = read_manifest(path)
+    assert [(p.row, p.column) for p in m.problems] == [(2, "id"), (2, "prompt"), (2, "steps"), (2, "sampler"),
+                                                       (2, "width")]
+
+
 def test_pass_through_columns(tmp_path):
     path = write_csv(tmp_path, "tag,prompt,note,steps\nfoo,a,007,4\n,b,x y,5\n")
     m = read_manifest(path)
