@@ -144,14 +144,18 @@ def text_encoder_key_map(keys: Iterable[str]) -> dict[str, str]:
 KEY_MAPS = {"unet": unet_key_map, "vae": vae_key_map, "text_encoder": text_encoder_key_map}
 
 
-def to_original_tensor(component: str, original_key: str, tensor: torch.Tensor) -> torch.Tensor:
-    """The tensor change that goes with a rename: VAE attention Linear [C, C] -> 1x1 conv [C, C, 1, 1]."""
+def original_shape(component: str, original_key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of a renamed tensor: VAE attention Linear [C, C] (or old conv1d [C, C, 1]) -> 1x1 conv [C, C, 1, 1]."""
+    shape = tuple(shape)
     if component == "vae" and ".mid.attn_1." in original_key and original_key.endswith(_VAE_ATTN_PROJ):
-        if tensor.ndim == 2:
-            return tensor[:, :, None, None]
-        if tensor.ndim == 3:  # very old conv1d proj_attn
-            return tensor[:, :, :, None]
-    return tensor
+        return shape + (1,) * (4 - len(shape))
+    return shape
+
+
+def to_original_tensor(component: str, original_key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor change that goes with a rename (a view, never a copy): see `original_shape`."""
+    shape = original_shape(component, original_key, tuple(tensor.shape))
+    return tensor if shape == tuple(tensor.shape) else tensor.view(shape)
 
 
 def diffusers_to_original(component: str, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,633 @@
+"""Load Stable Diffusion 1.x checkpoints into StableDiffusionModel, safely and without doubling memory.
+
+Accepted inputs:
+- a single file in the original (CompVis) layout: `.safetensors` (read through `safe_open`, mmap) or
+  `.ckpt`/`.pt`/`.bin` read with `torch.load(weights_only=True, mmap=True)`. A pickle that needs
+  anything beyond tensors and plain containers is refused (CheckpointError), never executed.
+  The tensors may sit at the top level or inside a `state_dict` entry.
+- a diffusers folder (`unet/`, `vae/`, `text_encoder/`, each with `*.safetensors`, `.fp16` variants
+  or a sharded index), renamed to the original layout by `diffusers_layout`.
+
+Loading: shapes -> `infer_config` -> StableDiffusionModel built on the meta device -> our own strict
+key/shape check (a CheckpointError names missing, mis-shaped and unexpected tensors) -> tensors copied
+one by one into freshly allocated tensors of the target dtype/device -> `load_state_dict(assign=True)`.
+After each copy the source tensor's pages are dropped from the process (madvise on the file mapping),
+so the peak resident memory is about the model's bytes plus one tensor, whatever the source dtype.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import logging
+import mmap
+import os
+import pickle
+import re
+import struct
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+
+from .config import PRESETS, CLIPTextConfig, SDConfig, UNetConfig, VAEConfig
+from .diffusers_layout import KEY_MAPS, ORIGINAL_PREFIX, original_shape
+from .errors import CheckpointError
+from .model import StableDiffusionModel
+
+log = logging.getLogger(__name__)
+
+UNET_PREFIX = ORIGINAL_PREFIX["unet"]          # model.diffusion_model.
+VAE_PREFIX = ORIGINAL_PREFIX["vae"]            # first_stage_model.
+CLIP_PREFIX = ORIGINAL_PREFIX["text_encoder"]  # cond_stage_model.transformer.text_model.
+MODEL_PREFIXES = (UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX)
+
+# Non-model tensors released SD 1.x files carry (see shared/reference/sd15_keys.json): the DDPM
+# schedule buffers of the training wrapper and CLIP's constant position ids. Ignored by name.
+IGNORED_KEYS = frozenset({
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+    "posterior_mean_coef1", "posterior_mean_coef2",
+    CLIP_PREFIX + "embeddings.position_ids",
+})
+# EMA copies: `model_ema.decay`, `model_ema.num_updates` and, in full training files, the EMA weights
+# under flattened names (`model_ema.diffusion_modelinput_blocks00weight`).
+IGNORED_PREFIXES = ("model_ema.",)
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DIFFUSERS_COMPONENTS = {  # subfolder -> (component, weight file stem)
+    "unet": ("unet", "diffusion_pytorch_model"),
+    "vae": ("vae", "diffusion_pytorch_model"),
+    "text_encoder": ("text_encoder", "model"),
+}
+TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+SHOW_KEYS = 10  # how many key names an error message lists
+
+
+# ----------------------------------------------------------------------------- config inference
+
+def _shape(value: Any) -> tuple[int, ...]:
+    return tuple(value.shape) if hasattr(value, "shape") else tuple(value)
+
+
+def _need(shapes: Mapping[str, tuple[int, ...]], prefix: str, key: str, what: str) -> tuple[int, ...]:
+    if key not in shapes:
+        raise CheckpointError(f"cannot infer the {what} configuration: tensor {prefix}{key} is missing")
+    return shapes[key]
+
+
+def _indices(shapes: Iterable[str], pattern: str) -> list[int]:
+    rx = re.compile(pattern)
+    return sorted({int(m.group(1)) for k in shapes if (m := rx.match(k))})
+
+
+def _infer_unet(s: Mapping[str, tuple[int, ...]]) -> UNetConfig:
+    need = lambda key: _need(s, UNET_PREFIX, key, "UNet")  # noqa: E731
+    model_channels, in_channels = need("input_blocks.0.0.weight")[:2]  # conv_in [mc, in, 3, 3]
+    out_channels = need("out.2.weight")[0]
+    # input_blocks 1..: per level `res_blocks` res blocks (+ a spatial transformer), then a downsampler
+    level_channels: list[list[int]] = [[]]
+    attention_levels = set()
+    for i in _indices(s, r"input_blocks\.(\d+)\.")[1:]:
+        if f"input_blocks.{i}.0.op.weight" in s:
+            level_channels.append([])
+            continue
+        level_channels[-1].append(need(f"input_blocks.{i}.0.out_layers.3.weight")[0])
+        if f"input_blocks.{i}.1.proj_in.weight" in s:
+            attention_levels.add(len(level_channels) - 1)
+    res_blocks = len(level_channels[0])
+    if res_blocks == 0 or any(len(ch) != res_blocks or len(set(ch)) != 1 for ch in level_channels):
+        raise CheckpointError(f"unsupported UNet layout: res block channels per level {level_channels}")
+    if any(ch[0] % model_channels for ch in level_channels):
+        raise CheckpointError(f"unsupported UNet layout: level channels {level_channels} are not multiples "
+                              f"of {model_channels}")
+    context = [v for k, v in s.items() if k.endswith(".attn2.to_k.weight")]  # [inner, context_dim]
+    return UNetConfig(
+        in_channels=in_channels, out_channels=out_channels, model_channels=model_channels,
+        channel_mult=tuple(ch[0] // model_channels for ch in level_channels), res_blocks=res_blocks,
+        attention_levels=tuple(sorted(attention_levels)),
+        context_dim=context[0][1] if context else UNetConfig.context_dim,
+        heads=UNetConfig.heads,  # not visible in shapes; SD 1.x uses 8 heads everywhere
+    )
+
+
+def _infer_vae(s: Mapping[str, tuple[int, ...]]) -> VAEConfig:
+    need = lambda key: _need(s, VAE_PREFIX, key, "VAE")  # noqa: E731
+    base_channels, image_channels = need("encoder.conv_in.weight")[:2]  # [base, 3, 3, 3]
+    latent_channels = need("decoder.conv_in.weight")[1]                 # [C, latent, 3, 3]
+    levels = _indices(s, r"encoder\.down\.(\d+)\.")
+    if not levels:
+        raise CheckpointError(f"cannot infer the VAE configuration: no {VAE_PREFIX}encoder.down.* tensors")
+    level_channels = [need(f"encoder.down.{i}.block.0.conv1.weight")[0] for i in levels]
+    if any(ch % base_channels for ch in level_channels):
+        raise CheckpointError(f"unsupported VAE layout: level channels {level_channels} vs base {base_channels}")
+    return VAEConfig(
+        image_channels=image_channels, latent_channels=latent_channels, base_channels=base_channels,
+        channel_mult=tuple(ch // base_channels for ch in level_channels),
+        res_blocks=len(_indices(s, r"encoder\.down\.0\.block\.(\d+)\.")),
+    )
+
+
+def _infer_clip(s: Mapping[str, tuple[int, ...]]) -> CLIPTextConfig:
+    need = lambda key: _need(s, CLIP_PREFIX, key, "CLIP text encoder")  # noqa: E731
+    vocab_size, width = need("embeddings.token_embedding.weight")
+    return CLIPTextConfig(
+        vocab_size=vocab_size, width=width, max_positions=need("embeddings.position_embedding.weight")[0],
+        layers=len(_indices(s, r"encoder\.layers\.(\d+)\.")), mlp_width=need("encoder.layers.0.mlp.fc1.weight")[0],
+        heads=width // 64 if width % 64 == 0 else 1,  # not visible in shapes; CLIP uses 64-wide heads
+    )
+
+
+def _component(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> dict[str, tuple[int, ...]]:
+    return {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
+
+
+def infer_config(state_dict: Mapping[str, Any]) -> SDConfig:
+    """SDConfig from tensor shapes (original-layout keys; values: tensors or shapes).
+
+    Head counts are not visible in shapes: a state dict whose shapes match a preset (SD15, TINY) gets
+    that preset whole (name included); otherwise the config is named "custom" with SD 1.x head rules
+    (UNet 8 heads, CLIP width/64).
+    """
+    shapes = {k: _shape(v) for k, v in state_dict.items()}
+    keys = shapes.keys()
+    if not any(k.startswith(CLIP_PREFIX) for k in keys):
+        hint = ""
+        if any(k.startswith("cond_stage_model.model.") for k in keys):
+            hint = " (it has an OpenCLIP text encoder: a Stable Diffusion 2.x checkpoint, not supported)"
+        elif any(k.startswith("conditioner.") for k in keys):
+            hint = " (it looks like an SDXL checkpoint, not supported)"
+        elif any(k.startswith(UNET_PREFIX) for k in keys):
+            hint = " (a UNet-only file? batchsd needs the full model: UNet, VAE and text encoder)"
+        raise CheckpointError(f"no CLIP text encoder tensors under {CLIP_PREFIX}{hint}")
+    cfg = SDConfig(
+        "custom",
+        clip=_infer_clip(_component(shapes, CLIP_PREFIX)),
+        vae=_infer_vae(_component(shapes, VAE_PREFIX)),
+        unet=_infer_unet(_component(shapes, UNET_PREFIX)),
+    )
+    for preset in PRESETS.values():
+        same_heads = replace(cfg, name=preset.name, clip=replace(cfg.clip, heads=preset.clip.heads),
+                             unet=replace(cfg.unet, heads=preset.unet.heads))
+        if same_heads == preset:
+            return preset
+    return cfg
+
+
+# ----------------------------------------------------------------------------- tensor sources
+
+@dataclass(frozen=True)
+class _Tensor:
+    """One tensor of a checkpoint, not read yet (shape already in the original layout)."""
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    read: Callable[[], torch.Tensor]  # CPU tensor of `shape`; a view of a file mapping for .ckpt
+    raw: tuple[int, int] | None = None  # (fd, byte offset) of its contiguous bytes, for safetensors
+
+
+def _pread_into(out: torch.Tensor, fd: int, offset: int) -> torch.Tensor:
+    """Read out.nbytes bytes at `offset` of an open file straight into a contiguous CPU tensor."""
+    buffer = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+    done = 0
+    while done < len(buffer):
+        n = os.preadv(fd, [buffer[done:]], offset + done)
+        if n <= 0:
+            raise CheckpointError(f"unexpected end of file reading {len(buffer)} bytes at {offset}")
+        done += n
+    return out
+
+
+class _PageDropper:
+    """Drops the pages of a tensor read through a private file mapping (torch.load mmap) once it has
+    been copied out, so the mapping does not accumulate the whole file in the process's memory.
+
+    Only addresses inside a mapping of one of the checkpoint's own files are touched (found in
+    /proc/self/maps); dropped pages of a private file mapping that was never written to are read
+    again from the file on the next access, so no data can be lost. No-op where unsupported.
+    """
+
+    def __init__(self, files: Iterable[Path]):
+        self.ranges: list[tuple[int, int]] = []
+        names = {os.path.realpath(f) for f in files}
+        try:
+            with open("/proc/self/maps") as maps:
+                for line in maps:
+                    parts = line.split(maxsplit=5)
+                    if len(parts) == 6 and parts[5].rstrip("\n") in names and parts[1].endswith("p"):
+                        start, end = (int(x, 16) for x in parts[0].split("-"))
+                        self.ranges.append((start, end))
+            if self.ranges:
+                libc = ctypes.CDLL(None, use_errno=True)
+                libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+                self.madvise = libc.madvise
+        except (OSError, AttributeError):
+            self.ranges = []
+
+    def __call__(self, tensor: torch.Tensor) -> None:
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        if not any(lo <= start and end <= hi for lo, hi in self.ranges):
+            return
+        page = mmap.PAGESIZE
+        lo, hi = -(-start // page) * page, end // page * page  # whole pages inside the tensor only
+        if hi > lo:
+            self.madvise(lo, hi - lo, 4)  # MADV_DONTNEED
+
+
+class _Source:
+    """The tensors of a checkpoint (file or diffusers folder) under original-layout keys."""
+
+    def __init__(self, path: Path, fmt: str, layout: str, files: list[Path]):
+        self.path, self.format, self.layout, self.files = path, fmt, layout, files
+        self.tensors: dict[str, _Tensor] = {}
+        self.skipped: list[str] = []  # non-tensor entries of a pickled state dict
+        self.fds: list[int] = []
+        self.drop_pages: Callable[[torch.Tensor], None] = lambda t: None
+
+    def add_file(self, path: Path, rename: Callable[[list[str]], dict[str, str]], component: str | None) -> None:
+        """Add one file's tensors; `component` names the diffusers component whose layout it has (or None)."""
+        fix_shape = (lambda key, shape: shape) if component is None else \
+            (lambda key, shape: original_shape(component, key.removeprefix(ORIGINAL_PREFIX[component]), shape))
+        if _sniff(path) == "safetensors":
+            fd = os.open(path, os.O_RDONLY)
+            self.fds.append(fd)
+            for old, new, shape, dtype, offset in _safetensors_index(path, rename):
+                shape = fix_shape(new, shape)  # bytes are the same, only the shape changes
+                read = lambda s=shape, d=dtype, o=offset: _pread_into(torch.empty(s, dtype=d), fd, o)  # noqa: E731
+                self.tensors[new] = _Tensor(shape, dtype, read, (fd, offset))
+        else:
+            tensors, skipped = _flat_tensors(_torch_load(path), path)
+            self.skipped += skipped
+            for old, new in rename(list(tensors)).items():
+                t, shape = tensors[old], fix_shape(new, tuple(tensors[old].shape))
+                self.tensors[new] = _Tensor(shape, t.dtype, lambda t=t, s=shape: t.view(s))
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
+        self.tensors.clear()
+
+    def __enter__(self) -> "_Source":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _sniff(path: Path) -> str:
+    """File format from its first bytes: "safetensors" or "torch" (zip or legacy pickle)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return "torch"
+    if len(head) == 9 and head[8:9] == b"{":
+        return "safetensors"
+    raise CheckpointError(f"{path}: neither a safetensors file nor a PyTorch checkpoint (first bytes {head!r})")
+
+
+def _safetensors_index(path: Path, rename: Callable[[list[str]], dict[str, str]]):
+    """(old key, new key, shape, dtype, absolute byte offset) of each tensor, from the file's JSON header.
+
+    The data is then read with pread straight into the destination tensors: no mapping of the file
+    (whose pages would count as this process's memory) and a single copy out of the page cache.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if header_len > min(size - 8, 1 << 28):
+            raise CheckpointError(f"{path}: not a valid safetensors file (header length {header_len})")
+        try:
+            header = json.loads(f.read(header_len))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: not a valid safetensors file (header: {e})") from e
+    header.pop("__metadata__", None)
+    start = 8 + header_len
+    for old, new in rename(list(header)).items():
+        entry = header[old]
+        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {old} has unsupported dtype {entry['dtype']}")
+        shape = tuple(entry["shape"])
+        begin, end = entry["data_offsets"]
+        if end - begin != _numel(shape) * dtype.itemsize or start + end > size:
+            raise CheckpointError(f"{path}: tensor {old} has inconsistent offsets {begin}..{end} (file truncated?)")
+        yield old, new, shape, dtype, start + begin
+
+
+def _torch_load(path: Path) -> Any:
+    """torch.load restricted to tensors and plain containers; mmap when the file format allows."""
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e) and "zipfile" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        detail = f"it references {found.group(1)}" if found else str(e).strip().splitlines()[0]
+        raise CheckpointError(
+            f"{path}: refused to load: the pickle needs more than tensors and plain containers ({detail}). "
+            f"batchsd never runs code from a checkpoint; use a .safetensors version of this model, or "
+            f"convert it with a tool you trust.") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read PyTorch checkpoint: {e}") from e
+
+
+def _flat_tensors(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The tensor dict of a loaded pickle (inside `state_dict` when present) and the non-tensor entries."""
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    skipped = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    return tensors, skipped
+
+
+def _single_file_rename(keys: list[str]) -> dict[str, str]:
+    """Original layout as is; very old files lack the `text_model.` level of the text encoder."""
+    old_clip = "cond_stage_model.transformer."
+    if any(k.startswith(CLIP_PREFIX) for k in keys):
+        return {k: k for k in keys}
+    return {k: CLIP_PREFIX + k[len(old_clip):] if k.startswith(old_clip) else k for k in keys}
+
+
+def _diffusers_weight_files(folder: Path, stem: str) -> list[Path]:
+    """A component's weight files: full precision first, then the fp16 variant; sharded indexes too."""
+    for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors", f"{stem}.bin", f"{stem}.fp16.bin"):
+        if (folder / name).is_file():
+            return [folder / name]
+        index = folder / f"{name}.index.json"
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [folder / shard for shard in shards]
+    return []
+
+
+def _open(path: str | Path) -> _Source:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if path.is_dir():
+        if not all((path / sub).is_dir() for sub in DIFFUSERS_COMPONENTS):
+            raise CheckpointError(f"{path}: a folder must be a diffusers model folder with "
+                                  f"{', '.join(s + '/' for s in DIFFUSERS_COMPONENTS)} subfolders")
+        component_files = {}
+        for sub, (component, stem) in DIFFUSERS_COMPONENTS.items():
+            component_files[component] = _diffusers_weight_files(path / sub, stem)
+            if not component_files[component]:
+                raise CheckpointError(f"{path / sub}: no {stem}.safetensors (or .fp16.safetensors) weights")
+        files = sorted((f for fs in component_files.values() for f in fs), key=lambda f: str(f.relative_to(path)))
+        source = _Source(path, "diffusers", "diffusers", files)
+        try:
+            for component, files in component_files.items():
+                prefix = ORIGINAL_PREFIX[component]
+                rename = lambda keys, c=component, p=prefix: {k: p + v for k, v in KEY_MAPS[c](keys).items()}  # noqa: E731
+                for f in files:
+                    source.add_file(f, rename, component)
+        except BaseException:
+            source.close()
+            raise
+    else:
+        fmt = "safetensors" if _sniff(path) == "safetensors" else "ckpt"
+        source = _Source(path, fmt, "single-file", [path])
+        try:
+            source.add_file(path, _single_file_rename, None)
+        except BaseException:
+            source.close()
+            raise
+    source.drop_pages = _PageDropper(source.files)
+    return source
+
+
+# ----------------------------------------------------------------------------- checking
+
+@dataclass
+class KeyReport:
+    """How a checkpoint's tensors compare with the model its shapes describe."""
+    model: list[str] = field(default_factory=list)                         # loadable model tensors
+    missing: list[str] = field(default_factory=list)                       # model needs, file lacks
+    mis_shaped: dict[str, tuple[tuple, tuple]] = field(default_factory=dict)  # key -> (file, model)
+    not_float: dict[str, str] = field(default_factory=dict)                # key -> file dtype
+    unexpected: list[str] = field(default_factory=list)  # under a model prefix, but not in the model
+    ignored: list[str] = field(default_factory=list)     # known non-model tensors (IGNORED_*)
+    extra: list[str] = field(default_factory=list)       # anything else: reported, not loaded
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.mis_shaped or self.not_float or self.unexpected)
+
+
+def _is_ignored(key: str) -> bool:
+    return key in IGNORED_KEYS or key.startswith(IGNORED_PREFIXES)
+
+
+def build_on_meta(cfg: SDConfig) -> StableDiffusionModel:
+    """StableDiffusionModel(cfg) on the meta device: shapes only, no memory, no init cost."""
+    try:
+        with torch.device("meta"):
+            return StableDiffusionModel(cfg)
+    except (ValueError, AssertionError, RuntimeError) as e:
+        raise CheckpointError(f"the inferred configuration cannot be built: {e} ({cfg})") from e
+
+
+def model_shapes(model: StableDiffusionModel) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_keys(tensors: Mapping[str, _Tensor], expected: Mapping[str, tuple[int, ...]]) -> KeyReport:
+    report = KeyReport()
+    for key, t in tensors.items():
+        if key in expected:
+            report.model.append(key)
+            if t.shape != expected[key]:
+                report.mis_shaped[key] = (t.shape, expected[key])
+            elif not t.dtype.is_floating_point:
+                report.not_float[key] = str(t.dtype).removeprefix("torch.")
+        elif _is_ignored(key):
+            report.ignored.append(key)
+        elif key.startswith(MODEL_PREFIXES):
+            report.unexpected.append(key)
+        else:
+            report.extra.append(key)
+    report.missing = [k for k in expected if k not in tensors]
+    return report
+
+
+def _listing(keys: list[str], describe: Callable[[str], str] = str) -> str:
+    shown = ", ".join(describe(k) for k in keys[:SHOW_KEYS])
+    more = f", ... ({len(keys) - SHOW_KEYS} more)" if len(keys) > SHOW_KEYS else ""
+    return f"{len(keys)}: {shown}{more}"
+
+
+def describe_problems(report: KeyReport) -> str:
+    parts = []
+    if report.missing:
+        parts.append(f"missing tensors {_listing(report.missing)}")
+    if report.mis_shaped:
+        parts.append("mis-shaped tensors " + _listing(
+            list(report.mis_shaped),
+            lambda k: f"{k} {list(report.mis_shaped[k][0])} (model needs {list(report.mis_shaped[k][1])})"))
+    if report.not_float:
+        parts.append("non-float tensors " + _listing(list(report.not_float), lambda k: f"{k} ({report.not_float[k]})"))
+    if report.unexpected:
+        parts.append(f"tensors the model does not have {_listing(report.unexpected)}")
+    return "; ".join(parts)
+
+
+# ----------------------------------------------------------------------------- hashing
+
+_hash_cache: dict[tuple, str] = {}
+
+
+def checkpoint_sha256(files: list[Path]) -> str:
+    """sha256 of the files' bytes in the given order, streamed; cached per (path, size, mtime)."""
+    stamp = tuple((os.path.realpath(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if stamp not in _hash_cache:
+        digest = hashlib.sha256()
+        buffer = bytearray(8 << 20)
+        view = memoryview(buffer)
+        for f in files:
+            with open(f, "rb", buffering=0) as fh:
+                while n := fh.readinto(buffer):
+                    digest.update(view[:n])
+        _hash_cache[stamp] = digest.hexdigest()
+    return _hash_cache[stamp]
+
+
+# ----------------------------------------------------------------------------- public API
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: Path
+    format: str                 # "safetensors" | "ckpt" | "diffusers"
+    layout: str                 # "single-file" | "diffusers"
+    dtype: str                  # the file's model-tensor dtype(s), e.g. "float16" or "float16+float32"
+    config_name: str            # "sd15", "tiny" or "custom"
+    config: SDConfig
+    sha256: str                 # of the file; of a folder's weight files in sorted order
+    extra_keys: tuple[str, ...] = ()    # unknown non-model tensors, not loaded
+    ignored_count: int = 0              # known non-model tensors (EMA, DDPM buffers, position_ids)
+
+    @property
+    def short_hash(self) -> str:
+        """First 10 hex digits of sha256: the A1111 "Model hash"."""
+        return self.sha256[:10]
+
+
+def _dtype_summary(tensors: Mapping[str, _Tensor], keys: Iterable[str]) -> str:
+    counts = Counter(str(tensors[k].dtype).removeprefix("torch.") for k in keys)
+    return "+".join(name for name, _ in counts.most_common()) or "none"
+
+
+def _materialize(source: _Source, key: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One tensor in the target dtype/device, freshly allocated; at most one temporary on the side."""
+    t = source.tensors[key]
+    out = torch.empty(t.shape, dtype=dtype, device=device)
+    if t.raw is not None and t.dtype == dtype and device.type == "cpu":
+        return _pread_into(out, *t.raw)  # file -> model tensor, no intermediate
+    view = t.read()
+    out.copy_(view)
+    source.drop_pages(view)
+    return out
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32) -> tuple[StableDiffusionModel, CheckpointInfo]:
+    """Load a single-file checkpoint or diffusers folder into an eval-mode StableDiffusionModel.
+
+    Raises CheckpointError (missing / mis-shaped / unexpected tensors named, unsafe pickle, unsupported
+    model). The file's sha256 is computed on a second thread while the tensors load.
+    """
+    device = torch.device(device)
+    with _open(path) as source, ThreadPoolExecutor(1) as pool:
+        cfg = infer_config({k: t.shape for k, t in source.tensors.items()})
+        model = build_on_meta(cfg)
+        expected = model_shapes(model)
+        report = check_keys(source.tensors, expected)
+        if not report.ok:
+            raise CheckpointError(f"{source.path}: does not match the {cfg.name} model inferred from its "
+                                  f"shapes: {describe_problems(report)}")
+        if cfg.unet.in_channels != cfg.vae.latent_channels:
+            raise CheckpointError(f"{source.path}: the UNet takes {cfg.unet.in_channels} input channels, not the "
+                                  f"{cfg.vae.latent_channels} latent channels (an inpainting or other variant "
+                                  f"model): not supported")
+        if report.extra:
+            log.warning("%s: ignoring unknown tensors %s", source.path, _listing(report.extra))
+        sha256 = pool.submit(checkpoint_sha256, source.files)
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # copies are memory-bound; extra threads only contend (page faults)
+        try:
+            state_dict = {key: _materialize(source, key, dtype, device) for key in expected}
+        finally:
+            torch.set_num_threads(threads)
+        model.load_state_dict(state_dict, strict=True, assign=True)
+        del state_dict
+        left_on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if left_on_meta:  # a module with a non-persistent buffer would need computing after the load
+            raise RuntimeError(f"tensors not materialized by the checkpoint: {left_on_meta[:SHOW_KEYS]}")
+        info = CheckpointInfo(
+            path=source.path, format=source.format, layout=source.layout,
+            dtype=_dtype_summary(source.tensors, report.model), config_name=cfg.name, config=cfg,
+            sha256=sha256.result(), extra_keys=tuple(report.extra), ignored_count=len(report.ignored))
+    return model.eval().requires_grad_(False), info
+
+
+def inspect_checkpoint(path: str | Path, hash: bool = True) -> dict:
+    """A JSON-friendly description of a checkpoint, for `batchsd inspect`; reads no tensor data."""
+    with _open(path) as source:
+        tensors = source.tensors
+        out: dict[str, Any] = {
+            "path": str(source.path), "format": source.format, "layout": source.layout,
+            "files": [str(f) for f in source.files],
+            "size_bytes": sum(f.stat().st_size for f in source.files),
+            "tensors": len(tensors),
+        }
+        try:
+            cfg = infer_config({k: t.shape for k, t in tensors.items()})
+            report = check_keys(tensors, model_shapes(build_on_meta(cfg)))
+            out["config"] = cfg.name
+            out["config_detail"] = asdict(cfg)
+            error = None if report.ok else describe_problems(report)
+        except CheckpointError as e:
+            cfg, error = None, str(e)
+            report = check_keys(tensors, {})
+            report.extra = [k for k in report.extra + report.unexpected]
+            report.unexpected = []
+            out["config"] = None
+        model_keys = report.model
+        out.update({
+            "dtypes": dict(Counter(str(tensors[k].dtype).removeprefix("torch.") for k in tensors)),
+            "model_dtype": _dtype_summary(tensors, model_keys),
+            "model_tensors": len(model_keys),
+            "parameters": sum(_numel(tensors[k].shape) for k in model_keys),
+            "components": {name: sum(k.startswith(p) for k in model_keys) for name, p in ORIGINAL_PREFIX.items()},
+            "ignored": len(report.ignored),
+            "extra": report.extra, "missing": report.missing, "unexpected": report.unexpected,
+            "mis_shaped": {k: [list(a), list(b)] for k, (a, b) in report.mis_shaped.items()},
+            "not_float": report.not_float, "non_tensor_entries": source.skipped,
+            "loadable": error is None, "error": error,
+        })
+        files = source.files
+    if hash:
+        out["sha256"] = checkpoint_sha256(files)
+        out["short_hash"] = out["sha256"][:10]
+    return out
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
