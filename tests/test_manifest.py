@@ -192,6 +192,8 @@ def test_csv_quoting_newlines_and_bom(tmp_path):
     path.write_bytes('\ufeffid,prompt\nq1,"a, b\nsecond line ""quoted"""\n'.encode())
     (row,) = read_manifest(path).rows
     assert row.id == "q1" and row.prompt == 'a, b\nsecond line "quoted"'
+    path.write_bytes(b'id,prompt,steps\r\nq1,"x\r\ny",4\r\nq2,z,\r\n')     # Windows line ends
+    assert [(r.id, r.prompt, r.steps) for r in read_manifest(path).rows] == [("q1", "x\r\ny", 4), ("q2", "z", 25)]
 
 
 def test_csv_and_parquet_parse_the_same(tmp_path):
