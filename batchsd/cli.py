@@ -18,7 +18,6 @@ from __future__ import annotations
 import enum
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -81,7 +80,8 @@ def run(
 ) -> None:
     """Make the images of MANIFEST; resumable: run the same command again to finish an interrupted job."""
     from .errors import BatchSDError
-    from .runner import ManifestInvalid, RunOptions, print_summary
+    from .progress import print_summary
+    from .runner import ManifestInvalid, RunOptions
     from .runner import run as run_job
 
     err = _err_console()
@@ -117,7 +117,7 @@ def validate(
     """
     from .manifest import read_manifest
     from .planner import plan_batches, resolve_image_sizes
-    from .runner import print_plan
+    from .progress import print_plan
 
     out = _out_console()
     m = read_manifest(manifest)
@@ -130,7 +130,7 @@ def validate(
               + (f" (passed through: {escape(', '.join(m.extra_columns))})" if m.extra_columns else ""))
     for index, reason in failures.items():
         row = by_index[index]
-        out.print(f"[red]data row {index + 1} (id {escape(row.id)!r}), column 'init_image':[/red] {escape(str(reason))}")
+        out.print(f"[red]data row {index + 1} (id {escape(repr(row.id))}), column 'init_image':[/red] {escape(str(reason))}")
     print_plan(out, plan_batches(rows, batch_size), batch_size)
     if failures:
         out.print(f"{len(failures)} row(s) will fail and be recorded as errors; the others can run")
@@ -143,7 +143,10 @@ def inspect(
     model: Path = typer.Argument(..., help="Checkpoint file (.safetensors, .ckpt) or diffusers folder."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Show a checkpoint's format, layout, dtype, missing/extra keys and sha256 prefix; loads no weights."""
+    """Show a checkpoint's format, layout, dtype, missing/extra keys and sha256 prefix; loads no weights.
+
+    Exit 0: loadable; 1: readable but not loadable (the report says why); 2: cannot be read.
+    """
     from .errors import BatchSDError
 
     err = _err_console()
@@ -156,15 +159,25 @@ def inspect(
         raise _fail(err, str(e), 2)
     if as_json:
         typer.echo(json.dumps(report, indent=2, default=str))
-        return
-    out = _out_console()
-    width = max((len(str(k)) for k in report), default=0)
-    for key, value in report.items():
+    else:
+        _print_report(_out_console(), report)
+    if report.get("loadable") is False:
+        raise typer.Exit(1)
+
+
+def _print_report(out: Console, report: dict) -> None:
+    """key  value lines; long lists cut at 10, nested details left to --json."""
+    shown = {k: v for k, v in report.items() if not (k == "error" and v is None)}
+    width = max((len(str(k)) for k in shown), default=0)
+    for key, value in shown.items():
         if isinstance(value, (list, tuple)):
-            shown = ", ".join(map(str, value[:10])) + (f", ... ({len(value)} in all)" if len(value) > 10 else "")
-            value = shown or "none"
+            value = ", ".join(map(str, value[:10])) + (f", ... ({len(value)} in all)" if len(value) > 10 else "") \
+                or "none"
         elif isinstance(value, dict):
-            value = json.dumps(value, default=str)
+            if any(isinstance(v, dict) for v in value.values()):
+                value = "(nested; `batchsd inspect --json` shows it)"
+            else:
+                value = ", ".join(f"{k}: {v}" for k, v in value.items()) or "none"
         out.print(f"{escape(str(key)).ljust(width)}  {escape(str(value))}")
 
 

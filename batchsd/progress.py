@@ -8,11 +8,15 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.text import Text
+
+from .results import RESULTS_FILE, SUMMARY_FILE
 
 
 def format_duration(seconds: float | None) -> str:
@@ -105,3 +109,37 @@ class RunProgress:
         print(f"[batchsd] batch {self.batches}: {self.done}/{self.total} rows ({pct:.1f}%), "
               f"{self.failed} failed, {self.rate:.2f} img/s, elapsed {format_duration(self.elapsed)}, "
               f"ETA {format_duration(self.eta())}", file=self.stream, flush=True)
+
+
+def print_plan(console: Console, batches, batch_size: int, skipped_note: str = "") -> None:
+    """The batch plan as a table: one line per batch key (size, steps, sampler, img2img steps)."""
+    from rich.table import Table
+
+    groups: dict[tuple, list] = {}
+    for b in batches:
+        groups.setdefault(tuple(b.key), []).append(b)
+    table = Table(title=f"batch plan: {len(batches)} batch(es) of at most {batch_size} rows{skipped_note}")
+    for col in ("size", "steps", "sampler", "img2img steps", "batches", "rows", "first ids"):
+        table.add_column(col)
+    for key, bs in groups.items():
+        width, height, steps, sampler = key[:4]
+        den = key[4] if len(key) > 4 else None
+        ids = [r.id for b in bs for r in b.rows]
+        table.add_row(f"{width}x{height}", str(steps), str(sampler), "-" if den is None else str(den),
+                      str(len(bs)), str(len(ids)), escape(", ".join(ids[:3]) + (" ..." if len(ids) > 3 else "")))
+    console.print(table)
+
+
+def print_summary(console: Console, s) -> None:
+    """The closing lines of a run (s: runner.RunSummary): ok, failed, skipped, images/s, where results are."""
+    if s.dry_run:
+        return
+    head = "[bold green]done[/bold green]" if s.exit_code == 0 else (
+        "[bold red]done, with failures[/bold red]" if s.exit_code == 1 else f"[bold yellow]stopped by {s.interrupted_by}[/bold yellow]")
+    console.print(f"{head}: {s.ok} ok, {s.failed} failed, {s.skipped} skipped (already done)"
+                  + (f", {s.previously_failed} failed earlier (not retried; --retry-errors)" if s.previously_failed else "")
+                  + (f", {s.pending} not made yet (run the same command again to resume)" if s.pending else "")
+                  + f"; {s.images_per_s:.2f} images/s over {format_duration(s.elapsed_s)}")
+    out = Path(s.out_dir)
+    console.print(escape(f"results: {out / RESULTS_FILE}  images: {out / 'images'}/"
+                         + (f"  summary: {out / SUMMARY_FILE}" if s.interrupted_by is None else "")))

@@ -39,7 +39,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -48,7 +48,7 @@ from rich.markup import escape
 
 from .errors import BatchSDError, InputError
 from .manifest import JobRow, Manifest, read_manifest
-from .results import (JOURNAL_DIR, RESULTS_FILE, SUMMARY_FILE, Journal, clear_summary, extra_types_for,
+from .results import (JOURNAL_DIR, RESULTS_FILE, Journal, clear_summary, extra_types_for,
                       now_utc, read_prior, results_schema, write_summary)
 
 DEFAULT_CPU_BATCH = 4
@@ -361,24 +361,6 @@ def decide(rows: Sequence[JobRow], prior: dict, out_dir: Path, *, model: str, mo
     return todo, skipped, prev_failed
 
 
-def print_plan(console: Console, batches, batch_size: int, skipped_note: str = "") -> None:
-    from rich.table import Table
-
-    groups: dict[tuple, list] = {}
-    for b in batches:
-        groups.setdefault(tuple(b.key), []).append(b)
-    table = Table(title=f"batch plan: {len(batches)} batch(es) of at most {batch_size} rows{skipped_note}")
-    for col in ("size", "steps", "sampler", "img2img steps", "batches", "rows", "first ids"):
-        table.add_column(col)
-    for key, bs in groups.items():
-        width, height, steps, sampler = key[:4]
-        den = key[4] if len(key) > 4 else None
-        ids = [r.id for b in bs for r in b.rows]
-        table.add_row(f"{width}x{height}", str(steps), str(sampler), "-" if den is None else str(den),
-                      str(len(bs)), str(len(ids)), escape(", ".join(ids[:3]) + (" ..." if len(ids) > 3 else "")))
-    console.print(table)
-
-
 def _dry_run(opts: RunOptions, job: Job, plan_batches, console: Console) -> None:
     """Print what `run` would do: rows, failures known now, the batch plan. Loads no model, writes nothing."""
     runnable = [r for r in job.rows if r.id not in job.row_errors]
@@ -396,6 +378,8 @@ def _dry_run(opts: RunOptions, job: Job, plan_batches, console: Console) -> None
                   f"output to {escape(str(job.out_dir))}/, no model loaded")
     for rid, why in job.row_errors.items():
         console.print(f"[red]row {escape(repr(rid))} would fail:[/red] {escape(why)}")
+    from .progress import print_plan
+
     print_plan(console, plan_batches(runnable, size), size, note)
     if opts.batch_size is None:
         console.print(f"(batch size: {DEFAULT_CPU_BATCH} on the CPU; on CUDA it is chosen from free memory)")
@@ -444,7 +428,7 @@ def run(opts: RunOptions, console: Console | None = None, *, rich_bar: bool | No
 
 def _run_loaded(opts: RunOptions, job: Job, pipe, console: Console, summary: RunSummary,
                 rich_bar: bool | None, plan_batches) -> RunSummary:
-    from .progress import RunProgress, format_duration
+    from .progress import RunProgress
     from .writer import BatchResult, ResultWriter
 
     out_dir = job.out_dir
@@ -541,19 +525,3 @@ def summary_record(opts: RunOptions, s: RunSummary) -> dict:
         "elapsed_s": round(s.elapsed_s, 3), "images_per_s": round(s.images_per_s, 4),
         "finished_at": now_utc().isoformat(), "exit_code": s.exit_code,
     }
-
-
-def print_summary(console: Console, s: RunSummary) -> None:
-    from .progress import format_duration
-
-    if s.dry_run:
-        return
-    head = "[bold green]done[/bold green]" if s.exit_code == 0 else (
-        "[bold red]done, with failures[/bold red]" if s.exit_code == 1 else f"[bold yellow]stopped by {s.interrupted_by}[/bold yellow]")
-    console.print(f"{head}: {s.ok} ok, {s.failed} failed, {s.skipped} skipped (already done)"
-                  + (f", {s.previously_failed} failed earlier (not retried; --retry-errors)" if s.previously_failed else "")
-                  + (f", {s.pending} not made yet (run the same command again to resume)" if s.pending else "")
-                  + f"; {s.images_per_s:.2f} images/s over {format_duration(s.elapsed_s)}")
-    out = Path(s.out_dir)
-    console.print(escape(f"results: {out / RESULTS_FILE}  images: {out / 'images'}/"
-                         + (f"  summary: {out / SUMMARY_FILE}" if s.interrupted_by is None else "")))

@@ -28,7 +28,12 @@ HEADER = "id,prompt,negative_prompt,seed,steps,cfg_scale,sampler,width,height,in
 
 @pytest.fixture(scope="module")
 def tiny_pipe():
-    return Pipeline.load("tiny", device="cpu", dtype="fp32")
+    # One intra-op thread: the tiny model's ops are too small to gain from more, and on a shared
+    # 2-core machine extra OpenMP threads make it several times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield Pipeline.load("tiny", device="cpu", dtype="fp32")
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
@@ -287,3 +292,34 @@ def test_row_exception_fails_only_that_row(tmp_path, tiny_pipe, monkeypatch):
 def test_inspect_missing_model_exit_2(tmp_path):
     r = invoke("inspect", str(tmp_path / "nope.safetensors"))
     assert r.exit_code == 2 and "does not exist" in r.output
+
+
+def test_checkpoint_file_from_weights_folder_hash_in_png_and_results(tmp_path):
+    from safetensors.torch import save_file
+
+    from batchsd.config import TINY
+    from batchsd.model import StableDiffusionModel
+
+    (tmp_path / "weights").mkdir()
+    ckpt = tmp_path / "weights" / "tiny-ckpt.safetensors"
+    model = StableDiffusionModel.random(TINY, seed=1)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt))
+    sha = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+
+    r = invoke("inspect", str(ckpt))
+    assert r.exit_code == 0 and sha[:10] in r.stdout and "safetensors" in r.stdout
+
+    manifest = write_csv(tmp_path / "jobs.csv", ["a,a cat,,1,2,7.5,dpmpp_2m_karras,64,64,,,"])
+    r = invoke("run", str(manifest))                  # no --model: the one checkpoint in ./weights/
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "outputs" / "jobs"
+    with Image.open(out / "images" / "a.png") as im:
+        assert im.text["parameters"].endswith(f"Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 1, Size: 64x64, "
+                                              f"Model hash: {sha[:10]}, Model: tiny-ckpt")
+    df = pd.read_parquet(out / "results.parquet")
+    assert df["model"].iloc[0] == "tiny-ckpt" and df["model_sha256"].iloc[0] == sha
+    r = invoke("run", str(manifest))
+    assert "0 ok, 0 failed, 1 skipped" in r.stdout
+    r = invoke("run", str(manifest), "--model", "tiny")  # another model: the row is made again
+    assert r.exit_code == 0 and "1 ok, 0 failed, 0 skipped" in r.stdout
+    assert pd.read_parquet(out / "results.parquet")["model"].iloc[0] == "tiny-random"

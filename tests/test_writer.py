@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import json
-import os
 import threading
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -222,3 +220,31 @@ def test_writer_failure_reaches_the_main_thread(tmp_path):
     assert not any(t.name == "batchsd-writer" and t.is_alive() for t in threading.enumerate())
     # the image may be in place, but no record names it: a resume makes the row again
     assert read_prior(tmp_path) == {}
+
+
+# ----------------------------------------------------------------------------- progress display
+
+def test_progress_plain_lines_and_rich_bar():
+    import io
+
+    from rich.console import Console
+
+    from batchsd.progress import RunProgress, format_duration
+
+    stream = io.StringIO()
+    with RunProgress(10, Console(file=stream), stream=stream) as p:   # not a terminal: one line per batch
+        p.update(3, 0)
+        p.update(2, 1)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2
+    assert lines[1].startswith("[batchsd] batch 2: 6/10 rows (60.0%), 1 failed, ") and "img/s" in lines[1]
+    assert "ETA " in lines[1]
+    assert format_duration(3725) == "1:02:05" and format_duration(None) == "?"
+
+    term = io.StringIO()
+    console = Console(file=term, force_terminal=True, width=120)
+    with RunProgress(4, console) as p:                                 # a terminal: the rich bar
+        assert p.rich_bar
+        p.update(4, 0)
+    out = term.getvalue()
+    assert "4/4" in out and "img/s" in out and "0 failed" in out
