@@ -1,18 +1,19 @@
 """Load Stable Diffusion 1.x checkpoints into StableDiffusionModel, safely and without doubling memory.
 
 Accepted inputs:
-- a single file in the original (CompVis) layout: `.safetensors` (read through `safe_open`, mmap) or
-  `.ckpt`/`.pt`/`.bin` read with `torch.load(weights_only=True, mmap=True)`. A pickle that needs
-  anything beyond tensors and plain containers is refused (CheckpointError), never executed.
-  The tensors may sit at the top level or inside a `state_dict` entry.
+- a single file in the original (CompVis) layout: `.safetensors` (JSON header, then each tensor read
+  with pread straight into its destination) or `.ckpt`/`.pt`/`.bin` read with
+  `torch.load(weights_only=True, mmap=True)`: a pickle that needs anything beyond tensors and plain
+  containers is refused (CheckpointError), never executed. Tensors at the top level or under `state_dict`.
 - a diffusers folder (`unet/`, `vae/`, `text_encoder/`, each with `*.safetensors`, `.fp16` variants
   or a sharded index), renamed to the original layout by `diffusers_layout`.
 
 Loading: shapes -> `infer_config` -> StableDiffusionModel built on the meta device -> our own strict
 key/shape check (a CheckpointError names missing, mis-shaped and unexpected tensors) -> tensors copied
 one by one into freshly allocated tensors of the target dtype/device -> `load_state_dict(assign=True)`.
-After each copy the source tensor's pages are dropped from the process (madvise on the file mapping),
-so the peak resident memory is about the model's bytes plus one tensor, whatever the source dtype.
+No file is mapped for safetensors; for .ckpt each tensor's pages are dropped from the mapping once
+copied (madvise), so the peak resident memory is the model's bytes plus about one tensor, whatever the
+source dtype (tests/measure_load_memory.py measures it).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import ctypes
 import hashlib
 import json
 import logging
+import math
 import mmap
 import os
 import pickle
@@ -63,12 +65,7 @@ SAFETENSORS_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
-DIFFUSERS_COMPONENTS = {  # subfolder -> (component, weight file stem)
-    "unet": ("unet", "diffusion_pytorch_model"),
-    "vae": ("vae", "diffusion_pytorch_model"),
-    "text_encoder": ("text_encoder", "model"),
-}
-TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+DIFFUSERS_WEIGHTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
 SHOW_KEYS = 10  # how many key names an error message lists
 
 
@@ -318,7 +315,7 @@ def _safetensors_index(path: Path, rename: Callable[[list[str]], dict[str, str]]
             raise CheckpointError(f"{path}: tensor {old} has unsupported dtype {entry['dtype']}")
         shape = tuple(entry["shape"])
         begin, end = entry["data_offsets"]
-        if end - begin != _numel(shape) * dtype.itemsize or start + end > size:
+        if end - begin != math.prod(shape) * dtype.itemsize or start + end > size:
             raise CheckpointError(f"{path}: tensor {old} has inconsistent offsets {begin}..{end} (file truncated?)")
         yield old, new, shape, dtype, start + begin
 
@@ -379,14 +376,14 @@ def _open(path: str | Path) -> _Source:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
     if path.is_dir():
-        if not all((path / sub).is_dir() for sub in DIFFUSERS_COMPONENTS):
+        if not all((path / component).is_dir() for component in DIFFUSERS_WEIGHTS):
             raise CheckpointError(f"{path}: a folder must be a diffusers model folder with "
-                                  f"{', '.join(s + '/' for s in DIFFUSERS_COMPONENTS)} subfolders")
+                                  f"{', '.join(c + '/' for c in DIFFUSERS_WEIGHTS)} subfolders")
         component_files = {}
-        for sub, (component, stem) in DIFFUSERS_COMPONENTS.items():
-            component_files[component] = _diffusers_weight_files(path / sub, stem)
+        for component, stem in DIFFUSERS_WEIGHTS.items():
+            component_files[component] = _diffusers_weight_files(path / component, stem)
             if not component_files[component]:
-                raise CheckpointError(f"{path / sub}: no {stem}.safetensors (or .fp16.safetensors) weights")
+                raise CheckpointError(f"{path / component}: no {stem}.safetensors (or .fp16.safetensors) weights")
         files = sorted((f for fs in component_files.values() for f in fs), key=lambda f: str(f.relative_to(path)))
         source = _Source(path, "diffusers", "diffusers", files)
         try:
@@ -415,21 +412,14 @@ def _open(path: str | Path) -> _Source:
 @dataclass
 class KeyReport:
     """How a checkpoint's tensors compare with the model its shapes describe."""
-    model: list[str] = field(default_factory=list)                         # loadable model tensors
-    missing: list[str] = field(default_factory=list)                       # model needs, file lacks
-    mis_shaped: dict[str, tuple[tuple, tuple]] = field(default_factory=dict)  # key -> (file, model)
-    not_float: dict[str, str] = field(default_factory=dict)                # key -> file dtype
+    model: list[str] = field(default_factory=list)       # tensors the model has (loaded when all is well)
+    missing: list[str] = field(default_factory=list)     # the model needs them, the file lacks them
+    mis_shaped: dict[str, tuple[tuple, tuple]] = field(default_factory=dict)  # key -> (file, model) shapes
+    not_float: dict[str, str] = field(default_factory=dict)                   # key -> the file's dtype
     unexpected: list[str] = field(default_factory=list)  # under a model prefix, but not in the model
     ignored: list[str] = field(default_factory=list)     # known non-model tensors (IGNORED_*)
     extra: list[str] = field(default_factory=list)       # anything else: reported, not loaded
-
-    @property
-    def ok(self) -> bool:
-        return not (self.missing or self.mis_shaped or self.not_float or self.unexpected)
-
-
-def _is_ignored(key: str) -> bool:
-    return key in IGNORED_KEYS or key.startswith(IGNORED_PREFIXES)
+    problem: str | None = None                           # why it cannot be loaded, if it cannot
 
 
 def build_on_meta(cfg: SDConfig) -> StableDiffusionModel:
@@ -441,48 +431,46 @@ def build_on_meta(cfg: SDConfig) -> StableDiffusionModel:
         raise CheckpointError(f"the inferred configuration cannot be built: {e} ({cfg})") from e
 
 
-def model_shapes(model: StableDiffusionModel) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
-def check_keys(tensors: Mapping[str, _Tensor], expected: Mapping[str, tuple[int, ...]]) -> KeyReport:
-    report = KeyReport()
-    for key, t in tensors.items():
-        if key in expected:
-            report.model.append(key)
-            if t.shape != expected[key]:
-                report.mis_shaped[key] = (t.shape, expected[key])
-            elif not t.dtype.is_floating_point:
-                report.not_float[key] = str(t.dtype).removeprefix("torch.")
-        elif _is_ignored(key):
-            report.ignored.append(key)
-        elif key.startswith(MODEL_PREFIXES):
-            report.unexpected.append(key)
-        else:
-            report.extra.append(key)
-    report.missing = [k for k in expected if k not in tensors]
-    return report
-
-
 def _listing(keys: list[str], describe: Callable[[str], str] = str) -> str:
     shown = ", ".join(describe(k) for k in keys[:SHOW_KEYS])
     more = f", ... ({len(keys) - SHOW_KEYS} more)" if len(keys) > SHOW_KEYS else ""
     return f"{len(keys)}: {shown}{more}"
 
 
-def describe_problems(report: KeyReport) -> str:
-    parts = []
-    if report.missing:
-        parts.append(f"missing tensors {_listing(report.missing)}")
-    if report.mis_shaped:
-        parts.append("mis-shaped tensors " + _listing(
-            list(report.mis_shaped),
-            lambda k: f"{k} {list(report.mis_shaped[k][0])} (model needs {list(report.mis_shaped[k][1])})"))
-    if report.not_float:
-        parts.append("non-float tensors " + _listing(list(report.not_float), lambda k: f"{k} ({report.not_float[k]})"))
-    if report.unexpected:
-        parts.append(f"tensors the model does not have {_listing(report.unexpected)}")
-    return "; ".join(parts)
+def check_keys(tensors: Mapping[str, _Tensor], cfg: SDConfig | None,
+               expected: Mapping[str, tuple[int, ...]]) -> KeyReport:
+    """Sort every tensor into model / ignored / unexpected / extra and find what is missing or wrong."""
+    r = KeyReport()
+    for key, t in tensors.items():
+        if key in expected:
+            r.model.append(key)
+            if t.shape != expected[key]:
+                r.mis_shaped[key] = (t.shape, expected[key])
+            elif not t.dtype.is_floating_point:
+                r.not_float[key] = str(t.dtype).removeprefix("torch.")
+        elif key in IGNORED_KEYS or key.startswith(IGNORED_PREFIXES):
+            r.ignored.append(key)
+        elif key.startswith(MODEL_PREFIXES) and cfg is not None:
+            r.unexpected.append(key)
+        else:
+            r.extra.append(key)
+    r.missing = [k for k in expected if k not in tensors]
+    problems = []
+    if r.missing:
+        problems.append(f"missing tensors {_listing(r.missing)}")
+    if r.mis_shaped:
+        problems.append("mis-shaped tensors " + _listing(
+            list(r.mis_shaped), lambda k: f"{k} {list(r.mis_shaped[k][0])} (model needs {list(r.mis_shaped[k][1])})"))
+    if r.not_float:
+        problems.append("non-float tensors " + _listing(list(r.not_float), lambda k: f"{k} ({r.not_float[k]})"))
+    if r.unexpected:
+        problems.append(f"tensors the model does not have {_listing(r.unexpected)}")
+    if problems:
+        r.problem = f"does not match the {cfg.name} model inferred from its shapes: {'; '.join(problems)}"
+    elif cfg is not None and cfg.unet.in_channels != cfg.vae.latent_channels:
+        r.problem = (f"the UNet takes {cfg.unet.in_channels} input channels, not the {cfg.vae.latent_channels} "
+                     f"latent channels (an inpainting or other variant model): not supported")
+    return r
 
 
 # ----------------------------------------------------------------------------- hashing
@@ -553,15 +541,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     with _open(path) as source, ThreadPoolExecutor(1) as pool:
         cfg = infer_config({k: t.shape for k, t in source.tensors.items()})
         model = build_on_meta(cfg)
-        expected = model_shapes(model)
-        report = check_keys(source.tensors, expected)
-        if not report.ok:
-            raise CheckpointError(f"{source.path}: does not match the {cfg.name} model inferred from its "
-                                  f"shapes: {describe_problems(report)}")
-        if cfg.unet.in_channels != cfg.vae.latent_channels:
-            raise CheckpointError(f"{source.path}: the UNet takes {cfg.unet.in_channels} input channels, not the "
-                                  f"{cfg.vae.latent_channels} latent channels (an inpainting or other variant "
-                                  f"model): not supported")
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        report = check_keys(source.tensors, cfg, expected)
+        if report.problem:
+            raise CheckpointError(f"{source.path}: {report.problem}")
         if report.extra:
             log.warning("%s: ignoring unknown tensors %s", source.path, _listing(report.extra))
         sha256 = pool.submit(checkpoint_sha256, source.files)
@@ -585,49 +568,38 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
 
 
 def inspect_checkpoint(path: str | Path, hash: bool = True) -> dict:
-    """A JSON-friendly description of a checkpoint, for `batchsd inspect`; reads no tensor data."""
+    """A JSON-friendly description of a checkpoint, for `batchsd inspect`; reads no tensor data.
+
+    Raises CheckpointError only when the file cannot be read at all (unsafe pickle, not a checkpoint);
+    a readable file that cannot be loaded has "loadable": False and the reason in "error".
+    """
     with _open(path) as source:
         tensors = source.tensors
-        out: dict[str, Any] = {
-            "path": str(source.path), "format": source.format, "layout": source.layout,
-            "files": [str(f) for f in source.files],
-            "size_bytes": sum(f.stat().st_size for f in source.files),
-            "tensors": len(tensors),
-        }
         try:
             cfg = infer_config({k: t.shape for k, t in tensors.items()})
-            report = check_keys(tensors, model_shapes(build_on_meta(cfg)))
-            out["config"] = cfg.name
-            out["config_detail"] = asdict(cfg)
-            error = None if report.ok else describe_problems(report)
-        except CheckpointError as e:
+            report = check_keys(tensors, cfg, {k: tuple(v.shape) for k, v in build_on_meta(cfg).state_dict().items()})
+            error = report.problem
+        except CheckpointError as e:  # no config: every tensor is extra or ignored
             cfg, error = None, str(e)
-            report = check_keys(tensors, {})
-            report.extra = [k for k in report.extra + report.unexpected]
-            report.unexpected = []
-            out["config"] = None
-        model_keys = report.model
-        out.update({
-            "dtypes": dict(Counter(str(tensors[k].dtype).removeprefix("torch.") for k in tensors)),
-            "model_dtype": _dtype_summary(tensors, model_keys),
-            "model_tensors": len(model_keys),
-            "parameters": sum(_numel(tensors[k].shape) for k in model_keys),
-            "components": {name: sum(k.startswith(p) for k in model_keys) for name, p in ORIGINAL_PREFIX.items()},
-            "ignored": len(report.ignored),
-            "extra": report.extra, "missing": report.missing, "unexpected": report.unexpected,
+            report = check_keys(tensors, None, {})
+        out = {
+            "path": str(source.path), "format": source.format, "layout": source.layout,
+            "files": [str(f) for f in source.files], "size_bytes": sum(f.stat().st_size for f in source.files),
+            "config": cfg.name if cfg else None, "config_detail": asdict(cfg) if cfg else None,
+            "loadable": error is None, "error": error,
+            "tensors": len(tensors),
+            "dtypes": dict(Counter(str(t.dtype).removeprefix("torch.") for t in tensors.values())),
+            "model_dtype": _dtype_summary(tensors, report.model),
+            "model_tensors": len(report.model),
+            "parameters": sum(math.prod(tensors[k].shape) for k in report.model),
+            "components": {name: sum(k.startswith(p) for k in report.model) for name, p in ORIGINAL_PREFIX.items()},
+            "ignored": len(report.ignored), "extra": report.extra, "missing": report.missing,
+            "unexpected": report.unexpected,
             "mis_shaped": {k: [list(a), list(b)] for k, (a, b) in report.mis_shaped.items()},
             "not_float": report.not_float, "non_tensor_entries": source.skipped,
-            "loadable": error is None, "error": error,
-        })
+        }
         files = source.files
     if hash:
         out["sha256"] = checkpoint_sha256(files)
         out["short_hash"] = out["sha256"][:10]
     return out
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

@@ -224,6 +224,17 @@ def test_inpainting_unet_refused(tmp_path):
     write_original_checkpoint(tmp_path / "inpaint.safetensors", *parts.values(), torch.float16)
     with pytest.raises(CheckpointError, match="9 input channels"):
         load_model(tmp_path / "inpaint.safetensors")
+    report = inspect_checkpoint(tmp_path / "inpaint.safetensors", hash=False)
+    assert report["config"] == "custom" and not report["loadable"] and "9 input channels" in report["error"]
+
+
+def test_inspect_unsupported_family(tmp_path):
+    sd = {"cond_stage_model.model.token_embedding.weight": torch.zeros(10, 4),
+          UNET_PREFIX + "input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3), "betas": torch.zeros(1000)}
+    save_file(sd, str(tmp_path / "sd2.safetensors"))
+    report = inspect_checkpoint(tmp_path / "sd2.safetensors", hash=False)
+    assert report["config"] is None and not report["loadable"] and "2.x" in report["error"]
+    assert report["ignored"] == 1 and sorted(report["extra"]) == sorted(k for k in sd if k != "betas")
 
 
 def test_text_encoder_without_text_model_level_in_single_file(tmp_path):
