@@ -9,6 +9,8 @@ Tolerances (the issue's): images within 1/255 on at least 99.9% of pixels; final
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -57,13 +59,12 @@ def reference_scheduler(sampler: str):
     return cls.from_config({**SD15_SCHEDULER, **extra})
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    torch.manual_seed(0)
+def build_models(tmp_dir) -> dict:
+    """Reference tiny models, written as an original-layout checkpoint and loaded by batchsd."""
     clip = build_reference_clip(TINY.clip, seed=11)
     vae = build_reference_vae(TINY.vae, seed=12)
     unet = build_reference_unet(TINY.unet, seed=13)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny-ref.safetensors"
+    path = Path(tmp_dir) / "tiny-ref.safetensors"
     write_original_checkpoint(
         path,
         diffusers_to_original("unet", unet.state_dict()),
@@ -73,6 +74,11 @@ def models(tmp_path_factory):
     )
     ours = Pipeline.load(path, device="cpu", dtype="fp32")
     return dict(clip=clip, vae=vae, unet=unet, tokenizer=load_tokenizer(), ours=ours)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return build_models(tmp_path_factory.mktemp("ckpt"))
 
 
 def reference_run(models, sampler: str, row: GenerationRow) -> tuple[np.ndarray, torch.Tensor]:
@@ -85,9 +91,11 @@ def reference_run(models, sampler: str, row: GenerationRow) -> tuple[np.ndarray,
                   output_type="latent")
     if row.init_image is None:
         pipe = StableDiffusionPipeline(**parts)
+        pipe.set_progress_bar_config(disable=True)
         latents = pipe(width=row.width, height=row.height, **common).images
     else:
         pipe = StableDiffusionImg2ImgPipeline(**parts)
+        pipe.set_progress_bar_config(disable=True)
         latents = pipe(image=row.init_image, strength=row.strength, **common).images
     with torch.no_grad():
         pixels = models["vae"].decode(latents / models["vae"].config.scaling_factor).sample
