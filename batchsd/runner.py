@@ -10,7 +10,9 @@ Resume: the journal (results.py) holds the latest record of every row made. A ro
 its record is "ok", its params_hash and model are the current ones and its image (and latents
 with --save-latents) exist. Rows whose params or model changed are made again; "error" rows only
 with --retry-errors; --overwrite makes everything again. Rows are deterministic (a CPU generator
-per row, README "Seeding contract"), so an interrupted and resumed run equals an uninterrupted one.
+per row, README "Seeding contract"), so an interrupted and resumed run equals an uninterrupted one
+up to the floating-point rounding of another batch composition (within 1/255 per pixel; the tests
+check it).
 
 Batch size: --batch-size N, else on the CPU DEFAULT_CPU_BATCH (4), on CUDA the free memory after
 the model is loaded, minus CUDA_RESERVE_BYTES, divided by an estimate of one image's working
@@ -25,6 +27,9 @@ Signals: the first SIGINT/SIGTERM lets the batch in flight finish and be written
 queued results are flushed, results.parquet is compacted, and the exit status is 130 (SIGINT) or
 143 (SIGTERM). A second signal drops the batch in flight (its rows stay undone) and stops the
 same way. summary.json is written only by a run that got through every row (the done marker).
+
+One run per output folder at a time: an flock on <out>/.batchsd/lock (released by the kernel
+even on SIGKILL); a second run on the same --out exits 2.
 
 Exit status: 0 every row of the job is ok; 1 some rows failed (recorded in results.parquet, also
 rows that failed in an earlier run and were not retried); 2 usage, model or manifest errors
@@ -417,6 +422,8 @@ def run(opts: RunOptions, console: Console | None = None, *, rich_bar: bool | No
             pipe = Pipeline.load(model, device=opts.device, dtype=opts.dtype, low_memory=opts.low_memory)
         except BatchSDError as e:
             raise UsageError(str(e)) from None
+        except OSError as e:
+            raise UsageError(f"cannot read model {model}: {e}") from None
         summary.model, summary.model_sha256 = pipe.name, pipe.sha256
         hash_note = f", hash {pipe.short_hash}" if pipe.short_hash else ""
         console.print(f"model {escape(pipe.name)}{hash_note} on {pipe.device} ({str(pipe.dtype).removeprefix('torch.')})")

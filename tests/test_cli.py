@@ -323,3 +323,22 @@ def test_checkpoint_file_from_weights_folder_hash_in_png_and_results(tmp_path):
     r = invoke("run", str(manifest), "--model", "tiny")  # another model: the row is made again
     assert r.exit_code == 0 and "1 ok, 0 failed, 0 skipped" in r.stdout
     assert pd.read_parquet(out / "results.parquet")["model"].iloc[0] == "tiny-random"
+
+
+def test_default_batch_size_rule(monkeypatch):
+    from types import SimpleNamespace
+
+    from batchsd import runner
+
+    cpu = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32)
+    assert runner.default_batch_size(cpu, 512, 512) == runner.DEFAULT_CPU_BATCH == 4
+    gib = 1024**3
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (24 * gib, 80 * gib))
+    gpu = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.float16)
+    assert runner.default_batch_size(gpu, 512, 512) == 14          # (24 - 2) GiB / 1.5 GiB
+    assert runner.default_batch_size(gpu, 768, 768) == 6           # 2.25x the pixels
+    assert runner.default_batch_size(SimpleNamespace(device=gpu.device, dtype=torch.float32), 512, 512) == 7
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 * gib, 80 * gib))
+    assert runner.default_batch_size(gpu, 512, 512) == 1           # never below 1
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (200 * gib, 200 * gib))
+    assert runner.default_batch_size(gpu, 64, 64) == runner.MAX_AUTO_BATCH

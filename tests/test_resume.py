@@ -303,3 +303,15 @@ def test_decide_model_and_files(tmp_path):
     assert todo(prior(status="error")) == [] and todo(prior(status="error"), retry_errors=True) == ["a"]
     assert todo(prior(model="tiny-random", model_sha256=None), model="tiny-random", model_sha256=None) == []
     assert todo({}) == ["a"]
+
+
+def test_one_run_per_output_folder(tmp_path):
+    from batchsd.runner import out_dir_lock
+
+    manifest = write_csv(tmp_path / "jobs.csv", rows_for(1))
+    out = tmp_path / "out"
+    with out_dir_lock(out):
+        r = invoke("run", str(manifest), "--model", "tiny", "--out", str(out))
+    assert r.exit_code == 2 and "another batchsd run is writing to" in r.output
+    assert not (out / "images").exists()
+    assert invoke("run", str(manifest), "--model", "tiny", "--out", str(out)).exit_code == 0  # released
