@@ -247,6 +247,7 @@ class _Source:
         self.tensors: dict[str, _Tensor] = {}
         self.skipped: list[str] = []  # non-tensor entries of a pickled state dict
         self.fds: list[int] = []
+        self._scratch = torch.empty(0, dtype=torch.uint8)
         self.drop_pages: Callable[[torch.Tensor], None] = lambda t: None
 
     def add_file(self, path: Path, rename: Callable[[list[str]], dict[str, str]], component: str | None) -> None:
@@ -267,7 +268,16 @@ class _Source:
                 t, shape = tensors[old], fix_shape(new, tuple(tensors[old].shape))
                 self.tensors[new] = _Tensor(shape, t.dtype, lambda t=t, s=shape: t.view(s))
 
+    def scratch(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A reused CPU buffer for reads that need converting; sized once for the largest tensor."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        if self._scratch.numel() < nbytes:
+            largest = max(math.prod(t.shape) * t.dtype.itemsize for t in self.tensors.values())
+            self._scratch = torch.empty(max(nbytes, largest), dtype=torch.uint8)
+        return self._scratch[:nbytes].view(dtype).view(shape)
+
     def close(self) -> None:
+        self._scratch = torch.empty(0, dtype=torch.uint8)
         for fd in self.fds:
             os.close(fd)
         self.fds.clear()
@@ -519,14 +529,17 @@ def _dtype_summary(tensors: Mapping[str, _Tensor], keys: Iterable[str]) -> str:
 
 
 def _materialize(source: _Source, key: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """One tensor in the target dtype/device, freshly allocated; at most one temporary on the side."""
+    """One tensor in the target dtype/device, freshly allocated; at most one reused buffer on the side."""
     t = source.tensors[key]
     out = torch.empty(t.shape, dtype=dtype, device=device)
-    if t.raw is not None and t.dtype == dtype and device.type == "cpu":
-        return _pread_into(out, *t.raw)  # file -> model tensor, no intermediate
-    view = t.read()
-    out.copy_(view)
-    source.drop_pages(view)
+    if t.raw is None:  # .ckpt: a view of the file mapping
+        view = t.read()
+        out.copy_(view)
+        source.drop_pages(view)
+    elif t.dtype == dtype and device.type == "cpu":
+        _pread_into(out, *t.raw)  # file -> model tensor, no intermediate
+    else:
+        out.copy_(_pread_into(source.scratch(t.shape, t.dtype), *t.raw))
     return out
 
 
