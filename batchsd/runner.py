@@ -472,24 +472,24 @@ def _run_loaded(opts: RunOptions, job: Job, pipe, console: Console, summary: Run
         return reader.submit(_load_images, batch.rows)
 
     stop = StopRequested(console)
-    with stop:  # signals stay handled through the final flush; a second one raises KeyboardInterrupt
+    # signals stay handled through the final flush (a second one raises KeyboardInterrupt); the
+    # progress display lasts until the writer has written its last batch
+    with stop, progress:
         try:
-            with progress:
-                if failing_now:
-                    writer.submit(BatchResult(records=[_record(r) for r in failing_now],
-                                              images=[None] * len(failing_now),
-                                              errors=[job.row_errors[r.id] for r in failing_now]))
-                pending = prefetch(batches[0]) if batches else None
-                for i, batch in enumerate(batches):
-                    if stop:
-                        break
-                    images, errors = pending.result()
-                    pending = prefetch(batches[i + 1]) if i + 1 < len(batches) else None
-                    bad = [r for r in batch.rows if r.id in errors]
-                    if bad:
-                        writer.submit(BatchResult(records=[_record(r) for r in bad], images=[None] * len(bad),
-                                                  errors=[errors[r.id] for r in bad]))
-                    worker.run_rows([r for r in batch.rows if r.id not in errors], images)
+            if failing_now:
+                writer.submit(BatchResult(records=[_record(r) for r in failing_now], images=[None] * len(failing_now),
+                                          errors=[job.row_errors[r.id] for r in failing_now]))
+            pending = prefetch(batches[0]) if batches else None
+            for i, batch in enumerate(batches):
+                if stop:
+                    break
+                images, errors = pending.result()
+                pending = prefetch(batches[i + 1]) if i + 1 < len(batches) else None
+                bad = [r for r in batch.rows if r.id in errors]
+                if bad:
+                    writer.submit(BatchResult(records=[_record(r) for r in bad], images=[None] * len(bad),
+                                              errors=[errors[r.id] for r in bad]))
+                worker.run_rows([r for r in batch.rows if r.id not in errors], images)
         except KeyboardInterrupt:  # second signal: the batch in flight is dropped
             stop.signal_name = stop.signal_name or "SIGINT"
         finally:
