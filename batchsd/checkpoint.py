@@ -30,6 +30,7 @@ import struct
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -316,15 +317,20 @@ def _safetensors_index(path: Path, rename: Callable[[list[str]], dict[str, str]]
             header = json.loads(f.read(header_len))
         except ValueError as e:
             raise CheckpointError(f"{path}: not a valid safetensors file (header: {e})") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a valid safetensors file (header is not a JSON object)")
     header.pop("__metadata__", None)
     start = 8 + header_len
     for old, new in rename(list(header)).items():
-        entry = header[old]
-        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+        try:
+            entry = header[old]
+            dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a valid safetensors file (entry {old!r}: {e!r})") from None
         if dtype is None:
             raise CheckpointError(f"{path}: tensor {old} has unsupported dtype {entry['dtype']}")
-        shape = tuple(entry["shape"])
-        begin, end = entry["data_offsets"]
         if end - begin != math.prod(shape) * dtype.itemsize or start + end > size:
             raise CheckpointError(f"{path}: tensor {old} has inconsistent offsets {begin}..{end} (file truncated?)")
         yield old, new, shape, dtype, start + begin
@@ -369,16 +375,37 @@ def _single_file_rename(keys: list[str]) -> dict[str, str]:
     return {k: CLIP_PREFIX + k[len(old_clip):] if k.startswith(old_clip) else k for k in keys}
 
 
-def _diffusers_weight_files(folder: Path, stem: str) -> list[Path]:
-    """A component's weight files: full precision first, then the fp16 variant; sharded indexes too."""
+def _diffusers_weight_files(folder: Path, stem: str) -> tuple[list[Path], list[str] | None]:
+    """A component's weight files (full precision first, then the fp16 variant) and, for a sharded
+    component, all its keys from the index (the UNet mapping needs every key to count blocks)."""
     for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors", f"{stem}.bin", f"{stem}.fp16.bin"):
         if (folder / name).is_file():
-            return [folder / name]
+            return [folder / name], None
         index = folder / f"{name}.index.json"
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            return [folder / shard for shard in shards]
-    return []
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return [folder / shard for shard in sorted(set(weight_map.values()))], list(weight_map)
+    return [], None
+
+
+def _diffusers_rename(keys: list[str], component: str, key_map: dict[str, str] | None) -> dict[str, str]:
+    key_map = key_map if key_map is not None else KEY_MAPS[component](keys)
+    return {k: ORIGINAL_PREFIX[component] + key_map.get(k, k) for k in keys}
+
+
+def _diffusers_plan(folder: Path) -> list[tuple[Path, Callable, str]]:
+    """(file, rename, component) for each weight file of a diffusers folder."""
+    if not all((folder / component).is_dir() for component in DIFFUSERS_WEIGHTS):
+        raise CheckpointError(f"{folder}: a folder must be a diffusers model folder with "
+                              f"{', '.join(c + '/' for c in DIFFUSERS_WEIGHTS)} subfolders")
+    plan = []
+    for component, stem in DIFFUSERS_WEIGHTS.items():
+        files, all_keys = _diffusers_weight_files(folder / component, stem)
+        if not files:
+            raise CheckpointError(f"{folder / component}: no {stem}.safetensors (or .fp16.safetensors) weights")
+        key_map = KEY_MAPS[component](all_keys) if all_keys else None
+        plan += [(f, partial(_diffusers_rename, component=component, key_map=key_map), component) for f in files]
+    return plan
 
 
 def _open(path: str | Path) -> _Source:
@@ -386,33 +413,18 @@ def _open(path: str | Path) -> _Source:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
     if path.is_dir():
-        if not all((path / component).is_dir() for component in DIFFUSERS_WEIGHTS):
-            raise CheckpointError(f"{path}: a folder must be a diffusers model folder with "
-                                  f"{', '.join(c + '/' for c in DIFFUSERS_WEIGHTS)} subfolders")
-        component_files = {}
-        for component, stem in DIFFUSERS_WEIGHTS.items():
-            component_files[component] = _diffusers_weight_files(path / component, stem)
-            if not component_files[component]:
-                raise CheckpointError(f"{path / component}: no {stem}.safetensors (or .fp16.safetensors) weights")
-        files = sorted((f for fs in component_files.values() for f in fs), key=lambda f: str(f.relative_to(path)))
+        plan = _diffusers_plan(path)
+        files = sorted((f for f, _, _ in plan), key=lambda f: str(f.relative_to(path)))
         source = _Source(path, "diffusers", "diffusers", files)
-        try:
-            for component, files in component_files.items():
-                prefix = ORIGINAL_PREFIX[component]
-                rename = lambda keys, c=component, p=prefix: {k: p + v for k, v in KEY_MAPS[c](keys).items()}  # noqa: E731
-                for f in files:
-                    source.add_file(f, rename, component)
-        except BaseException:
-            source.close()
-            raise
     else:
-        fmt = "safetensors" if _sniff(path) == "safetensors" else "ckpt"
-        source = _Source(path, fmt, "single-file", [path])
-        try:
-            source.add_file(path, _single_file_rename, None)
-        except BaseException:
-            source.close()
-            raise
+        plan = [(path, _single_file_rename, None)]
+        source = _Source(path, "safetensors" if _sniff(path) == "safetensors" else "ckpt", "single-file", [path])
+    try:
+        for file, rename, component in plan:
+            source.add_file(file, rename, component)
+    except BaseException:
+        source.close()
+        raise
     source.drop_pages = _PageDropper(source.files)
     return source
 

@@ -87,10 +87,12 @@ def write_original_checkpoint(path: str | Path, unet_sd: dict, vae_sd: dict, cli
 
 
 def write_diffusers_folder(path: str | Path, ref_unet, ref_vae, ref_clip, *, dtype: torch.dtype | None = None,
-                           variant: str | None = None, text_model_level: bool | None = None) -> Path:
+                           variant: str | None = None, text_model_level: bool | None = None,
+                           max_shard_size: str | None = None) -> Path:
     """A full diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
     scheduler/) via save_pretrained. `text_model_level` True/False rewrites the text encoder file with /
-    without the `text_model.` key level (None: as transformers saves it)."""
+    without the `text_model.` key level (None: as transformers saves it); `max_shard_size` (e.g. "1MB")
+    shards the weight files with an index, as large models are saved."""
     from diffusers import PNDMScheduler, StableDiffusionPipeline
     from safetensors import safe_open
     from transformers import CLIPTokenizer
@@ -106,7 +108,7 @@ def write_diffusers_folder(path: str | Path, ref_unet, ref_vae, ref_clip, *, dty
                                    requires_safety_checker=False)
     if dtype is not None:
         pipe.to(dtype=dtype)
-    pipe.save_pretrained(path, variant=variant, safe_serialization=True)
+    pipe.save_pretrained(path, variant=variant, safe_serialization=True, max_shard_size=max_shard_size)
     if text_model_level is not None:
         name = "model.safetensors" if variant is None else f"model.{variant}.safetensors"
         file = path / "text_encoder" / name

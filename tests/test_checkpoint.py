@@ -330,6 +330,17 @@ def test_diffusers_fp16_variant_folder(tiny_reference, tmp_path):
     assert_model_equals(model, {k: v.half() for k, v in reference.state_dict().items()}, torch.float32)
 
 
+def test_sharded_diffusers_folder(tiny_reference, tmp_path):
+    refs, single, _ = tiny_reference
+    folder = write_diffusers_folder(tmp_path / "sharded", refs["unet"], refs["vae"], refs["text_encoder"],
+                                    max_shard_size="2MB")
+    unet_shards = sorted((folder / "unet").glob("diffusion_pytorch_model-*.safetensors"))
+    assert len(unet_shards) > 2 and (folder / "unet" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    model, info = load_model(folder)
+    reference, _ = load_model(single)
+    assert_model_equals(model, reference.state_dict(), torch.float32)
+
+
 def test_loaded_model_matches_the_reference_models(tiny_reference):
     """The loaded batchsd model computes what the reference models compute (text encoder and UNet)."""
     refs, single, _ = tiny_reference
