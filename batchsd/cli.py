@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import enum
 import json
-import re
 from pathlib import Path
 from typing import Optional
 
@@ -28,9 +27,6 @@ from rich.markup import escape
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Stable Diffusion 1.x batch jobs: a manifest in, images and results.parquet out.")
 
-_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
-
-
 class DType(str, enum.Enum):
     auto = "auto"
     fp32 = "fp32"
@@ -39,10 +35,15 @@ class DType(str, enum.Enum):
 
 
 def _check_device(value: str) -> str:
-    v = value.strip().lower()
-    if not _DEVICE_RE.match(v):
-        raise typer.BadParameter(f"{value!r}: use auto, cpu, cuda or cuda:N")
-    return v
+    """Checked when parsed (also for --dry-run): unknown names, cuda without CUDA, a missing cuda:N."""
+    from .devices import resolve_device
+    from .errors import InputError
+
+    try:
+        resolve_device(value)
+    except InputError as e:
+        raise typer.BadParameter(str(e)) from None
+    return value
 
 
 def _err_console() -> Console:

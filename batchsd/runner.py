@@ -123,16 +123,17 @@ class RunSummary:
 
 # ----------------------------------------------------------------------------- model and paths
 
+def _is_diffusers_folder(path: Path) -> bool:
+    return (path / "model_index.json").is_file() or (path / "unet").is_dir()
+
+
 def _weight_candidates(folder: Path) -> list[Path]:
-    if (folder / "model_index.json").is_file() or (folder / "unet").is_dir():
+    """Checkpoints in weights/: the folder itself if it is a diffusers folder, else its
+    .safetensors/.ckpt files and diffusers subfolders (README.md and the like are not)."""
+    if _is_diffusers_folder(folder):
         return [folder]
-    found = []
-    for p in sorted(folder.iterdir()):
-        if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES:
-            found.append(p)
-        elif p.is_dir() and ((p / "model_index.json").is_file() or (p / "unet").is_dir()):
-            found.append(p)
-    return found
+    return [p for p in sorted(folder.iterdir())
+            if (p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES) or (p.is_dir() and _is_diffusers_folder(p))]
 
 
 def resolve_model(model: str | None, cwd: Path | None = None) -> str:
@@ -264,7 +265,6 @@ class Worker:
     batch_size: int
     emit: Callable                           # emit(BatchResult)
     console: Console
-    oom_halvings: int = 0
 
     def run_rows(self, rows: list[JobRow], images: dict[str, object]) -> None:
         """Generate `rows` (one batch key) in chunks of at most self.batch_size."""
@@ -295,7 +295,6 @@ class Worker:
                                                   "use a smaller size, --low-memory or --dtype fp16"]))
                     return
                 half = max(1, len(chunk) // 2)
-                self.oom_halvings += 1
                 self.console.print(f"[yellow]out of memory at batch size {len(chunk)}: retrying at {half}[/yellow]")
                 self.batch_size = min(self.batch_size, half)
                 self.run_rows(chunk, images)
@@ -450,8 +449,8 @@ def _run_loaded(opts: RunOptions, job: Job, pipe, console: Console, summary: Run
     failing_now = [r for r in todo if r.id in job.row_errors]
     runnable = [r for r in todo if r.id not in job.row_errors]
     if runnable:
-        big = max(runnable, key=lambda r: (r.width or 512) * (r.height or 512))
-        batch_size = opts.batch_size or default_batch_size(pipe, big.width or 512, big.height or 512)
+        big = max(runnable, key=lambda r: r.width * r.height)   # sizes are resolved by now
+        batch_size = opts.batch_size or default_batch_size(pipe, big.width, big.height)
     else:
         batch_size = opts.batch_size or DEFAULT_CPU_BATCH
     summary.batch_size = batch_size
