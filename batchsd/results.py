@@ -35,10 +35,11 @@ import json
 import os
 import re
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -159,15 +160,17 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes, sync_dir: bool = True) -> None:
-    """Write `data` to `path`: temp file in the same folder, fsync, os.replace (never half-visible)."""
+@contextmanager
+def atomic_path(path: Path, sync_dir: bool = True) -> Iterator[str]:
+    """Yield a temp file name in `path`'s folder to write; then fsync it and os.replace it onto
+    `path`, so `path` is never seen half-written. On an exception the temp file is removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fchmod(f.fileno(), FILE_MODE)
-            f.write(data)
-            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -180,23 +183,14 @@ def atomic_write_bytes(path: Path, data: bytes, sync_dir: bool = True) -> None:
         fsync_dir(path.parent)
 
 
+def atomic_write_bytes(path: Path, data: bytes, sync_dir: bool = True) -> None:
+    with atomic_path(path, sync_dir) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
 def atomic_write_table(path: Path, table: pa.Table) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
-        with open(tmp, "rb") as f:
-            os.fchmod(f.fileno(), FILE_MODE)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    fsync_dir(path.parent)
 
 
 def remove_stale_temps(folder: Path) -> int:
@@ -243,7 +237,6 @@ def conform(table: pa.Table, schema: pa.Schema) -> tuple[pa.Table, pa.Schema]:
                 col = col.cast(pa.string())
         cols.append(col)
     schema = pa.schema(fields)
-    cols = [c.cast(f.type) if c.type != f.type else c for c, f in zip(cols, schema)]
     return pa.Table.from_arrays(cols, schema=schema), schema
 
 
@@ -300,17 +293,18 @@ class Journal:
         return read_prior(self.out_dir)
 
     def _latest_table(self) -> tuple[pa.Table, list[Path]]:
-        parts = sorted(self.part_files().items())
-        tables = []
+        """(latest record per id over the readable parts, the parts read). An unreadable part is
+        left alone: it is neither folded in nor deleted."""
+        tables, read = [], []
         schema = self.schema
-        for seq, path in parts:
+        for seq, path in sorted(self.part_files().items()):
             try:
-                t = pq.read_table(path)
-            except Exception:
+                tables.append(pq.read_table(path))
+            except Exception:  # noqa: BLE001
                 continue
-            tables.append(t)
+            read.append(path)
         if not tables:
-            return records_to_table([], schema), [p for _, p in parts]
+            return records_to_table([], schema), read
         conformed = []
         for t in tables:  # widen until every table fits the same schema
             c, schema = conform(t, schema)
@@ -325,7 +319,7 @@ class Journal:
         keep = sorted(last.values())
         table = table.take(pa.array(keep, type=pa.int64()))
         self.schema = schema
-        return table, [p for _, p in parts]
+        return table, read
 
     def compact(self) -> int:
         """Fold the journal into one part and rewrite results.parquet. Returns rows in results."""

@@ -248,3 +248,16 @@ def test_progress_plain_lines_and_rich_bar():
         p.update(4, 0)
     out = term.getvalue()
     assert "4/4" in out and "img/s" in out and "0 failed" in out
+
+
+def test_unreadable_part_is_skipped_not_deleted(tmp_path):
+    j = Journal(tmp_path, results_schema({}), ["a", "b"])
+    j.append([result("a")])
+    bad = tmp_path / results.PARTS_DIR / "part-00000001.parquet"
+    bad.write_bytes(b"PAR1 not really")
+    j2 = Journal(tmp_path, results_schema({}), ["a", "b"])
+    j2.append([result("b")])
+    assert set(read_prior(tmp_path)) == {"a", "b"}
+    j2.compact()
+    assert bad.exists()
+    assert list(pd.read_parquet(tmp_path / results.RESULTS_FILE)["id"]) == ["a", "b"]
