@@ -187,8 +187,8 @@ class _Tensor:
     """One tensor of a checkpoint, not read yet (shape already in the original layout)."""
     shape: tuple[int, ...]
     dtype: torch.dtype
-    read: Callable[[], torch.Tensor]  # CPU tensor of `shape`; a view of a file mapping for .ckpt
-    raw: tuple[int, int] | None = None  # (fd, byte offset) of its contiguous bytes, for safetensors
+    raw: tuple[int, int] | None = None                # safetensors: (fd, byte offset) of its contiguous bytes
+    read: Callable[[], torch.Tensor] | None = None    # .ckpt: a view of the file mapping, of `shape`
 
 
 def _pread_into(out: torch.Tensor, fd: int, offset: int) -> torch.Tensor:
@@ -259,15 +259,14 @@ class _Source:
             fd = os.open(path, os.O_RDONLY)
             self.fds.append(fd)
             for old, new, shape, dtype, offset in _safetensors_index(path, rename):
-                shape = fix_shape(new, shape)  # bytes are the same, only the shape changes
-                read = lambda s=shape, d=dtype, o=offset: _pread_into(torch.empty(s, dtype=d), fd, o)  # noqa: E731
-                self.tensors[new] = _Tensor(shape, dtype, read, (fd, offset))
+                # a renamed diffusers tensor has the same bytes, only (maybe) another shape
+                self.tensors[new] = _Tensor(fix_shape(new, shape), dtype, raw=(fd, offset))
         else:
             tensors, skipped = _flat_tensors(_torch_load(path), path)
             self.skipped += skipped
             for old, new in rename(list(tensors)).items():
                 t, shape = tensors[old], fix_shape(new, tuple(tensors[old].shape))
-                self.tensors[new] = _Tensor(shape, t.dtype, lambda t=t, s=shape: t.view(s))
+                self.tensors[new] = _Tensor(shape, t.dtype, read=lambda t=t, s=shape: t.view(s))
 
     def scratch(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A reused CPU buffer for reads that need converting; sized once for the largest tensor."""
