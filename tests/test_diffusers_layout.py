@@ -77,6 +77,25 @@ def test_text_encoder_with_and_without_text_model_level():
     assert all(flat[k] is nested[k] is sd[k] for k in sd)
 
 
+def test_vae_attention_pre_0_14_names():
+    """Old diffusers VAE folders name the mid attention query/key/value/proj_attn: same original keys."""
+    gen = torch.Generator().manual_seed(3)
+    new = {f"decoder.mid_block.attentions.0.{n}.{p}": torch.randn((4, 4) if p == "weight" else (4,), generator=gen)
+           for n in ("to_q", "to_k", "to_v", "to_out.0", "group_norm") for p in ("weight", "bias")}
+    new["decoder.mid_block.attentions.0.group_norm.weight"] = torch.randn(4, generator=gen)
+    names = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn", "group_norm": "group_norm"}
+    old = {}
+    for k, v in new.items():
+        module, param = k.removeprefix("decoder.mid_block.attentions.0.").rsplit(".", 1)
+        old[f"decoder.mid_block.attentions.0.{names[module]}.{param}"] = v
+    a, b = diffusers_to_original("vae", new), diffusers_to_original("vae", old)
+    assert set(a) == set(b) == {f"decoder.mid.attn_1.{m}.{p}" for m in ("q", "k", "v", "proj_out", "norm")
+                                for p in ("weight", "bias")}
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a["decoder.mid.attn_1.proj_out.weight"].shape == (4, 4, 1, 1)
+    assert torch.equal(a["decoder.mid.attn_1.q.weight"][:, :, 0, 0], new["decoder.mid_block.attentions.0.to_q.weight"])
+
+
 def test_unknown_component_rejected():
     with pytest.raises(ValueError, match="unknown component"):
         diffusers_to_original("controlnet", {})
