@@ -1,10 +1,16 @@
-"""The `batchsd` command line: run, validate, inspect.
+"""The `batchsd` command line: run, validate, inspect, status.
 
     batchsd run MANIFEST [--model PATH|tiny] [--out DIR] [--batch-size N] [--device auto|cpu|cuda[:N]]
                          [--dtype auto|fp32|fp16|bf16] [--save-latents] [--limit N] [--dry-run]
                          [--overwrite] [--retry-errors] [--low-memory]
+                         [--shard I/N] [--shard-count N] [--engine local|ray] [--workers K]
     batchsd validate MANIFEST [--batch-size N]
     batchsd inspect MODEL [--json]
+    batchsd status OUT [--manifest MANIFEST] [--json]
+
+Shards (sharding.py): --shard I/N, else the launcher's environment (SLURM array, srun, torchrun,
+Kubernetes Indexed Job); the source used is printed. --engine ray (ray_runner.py) imports Ray
+only when asked for.
 
 Exit status: 0 all rows ok; 1 some rows failed (recorded in results.parquet); 2 usage, model or
 manifest error (nothing run); 130/143 stopped by SIGINT/SIGTERM (resume by running the same
@@ -26,6 +32,11 @@ from rich.markup import escape
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Stable Diffusion 1.x batch jobs: a manifest in, images and results.parquet out.")
+
+class Engine(str, enum.Enum):
+    local = "local"
+    ray = "ray"
+
 
 class DType(str, enum.Enum):
     auto = "auto"
@@ -78,6 +89,20 @@ def run(
     overwrite: bool = typer.Option(False, "--overwrite", help="Make every row again, even those already done."),
     retry_errors: bool = typer.Option(False, "--retry-errors", help="Make rows that failed in an earlier run again."),
     low_memory: bool = typer.Option(False, "--low-memory", help="CUDA: keep idle model parts in CPU memory."),
+    shard: Optional[str] = typer.Option(None, "--shard", metavar="I/N",
+                                        help="Make only shard I of N (numbered from 0): the rows with "
+                                             "shard_of(id, N) == I. Default: from the launcher's environment "
+                                             "(SLURM array or srun, torchrun, Kubernetes Indexed Job), else every row."),
+    shard_count: Optional[int] = typer.Option(None, "--shard-count", min=1,
+                                              help="Total number of shards: needed with a Kubernetes Indexed Job "
+                                                   "(JOB_COMPLETION_INDEX), and makes SLURM array task ids the shard "
+                                                   "indices. Also $BATCHSD_SHARD_COUNT."),
+    engine: Engine = typer.Option(Engine.local, "--engine", case_sensitive=False,
+                                  help="local: this process. ray: spread the rows over a Ray cluster "
+                                       "(pip install 'batchsd[ray]'); the same output folder."),
+    workers: int = typer.Option(1, "--workers", min=1,
+                                help="--engine ray: actors, each with its own model (one GPU each where the "
+                                     "cluster has GPUs)."),
 ) -> None:
     """Make the images of MANIFEST; resumable: run the same command again to finish an interrupted job."""
     from .errors import BatchSDError
@@ -85,12 +110,38 @@ def run(
     from .runner import ManifestInvalid, RunOptions
     from .runner import run as run_job
 
+    import os
+
+    from .sharding import resolve_shard, shard_device
+
     err = _err_console()
+    spec = None
+    if engine is Engine.ray:
+        if shard or shard_count:
+            raise _fail(err, "--engine ray spreads the rows over its workers itself: drop --shard/--shard-count", 2)
+    else:
+        if workers != 1:
+            raise _fail(err, "--workers is for --engine ray; to split a job across processes use --shard I/N "
+                             "(or a SLURM array, srun, torchrun or a Kubernetes Indexed Job)", 2)
+        try:
+            spec = resolve_shard(shard, shard_count, os.environ)
+        except BatchSDError as e:
+            raise _fail(err, str(e), 2)
+        if spec is not None:
+            if spec.is_whole:   # a shard's own line comes from the runner, with its row count
+                err.print(escape(str(spec)) + ": one shard, every row")
+            device = shard_device(spec, device)
     opts = RunOptions(manifest=manifest, model=model, out_dir=out, batch_size=batch_size, device=device,
                       dtype=dtype.value, save_latents=save_latents, limit=limit, dry_run=dry_run,
-                      overwrite=overwrite, retry_errors=retry_errors, low_memory=low_memory)
+                      overwrite=overwrite, retry_errors=retry_errors, low_memory=low_memory,
+                      shard=None if spec is None or spec.is_whole else spec)
     try:
-        summary = run_job(opts, err, out_console=_out_console())
+        if engine is Engine.ray and not dry_run:
+            from .ray_runner import run_ray
+
+            summary = run_ray(opts, workers=workers, console=err)
+        else:
+            summary = run_job(opts, err, out_console=_out_console())
     except ManifestInvalid as e:
         err.print(escape(e.manifest.format_problems()))
         err.print("nothing was run: fix the manifest (`batchsd validate` lists every problem) and run again")
@@ -164,6 +215,34 @@ def inspect(
         _print_report(_out_console(), report)
     if report.get("loadable") is False:
         raise typer.Exit(1)
+
+
+@app.command()
+def status(
+    out: Path = typer.Argument(..., help="The --out folder of a run (sharded or not)."),
+    manifest: Optional[Path] = typer.Option(None, "--manifest",
+                                            help="The job's manifest. Default: the one recorded by the run "
+                                                 "(.batchsd/run.json)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Rows ok, failed and missing, per shard and overall; loads no model.
+
+    Exit 0: every row ok; 1: every row made, some failed; 3: some rows not made yet; 2: usage error.
+    When every shard is done it also writes OUT/results.parquet if the last shard did not.
+    """
+    from .errors import BatchSDError
+    from .status import collect_status, print_status
+
+    err = _err_console()
+    try:
+        report = collect_status(out, manifest)
+    except BatchSDError as e:
+        raise _fail(err, str(e), 2)
+    if as_json:
+        typer.echo(json.dumps(report.to_json(), indent=2, default=str))
+    else:
+        print_status(_out_console(), report)
+    raise typer.Exit(report.exit_code)
 
 
 def _print_report(out: Console, report: dict) -> None:

@@ -141,5 +141,13 @@ def print_summary(console: Console, s) -> None:
                   + (f", {s.pending} not made yet (run the same command again to resume)" if s.pending else "")
                   + f"; {s.images_per_s:.2f} images/s over {format_duration(s.elapsed_s)}")
     out = Path(s.out_dir)
+    shard = getattr(s, "shard", None)
+    if shard is not None:  # a shard: its own part and done marker; the whole table once all are done
+        console.print(escape(f"{shard}: results {s.results_path}  images: {out / 'images'}/"))
+        if getattr(s, "merged", False):
+            console.print(escape(f"every shard is done: {out / RESULTS_FILE} and {out / SUMMARY_FILE} hold the whole job"))
+        else:
+            console.print(escape(f"`batchsd status {out}` shows every shard's progress"))
+        return
     console.print(escape(f"results: {out / RESULTS_FILE}  images: {out / 'images'}/"
                          + (f"  summary: {out / SUMMARY_FILE}" if s.interrupted_by is None else "")))

@@ -46,8 +46,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from .errors import BatchSDError
-from .runner import (DEFAULT_CPU_BATCH, RunOptions, RunSummary, UsageError, decide, out_dir_lock, read_job,
-                     resolve_model, summary_record)
+from .runner import (DEFAULT_CPU_BATCH, SHARED_TEMP_AGE_S, RunOptions, RunSummary, UsageError, adopt_records,
+                     decide, finish, out_dir_lock, read_job, resolve_model, write_run_meta)
 
 RAY_EXTRA_HINT = "the Ray engine needs Ray: pip install 'batchsd[ray]' (or pip install 'ray[data]>=2.9')"
 DEFAULT_ROWS_PER_CALL = 16   # rows an actor gets per call when --batch-size is not given
@@ -140,7 +140,7 @@ class RowMaker:
         collector = _Collector()
         writer = ResultWriter(Path(self.cfg.out_dir), collector, model_name=self.pipe.name,
                               model_sha256=self.pipe.sha256, short_hash=self.pipe.short_hash,
-                              save_latents=self.cfg.save_latents)
+                              save_latents=self.cfg.save_latents, temp_min_age_s=SHARED_TEMP_AGE_S)
         try:
             failing = [(r, e) for r, e in zip(rows, known_errors) if e]
             runnable = [r for r, e in zip(rows, known_errors) if not e]
@@ -172,9 +172,11 @@ def run_ray(opts: RunOptions, *, workers: int = 1, console: Console | None = Non
     is run; returns the summary (its exit_code as for `batchsd run`)."""
     from .planner import plan_batches
     from .progress import RunProgress
-    from .results import Journal, clear_summary, extra_types_for, results_schema, write_summary
+    from .results import Journal, clear_summary, extra_types_for, remove_stale_temps, results_schema
 
     console = console or Console(stderr=True)
+    if opts.shard is not None and not opts.shard.is_whole:
+        raise UsageError("the Ray engine spreads the rows over its workers itself: run it without a shard")
     if workers < 1:
         raise UsageError(f"--workers {workers}: use a whole number >= 1")
     if opts.batch_size is not None and opts.batch_size < 1:
@@ -182,7 +184,7 @@ def run_ray(opts: RunOptions, *, workers: int = 1, console: Console | None = Non
     ray = import_ray()
     job = read_job(opts)
     out_dir = job.out_dir.resolve()
-    summary = RunSummary(out_dir=job.out_dir, total=len(job.rows))
+    summary = RunSummary(out_dir=job.out_dir, total=len(job.rows), results_path=job.layout.results_path)
     model = resolve_model(opts.model)
     if model != "tiny":
         model = str(Path(model).resolve())   # actors may run in another folder
@@ -195,9 +197,14 @@ def run_ray(opts: RunOptions, *, workers: int = 1, console: Console | None = Non
         schema = results_schema(extra_types_for(all_records, job.manifest.extra_columns))
         journal = Journal(out_dir, schema, [r.id for r in job.manifest.rows])
         clear_summary(out_dir)
+        write_run_meta(opts, job, name, engine="ray")
+        for folder in ("images", "latents"):   # actors leave younger temp files alone (shared folders)
+            remove_stale_temps(out_dir / folder)
+        prior = journal.read_prior()
         todo, summary.skipped, summary.previously_failed = decide(
-            job.rows, journal.read_prior(), out_dir, model=name, model_sha256=sha256,
+            job.rows, prior, out_dir, model=name, model_sha256=sha256,
             save_latents=opts.save_latents, overwrite=opts.overwrite, retry_errors=opts.retry_errors)
+        adopt_records(journal, job.rows, todo, prior)
         # batch-plan order, so that an actor's call holds rows that share UNet forwards
         failing = [r for r in todo if r.id in job.row_errors]
         planned = [r for b in plan_batches([r for r in todo if r.id not in job.row_errors],
@@ -258,7 +265,7 @@ def run_ray(opts: RunOptions, *, workers: int = 1, console: Console | None = Non
     summary.pending = len(todo) - summary.ok - summary.failed
     summary.interrupted_by = interrupted if summary.pending else None
     if summary.interrupted_by is None:
-        write_summary(out_dir, summary_record(opts, summary) | {"engine": "ray", "workers": workers})
+        finish(opts, job, summary)
     return summary
 
 

@@ -8,6 +8,11 @@ Layout under --out:
     results.parquet                  compacted view: latest record of every processed manifest row
     summary.json                     written last, only when a run finished every row: the done marker
 
+A shard of a sharded run (sharding.py) owns .batchsd/shard-<I>-of-<N>/ (its journal, lock,
+run.json and summary.json) and results/part-<I>-of-<N>.parquet instead; images/ is shared
+(ids are disjoint). Resume state (`read_prior`) is read from every journal in the folder, so rows
+made by any run count, whichever mode made them.
+
 The journal is the source of truth. A row counts as done when its image is in place and a part
 file holding its record has been renamed into place (images are renamed before the part that
 names them, and every file is fsynced before its rename). Appending a part costs O(batch), never
@@ -35,6 +40,7 @@ import json
 import os
 import re
 import tempfile
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -81,7 +87,7 @@ RESULT_FIELDS: list[pa.Field] = [
     pa.field("prompt_truncated", pa.bool_()),             # prompt or negative prompt cut at 77 tokens
 ]
 RESULT_NAMES = [f.name for f in RESULT_FIELDS]
-RESUME_COLUMNS = ["id", "status", "image_path", "latents_path", "model", "model_sha256", "params_hash"]
+RESUME_COLUMNS = ["id", "status", "image_path", "latents_path", "model", "model_sha256", "params_hash", "finished_at"]
 
 
 # ----------------------------------------------------------------------------- schema
@@ -193,13 +199,18 @@ def atomic_write_table(path: Path, table: pa.Table) -> None:
         pq.write_table(table, tmp, compression="zstd")
 
 
-def remove_stale_temps(folder: Path) -> int:
-    """Delete temp files a killed run left behind (`.<name>.<random>.tmp`)."""
+def remove_stale_temps(folder: Path, pattern: str = ".*.tmp", min_age_s: float = 0.0) -> int:
+    """Delete temp files a killed run left behind (`.<name>.<random>.tmp`). Where other processes
+    write into the same folder (shards sharing images/), pass min_age_s so that their temp files,
+    alive for a moment, are left alone."""
     if not folder.is_dir():
         return 0
     n = 0
-    for p in folder.glob(".*.tmp"):
+    cutoff = time.time() - min_age_s
+    for p in folder.glob(pattern):
         try:
+            if min_age_s and p.stat().st_mtime > cutoff:
+                continue
             p.unlink()
             n += 1
         except OSError:
@@ -254,18 +265,28 @@ class PriorRecord:
     model: str | None
     model_sha256: str | None
     params_hash: str | None
+    finished_at: datetime | None = None
+    parts_dir: str | None = None     # the journal it came from (a run's own, or another shard's)
 
 
 class Journal:
     """Append-only part files under <out>/.batchsd/parts plus compaction into results.parquet.
-    Not thread-safe: one writer (the writer thread, then the main thread after it is joined)."""
+    Not thread-safe: one writer (the writer thread, then the main thread after it is joined).
 
-    def __init__(self, out_dir: Path, schema: pa.Schema, manifest_ids: Sequence[str]):
+    A shard's journal lives elsewhere (sharding.RunLayout): `parts_dir` and `results_path` name
+    its own folder and results part; it then cleans only its own temp files."""
+
+    def __init__(self, out_dir: Path, schema: pa.Schema, manifest_ids: Sequence[str], *,
+                 parts_dir: Path | None = None, results_path: Path | None = None):
         self.out_dir = Path(out_dir)
-        self.parts_dir = self.out_dir / PARTS_DIR
+        self.parts_dir = Path(parts_dir) if parts_dir is not None else self.out_dir / PARTS_DIR
+        self.results_path = Path(results_path) if results_path is not None else self.out_dir / RESULTS_FILE
         self.parts_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(self.parts_dir)
-        remove_stale_temps(self.out_dir)
+        if results_path is None:
+            remove_stale_temps(self.out_dir)
+        else:
+            remove_stale_temps(self.results_path.parent, f".{self.results_path.name}.*.tmp")
         self.schema = schema
         self.manifest_ids = list(manifest_ids)
         parts = self.part_files()
@@ -289,36 +310,24 @@ class Journal:
     def should_compact(self) -> bool:
         return self.rows_since_compaction >= max(COMPACT_MIN_ROWS, self.rows_at_compaction)
 
+    def append_table(self, table: pa.Table) -> Path | None:
+        """Make already-finished records (another journal's, see `latest_records`) durable here."""
+        if table.num_rows == 0:
+            return None
+        table, self.schema = conform(table, self.schema)
+        path = self.parts_dir / f"part-{self.next_seq:08d}.parquet"
+        atomic_write_table(path, table)
+        self.next_seq += 1
+        self.rows_since_compaction += table.num_rows
+        return path
+
     def read_prior(self) -> dict[str, PriorRecord]:
         return read_prior(self.out_dir)
 
     def _latest_table(self) -> tuple[pa.Table, list[Path]]:
         """(latest record per id over the readable parts, the parts read). An unreadable part is
         left alone: it is neither folded in nor deleted."""
-        tables, read = [], []
-        schema = self.schema
-        for seq, path in sorted(self.part_files().items()):
-            try:
-                tables.append(pq.read_table(path))
-            except Exception:  # noqa: BLE001
-                continue
-            read.append(path)
-        if not tables:
-            return records_to_table([], schema), read
-        conformed = []
-        for t in tables:  # widen until every table fits the same schema
-            c, schema = conform(t, schema)
-            conformed.append(c)
-        conformed = [conform(c, schema)[0] for c in conformed]
-        table = pa.concat_tables(conformed)
-        # keep the last occurrence of every id (parts in seq order, rows in order within a part)
-        ids = table.column("id").to_pylist()
-        last = {}
-        for i, rid in enumerate(ids):
-            last[rid] = i
-        keep = sorted(last.values())
-        table = table.take(pa.array(keep, type=pa.int64()))
-        self.schema = schema
+        table, self.schema, read = _latest(self.parts_dir, self.schema)
         return table, read
 
     def compact(self) -> int:
@@ -339,7 +348,7 @@ class Journal:
         ids = table.column("id").to_pylist()
         keep = sorted((order[r], i) for i, r in enumerate(ids) if r in order)
         results = table.take(pa.array([i for _, i in keep], type=pa.int64()))
-        atomic_write_table(self.out_dir / RESULTS_FILE, results)
+        atomic_write_table(self.results_path, results)
         self.rows_at_compaction = table.num_rows
         self.rows_since_compaction = 0
         return results.num_rows
@@ -355,33 +364,97 @@ def part_files(parts_dir: Path) -> dict[int, Path]:
     return found
 
 
-def read_prior(out_dir: Path) -> dict[str, PriorRecord]:
-    """Latest journaled record per id (resume state). Reads only; an unreadable part is skipped
-    (its rows are then simply made again)."""
-    latest: dict[str, PriorRecord] = {}
-    for seq, path in sorted(part_files(Path(out_dir) / PARTS_DIR).items()):
+def _latest(parts_dir: Path, schema: pa.Schema) -> tuple[pa.Table, pa.Schema, list[Path]]:
+    """(latest record per id over the readable parts of one journal, the widened schema, the parts read)."""
+    tables, read = [], []
+    for seq, path in sorted(part_files(parts_dir).items()):
         try:
-            names = pq.read_schema(path).names
-            t = pq.read_table(path, columns=[c for c in RESUME_COLUMNS if c in names])
+            tables.append(pq.read_table(path))
         except Exception:  # noqa: BLE001
             continue
-        cols = {c: t.column(c).to_pylist() if c in t.column_names else [None] * t.num_rows
-                for c in RESUME_COLUMNS}
-        for i, rid in enumerate(cols["id"]):
-            latest[rid] = PriorRecord(**{c: cols[c][i] for c in RESUME_COLUMNS if c != "id"})
+        read.append(path)
+    if not tables:
+        return records_to_table([], schema), schema, read
+    conformed = []
+    for t in tables:  # widen until every table fits the same schema
+        c, schema = conform(t, schema)
+        conformed.append(c)
+    conformed = [conform(c, schema)[0] for c in conformed]
+    table = pa.concat_tables(conformed)
+    # keep the last occurrence of every id (parts in seq order, rows in order within a part)
+    ids = table.column("id").to_pylist()
+    last = {}
+    for i, rid in enumerate(ids):
+        last[rid] = i
+    keep = sorted(last.values())
+    return table.take(pa.array(keep, type=pa.int64())), schema, read
+
+
+def latest_records(parts_dir: Path, schema: pa.Schema, ids: Iterable[str]) -> pa.Table:
+    """The latest records of `ids` in one journal (read only), conformed to `schema`."""
+    table, _, _ = _latest(Path(parts_dir), schema)
+    wanted = set(ids)
+    keep = [i for i, rid in enumerate(table.column("id").to_pylist()) if rid in wanted]
+    return table.take(pa.array(keep, type=pa.int64()))
+
+
+def all_parts_dirs(out_dir: Path) -> list[Path]:
+    """Every journal under `out_dir`: the whole-manifest run's, then each shard's (sharding.RunLayout)."""
+    from .sharding import journal_parts_dirs
+
+    return journal_parts_dirs(Path(out_dir))
+
+
+def read_prior(out_dir: Path, parts_dirs: Sequence[Path] | None = None) -> dict[str, PriorRecord]:
+    """Latest journaled record per id (resume state), over every journal in `out_dir` (the
+    whole-manifest one and every shard's) unless `parts_dirs` is given. Within a journal the last
+    part wins; across journals the record finished last. Reads only; an unreadable part is skipped
+    (its rows are then simply made again)."""
+    latest: dict[str, PriorRecord] = {}
+    dirs = all_parts_dirs(out_dir) if parts_dirs is None else [Path(d) for d in parts_dirs]
+    for parts_dir in dirs:
+        mine: dict[str, PriorRecord] = {}
+        for seq, path in sorted(part_files(parts_dir).items()):
+            try:
+                names = pq.read_schema(path).names
+                t = pq.read_table(path, columns=[c for c in RESUME_COLUMNS if c in names])
+            except Exception:  # noqa: BLE001
+                continue
+            cols = {c: t.column(c).to_pylist() if c in t.column_names else [None] * t.num_rows
+                    for c in RESUME_COLUMNS}
+            for i, rid in enumerate(cols["id"]):
+                mine[rid] = PriorRecord(**{c: cols[c][i] for c in RESUME_COLUMNS if c != "id"},
+                                        parts_dir=str(parts_dir))
+        if not latest:
+            latest = mine
+            continue
+        for rid, rec in mine.items():
+            old = latest.get(rid)
+            if old is None or _later(rec, old):
+                latest[rid] = rec
     return latest
+
+
+def _later(a: PriorRecord, b: PriorRecord) -> bool:
+    """Whether record `a` (from a journal read after b's) replaces `b`: it finished later, or at
+    the same time (a copy of the same record), or b's time is unknown."""
+    if a.finished_at is None or b.finished_at is None:
+        return b.finished_at is None
+    return a.finished_at >= b.finished_at
 
 
 def read_results(out_dir: Path) -> pa.Table:
     return pq.read_table(Path(out_dir) / RESULTS_FILE)
 
 
-def write_summary(out_dir: Path, summary: dict) -> None:
-    atomic_write_bytes(Path(out_dir) / SUMMARY_FILE, (json.dumps(summary, indent=2, default=str) + "\n").encode())
+def write_summary(out_dir: Path, summary: dict, path: Path | None = None) -> None:
+    """<out>/summary.json, or `path` (a shard's own summary)."""
+    path = Path(path) if path is not None else Path(out_dir) / SUMMARY_FILE
+    atomic_write_bytes(path, (json.dumps(summary, indent=2, default=str) + "\n").encode())
 
 
-def clear_summary(out_dir: Path) -> None:
+def clear_summary(out_dir: Path, path: Path | None = None) -> None:
     try:
-        (Path(out_dir) / SUMMARY_FILE).unlink()
+        (Path(path) if path is not None else Path(out_dir) / SUMMARY_FILE).unlink()
     except FileNotFoundError:
         pass

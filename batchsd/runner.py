@@ -31,12 +31,24 @@ same way. summary.json is written only by a run that got through every row (the 
 One run per output folder at a time: an flock on <out>/.batchsd/lock (released by the kernel
 even on SIGKILL); a second run on the same --out exits 2.
 
+Shards (--shard I/N or the launcher's environment, sharding.py): a shard runs only the rows with
+shard_of(id, N) == I (after --limit) and writes only its own files (sharding.RunLayout): its
+journal, lock, run.json and summary.json under <out>/.batchsd/shard-<I>-of-<N>/, its results in
+<out>/results/part-<I>-of-<N>.parquet, and the images of its rows; so N shards run at once on a
+shared filesystem without locking each other, and each resumes on its own. Resume reads every
+journal in the folder; rows of this run whose latest record is in another journal (an earlier
+unsharded run, or shards) are skipped and their records copied into this run's journal
+(`adopt_records`), so its results file covers all its rows. A shard that finishes and finds
+every shard done writes <out>/results.parquet and <out>/summary.json for the whole job
+(status.merge_shard_results). An unsharded run (no shard, or N = 1) keeps the layout above.
+
 Exit status: 0 every row of the job is ok; 1 some rows failed (recorded in results.parquet, also
 rows that failed in an earlier run and were not retried); 2 usage, model or manifest errors
 (nothing run); 130/143 interrupted.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import signal
@@ -53,14 +65,16 @@ from rich.markup import escape
 
 from .errors import BatchSDError, InputError
 from .manifest import JobRow, Manifest, read_manifest
-from .results import (JOURNAL_DIR, RESULTS_FILE, Journal, clear_summary, extra_types_for,
+from .results import (JOURNAL_DIR, RESULTS_FILE, Journal, clear_summary, extra_types_for, latest_records,
                       now_utc, read_prior, results_schema, write_summary)
+from .sharding import RunLayout, ShardSpec, check_shard_count
 
 DEFAULT_CPU_BATCH = 4
 MAX_AUTO_BATCH = 32
 CUDA_RESERVE_BYTES = 2 * 1024**3
 CUDA_BYTES_PER_IMAGE_512 = int(1.5 * 1024**3)
 MODEL_ENV = "BATCHSD_MODEL"
+SHARED_TEMP_AGE_S = 3600.0   # temp files older than this in images/ are a killed run's (shards share the folder)
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
@@ -90,6 +104,7 @@ class RunOptions:
     overwrite: bool = False
     retry_errors: bool = False
     low_memory: bool = False
+    shard: ShardSpec | None = None   # make only this shard's rows (sharding.py); None or count 1: all rows
 
 
 @dataclass
@@ -107,6 +122,9 @@ class RunSummary:
     model_sha256: str | None = None
     batch_size: int | None = None
     dry_run: bool = False
+    shard: ShardSpec | None = None
+    results_path: Path | None = None     # this run's results file (a shard's part, or results.parquet)
+    merged: bool = False                 # a shard that completed the whole job wrote results.parquet
 
     @property
     def images_per_s(self) -> float:
@@ -167,15 +185,23 @@ def default_out_dir(manifest: Path) -> Path:
 
 
 @contextmanager
-def out_dir_lock(out_dir: Path):
-    """One run per output folder at a time (flock on <out>/.batchsd/lock; released on exit, even SIGKILL)."""
-    (out_dir / JOURNAL_DIR).mkdir(parents=True, exist_ok=True)
-    fd = os.open(out_dir / JOURNAL_DIR / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+def out_dir_lock(out_dir: Path, lock_path: Path | None = None):
+    """One run per output folder (or per shard: `lock_path` is the shard's own lock) at a time:
+    flock on <out>/.batchsd/lock, released on exit, even SIGKILL. A filesystem without flock
+    (some Lustre mounts) runs unlocked."""
+    lock_path = Path(lock_path) if lock_path is not None else out_dir / JOURNAL_DIR / "lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise UsageError(f"another batchsd run is writing to {out_dir}; wait for it or use another --out") from None
+            shard = lock_path.parent.name if lock_path.parent.name.startswith("shard-") else None
+            raise UsageError(f"another batchsd run is writing to {out_dir}" + (f" as {shard}" if shard else "")
+                             + "; wait for it or use another --out") from None
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise
         yield
     finally:
         os.close(fd)
@@ -206,9 +232,24 @@ def is_out_of_memory(e: BaseException) -> bool:
 @dataclass
 class Job:
     manifest: Manifest
-    rows: list[JobRow]                       # this run's rows (after --limit), sizes resolved
+    rows: list[JobRow]                       # this run's rows (after --limit, this shard's), sizes resolved
     row_errors: dict[str, str]               # id -> why the row cannot be made (unreadable init image)
     out_dir: Path
+    layout: RunLayout | None = None          # the files this run owns (a shard's, or the whole run's)
+    job_ids: list[str] | None = None         # every shard's rows after --limit, in manifest order
+
+    def __post_init__(self):
+        if self.layout is None:
+            self.layout = RunLayout(self.out_dir)
+
+    @property
+    def shard(self) -> ShardSpec | None:
+        return self.layout.shard if self.layout.sharded else None
+
+    def journal_ids(self) -> list[str]:
+        """The manifest ids this run's results file covers, in manifest order."""
+        shard = self.shard
+        return [r.id for r in self.manifest.rows if shard is None or shard.owns(r.id)]
 
 
 def read_job(opts: RunOptions) -> Job:
@@ -218,12 +259,16 @@ def read_job(opts: RunOptions) -> Job:
     if manifest.problems:
         raise ManifestInvalid(manifest)
     rows = manifest.rows[: opts.limit] if opts.limit is not None else list(manifest.rows)
+    job_ids = [r.id for r in rows]
+    shard = opts.shard if opts.shard is not None and not opts.shard.is_whole else None
+    if shard is not None:
+        rows = [r for r in rows if shard.owns(r.id)]
     resolved, failures = resolve_image_sizes(rows)
     by_index = {r.index: r for r in resolved}
     rows = [by_index.get(r.index, r) for r in rows]  # failing rows stay in the job, with their reason
     row_errors = {r.id: str(failures[r.index]) for r in rows if r.index in failures}
     out_dir = Path(opts.out_dir) if opts.out_dir is not None else default_out_dir(Path(opts.manifest))
-    return Job(manifest, rows, row_errors, out_dir)
+    return Job(manifest, rows, row_errors, out_dir, RunLayout(out_dir, shard), job_ids)
 
 
 # ----------------------------------------------------------------------------- the worker
@@ -378,7 +423,8 @@ def _dry_run(opts: RunOptions, job: Job, plan_batches, console: Console) -> None
             runnable = [r for r in runnable if r.id not in done_ids]
             note = f"; {len(done)} row(s) already made with these parameters are left out (if the model is the same)"
     size = opts.batch_size or DEFAULT_CPU_BATCH
-    console.print(f"dry run: {len(job.rows)} row(s) from {escape(str(opts.manifest))}, "
+    shard_note = f" ({job.shard})" if job.shard else ""
+    console.print(f"dry run: {len(job.rows)} row(s) from {escape(str(opts.manifest))}{escape(shard_note)}, "
                   f"output to {escape(str(job.out_dir))}/, no model loaded")
     for rid, why in job.row_errors.items():
         console.print(f"[red]row {escape(repr(rid))} would fail:[/red] {escape(why)}")
@@ -402,7 +448,8 @@ def run(opts: RunOptions, console: Console | None = None, *, rich_bar: bool | No
         raise UsageError(f"--limit {opts.limit}: use a whole number >= 0")
     job = read_job(opts)
     out_dir = job.out_dir
-    summary = RunSummary(out_dir=out_dir, total=len(job.rows), dry_run=opts.dry_run)
+    summary = RunSummary(out_dir=out_dir, total=len(job.rows), dry_run=opts.dry_run, shard=job.shard,
+                         results_path=job.layout.results_path)
 
     if opts.dry_run:
         _dry_run(opts, job, plan_batches, out_console or console)
@@ -414,8 +461,12 @@ def run(opts: RunOptions, console: Console | None = None, *, rich_bar: bool | No
 
     resolve_device(opts.device)  # InputError (exit 2) for cuda without CUDA, before any loading
     model = resolve_model(opts.model)
+    if job.shard is not None:
+        check_shard_count(out_dir, job.shard)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with out_dir_lock(out_dir):
+    with out_dir_lock(out_dir, job.layout.lock_path):
+        if job.shard is not None:
+            console.print(f"{escape(str(job.shard))}: {len(job.rows)} of the job's {len(job.job_ids)} row(s)")
         console.print(f"loading model {escape(model)} ...")
         try:
             pipe = Pipeline.load(model, device=opts.device, dtype=opts.dtype, low_memory=opts.low_memory)
@@ -437,15 +488,20 @@ def _run_loaded(opts: RunOptions, job: Job, pipe, console: Console, summary: Run
     from .progress import RunProgress
     from .writer import BatchResult, ResultWriter
 
-    out_dir = job.out_dir
+    out_dir, layout = job.out_dir, job.layout
     all_records = [r.to_record() for r in job.manifest.rows]
     schema = results_schema(extra_types_for(all_records, job.manifest.extra_columns))
-    journal = Journal(out_dir, schema, [r.id for r in job.manifest.rows])
-    clear_summary(out_dir)  # its presence means "the last run finished"
-    prior = journal.read_prior()
+    journal = Journal(out_dir, schema, job.journal_ids(), parts_dir=layout.parts_dir,
+                      results_path=layout.results_path)
+    clear_summary(out_dir, layout.summary_path)  # its presence means "the last run finished"
+    if job.shard is not None:
+        clear_summary(out_dir)                   # the merged one: the whole job is not known to be done now
+    write_run_meta(opts, job, pipe.name, engine="local")
+    prior = journal.read_prior()                 # every journal in out_dir: rows any run made count
     todo, summary.skipped, summary.previously_failed = decide(
         job.rows, prior, out_dir, model=pipe.name, model_sha256=pipe.sha256, save_latents=opts.save_latents,
         overwrite=opts.overwrite, retry_errors=opts.retry_errors)
+    adopt_records(journal, job.rows, todo, prior)
     failing_now = [r for r in todo if r.id in job.row_errors]
     runnable = [r for r in todo if r.id not in job.row_errors]
     if runnable:
@@ -463,7 +519,8 @@ def _run_loaded(opts: RunOptions, job: Job, pipe, console: Console, summary: Run
     t0 = time.monotonic()
     progress = RunProgress(len(todo), console, rich_bar=rich_bar)
     writer = ResultWriter(out_dir, journal, model_name=pipe.name, model_sha256=pipe.sha256,
-                          short_hash=pipe.short_hash, save_latents=opts.save_latents, on_written=progress.update)
+                          short_hash=pipe.short_hash, save_latents=opts.save_latents, on_written=progress.update,
+                          temp_min_age_s=SHARED_TEMP_AGE_S if job.shard is not None else 0.0)
     worker = Worker(pipe, batch_size, writer.submit, console)
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchsd-reader")
 
@@ -504,8 +561,54 @@ def _run_loaded(opts: RunOptions, job: Job, pipe, console: Console, summary: Run
     if stop.signal_name and not summary.pending:
         summary.interrupted_by = None  # the signal came after the last batch: the run is complete
     if summary.interrupted_by is None:
-        write_summary(out_dir, summary_record(opts, summary))
+        finish(opts, job, summary)
     return summary
+
+
+def finish(opts: RunOptions, job: Job, summary: RunSummary) -> None:
+    """Write the done marker; a shard then writes results.parquet and summary.json for the whole
+    job if every shard is done (status.merge_shard_results)."""
+    write_summary(job.out_dir, summary_record(opts, summary), job.layout.summary_path)
+    if job.shard is not None:
+        from .status import merge_shard_results
+
+        summary.merged = merge_shard_results(job.out_dir, job.shard.count, [r.id for r in job.manifest.rows],
+                                             job.job_ids)
+
+
+def write_run_meta(opts: RunOptions, job: Job, model: str | None, engine: str) -> None:
+    """<journal>/run.json: what `batchsd status` needs to know about this run (manifest, limit, shard)."""
+    import socket
+
+    from .status import write_run_meta as write
+
+    shard = job.shard
+    write(job.layout.meta_path, {
+        "manifest": str(Path(opts.manifest).resolve()), "limit": opts.limit, "out_dir": str(job.out_dir),
+        "shard_index": shard.index if shard else None, "shard_count": shard.count if shard else 1,
+        "shard_source": shard.source if shard else None, "model": model, "engine": engine,
+        "rows": len(job.rows), "job_rows": len(job.job_ids or job.rows),
+        "host": socket.gethostname(), "pid": os.getpid(), "started_at": now_utc().isoformat(),
+    })
+
+
+def adopt_records(journal: Journal, rows: Sequence[JobRow], todo: Sequence[JobRow], prior: dict) -> int:
+    """Copy into `journal` the records of rows it will not make whose latest record is in another
+    journal of the folder (made by an unsharded run, or by shards), so that this run's results
+    file covers all its rows. Returns how many were copied."""
+    todo_ids = {r.id for r in todo}
+    own = str(journal.parts_dir)
+    by_journal: dict[str, list[str]] = {}
+    for r in rows:
+        rec = prior.get(r.id)
+        if r.id not in todo_ids and rec is not None and rec.parts_dir and rec.parts_dir != own:
+            by_journal.setdefault(rec.parts_dir, []).append(r.id)
+    n = 0
+    for parts_dir, ids in by_journal.items():
+        table = latest_records(Path(parts_dir), journal.schema, ids)
+        journal.append_table(table)
+        n += table.num_rows
+    return n
 
 
 def _load_images(rows: Sequence[JobRow]) -> tuple[dict, dict]:
@@ -525,7 +628,8 @@ def _load_images(rows: Sequence[JobRow]) -> tuple[dict, dict]:
 def summary_record(opts: RunOptions, s: RunSummary) -> dict:
     return {
         "complete": s.interrupted_by is None, "manifest": str(opts.manifest), "out_dir": str(s.out_dir),
-        "results": str(Path(s.out_dir) / RESULTS_FILE), "model": s.model, "model_sha256": s.model_sha256,
+        "results": str(s.results_path or Path(s.out_dir) / RESULTS_FILE), "model": s.model, "model_sha256": s.model_sha256,
+        "shard_index": s.shard.index if s.shard else None, "shard_count": s.shard.count if s.shard else 1,
         "rows": s.total, "ok": s.ok, "failed": s.failed, "skipped": s.skipped,
         "previously_failed": s.previously_failed, "pending": s.pending, "batch_size": s.batch_size,
         "elapsed_s": round(s.elapsed_s, 3), "images_per_s": round(s.images_per_s, 4),

@@ -45,6 +45,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping
 
 from .errors import InputError
@@ -300,3 +301,85 @@ def shard_device(spec: ShardSpec | None, requested: str) -> str:
     if not torch.cuda.is_available():
         return requested
     return f"cuda:{spec.local_rank % torch.cuda.device_count()}"
+
+
+# ----------------------------------------------------------------------------- where a run writes
+
+SHARD_DIR_RE = re.compile(r"^shard-(\d+)-of-(\d+)$")
+RESULTS_PARTS_DIR = "results"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The files one run (the whole manifest, or one shard of it) owns under --out.
+
+    whole manifest                          shard 3 of 16
+    .batchsd/parts/ (journal)               .batchsd/shard-00003-of-00016/parts/
+    .batchsd/lock, .batchsd/run.json        .batchsd/shard-00003-of-00016/lock, .../run.json
+    results.parquet                         results/part-00003-of-00016.parquet
+    summary.json                            .batchsd/shard-00003-of-00016/summary.json
+    images/<id>.png, latents/<id>.npy       the same folders; ids are disjoint across shards
+    """
+    out_dir: Path
+    shard: ShardSpec | None = None
+
+    @property
+    def sharded(self) -> bool:
+        return self.shard is not None and not self.shard.is_whole
+
+    @property
+    def journal_dir(self) -> Path:
+        base = self.out_dir / ".batchsd"
+        return base / f"shard-{self.shard.label}" if self.sharded else base
+
+    @property
+    def parts_dir(self) -> Path:
+        return self.journal_dir / "parts"
+
+    @property
+    def results_path(self) -> Path:
+        if self.sharded:
+            return self.out_dir / RESULTS_PARTS_DIR / f"part-{self.shard.label}.parquet"
+        return self.out_dir / "results.parquet"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.journal_dir / "summary.json" if self.sharded else self.out_dir / "summary.json"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.journal_dir / "lock"
+
+    @property
+    def meta_path(self) -> Path:
+        return self.journal_dir / "run.json"
+
+
+def shard_dirs(out_dir: Path) -> dict[tuple[int, int], Path]:
+    """{(index, count): journal folder} of every shard that has run in `out_dir`."""
+    base = Path(out_dir) / ".batchsd"
+    found = {}
+    if base.is_dir():
+        for p in base.iterdir():
+            m = SHARD_DIR_RE.match(p.name)
+            if m and p.is_dir():
+                found[(int(m.group(1)), int(m.group(2)))] = p
+    return found
+
+
+def journal_parts_dirs(out_dir: Path) -> list[Path]:
+    """Every journal in `out_dir`: the whole-manifest one first, then the shards' in name order."""
+    base = Path(out_dir) / ".batchsd"
+    dirs = [base / "parts"] if (base / "parts").is_dir() else []
+    return dirs + [d / "parts" for _, d in sorted(shard_dirs(out_dir).items()) if (d / "parts").is_dir()]
+
+
+def check_shard_count(out_dir: Path, shard: ShardSpec) -> None:
+    """One --out holds shards of one count: refuse a count other than the one already there."""
+    counts = {count for _, count in shard_dirs(out_dir)} - {shard.count}
+    if counts:
+        other = sorted(counts)[0]
+        raise InputError(f"{out_dir} already holds the shards of a {other}-way run (.batchsd/shard-*-of-{other}); "
+                         f"this is shard {shard.index}/{shard.count}. Use {other} shards again (the same "
+                         f"--array/--nproc-per-node/completions), finish the rest without sharding (`batchsd run` "
+                         "with no shard makes every row still missing and writes results.parquet), or use another --out")

@@ -110,15 +110,16 @@ class ResultWriter:
 
     def __init__(self, out_dir: Path, journal: Journal, *, model_name: str, model_sha256: str | None,
                  short_hash: str | None, save_latents: bool, on_written: Callable[[int, int], None] | None = None,
-                 queue_size: int = 2):
+                 queue_size: int = 2, temp_min_age_s: float = 0.0):
         self.out_dir = Path(out_dir)
         self.images_dir = self.out_dir / "images"
         self.latents_dir = self.out_dir / "latents"
         self.images_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(self.images_dir)
+        # temp_min_age_s > 0 where other processes write into the same folders (shards, Ray actors)
+        remove_stale_temps(self.images_dir, min_age_s=temp_min_age_s)
         if save_latents:
             self.latents_dir.mkdir(parents=True, exist_ok=True)
-            remove_stale_temps(self.latents_dir)
+            remove_stale_temps(self.latents_dir, min_age_s=temp_min_age_s)
         self.journal = journal
         self.model_name = model_name
         self.model_sha256 = model_sha256
