@@ -415,7 +415,7 @@ def _dry_run(opts: RunOptions, job: Job, plan_batches, console: Console) -> None
     runnable = [r for r in job.rows if r.id not in job.row_errors]
     note = ""
     if not opts.overwrite:
-        prior = read_prior(job.out_dir)
+        prior = read_prior(job.out_dir, job.layout.resume_parts_dirs())
         done = [r for r in runnable if (rec := prior.get(r.id)) is not None and rec.params_hash == r.params_hash()
                 and (rec.status == "ok" or not opts.retry_errors)]
         if done:
@@ -497,7 +497,7 @@ def _run_loaded(opts: RunOptions, job: Job, pipe, console: Console, summary: Run
     if job.shard is not None:
         clear_summary(out_dir)                   # the merged one: the whole job is not known to be done now
     write_run_meta(opts, job, pipe.name, engine="local")
-    prior = journal.read_prior()                 # every journal in out_dir: rows any run made count
+    prior = read_prior(out_dir, layout.resume_parts_dirs())   # rows any run made count (see RunLayout)
     todo, summary.skipped, summary.previously_failed = decide(
         job.rows, prior, out_dir, model=pipe.name, model_sha256=pipe.sha256, save_latents=opts.save_latents,
         overwrite=opts.overwrite, retry_errors=opts.retry_errors)

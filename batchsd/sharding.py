@@ -354,6 +354,14 @@ class RunLayout:
     def meta_path(self) -> Path:
         return self.journal_dir / "run.json"
 
+    def resume_parts_dirs(self) -> list[Path] | None:
+        """The journals that can hold records of this run's rows: for a shard, the unsharded run's
+        and its own (other shards' journals hold only their own rows: one count per folder), so a
+        shard's start reads 2 journals, not N; None (every journal) for the whole-manifest run."""
+        if not self.sharded:
+            return None
+        return [RunLayout(self.out_dir).parts_dir, self.parts_dir]
+
 
 def shard_dirs(out_dir: Path) -> dict[tuple[int, int], Path]:
     """{(index, count): journal folder} of every shard that has run in `out_dir`."""

@@ -244,3 +244,44 @@ def test_engine_options(tmp_path, monkeypatch):
     assert r.exit_code == 2 and "pip install 'batchsd[ray]'" in r.output
     r = invoke("status", str(tmp_path / "nowhere"))
     assert r.exit_code == 2 and "no batchsd run" in r.output
+
+
+def test_prior_across_journals_and_shared_temp_cleanup(tmp_path):
+    from datetime import datetime, timedelta, timezone
+
+    from batchsd import results
+    from batchsd.sharding import RunLayout
+
+    schema = results.results_schema({})
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+    def record(rid, status, minutes):
+        return {"id": rid, "status": status, "params_hash": "h", "finished_at": t0 + timedelta(minutes=minutes),
+                "image_path": f"images/{rid}.png" if status == "ok" else None}
+
+    out = tmp_path / "out"
+    whole = results.Journal(out, schema, ["a", "b", "c"])
+    whole.append([record("a", "error", 5), record("b", "ok", 1)])
+    lay = RunLayout(out, ShardSpec(1, 4, "t"))
+    shard = results.Journal(out, schema, ["a", "b"], parts_dir=lay.parts_dir, results_path=lay.results_path)
+    shard.append([record("a", "ok", 2), record("b", "ok", 3)])
+    prior = results.read_prior(out)
+    assert prior["a"].status == "error" and prior["a"].parts_dir == str(whole.parts_dir)   # finished last
+    assert prior["b"].status == "ok" and prior["b"].parts_dir == str(lay.parts_dir)
+    assert set(results.read_prior(out, [lay.parts_dir])) == {"a", "b"}
+    assert lay.resume_parts_dirs() == [out / ".batchsd" / "parts", lay.parts_dir]
+    # copying another journal's records in
+    shard.append_table(results.latest_records(whole.parts_dir, schema, ["a"]))
+    shard.compact()
+    part = pd.read_parquet(lay.results_path).set_index("id")
+    assert list(part.index) == ["a", "b"] and part.loc["a", "status"] == "error"
+
+    # a shard leaves the in-flight temp files of other processes in shared folders alone
+    images = out / "images"
+    images.mkdir()
+    young, old = images / ".x.png.abc.tmp", images / ".y.png.def.tmp"
+    young.write_bytes(b"being written")
+    old.write_bytes(b"left by a killed run")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    assert results.remove_stale_temps(images, min_age_s=3600) == 1
+    assert young.exists() and not old.exists()
