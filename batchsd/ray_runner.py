@@ -32,6 +32,9 @@ is the same file. If the driver dies, rows whose images were written but whose r
 reached the journal are made again by the next run. Ctrl-C stops dispatching, journals what came
 back and compacts (exit 130).
 
+Sharding does not apply: the Ray engine spreads the whole manifest itself (a shard is refused, and
+the CLI does not read the launchers' environment for it).
+
 Ray is imported only inside this module's functions; the core install does not need it.
 """
 from __future__ import annotations
@@ -271,6 +274,9 @@ def run_ray(opts: RunOptions, *, workers: int = 1, console: Console | None = Non
 
 def _quiet_ray_data(ray) -> None:
     """Our own progress line instead of Ray Data's bars and plan logs."""
+    import logging
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     ctx = ray.data.DataContext.get_current()
     for attr, value in (("enable_progress_bars", False), ("print_on_execution_start", False),
                         ("enable_operator_progress_bars", False)):
