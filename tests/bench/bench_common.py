@@ -1,0 +1,305 @@
+"""Shared pieces of the benchmarks: the random SD 1.5 checkpoint, the local diffusers config folder,
+timing, peak-RSS and the matmul roof.
+
+Nothing here is collected by pytest (tests/bench/conftest.py ignores bench_*.py).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+KEYS_JSON = REPO.parent / "shared" / "reference" / "sd15_keys.json"
+CACHE = Path(os.environ.get("BATCHSD_BENCH_CACHE", Path.home() / ".cache" / "batchsd-bench"))
+TOKENIZER_DATA = REPO / "batchsd" / "tokenizer_data"
+
+# One SD 1.5 UNet forward of a CFG pair (batch 2) at 512x512 (64x64 latents), in TFLOP (2 * MACs).
+UNET_TFLOP_PER_CFG_STEP_512 = 1.607
+
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+# ---------------------------------------------------------------- checkpoint
+def _sd_schedule_buffers() -> dict[str, torch.Tensor]:
+    """The DDPM buffers released SD 1.x files carry (scaled-linear betas 0.00085..0.012)."""
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    alphas_cumprod = torch.cumprod(1 - betas, 0)
+    prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+    post_var = betas * (1 - prev) / (1 - alphas_cumprod)
+    out = {
+        "betas": betas, "alphas_cumprod": alphas_cumprod, "alphas_cumprod_prev": prev,
+        "sqrt_alphas_cumprod": alphas_cumprod.sqrt(), "sqrt_one_minus_alphas_cumprod": (1 - alphas_cumprod).sqrt(),
+        "log_one_minus_alphas_cumprod": (1 - alphas_cumprod).log(),
+        "sqrt_recip_alphas_cumprod": (1 / alphas_cumprod).sqrt(), "sqrt_recipm1_alphas_cumprod": (1 / alphas_cumprod - 1).sqrt(),
+        "posterior_variance": post_var, "posterior_log_variance_clipped": torch.log(post_var.clamp(min=1e-20)),
+        "posterior_mean_coef1": betas * prev.sqrt() / (1 - alphas_cumprod),
+        "posterior_mean_coef2": (1 - prev) * (1 - betas).sqrt() / (1 - alphas_cumprod),
+    }
+    return {k: v.float() for k, v in out.items()}
+
+
+def _build_random_sd15(path: Path, dtype: torch.dtype, seed: int = 0) -> None:
+    """Every key and shape of sd15_keys.json, random: 1-D weights are norm scales (1 + 0.1*randn),
+    their biases 0.1*randn, other biases 0.05*randn, other weights randn / sqrt(fan_in)."""
+    from safetensors.torch import save_file
+
+    shapes = json.loads(KEYS_JSON.read_text())
+    buffers = _sd_schedule_buffers()
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for key in sorted(shapes):
+        shape = shapes[key]
+        if key in buffers:
+            tensors[key] = buffers[key]
+        elif key.endswith("position_ids"):
+            tensors[key] = torch.arange(shape[-1], dtype=torch.int64).view(shape)
+        elif key == "model_ema.decay":
+            tensors[key] = torch.tensor(0.9999)
+        elif key == "model_ema.num_updates":
+            tensors[key] = torch.tensor(0, dtype=torch.int32)
+        else:
+            noise = torch.randn(shape, generator=g, dtype=torch.float32)
+            stem = key.rsplit(".", 1)[0]
+            norm_like = len(shapes.get(stem + ".weight", [0, 0])) == 1
+            if len(shape) == 1 and norm_like:
+                t = 1 + 0.1 * noise if key.endswith(".weight") else 0.1 * noise
+            elif len(shape) == 1:
+                t = 0.05 * noise
+            else:
+                t = noise / math.sqrt(math.prod(shape[1:]))
+            tensors[key] = t.to(dtype)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
+def random_checkpoint(dtype: torch.dtype = torch.float16) -> Path:
+    """A cached random-weight SD 1.5 single-file checkpoint (original layout) in CACHE.
+
+    Uses tests/ref_checkpoint.py's `random_sd15_checkpoint(path, dtype)` when that helper exists
+    (one builder for the project), else the local builder above."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    name = {torch.float16: "fp16", torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+    path = CACHE / f"sd15-random-{name}.safetensors"
+    if path.exists():
+        return path
+    t0 = time.perf_counter()
+    try:
+        from tests.ref_checkpoint import random_sd15_checkpoint  # type: ignore
+    except Exception:  # noqa: BLE001 - helper absent or not importable yet
+        random_sd15_checkpoint = None
+    if random_sd15_checkpoint is not None:
+        tmp = path.with_name(path.stem + ".building.safetensors")
+        random_sd15_checkpoint(tmp, dtype)
+        os.replace(tmp, path)
+        how = "tests/ref_checkpoint.random_sd15_checkpoint"
+    else:
+        _build_random_sd15(path, dtype)
+        how = "tests/bench/bench_common._build_random_sd15"
+    print(f"# built {path} ({path.stat().st_size / 2**30:.2f} GiB) with {how} in {time.perf_counter() - t0:.0f} s",
+          flush=True)
+    return path
+
+
+# ---------------------------------------------------------------- diffusers config folder
+SD15_UNET = {
+    "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False, "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
+    "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+SD15_VAE = {
+    "_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
+    "sample_size": 512, "scaling_factor": 0.18215,
+}
+SD15_TEXT = {
+    "architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "hidden_act": "quick_gelu",
+    "hidden_size": 768, "intermediate_size": 3072, "max_position_embeddings": 77, "num_attention_heads": 12,
+    "num_hidden_layers": 12, "vocab_size": 49408, "layer_norm_eps": 1e-05, "projection_dim": 768,
+    "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1, "attention_dropout": 0.0, "dropout": 0.0,
+    "initializer_factor": 1.0, "initializer_range": 0.02, "torch_dtype": "float32",
+}
+SD15_SCHEDULER = {
+    "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+    "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+    "clip_sample": False, "trained_betas": None,
+}
+SD15_INDEX = {
+    "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.6.0",
+    "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
+    "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
+
+def diffusers_config_folder() -> Path:
+    """A local diffusers folder with the SD 1.5 configs (no weights) for from_single_file(config=...)."""
+    root = CACHE / "sd15-diffusers-config"
+    files = {
+        "model_index.json": SD15_INDEX,
+        "unet/config.json": SD15_UNET,
+        "vae/config.json": SD15_VAE,
+        "text_encoder/config.json": SD15_TEXT,
+        "scheduler/scheduler_config.json": SD15_SCHEDULER,
+        "tokenizer/tokenizer_config.json": {
+            "model_max_length": 77, "tokenizer_class": "CLIPTokenizer", "do_lower_case": True,
+            "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+            "unk_token": "<|endoftext|>", "errors": "replace", "add_prefix_space": False,
+        },
+        "tokenizer/special_tokens_map.json": {
+            "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+            "unk_token": "<|endoftext|>",
+        },
+    }
+    for rel, content in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(content, indent=2)
+        if not p.exists() or p.read_text() != text:
+            p.write_text(text)
+    for name in ("vocab.json", "merges.txt"):
+        src, dst = TOKENIZER_DATA / name, root / "tokenizer" / name
+        if not dst.exists() or dst.stat().st_size != src.stat().st_size:
+            dst.write_bytes(src.read_bytes())
+    return root
+
+
+def load_diffusers(path: Path, dtype: torch.dtype, scheduler: str = "euler"):
+    """StableDiffusionPipeline.from_single_file offline, safety checker off, the given scheduler."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+    from diffusers.utils import logging as dlogging
+
+    dlogging.disable_progress_bar()
+    pipe = StableDiffusionPipeline.from_single_file(
+        str(path), config=str(diffusers_config_folder()), torch_dtype=dtype,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False, local_files_only=True,
+    )
+    if scheduler == "euler":
+        sched = dict(SD15_SCHEDULER)
+        sched.pop("_class_name")
+        sched.pop("skip_prk_steps")
+        pipe.scheduler = EulerDiscreteScheduler.from_config(sched)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_batchsd(path: Path, dtype: str):
+    """batchsd's Pipeline.load; until batchsd/checkpoint.py exists, an equivalent strict load here."""
+    from batchsd import Pipeline
+
+    try:
+        import batchsd.checkpoint  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        return Pipeline.load(path, device="cpu", dtype=dtype)
+    from safetensors.torch import load_file
+
+    from batchsd.config import SD15
+    from batchsd.devices import DTYPES
+    from batchsd.model import StableDiffusionModel
+
+    with torch.device("meta"):
+        model = StableDiffusionModel(SD15)
+    sd = load_file(str(path))
+    keep = {k: v.to(DTYPES[dtype]) for k, v in sd.items()
+            if k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model."))
+            and not k.endswith("position_ids")}
+    del sd
+    model.load_state_dict(keep, strict=True, assign=True)
+    return Pipeline(model, torch.device("cpu"), DTYPES[dtype], name=path.stem)
+
+
+# ---------------------------------------------------------------- measuring
+def git_state() -> str:
+    """HEAD commit, and whether batchsd/ differs from it (modules still being written are measured as they are)."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "log", "-1", "--format=%h"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "batchsd"], cwd=REPO, capture_output=True, text=True).stdout
+        return head + (" + uncommitted batchsd/ changes" if dirty.strip() else "")
+    except OSError:
+        return "unknown"
+
+def peak_rss_gib(own: bool = False) -> float:
+    """This process's peak resident set size so far, GiB.
+
+    own=True reads VmHWM from /proc/self/status: the peak of this process's own address space.
+    ru_maxrss (the default) also carries the peak of the parent's address space at fork time
+    across exec on Linux, so a child forked from a big process reads the parent's size."""
+    if own:
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20
+        except OSError:
+            pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def timed2(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this whole process, all threads). While other processes load
+    the machine the wall time stretches; the CPU time much less (it still grows a little with
+    cache sharing and OpenMP spin-waits), so it is the steadier figure for a comparison."""
+    c0, t0 = time.process_time(), time.perf_counter()
+    fn()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def unet_tflop(size: int) -> float:
+    """TFLOP (2 x MACs) of one SD 1.5 UNet forward on a CFG pair at size x size, counted with
+    torch's FlopCounterMode on the meta device (no compute). 1.607 at 512; at 256 it is 0.360,
+    less than the pixel-count scaling (0.402) because attention is quadratic in tokens. Falls
+    back to pixel-count scaling if batchsd's UNet cannot be built."""
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from batchsd.config import SD15
+        from batchsd.unet import UNetModel
+
+        with torch.device("meta"):
+            unet = UNetModel(SD15.unet)
+            x = torch.zeros(2, 4, size // 8, size // 8)
+            ctx = torch.zeros(2, 77, 768)
+            t = torch.zeros(2)
+            with FlopCounterMode(display=False) as counter:
+                unet(x, t, ctx)
+        return counter.get_total_flops() / 1e12
+    except Exception:  # noqa: BLE001
+        return UNET_TFLOP_PER_CFG_STEP_512 * size * size / 512 ** 2
+
+
+@torch.inference_mode()
+def matmul_roof(dtype: torch.dtype, n: int = 4096, reps: int = 3) -> float:
+    """Practical roof: TFLOP/s of torch.mm on n x n matrices (best of reps, after a warm-up)."""
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    torch.mm(a, b)
+    times = [timed(lambda: torch.mm(a, b)) for _ in range(reps)]
+    return 2 * n ** 3 / min(times) / 1e12

@@ -1,0 +1,212 @@
+"""Evidence for the speed levers, on batchsd's own modules (no diffusers): what each would buy.
+
+    python tests/bench/bench_levers.py                       # all cheap experiments (~3-5 min idle, 2 cores)
+    python tests/bench/bench_levers.py --only threads,norm   # a subset
+    python tests/bench/bench_levers.py --compile             # also torch.compile of the whole UNet (slow to compile)
+
+Experiments
+  stages   FLOP shares of one image: text encoder, UNet steps (CFG), VAE decode, at 256 and 512
+           (counted with FlopCounterMode on the meta device, no compute).
+  norm     GroupNorm + SiLU of the res blocks: eager (two passes over memory) against a compiled
+           fused kernel, on the largest SD 1.5 shape (2 x 320 x 64 x 64), fp32/bf16, both layouts.
+  layout   one full UNet CFG step at 256x256 bf16: contiguous against channels_last weights+input.
+  threads  the same step at 1 and 2 threads (wall and CPU time).
+  batch    CPU seconds per image-step against the number of images per forward (CFG pairs of
+           1, 2, 4, 8 images): a large per-forward fixed cost (weight reorders/packing for oneDNN
+           convolutions and AMX matmuls, done on every call in eager mode) shows as a per-image cost
+           that falls steeply with batch.
+  compile  (--compile) torch.compile(unet) at 256x256 bf16 channels_last, with inductor's
+           `freezing` on (weights constant-folded and pre-packed for oneDNN) and off: compile time,
+           step time.
+
+Wall times on a shared machine stretch with other processes' load; CPU time (process, all
+threads) is printed beside them as the steadier figure.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_common as bc  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def best(fn, reps: int = 3) -> tuple[float, float]:
+    """(min wall, min CPU) over reps after one warm-up."""
+    fn()
+    runs = [bc.timed2(fn) for _ in range(reps)]
+    return min(w for w, _ in runs), min(c for _, c in runs)
+
+
+# ---------------------------------------------------------------- stages
+def stages() -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from batchsd.clip import CLIPTextModel
+    from batchsd.config import SD15
+    from batchsd.vae import AutoencoderKL
+
+    with torch.device("meta"):
+        vae, clip = AutoencoderKL(SD15.vae), CLIPTextModel(SD15.clip)
+        with FlopCounterMode(display=False) as fc:
+            clip(torch.zeros(1, 77, dtype=torch.long))
+        text = fc.get_total_flops() / 1e12
+        log("| size | steps | text (2 prompts) | UNet (CFG) | VAE decode | VAE share |")
+        log("|---|---|---|---|---|---|")
+        for size in (256, 512):
+            with FlopCounterMode(display=False) as fc:
+                vae.decode(torch.zeros(1, 4, size // 8, size // 8))
+            dec = fc.get_total_flops() / 1e12
+            step = bc.unet_tflop(size)
+            for steps in (4, 25):
+                total = 2 * text + steps * step + dec
+                log(f"| {size} | {steps} | {2 * text:.3f} TFLOP | {steps * step:.2f} TFLOP | {dec:.2f} TFLOP | {dec / total:.0%} |")
+
+
+# ---------------------------------------------------------------- norm
+@torch.inference_mode()
+def norm_fusion() -> None:
+    gn = torch.nn.GroupNorm(32, 320, eps=1e-5)
+
+    def eager(x):
+        return F.silu(gn(x))
+
+    fused = torch.compile(eager, dynamic=False)
+    log("| dtype | layout | eager GN+SiLU ms | compiled fused ms | eager / fused | eager GN alone ms |")
+    log("|---|---|---|---|---|---|")
+    for dtype in (torch.float32, torch.bfloat16):
+        gn.to(dtype)
+        for layout in ("contig", "cl"):
+            x = torch.randn(2, 320, 64, 64).to(dtype)
+            if layout == "cl":
+                x = x.contiguous(memory_format=torch.channels_last)
+            t0 = time.perf_counter()
+            fused(x)
+            compile_s = time.perf_counter() - t0
+            e, _ = best(lambda: eager(x), 10)
+            f, _ = best(lambda: fused(x), 10)
+            g, _ = best(lambda: gn(x), 10)
+            log(f"| {str(dtype)[6:]} | {layout} | {e * 1e3:.2f} | {f * 1e3:.2f} (compile {compile_s:.0f} s) | "
+                f"{e / f:.2f} | {g * 1e3:.2f} |")
+
+
+# ---------------------------------------------------------------- a whole UNet step
+def sd15_unet(dtype: torch.dtype):
+    """batchsd's SD 1.5 UNet with the benchmark checkpoint's weights."""
+    from safetensors import safe_open
+
+    from batchsd.config import SD15
+    from batchsd.unet import UNetModel
+
+    path = bc.random_checkpoint()
+    with torch.device("meta"):
+        unet = UNetModel(SD15.unet)
+    prefix = "model.diffusion_model."
+    with safe_open(str(path), "pt") as f:
+        sd = {k[len(prefix):]: f.get_tensor(k).to(dtype) for k in f.keys() if k.startswith(prefix)}
+    unet.load_state_dict(sd, strict=True, assign=True)
+    return unet.eval().requires_grad_(False)
+
+
+def step_inputs(size: int, dtype: torch.dtype, layout: str):
+    x = torch.randn(2, 4, size // 8, size // 8).to(dtype)
+    if layout == "cl":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, torch.tensor([500.0, 500.0]), torch.randn(2, 77, 768).to(dtype)
+
+
+@torch.inference_mode()
+def layout_and_threads(unet, size: int, only: set[str]) -> None:
+    dtype = next(unet.parameters()).dtype
+    if "layout" in only:
+        log(f"| layout ({str(dtype)[6:]}, {size}x{size}, CFG pair) | wall s (best of 3) | CPU s |")
+        log("|---|---|---|")
+        for layout in ("contig", "cl", "contig", "cl"):   # twice, interleaved
+            unet.to(memory_format=torch.channels_last if layout == "cl" else torch.contiguous_format)
+            x, t, ctx = step_inputs(size, dtype, layout)
+            w, c = best(lambda: unet(x, t, ctx))
+            log(f"| {layout} | {w:.2f} | {c:.2f} |")
+    if "threads" in only:
+        unet.to(memory_format=torch.channels_last)
+        x, t, ctx = step_inputs(size, dtype, "cl")
+        n0 = torch.get_num_threads()
+        log(f"| threads ({str(dtype)[6:]}, {size}x{size}, channels_last) | wall s (best of 3) | CPU s |")
+        log("|---|---|---|")
+        for n in (1, 2, 1, 2):
+            torch.set_num_threads(n)
+            w, c = best(lambda: unet(x, t, ctx))
+            log(f"| {n} | {w:.2f} | {c:.2f} |")
+        torch.set_num_threads(n0)
+
+
+@torch.inference_mode()
+def batch_scaling(unet, size: int) -> None:
+    dtype = next(unet.parameters()).dtype
+    unet.to(memory_format=torch.channels_last)
+    log(f"| images per forward ({str(dtype)[6:]}, {size}x{size}, cl; UNet batch = 2x) | wall s | CPU s | CPU s per image-step |")
+    log("|---|---|---|---|")
+    for n in (1, 2, 4, 8):
+        x, t, ctx = step_inputs(size, dtype, "cl")
+        x, ctx = x.repeat(n, 1, 1, 1).contiguous(memory_format=torch.channels_last), ctx.repeat(n, 1, 1)
+        t = t.repeat(n)
+        w, c = best(lambda: unet(x, t, ctx), 2)
+        log(f"| {n} | {w:.2f} | {c:.2f} | {c / n:.2f} |")
+
+
+@torch.inference_mode()
+def compile_unet(unet, size: int) -> None:
+    import torch._inductor.config as inductor_config
+
+    dtype = next(unet.parameters()).dtype
+    unet.to(memory_format=torch.channels_last)
+    x, t, ctx = step_inputs(size, dtype, "cl")
+    eager_w, eager_c = best(lambda: unet(x, t, ctx))
+    log(f"| torch.compile ({str(dtype)[6:]}, {size}x{size}, cl, CFG pair) | compile s | wall s | CPU s | eager/compiled (CPU) |")
+    log("|---|---|---|---|---|")
+    log(f"| eager | - | {eager_w:.2f} | {eager_c:.2f} | 1.00 |")
+    for freezing in (True, False):
+        torch._dynamo.reset()
+        inductor_config.freezing = freezing
+        compiled = torch.compile(unet, dynamic=False)
+        t0 = time.perf_counter()
+        compiled(x, t, ctx)
+        compile_s = time.perf_counter() - t0
+        w, c = best(lambda: compiled(x, t, ctx))
+        log(f"| inductor, freezing={freezing} | {compile_s:.0f} | {w:.2f} | {c:.2f} | {eager_c / c:.2f} |")
+    inductor_config.freezing = False
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default="stages,norm,layout,threads,batch")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--size", type=int, default=256)
+    args = ap.parse_args()
+    only = set(args.only.split(","))
+    log(f"# {time.strftime('%Y-%m-%d %H:%M')} torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"load average {os.getloadavg()[0]:.1f}, code {bc.git_state()}")
+    if "stages" in only:
+        stages()
+    if "norm" in only:
+        norm_fusion()
+    if only & {"layout", "threads", "batch"} or args.compile:
+        unet = sd15_unet(torch.bfloat16)
+        layout_and_threads(unet, args.size, only)
+        if "batch" in only:
+            batch_scaling(unet, args.size)
+        if args.compile:
+            compile_unet(unet, args.size)
+
+
+if __name__ == "__main__":
+    main()
