@@ -10,6 +10,9 @@ Experiments
   norm     GroupNorm + SiLU of the res blocks: eager (two passes over memory) against a compiled
            fused kernel, on the largest SD 1.5 shape (2 x 320 x 64 x 64), fp32/bf16, both layouts.
   layout   one full UNet CFG step at 256x256 bf16: contiguous against channels_last weights+input.
+  vae      batchsd's VAE decode of 2 latents at 256x256 bf16: as Pipeline runs it (NCHW) against
+           channels_last weights + input; diffusers' decoder runs channels_last already (its
+           attention returns a channels_last view that the residual add carries on).
   threads  the same step at 1 and 2 threads (wall and CPU time).
   batch    CPU seconds per image-step against the number of images per forward (CFG pairs of
            1, 2, 4, 8 images): a large per-forward fixed cost (weight reorders/packing for oneDNN
@@ -100,6 +103,38 @@ def norm_fusion() -> None:
                 f"{e / f:.2f} | {g * 1e3:.2f} |")
 
 
+# ---------------------------------------------------------------- VAE layout
+def sd15_vae(dtype: torch.dtype):
+    from safetensors import safe_open
+
+    from batchsd.config import SD15
+    from batchsd.vae import AutoencoderKL
+
+    with torch.device("meta"):
+        vae = AutoencoderKL(SD15.vae)
+    prefix = "first_stage_model."
+    with safe_open(str(bc.random_checkpoint()), "pt") as f:
+        sd = {k[len(prefix):]: f.get_tensor(k).to(dtype) for k in f.keys() if k.startswith(prefix)}
+    vae.load_state_dict(sd, strict=True, assign=True)
+    return vae.eval().requires_grad_(False)
+
+
+@torch.inference_mode()
+def vae_layout(size: int) -> None:
+    vae = sd15_vae(torch.bfloat16)
+    z = torch.randn(2, 4, size // 8, size // 8).to(torch.bfloat16)
+    ref = vae.decode(z)
+    log(f"| VAE decode, 2 latents, {size}x{size}, bf16 | wall s (best of 3) | CPU s | max |diff| vs NCHW |")
+    log("|---|---|---|---|")
+    for layout in ("contig", "cl", "contig", "cl"):
+        fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
+        vae.to(memory_format=fmt)
+        zin = z.contiguous(memory_format=fmt)
+        w, c = best(lambda: vae.decode(zin))
+        diff = (vae.decode(zin).float() - ref.float()).abs().max().item()
+        log(f"| {layout} | {w:.2f} | {c:.2f} | {diff:.3f} |")
+
+
 # ---------------------------------------------------------------- a whole UNet step
 def sd15_unet(dtype: torch.dtype):
     """batchsd's SD 1.5 UNet with the benchmark checkpoint's weights."""
@@ -188,7 +223,7 @@ def compile_unet(unet, size: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="stages,norm,layout,threads,batch")
+    ap.add_argument("--only", default="stages,norm,vae,layout,threads,batch")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--size", type=int, default=256)
     args = ap.parse_args()
@@ -199,6 +234,8 @@ def main() -> None:
         stages()
     if "norm" in only:
         norm_fusion()
+    if "vae" in only:
+        vae_layout(args.size)
     if only & {"layout", "threads", "batch"} or args.compile:
         unet = sd15_unet(torch.bfloat16)
         layout_and_threads(unet, args.size, only)

@@ -12,14 +12,19 @@ batchsd / diffusers with which way is better.
 
 Figures
   1. UNet forward with CFG (batch 2 per image) per image-step, fp32 and bf16, both memory layouts,
-     as seconds and as achieved TFLOP/s (1.607 TFLOP per CFG image-step at 512x512, scaled by pixel
-     count for other sizes) against torch.mm's rate on 4096^2 matrices (the practical roof).
+     as seconds and as achieved TFLOP/s (FLOPs counted on the meta device: 1.607 TFLOP per CFG
+     image-step at 512x512, 0.360 at 256x256) against torch.mm's rate on 4096^2 matrices (the
+     practical roof).
   2. End to end: images/s for a list of rows through batchsd Pipeline.generate at batch sizes 1, 2, 8
      against diffusers' StableDiffusionPipeline doing the same rows (per-row loop, and batched calls).
   3. Start-up: checkpoint on disk to first finished image, in a fresh subprocess per side
      (imports + load + one image), alternating sides; the file is in the page cache for both.
-  4. Peak RSS (ru_maxrss) while loading and over the whole start-up run, per side in its own
-     subprocess (RSS is per process, so the in-process figures above cannot give it).
+     Run first, before this process loads any model.
+  4. Peak RSS (the child's own VmHWM) while loading and over the whole start-up run, per side in
+     its own subprocess (RSS is per process, so the in-process figures above cannot give it).
+
+Timings are only meaningful on a quiet machine: check the load average printed in the header.
+Results and the levers they point to: tests/bench/README.md.
 """
 from __future__ import annotations
 
