@@ -109,7 +109,8 @@ class Pipeline:
     """A loaded model on a device, ready to generate batches of rows."""
 
     def __init__(self, model: StableDiffusionModel, device: torch.device, dtype: torch.dtype, *,
-                 name: str, sha256: str | None = None, low_memory: bool = False, vae_chunk: int = 4):
+                 name: str, sha256: str | None = None, low_memory: bool = False, vae_chunk: int = 4,
+                 channels_last: bool = True):
         self.model = model.eval().requires_grad_(False)
         self.cfg = model.cfg
         self.device = device
@@ -119,8 +120,12 @@ class Pipeline:
         self.short_hash = sha256[:10] if sha256 else None
         self.low_memory = low_memory and device.type == "cuda"
         self.vae_chunk = vae_chunk
+        # channels_last (NHWC) convolutions and GroupNorms are the fast oneDNN/cuDNN paths: the VAE
+        # decode in bf16 on the CPU is several times faster, the UNet step 10-25% (tests/bench).
+        # Same arithmetic, other summation order: parity tests run with it on.
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self._text_cache: OrderedDict[str, tuple[torch.Tensor, bool]] = OrderedDict()
-        self.model.to(dtype=dtype)
+        self.model.to(dtype=dtype, memory_format=self.memory_format)
         self.model.to(torch.device("cpu") if self.low_memory else device)
 
     @classmethod
@@ -216,6 +221,7 @@ class Pipeline:
         with self._on_device(self.model.vae):
             for chunk in range(0, len(rows), self.vae_chunk):
                 batch = pixels[chunk:chunk + self.vae_chunk].to(self.device, self.dtype)
+                batch = batch.contiguous(memory_format=self.memory_format)
                 mean, logvar = self.model.vae.encode(batch)
                 for i in range(mean.shape[0]):
                     g = generators[chunk + i]
@@ -235,7 +241,8 @@ class Pipeline:
         def eps_model(x: torch.Tensor, t: float) -> torch.Tensor:
             x_in = torch.cat([x[idx], x]) if guided else x
             timesteps = torch.full((x_in.shape[0],), float(t), dtype=torch.float32, device=x.device)
-            out = unet(x_in.to(dtype), timesteps, context).float()
+            x_in = x_in.to(dtype).contiguous(memory_format=self.memory_format)
+            out = unet(x_in, timesteps, context).float()
             if not guided:
                 return out
             eps_uncond, eps = out[:n], out[n:].clone()
@@ -249,7 +256,8 @@ class Pipeline:
         with self._on_device(self.model.vae):
             for chunk in range(0, latents.shape[0], self.vae_chunk):
                 z = latents[chunk:chunk + self.vae_chunk] / self.cfg.vae.scaling_factor
-                pixels = self.model.vae.decode(z.to(self.dtype)).float()
+                z = z.to(self.dtype).contiguous(memory_format=self.memory_format)
+                pixels = self.model.vae.decode(z).float()
                 images.extend(tensor_to_images(pixels))
         return images
 
