@@ -40,13 +40,9 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_manifest import make_table  # noqa: E402  (realistic job rows; some ids and seeds left to defaults)
 
-SUBJECTS = ["a red fox", "an old lighthouse", "a neon city street", "a porcelain teapot", "a small robot",
-            "a castle on clouds", "a bowl of ramen", "a mountain lake", "an astronaut", "a koi pond"]
-STYLES = ["oil painting", "studio photo, 85mm", "watercolor", "ink drawing", "cinematic lighting, 4k",
-          "children's book illustration", "isometric 3d render", "pixel art"]
-SAMPLERS = ["DPM++ 2M Karras", "euler_a", "Euler a", "ddim", "dpmpp_2m", "euler"]
-SIZES = [(512, 512), (512, 768), (768, 512), (256, 256)]
 # The real CLI in a fresh interpreter; at exit it writes its own peak RSS (VmHWM: the peak of this
 # process's address space; ru_maxrss would also carry the parent's size at fork time) to the fd named by $BENCH_HWM_FD.
 CLI = [sys.executable, "-c", (
@@ -62,29 +58,6 @@ CLI = [sys.executable, "-c", (
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def make_table(n: int, seed: int = 0) -> pa.Table:
-    """n job rows that look like a real list: distinct ~90-character prompts, a few sizes/samplers,
-    explicit seeds, a pass-through column."""
-    rng = np.random.default_rng(seed)
-    subj = rng.integers(len(SUBJECTS), size=n)
-    style = rng.integers(len(STYLES), size=n)
-    size = rng.integers(len(SIZES), size=n)
-    sampler = rng.integers(len(SAMPLERS), size=n)
-    prompts = [f"{SUBJECTS[a]}, {STYLES[b]}, highly detailed, variation {i}" for i, (a, b) in enumerate(zip(subj, style))]
-    return pa.table({
-        "id": [f"img-{i:07d}" for i in range(n)],
-        "prompt": prompts,
-        "negative_prompt": ["blurry, low quality"] * n,
-        "seed": rng.integers(0, 2**31, size=n),
-        "steps": rng.choice([20, 25, 30], size=n),
-        "cfg_scale": rng.choice([5.0, 7.0, 7.5], size=n),
-        "sampler": [SAMPLERS[k] for k in sampler],
-        "width": [SIZES[k][0] for k in size],
-        "height": [SIZES[k][1] for k in size],
-        "batch_tag": [f"set-{i % 97}" for i in range(n)],
-    })
 
 
 def write_manifest(table: pa.Table, path: Path) -> Path:
