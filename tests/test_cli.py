@@ -23,32 +23,14 @@ from batchsd.cli import app
 from batchsd.pipeline import GenerationRow, Pipeline
 from batchsd.planner import load_init_image
 from batchsd.runner import UsageError, resolve_model
+from conftest import serve_tiny
 
 HEADER = "id,prompt,negative_prompt,seed,steps,cfg_scale,sampler,width,height,init_image,strength,tag"
 
 
-@pytest.fixture(scope="module")
-def tiny_pipe():
-    # One intra-op thread: the tiny model's ops are too small to gain from more, and on a shared
-    # 2-core machine extra OpenMP threads make it several times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield Pipeline.load("tiny", device="cpu", dtype="fp32")
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(autouse=True)
 def cached_tiny(monkeypatch, tiny_pipe, tmp_path):
-    real_load = Pipeline.load.__func__
-    calls = []
-
-    def load(cls, model, device="auto", dtype="auto", low_memory=False):
-        calls.append(str(model))
-        if str(model) == "tiny" and device in ("auto", "cpu") and dtype in ("auto", "fp32"):
-            return tiny_pipe
-        return real_load(cls, model, device, dtype, low_memory)
-
-    monkeypatch.setattr(Pipeline, "load", classmethod(load))
+    calls = serve_tiny(monkeypatch, tiny_pipe)
     monkeypatch.delenv("BATCHSD_MODEL", raising=False)
     monkeypatch.chdir(tmp_path)
     return calls

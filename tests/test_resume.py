@@ -17,40 +17,22 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
 from typer.testing import CliRunner
 
 from batchsd import results
 from batchsd.cli import app
-from batchsd.pipeline import Pipeline
 from batchsd.results import PriorRecord, read_prior
 from batchsd.runner import EXIT_SIGINT, EXIT_SIGTERM, RunSummary, decide
+from conftest import serve_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 HEADER = "id,prompt,negative_prompt,seed,steps,cfg_scale,sampler,width,height,init_image,strength"
 
 
-@pytest.fixture(scope="module")
-def tiny_pipe():
-    # One intra-op thread: the tiny model's ops are too small to gain from more, and on a shared
-    # 2-core machine extra OpenMP threads make it several times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield Pipeline.load("tiny", device="cpu", dtype="fp32")
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(autouse=True)
 def cached_tiny(monkeypatch, tiny_pipe, tmp_path):
-    real_load = Pipeline.load.__func__
-
-    def load(cls, model, device="auto", dtype="auto", low_memory=False):
-        if str(model) == "tiny" and device in ("auto", "cpu") and dtype in ("auto", "fp32"):
-            return tiny_pipe
-        return real_load(cls, model, device, dtype, low_memory)
-
-    monkeypatch.setattr(Pipeline, "load", classmethod(load))
+    serve_tiny(monkeypatch, tiny_pipe)
     monkeypatch.chdir(tmp_path)
 
 

@@ -15,15 +15,14 @@ import numpy as np
 import pandas as pd
 import pyarrow.dataset as pads
 import pytest
-import torch
 from PIL import Image
 from typer.testing import CliRunner
 
 from batchsd.cli import app
-from batchsd.pipeline import Pipeline
 from batchsd.planner import shard_of
 from batchsd.runner import RunOptions, run
 from batchsd.sharding import ShardSpec
+from conftest import serve_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 HEADER = "id,prompt,negative_prompt,seed,steps,cfg_scale,sampler,width,height,init_image,strength,tag"
@@ -31,24 +30,9 @@ COMPARE = ["prompt", "seed", "steps", "cfg_scale", "sampler", "width", "height",
            "params_hash", "model", "image_path"]
 
 
-@pytest.fixture(scope="module")
-def tiny_pipe():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield Pipeline.load("tiny", device="cpu", dtype="fp32")
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(autouse=True)
 def cached_tiny(monkeypatch, tiny_pipe, tmp_path):
-    real_load = Pipeline.load.__func__
-
-    def load(cls, model, device="auto", dtype="auto", low_memory=False):
-        if str(model) == "tiny" and device in ("auto", "cpu") and dtype in ("auto", "fp32"):
-            return tiny_pipe
-        return real_load(cls, model, device, dtype, low_memory)
-
-    monkeypatch.setattr(Pipeline, "load", classmethod(load))
+    serve_tiny(monkeypatch, tiny_pipe)
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_ARRAY_TASK_ID", "SLURM_PROCID", "SLURM_STEP_ID",
                  "JOB_COMPLETION_INDEX", "BATCHSD_SHARD_COUNT", "BATCHSD_MODEL"):
         monkeypatch.delenv(name, raising=False)

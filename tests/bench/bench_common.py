@@ -85,26 +85,17 @@ def _build_random_sd15(path: Path, dtype: torch.dtype, seed: int = 0) -> None:
 def random_checkpoint(dtype: torch.dtype = torch.float16) -> Path:
     """A cached random-weight SD 1.5 single-file checkpoint (original layout) in CACHE.
 
-    Uses tests/ref_checkpoint.py's `random_sd15_checkpoint(path, dtype)` when that helper exists
-    (one builder for the project), else the local builder above."""
+    Built by `_build_random_sd15`, not tests/ref_checkpoint.random_sd15_checkpoint: that one draws
+    every tensor with one std (fine for loader tests), while timings want weights scaled by fan-in
+    so that activations stay O(1) through the whole UNet (no overflow, no denormals)."""
     CACHE.mkdir(parents=True, exist_ok=True)
     name = {torch.float16: "fp16", torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
     path = CACHE / f"sd15-random-{name}.safetensors"
     if path.exists():
         return path
     t0 = time.perf_counter()
-    try:
-        from tests.ref_checkpoint import random_sd15_checkpoint  # type: ignore
-    except Exception:  # noqa: BLE001 - helper absent or not importable yet
-        random_sd15_checkpoint = None
-    if random_sd15_checkpoint is not None:
-        tmp = path.with_name(path.stem + ".building.safetensors")
-        random_sd15_checkpoint(tmp, dtype)
-        os.replace(tmp, path)
-        how = "tests/ref_checkpoint.random_sd15_checkpoint"
-    else:
-        _build_random_sd15(path, dtype)
-        how = "tests/bench/bench_common._build_random_sd15"
+    _build_random_sd15(path, dtype)
+    how = "tests/bench/bench_common._build_random_sd15"
     print(f"# built {path} ({path.stat().st_size / 2**30:.2f} GiB) with {how} in {time.perf_counter() - t0:.0f} s",
           flush=True)
     return path
