@@ -23,7 +23,7 @@ except ImportError:
     from ref_clip import (TEXT_MODEL_PREFIX, build_reference_clip, randomize_clip_, reference_clip_config,
                           reference_clip_state_dict_original)
 
-SD15_KEYS = Path("/work/shared/reference/sd15_keys.json")
+SD15_KEYS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "sd15_keys.json"
 TOLERANCE = 1e-4
 
 PROMPTS = [

@@ -27,7 +27,7 @@ except ImportError:
 # ~1e-4 in either implementation, so those are checked in float64 instead.
 TOL = 1e-4
 TOL_F64 = 1e-10
-KEYS_JSON = Path("/work/shared/reference/sd15_keys.json")
+KEYS_JSON = Path(__file__).resolve().parents[2] / "shared" / "reference" / "sd15_keys.json"
 PREFIX = "model.diffusion_model."
 TIMESTEPS = [957.3, 1.5, 400.25]  # one per row, fractional
 

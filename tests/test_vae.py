@@ -22,7 +22,7 @@ except ImportError:
                           vae_state_dict_original)
 
 TOL = 1e-4  # fp32 parity; measured gaps are ~1e-5 or below, a benign change (channels_last) ~1e-5
-KEYS_JSON = Path("/work/shared/reference/sd15_keys.json")
+KEYS_JSON = Path(__file__).resolve().parents[2] / "shared" / "reference" / "sd15_keys.json"
 PREFIX = "first_stage_model."
 
 
