@@ -1,10 +1,12 @@
-"""Shared fixtures for the job-layer tests: one tiny pipeline per test module, served to the CLI."""
+"""Shared fixtures for the job-layer tests: one tiny pipeline per test module (see cli_support.py)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from batchsd.pipeline import Pipeline
+
+collect_ignore = ["bench"]  # benchmarks, not tests: run them as scripts (tests/bench/README.md)
 
 
 @pytest.fixture(scope="module")
@@ -15,21 +17,3 @@ def tiny_pipe():
     torch.set_num_threads(1)
     yield Pipeline.load("tiny", device="cpu", dtype="fp32")
     torch.set_num_threads(threads)
-
-
-def serve_tiny(monkeypatch, tiny_pipe) -> list[str]:
-    """Make `Pipeline.load("tiny")` (CPU, fp32) return the module's pipeline instead of building one.
-
-    Returns the list of models asked for, in order, so a test can check what was loaded.
-    """
-    real_load = Pipeline.load.__func__
-    calls: list[str] = []
-
-    def load(cls, model, device="auto", dtype="auto", low_memory=False):
-        calls.append(str(model))
-        if str(model) == "tiny" and device in ("auto", "cpu") and dtype in ("auto", "fp32"):
-            return tiny_pipe
-        return real_load(cls, model, device, dtype, low_memory)
-
-    monkeypatch.setattr(Pipeline, "load", classmethod(load))
-    return calls

@@ -23,7 +23,7 @@ from batchsd.cli import app
 from batchsd.pipeline import GenerationRow, Pipeline
 from batchsd.planner import load_init_image
 from batchsd.runner import UsageError, resolve_model
-from conftest import serve_tiny
+from cli_support import serve_tiny
 
 HEADER = "id,prompt,negative_prompt,seed,steps,cfg_scale,sampler,width,height,init_image,strength,tag"
 

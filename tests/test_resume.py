@@ -24,7 +24,7 @@ from batchsd import results
 from batchsd.cli import app
 from batchsd.results import PriorRecord, read_prior
 from batchsd.runner import EXIT_SIGINT, EXIT_SIGTERM, RunSummary, decide
-from conftest import serve_tiny
+from cli_support import serve_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 HEADER = "id,prompt,negative_prompt,seed,steps,cfg_scale,sampler,width,height,init_image,strength"

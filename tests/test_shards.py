@@ -22,7 +22,7 @@ from batchsd.cli import app
 from batchsd.planner import shard_of
 from batchsd.runner import RunOptions, run
 from batchsd.sharding import ShardSpec
-from conftest import serve_tiny
+from cli_support import serve_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 HEADER = "id,prompt,negative_prompt,seed,steps,cfg_scale,sampler,width,height,init_image,strength,tag"

@@ -1,7 +1,7 @@
 """Shared pieces of the benchmarks: the random SD 1.5 checkpoint, the local diffusers config folder,
 timing, peak-RSS and the matmul roof.
 
-Nothing here is collected by pytest (tests/bench/conftest.py ignores bench_*.py).
+Nothing here is collected by pytest (tests/conftest.py ignores the bench/ folder).
 """
 from __future__ import annotations
 
