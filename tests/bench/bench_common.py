@@ -24,36 +24,21 @@ TOKENIZER_DATA = REPO / "batchsd" / "tokenizer_data"
 # One SD 1.5 UNet forward of a CFG pair (batch 2) at 512x512 (64x64 latents), in TFLOP (2 * MACs).
 UNET_TFLOP_PER_CFG_STEP_512 = 1.607
 
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "tests"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from ref_checkpoint import ddpm_buffers  # noqa: E402  (the DDPM buffers released files carry)
 
 
 # ---------------------------------------------------------------- checkpoint
-def _sd_schedule_buffers() -> dict[str, torch.Tensor]:
-    """The DDPM buffers released SD 1.x files carry (scaled-linear betas 0.00085..0.012)."""
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
-    alphas_cumprod = torch.cumprod(1 - betas, 0)
-    prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
-    post_var = betas * (1 - prev) / (1 - alphas_cumprod)
-    out = {
-        "betas": betas, "alphas_cumprod": alphas_cumprod, "alphas_cumprod_prev": prev,
-        "sqrt_alphas_cumprod": alphas_cumprod.sqrt(), "sqrt_one_minus_alphas_cumprod": (1 - alphas_cumprod).sqrt(),
-        "log_one_minus_alphas_cumprod": (1 - alphas_cumprod).log(),
-        "sqrt_recip_alphas_cumprod": (1 / alphas_cumprod).sqrt(), "sqrt_recipm1_alphas_cumprod": (1 / alphas_cumprod - 1).sqrt(),
-        "posterior_variance": post_var, "posterior_log_variance_clipped": torch.log(post_var.clamp(min=1e-20)),
-        "posterior_mean_coef1": betas * prev.sqrt() / (1 - alphas_cumprod),
-        "posterior_mean_coef2": (1 - prev) * (1 - betas).sqrt() / (1 - alphas_cumprod),
-    }
-    return {k: v.float() for k, v in out.items()}
-
-
 def _build_random_sd15(path: Path, dtype: torch.dtype, seed: int = 0) -> None:
     """Every key and shape of sd15_keys.json, random: 1-D weights are norm scales (1 + 0.1*randn),
     their biases 0.1*randn, other biases 0.05*randn, other weights randn / sqrt(fan_in)."""
     from safetensors.torch import save_file
 
     shapes = json.loads(KEYS_JSON.read_text())
-    buffers = _sd_schedule_buffers()
+    buffers = ddpm_buffers()
     g = torch.Generator().manual_seed(seed)
     tensors = {}
     for key in sorted(shapes):
