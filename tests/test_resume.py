@@ -287,6 +287,45 @@ def test_decide_model_and_files(tmp_path):
     assert todo({}) == ["a"]
 
 
+@pytest.mark.parametrize("entries_per_name", [4, 0])   # the folder listed once; too big to list (a stat each)
+def test_decide_redoes_rows_whose_files_are_missing(tmp_path, monkeypatch, entries_per_name):
+    from batchsd import runner
+    from batchsd.manifest import JobRow
+
+    monkeypatch.setattr(runner, "SCAN_ENTRIES_PER_NAME", entries_per_name)
+    rows = [JobRow(i, f"r{i}", "p", "", i, 2, 7.5, "euler", 64, 64, None, None, {}) for i in range(12)]
+    for folder in ("images", "latents", "images/sub"):
+        (tmp_path / folder).mkdir()
+    paths = {r.id: (f"images/{r.id}.png", f"latents/{r.id}.npy") for r in rows}
+    paths["r8"] = ("images/sub/r8.png", "latents/r8.npy")          # deeper than images/: a stat
+    paths["r9"] = ("./images/r9.png", "latents/r9.npy")            # not the writer's form: a stat
+    for rid, files in paths.items():
+        for f in files:
+            (tmp_path / f).write_bytes(b"x")
+    (tmp_path / "images" / "r1.png").unlink()                      # image gone: redo
+    (tmp_path / "latents" / "r2.npy").unlink()                     # latents gone: redo with --save-latents
+    (tmp_path / "images" / "r3.png").unlink()
+    (tmp_path / "images" / "r3.png").mkdir()                       # a folder is not an image
+    (tmp_path / "images" / "r4.png").unlink()
+    (tmp_path / "images" / "r4.png").symlink_to(tmp_path / "nowhere.png")   # dangling link: redo
+    (tmp_path / "images" / "r5.png").unlink()
+    (tmp_path / "images" / "r5.png").symlink_to(tmp_path / "latents" / "r5.npy")  # link to a file: done
+    (tmp_path / "images" / "sub" / "r8.png").unlink()
+    prior = {r.id: PriorRecord(status="ok", image_path=paths[r.id][0], latents_path=paths[r.id][1], model="sd",
+                               model_sha256=None, params_hash=r.params_hash()) for r in rows}
+    prior["r6"].image_path = None                                  # an ok record without an image: redo
+    prior["r7"].status = "error"
+
+    def todo(save_latents):
+        made, skipped, failed = decide(rows, prior, tmp_path, model="sd", model_sha256=None,
+                                       save_latents=save_latents, overwrite=False, retry_errors=False)
+        assert skipped + failed + len(made) == len(rows) and failed == 1
+        return [r.id for r in made]
+
+    assert todo(False) == ["r1", "r3", "r4", "r6", "r8"]          # in manifest order
+    assert todo(True) == ["r1", "r2", "r3", "r4", "r6", "r8"]
+
+
 def test_one_run_per_output_folder(tmp_path):
     from batchsd.runner import out_dir_lock
 
