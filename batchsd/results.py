@@ -23,7 +23,10 @@ as one new part (`part-<next seq>`), deletes the older parts, and writes `result
 (only the ids of the current manifest, in manifest order). It runs:
   - during a run, whenever the rows journaled since the last compaction reach
     max(COMPACT_MIN_ROWS, rows at the last compaction): the interval doubles, so total
-    compaction work stays linear in the number of rows (amortized O(1) per row);
+    compaction work stays linear in the number of rows (amortized O(1) per row). A resumed run
+    takes the rows at the last compaction from the journal it reopens (`compacted_rows`: the
+    footer of its oldest part), so it does not fold all earlier rows after its first
+    COMPACT_MIN_ROWS new ones;
   - at the end of a run and on a clean interrupt (SIGINT/SIGTERM).
 So `results.parquet` is always a whole, valid file; after a SIGKILL it may lag behind the
 journal by the rows since its last compaction, and the next run (which reads the parts, not
@@ -291,8 +294,8 @@ class Journal:
         self.manifest_ids = list(manifest_ids)
         parts = self.part_files()
         self.next_seq = (max(parts) + 1) if parts else 0
-        self.rows_since_compaction = 0
-        self.rows_at_compaction = 0
+        self.rows_since_compaction = 0                      # rows appended since the last compaction
+        self.rows_at_compaction = compacted_rows(parts)      # rows folded by the last one (this run's or an earlier's)
 
     def part_files(self) -> dict[int, Path]:
         return part_files(self.parts_dir)
@@ -362,6 +365,20 @@ def part_files(parts_dir: Path) -> dict[int, Path]:
             if m:
                 found[int(m.group(1))] = p
     return found
+
+
+def compacted_rows(parts: dict[int, Path]) -> int:
+    """Rows in a journal at its last compaction: the footer row count of its oldest readable part
+    (a compaction leaves one part holding every row, older than any appended since); one footer
+    read, no data. A journal never compacted, or whose last compaction was killed before it deleted
+    the parts it folded, gives its oldest part's rows, fewer than it holds (its next compaction then
+    comes sooner, as without this); no part gives 0."""
+    for seq in sorted(parts):
+        try:
+            return pq.read_metadata(parts[seq]).num_rows
+        except Exception:  # noqa: BLE001 - an unreadable part is left alone (see Journal._latest_table)
+            continue
+    return 0
 
 
 def _latest(parts_dir: Path, schema: pa.Schema) -> tuple[pa.Table, pa.Schema, list[Path]]:

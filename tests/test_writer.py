@@ -134,6 +134,36 @@ def test_compaction_interval_doubles(tmp_path, monkeypatch):
     assert len(j.part_files()) == 1
 
 
+@pytest.mark.parametrize("earlier", ["finished", "killed", "unreadable part"])
+def test_reopened_journal_keeps_the_doubled_interval(tmp_path, monkeypatch, earlier):
+    """A resumed run over 64 earlier rows compacts first after 64 new rows, not after
+    COMPACT_MIN_ROWS: also when the earlier run was killed after its last compaction (parts
+    appended since, not folded) or an unreadable part older than its compacted one is left."""
+    monkeypatch.setattr(results, "COMPACT_MIN_ROWS", 4)
+    ids = [f"r{i}" for i in range(160)]
+    first = Journal(tmp_path, results_schema({}), ids)
+    first.append([result(i) for i in ids[:32]])
+    first.append([result(i) for i in ids[32:64]])
+    first.compact()                                    # one part of 64 rows, as a finished run leaves it
+    if earlier == "killed":
+        first.append([result(i) for i in ids[64:70]])
+        first.append([result(i) for i in ids[70:72]])
+    elif earlier == "unreadable part":
+        (tmp_path / results.PARTS_DIR / "part-00000000.parquet").write_bytes(b"not parquet")
+    parts_before = len(first.part_files())
+    j = Journal(tmp_path, results_schema({}), ids)
+    assert j.rows_at_compaction == 64
+    new = ids[72:]
+    compacted_after = None
+    for n in range(2, len(new) + 1, 2):
+        j.append([result(new[n - 2]), result(new[n - 1])])
+        if j.should_compact():
+            compacted_after = n
+            break
+    assert compacted_after == 64                       # was 4: all 64 earlier rows folded after 4 new ones
+    assert len(j.part_files()) == parts_before + 32    # nothing folded before then
+
+
 def test_latest_record_wins_and_results_follow_manifest_order(tmp_path):
     schema = results_schema({})
     j = Journal(tmp_path, schema, ["c", "a", "b"])
