@@ -2,7 +2,7 @@
 
     batchsd run MANIFEST [--model PATH|tiny] [--out DIR] [--batch-size N] [--device auto|cpu|cuda[:N]]
                          [--dtype auto|fp32|fp16|bf16] [--save-latents] [--limit N] [--dry-run]
-                         [--overwrite] [--retry-errors] [--low-memory]
+                         [--overwrite] [--retry-errors] [--low-memory] [--compile MODE]
                          [--shard I/N] [--shard-count N] [--engine local|ray] [--workers K]
     batchsd validate MANIFEST [--batch-size N]
     batchsd inspect MODEL [--json]
@@ -32,6 +32,13 @@ from rich.markup import escape
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Stable Diffusion 1.x batch jobs: a manifest in, images and results.parquet out.")
+
+class Compile(str, enum.Enum):
+    none = "none"
+    default = "default"
+    reduce_overhead = "reduce-overhead"
+    max_autotune = "max-autotune"
+
 
 class Engine(str, enum.Enum):
     local = "local"
@@ -89,6 +96,10 @@ def run(
     overwrite: bool = typer.Option(False, "--overwrite", help="Make every row again, even those already done."),
     retry_errors: bool = typer.Option(False, "--retry-errors", help="Make rows that failed in an earlier run again."),
     low_memory: bool = typer.Option(False, "--low-memory", help="CUDA: keep idle model parts in CPU memory."),
+    compile: Compile = typer.Option(Compile.none, "--compile", case_sensitive=False,
+                                    help="torch.compile the UNet: default, reduce-overhead (CUDA graphs on CUDA) "
+                                         "or max-autotune. Compiles once per image size (minutes); the time is "
+                                         "reported. Pays off on long CUDA jobs; slower on the CPU (tests/bench)."),
     shard: Optional[str] = typer.Option(None, "--shard", metavar="I/N",
                                         help="Make only shard I of N (numbered from 0): the rows with "
                                              "shard_of(id, N) == I. Default: from the launcher's environment "
@@ -134,6 +145,7 @@ def run(
     opts = RunOptions(manifest=manifest, model=model, out_dir=out, batch_size=batch_size, device=device,
                       dtype=dtype.value, save_latents=save_latents, limit=limit, dry_run=dry_run,
                       overwrite=overwrite, retry_errors=retry_errors, low_memory=low_memory,
+                      compile=None if compile is Compile.none else compile.value,
                       shard=None if spec is None or spec.is_whole else spec)
     try:
         if engine is Engine.ray and not dry_run:

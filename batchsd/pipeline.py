@@ -32,6 +32,7 @@ from .config import TINY
 from .devices import resolve_device, resolve_dtype
 from .errors import InputError
 from .model import StableDiffusionModel
+from .runtime import CompiledUNet, host_array, to_host
 from .tokenizer import tokenize
 
 DEFAULT_SIZE = 512
@@ -110,7 +111,7 @@ class Pipeline:
 
     def __init__(self, model: StableDiffusionModel, device: torch.device, dtype: torch.dtype, *,
                  name: str, sha256: str | None = None, low_memory: bool = False, vae_chunk: int = 4,
-                 channels_last: bool = True):
+                 channels_last: bool = True, compile: str | None = None):
         self.model = model.eval().requires_grad_(False)
         self.cfg = model.cfg
         self.device = device
@@ -127,22 +128,25 @@ class Pipeline:
         self._text_cache: OrderedDict[str, tuple[torch.Tensor, bool]] = OrderedDict()
         self.model.to(dtype=dtype, memory_format=self.memory_format)
         self.model.to(torch.device("cpu") if self.low_memory else device)
+        # the UNet forward as called by the sampler: eager, or torch.compile'd (runtime.CompiledUNet)
+        self.unet = CompiledUNet(self.model.unet, compile, device) if compile else self.model.unet
 
     @classmethod
     def load(cls, model: str | Path, device: str = "auto", dtype: str = "auto",
-             low_memory: bool = False) -> "Pipeline":
+             low_memory: bool = False, compile: str | None = None) -> "Pipeline":
         """`model`: "tiny" (deterministic random TINY preset, no file) or a checkpoint path
-        (single-file .safetensors/.ckpt or a diffusers folder)."""
+        (single-file .safetensors/.ckpt or a diffusers folder). `compile`: None (eager) or a
+        torch.compile mode for the UNet (runtime.COMPILE_MODES; "reduce-overhead" = CUDA graphs)."""
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         if str(model) == "tiny":
             return cls(StableDiffusionModel.random(TINY, seed=0), dev, dt, name="tiny-random",
-                       low_memory=low_memory)
+                       low_memory=low_memory, compile=compile)
         from .checkpoint import load_model
 
         sd_model, info = load_model(model, device="cpu" if low_memory else dev, dtype=dt)
         return cls(sd_model, dev, dt, name=Path(model).stem if Path(model).is_file() else Path(model).name,
-                   sha256=info.sha256, low_memory=low_memory)
+                   sha256=info.sha256, low_memory=low_memory, compile=compile)
 
     @staticmethod
     def batch_key(row: GenerationRow) -> tuple:
@@ -236,7 +240,7 @@ class Pipeline:
         idx = torch.tensor(guided, dtype=torch.long, device=self.device)
         context = torch.cat([uncond[idx], cond]) if guided else cond
         scale = torch.tensor([scales[i] for i in guided], dtype=torch.float32, device=self.device).view(-1, 1, 1, 1)
-        unet, dtype, n = self.model.unet, self.dtype, len(guided)
+        unet, dtype, n = self.unet, self.dtype, len(guided)
 
         def eps_model(x: torch.Tensor, t: float) -> torch.Tensor:
             x_in = torch.cat([x[idx], x]) if guided else x
@@ -252,13 +256,19 @@ class Pipeline:
         return eps_model
 
     def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        images = []
+        """Latents -> images, `vae_chunk` at a time; on CUDA a chunk's pixels travel to the host (uint8,
+        pinned, non-blocking) and become PIL images while the GPU decodes the next chunk."""
+        images, pending = [], None
         with self._on_device(self.model.vae):
             for chunk in range(0, latents.shape[0], self.vae_chunk):
                 z = latents[chunk:chunk + self.vae_chunk] / self.cfg.vae.scaling_factor
                 z = z.to(self.dtype).contiguous(memory_format=self.memory_format)
-                pixels = self.model.vae.decode(z).float()
-                images.extend(tensor_to_images(pixels))
+                copy = to_host(pixels_to_uint8(self.model.vae.decode(z)))
+                if pending is not None:
+                    images.extend(arrays_to_images(host_array(pending)))
+                pending = copy
+        if pending is not None:
+            images.extend(arrays_to_images(host_array(pending)))
         return images
 
     @contextlib.contextmanager
@@ -284,8 +294,14 @@ def image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor
     return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0) * 2.0 - 1.0
 
 
-def tensor_to_images(pixels: torch.Tensor) -> list[Image.Image]:
-    """[B, 3, H, W] in about [-1, 1] -> 8-bit RGB images, rounded as diffusers' numpy_to_pil."""
-    array = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
-    array = (array * 255).round().astype("uint8")
-    return [Image.fromarray(a) for a in array]
+def pixels_to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] in about [-1, 1] -> uint8 [B, H, W, 3] on the same device, rounded as diffusers'
+    numpy_to_pil: float32 (x / 2 + 0.5).clamp(0, 1) * 255, rounded half to even."""
+    scaled = (pixels.float() / 2 + 0.5).clamp(0, 1) * 255
+    return scaled.round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def arrays_to_images(array: np.ndarray) -> list[Image.Image]:
+    """uint8 [B, H, W, 3] -> RGB PIL images."""
+    return [Image.fromarray(np.ascontiguousarray(a)) for a in array]
+

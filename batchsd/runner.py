@@ -105,6 +105,7 @@ class RunOptions:
     overwrite: bool = False
     retry_errors: bool = False
     low_memory: bool = False
+    compile: str | None = None       # torch.compile mode for the UNet (runtime.COMPILE_MODES), None: eager
     shard: ShardSpec | None = None   # make only this shard's rows (sharding.py); None or count 1: all rows
 
 
@@ -126,6 +127,7 @@ class RunSummary:
     shard: ShardSpec | None = None
     results_path: Path | None = None     # this run's results file (a shard's part, or results.parquet)
     merged: bool = False                 # a shard that completed the whole job wrote results.parquet
+    compile_s: float = 0.0               # --compile: seconds spent compiling the UNet (first call per shape)
 
     @property
     def images_per_s(self) -> float:
@@ -528,7 +530,8 @@ def run(opts: RunOptions, console: Console | None = None, *, rich_bar: bool | No
             console.print(f"{escape(str(job.shard))}: {len(job.rows)} of the job's {len(job.job_ids)} row(s)")
         console.print(f"loading model {escape(model)} ...")
         try:
-            pipe = Pipeline.load(model, device=opts.device, dtype=opts.dtype, low_memory=opts.low_memory)
+            pipe = Pipeline.load(model, device=opts.device, dtype=opts.dtype, low_memory=opts.low_memory,
+                                 compile=opts.compile)
         except BatchSDError as e:
             raise UsageError(str(e)) from None
         except OSError as e:
@@ -614,6 +617,7 @@ def _run_loaded(opts: RunOptions, job: Job, pipe, console: Console, summary: Run
             finally:
                 journal.compact()
     summary.elapsed_s = time.monotonic() - t0
+    summary.compile_s = sum(getattr(pipe.unet, "compile_seconds", {}).values())
     summary.ok, summary.failed = writer.written_ok, writer.written_failed
     summary.pending = len(todo) - summary.ok - summary.failed
     summary.interrupted_by = stop.signal_name if (stop.signal_name and summary.pending) else None
@@ -692,5 +696,6 @@ def summary_record(opts: RunOptions, s: RunSummary) -> dict:
         "rows": s.total, "ok": s.ok, "failed": s.failed, "skipped": s.skipped,
         "previously_failed": s.previously_failed, "pending": s.pending, "batch_size": s.batch_size,
         "elapsed_s": round(s.elapsed_s, 3), "images_per_s": round(s.images_per_s, 4),
+        "compile_s": round(s.compile_s, 3),
         "finished_at": now_utc().isoformat(), "exit_code": s.exit_code,
     }
