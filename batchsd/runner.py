@@ -497,9 +497,10 @@ def _dry_run(opts: RunOptions, job: Job, plan_batches, console: Console) -> None
 
 
 def run(opts: RunOptions, console: Console | None = None, *, rich_bar: bool | None = None,
-        out_console: Console | None = None) -> RunSummary:
+        out_console: Console | None = None, pipe=None) -> RunSummary:
     """Run the job. Raises UsageError (exit 2) before anything is run; returns the summary otherwise.
-    `console` takes progress and log lines, `out_console` the dry-run plan."""
+    `console` takes progress and log lines, `out_console` the dry-run plan. `pipe`: an already
+    loaded Pipeline to run the job with (Python API, benchmarks); opts.model/device/dtype then go unused."""
     from .planner import plan_batches
 
     console = console or Console(stderr=True)
@@ -521,21 +522,22 @@ def run(opts: RunOptions, console: Console | None = None, *, rich_bar: bool | No
     from .pipeline import Pipeline
 
     resolve_device(opts.device)  # InputError (exit 2) for cuda without CUDA, before any loading
-    model = resolve_model(opts.model)
+    model = resolve_model(opts.model) if pipe is None else pipe.name
     if job.shard is not None:
         check_shard_count(out_dir, job.shard)
     out_dir.mkdir(parents=True, exist_ok=True)
     with out_dir_lock(out_dir, job.layout.lock_path):
         if job.shard is not None:
             console.print(f"{escape(str(job.shard))}: {len(job.rows)} of the job's {len(job.job_ids)} row(s)")
-        console.print(f"loading model {escape(model)} ...")
-        try:
-            pipe = Pipeline.load(model, device=opts.device, dtype=opts.dtype, low_memory=opts.low_memory,
-                                 compile=opts.compile)
-        except BatchSDError as e:
-            raise UsageError(str(e)) from None
-        except OSError as e:
-            raise UsageError(f"cannot read model {model}: {e}") from None
+        if pipe is None:
+            console.print(f"loading model {escape(model)} ...")
+            try:
+                pipe = Pipeline.load(model, device=opts.device, dtype=opts.dtype, low_memory=opts.low_memory,
+                                     compile=opts.compile)
+            except BatchSDError as e:
+                raise UsageError(str(e)) from None
+            except OSError as e:
+                raise UsageError(f"cannot read model {model}: {e}") from None
         summary.model, summary.model_sha256 = pipe.name, pipe.sha256
         hash_note = f", hash {pipe.short_hash}" if pipe.short_hash else ""
         console.print(f"model {escape(pipe.name)}{hash_note} on {pipe.device} ({str(pipe.dtype).removeprefix('torch.')})")

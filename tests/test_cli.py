@@ -166,6 +166,7 @@ def test_missing_init_image_fails_that_row_only(tmp_path):
     (["--dtype", "fp8"], "fp8"),
     (["--device", "tpu"], "use auto, cpu, cuda or cuda:N"),
     (["--limit", "-1"], "--limit"),
+    (["--compile", "fastest"], "fastest"),
     (["--model", "nowhere/model.safetensors"], "does not exist"),
 ] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "CUDA is not available")]))
 def test_bad_cli_values_exit_2(tmp_path, args, message):
@@ -174,6 +175,18 @@ def test_bad_cli_values_exit_2(tmp_path, args, message):
     assert r.exit_code == 2
     assert message in re.sub(r"[\s│╭╮╰╯─]+", " ", r.output)   # typer may box and wrap the message
     assert not (tmp_path / "outputs" / "jobs" / "images").exists()
+
+
+def test_run_with_a_loaded_pipeline(tmp_path, tiny_pipe, cached_tiny):
+    """runner.run(opts, pipe=...) (Python API, benchmarks) makes the job with that pipeline, loads nothing."""
+    from batchsd.runner import RunOptions, run
+
+    manifest = write_csv(tmp_path / "jobs.csv", ["a,a cat,,1,2,7.5,euler,64,64,,,", "b,a dog,,2,2,7.5,euler,64,64,,,"])
+    summary = run(RunOptions(manifest=manifest, out_dir=tmp_path / "o", model="nowhere/x.safetensors"),
+                  rich_bar=False, pipe=tiny_pipe)
+    assert (summary.ok, summary.failed, summary.exit_code, summary.model) == (2, 0, 0, "tiny-random")
+    assert cached_tiny == []   # Pipeline.load was never called, and --model was not looked at
+    assert sorted(p.name for p in (tmp_path / "o" / "images").iterdir()) == ["a.png", "b.png"]
 
 
 def test_model_resolution(tmp_path, monkeypatch):
