@@ -32,7 +32,7 @@ from .config import TINY
 from .devices import resolve_device, resolve_dtype
 from .errors import InputError
 from .model import StableDiffusionModel
-from .runtime import CompiledUNet, host_array, to_host
+from .runtime import CompiledUNet, host_array, pack_convolutions, to_host
 from .tokenizer import tokenize
 
 DEFAULT_SIZE = 512
@@ -111,7 +111,7 @@ class Pipeline:
 
     def __init__(self, model: StableDiffusionModel, device: torch.device, dtype: torch.dtype, *,
                  name: str, sha256: str | None = None, low_memory: bool = False, vae_chunk: int = 4,
-                 channels_last: bool = True, compile: str | None = None):
+                 channels_last: bool = True, compile: str | None = None, pack_weights: bool = True):
         self.model = model.eval().requires_grad_(False)
         self.cfg = model.cfg
         self.device = device
@@ -128,6 +128,11 @@ class Pipeline:
         self._text_cache: OrderedDict[str, tuple[torch.Tensor, bool]] = OrderedDict()
         self.model.to(dtype=dtype, memory_format=self.memory_format)
         self.model.to(torch.device("cpu") if self.low_memory else device)
+        # CPU: convolution weights reordered once for oneDNN, not on every call (runtime.PackedConv2d);
+        # not under torch.compile, whose graphs take the plain modules
+        if pack_weights and device.type == "cpu" and not compile:
+            pack_convolutions(self.model.unet)
+            pack_convolutions(self.model.vae)
         # the UNet forward as called by the sampler: eager, or torch.compile'd (runtime.CompiledUNet)
         self.unet = CompiledUNet(self.model.unet, compile, device) if compile else self.model.unet
 
