@@ -121,9 +121,12 @@ class RowMaker:
         import torch
 
         from .pipeline import Pipeline
+        from .runtime import tune_cpu_allocator
 
-        if cfg.threads and cfg.device in ("cpu", "auto") and not torch.cuda.is_available():
-            torch.set_num_threads(cfg.threads)
+        if cfg.device in ("cpu", "auto") and not torch.cuda.is_available():
+            tune_cpu_allocator()   # as runner.run does for a CPU job
+            if cfg.threads:
+                torch.set_num_threads(cfg.threads)
         self.cfg = cfg
         self.pipe = Pipeline.load(cfg.model, device=cfg.device, dtype=cfg.dtype, low_memory=cfg.low_memory,
                                   compile=cfg.compile)

@@ -520,8 +520,11 @@ def run(opts: RunOptions, console: Console | None = None, *, rich_bar: bool | No
 
     from .devices import resolve_device
     from .pipeline import Pipeline
+    from .runtime import tune_cpu_allocator
 
-    resolve_device(opts.device)  # InputError (exit 2) for cuda without CUDA, before any loading
+    device = resolve_device(opts.device) if pipe is None else pipe.device  # InputError (exit 2) before loading
+    if device.type == "cpu":
+        tune_cpu_allocator()   # a batch-job process: freed memory kept for reuse, no page faults per op
     model = resolve_model(opts.model) if pipe is None else pipe.name
     if job.shard is not None:
         check_shard_count(out_dir, job.shard)
