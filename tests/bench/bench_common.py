@@ -21,9 +21,6 @@ KEYS_JSON = REPO.parent / "shared" / "reference" / "sd15_keys.json"
 CACHE = Path(os.environ.get("BATCHSD_BENCH_CACHE", Path.home() / ".cache" / "batchsd-bench"))
 TOKENIZER_DATA = REPO / "batchsd" / "tokenizer_data"
 
-# One SD 1.5 UNet forward of a CFG pair (batch 2) at 512x512 (64x64 latents), in TFLOP (2 * MACs).
-UNET_TFLOP_PER_CFG_STEP_512 = 1.607
-
 for _path in (REPO, REPO / "tests"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
@@ -174,31 +171,20 @@ def load_diffusers(path: Path, dtype: torch.dtype, scheduler: str = "euler"):
     return pipe
 
 
-def load_batchsd(path: Path, dtype: str):
-    """batchsd's Pipeline.load; until batchsd/checkpoint.py exists, an equivalent strict load here."""
+def load_batchsd(path: Path, dtype: str, **options):
+    """batchsd's Pipeline.load on the CPU, as shipped (options: Pipeline.load's, e.g. compile)."""
     from batchsd import Pipeline
 
-    try:
-        import batchsd.checkpoint  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        return Pipeline.load(path, device="cpu", dtype=dtype)
-    from safetensors.torch import load_file
+    return Pipeline.load(path, device="cpu", dtype=dtype, **options)
 
-    from batchsd.config import SD15
-    from batchsd.devices import DTYPES
-    from batchsd.model import StableDiffusionModel
 
-    with torch.device("meta"):
-        model = StableDiffusionModel(SD15)
-    sd = load_file(str(path))
-    keep = {k: v.to(DTYPES[dtype]) for k, v in sd.items()
-            if k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model."))
-            and not k.endswith("position_ids")}
-    del sd
-    model.load_state_dict(keep, strict=True, assign=True)
-    return Pipeline(model, torch.device("cpu"), DTYPES[dtype], name=path.stem)
+def cpu_description() -> str:
+    """What decides the CPU figures: the ISA torch dispatches to and whether AMX tiles are there
+    (bf16 matmuls are several times faster than fp32 with AMX, and no faster without it)."""
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    return f"CPU capability {torch.backends.cpu.get_cpu_capability()}, AMX {'yes' if amx else 'no'}, " \
+           f"avx512-bf16 {'yes' if bf16 else 'no'}, {os.cpu_count()} cores"
 
 
 # ---------------------------------------------------------------- measuring
@@ -251,24 +237,20 @@ def timed2(fn) -> tuple[float, float]:
 def unet_tflop(size: int) -> float:
     """TFLOP (2 x MACs) of one SD 1.5 UNet forward on a CFG pair at size x size, counted with
     torch's FlopCounterMode on the meta device (no compute). 1.607 at 512; at 256 it is 0.360,
-    less than the pixel-count scaling (0.402) because attention is quadratic in tokens. Falls
-    back to pixel-count scaling if batchsd's UNet cannot be built."""
-    try:
-        from torch.utils.flop_counter import FlopCounterMode
+    less than the pixel-count scaling (0.402) because attention is quadratic in tokens."""
+    from torch.utils.flop_counter import FlopCounterMode
 
-        from batchsd.config import SD15
-        from batchsd.unet import UNetModel
+    from batchsd.config import SD15
+    from batchsd.unet import UNetModel
 
-        with torch.device("meta"):
-            unet = UNetModel(SD15.unet)
-            x = torch.zeros(2, 4, size // 8, size // 8)
-            ctx = torch.zeros(2, 77, 768)
-            t = torch.zeros(2)
-            with FlopCounterMode(display=False) as counter:
-                unet(x, t, ctx)
-        return counter.get_total_flops() / 1e12
-    except Exception:  # noqa: BLE001
-        return UNET_TFLOP_PER_CFG_STEP_512 * size * size / 512 ** 2
+    with torch.device("meta"):
+        unet = UNetModel(SD15.unet)
+        x = torch.zeros(2, 4, size // 8, size // 8)
+        ctx = torch.zeros(2, 77, 768)
+        t = torch.zeros(2)
+        with FlopCounterMode(display=False) as counter:
+            unet(x, t, ctx)
+    return counter.get_total_flops() / 1e12
 
 
 @torch.inference_mode()

@@ -18,6 +18,12 @@ Experiments
            1, 2, 4, 8 images): a large per-forward fixed cost (weight reorders/packing for oneDNN
            convolutions and AMX matmuls, done on every call in eager mode) shows as a per-image cost
            that falls steeply with batch.
+  pack     a full UNet CFG step and a VAE decode (1 latent) at --size, fp32 and bf16, channels_last:
+           plain nn.Conv2d (oneDNN reorders each weight on every call) against runtime.PackedConv2d
+           (reordered once), interleaved; minor page faults per call beside the times.
+  alloc    (--only alloc) the same UNet step and VAE decode at 512x512 fp32, each in a fresh process,
+           with glibc's default malloc against runtime.tune_cpu_allocator (heap only, freed memory
+           kept); peak RSS beside the times.
   compile  (--compile) torch.compile(unet) at 256x256 bf16 channels_last, with inductor's
            `freezing` on (weights constant-folded and pre-packed for oneDNN) and off: compile time,
            step time.
@@ -28,7 +34,10 @@ threads) is printed beside them as the steadier figure.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -135,6 +144,89 @@ def vae_layout(size: int) -> None:
         log(f"| {layout} | {w:.2f} | {c:.2f} | {diff:.3f} |")
 
 
+# ---------------------------------------------------------------- packed weights, allocator
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def timed_faults(fn, reps: int = 2) -> tuple[float, float, int]:
+    """(min wall, min CPU, page faults of the fastest call) over reps after one warm-up."""
+    fn()
+    runs = []
+    for _ in range(reps):
+        f0 = minor_faults()
+        wall, cpu = bc.timed2(fn)
+        runs.append((wall, cpu, minor_faults() - f0))
+    return min(runs)
+
+
+def set_packed(module: torch.nn.Module, packed: bool) -> None:
+    from batchsd.runtime import PackedConv2d, pack_convolutions
+
+    if packed:
+        pack_convolutions(module)
+        return
+    for m in module.modules():
+        if isinstance(m, PackedConv2d):
+            m.unpack()
+            m.__class__ = torch.nn.Conv2d
+
+
+@torch.inference_mode()
+def packing(size: int) -> None:
+    log(f"| packed conv weights ({size}x{size}, channels_last) | dtype | plain: wall s / CPU s / faults | "
+        "packed: wall s / CPU s / faults | speed-up (wall) |")
+    log("|---|---|---|---|---|")
+    cl = torch.channels_last
+    for dtype in (torch.float32, torch.bfloat16):
+        unet = sd15_unet(dtype).to(memory_format=cl)
+        vae = sd15_vae(dtype).to(memory_format=cl)
+        x, t, ctx = step_inputs(size, dtype, "cl")
+        z = torch.randn(1, 4, size // 8, size // 8).to(dtype).contiguous(memory_format=cl)
+        for name, module, fn in (("UNet CFG step", unet, lambda: unet(x, t, ctx)), ("VAE decode", vae, lambda: vae.decode(z))):
+            res = {}
+            for packed in (False, True, False, True):   # twice, interleaved; keep each side's best
+                set_packed(module, packed)
+                r = timed_faults(fn)
+                res[packed] = min(res.get(packed, r), r)
+            p, q = res[False], res[True]
+            log(f"| {name} | {str(dtype)[6:]} | {p[0]:.2f} / {p[1]:.2f} / {p[2]} | {q[0]:.2f} / {q[1]:.2f} / {q[2]} | "
+                f"{p[0] / q[0]:.2f}x |")
+        del unet, vae
+
+
+def alloc_child(tuned: bool, size: int) -> None:
+    """One fresh process: batchsd's UNet step and VAE decode (packed, channels_last, fp32), with or
+    without the tuned allocator; prints JSON."""
+    from batchsd.runtime import pack_convolutions, tune_cpu_allocator
+
+    if tuned:
+        assert tune_cpu_allocator()
+    cl = torch.channels_last
+    unet = sd15_unet(torch.float32).to(memory_format=cl)
+    vae = sd15_vae(torch.float32).to(memory_format=cl)
+    pack_convolutions(unet)
+    pack_convolutions(vae)
+    x, t, ctx = step_inputs(size, torch.float32, "cl")
+    z = torch.randn(1, 4, size // 8, size // 8).contiguous(memory_format=cl)
+    with torch.inference_mode():
+        u = timed_faults(lambda: unet(x, t, ctx))
+        v = timed_faults(lambda: vae.decode(z))
+    print("CHILD " + json.dumps(dict(tuned=tuned, unet=u, vae=v, peak_rss_gib=bc.peak_rss_gib(own=True))))
+
+
+def allocator(size: int = 512) -> None:
+    log(f"| malloc ({size}x{size}, fp32, packed, cl; fresh process each) | UNet CFG step: wall s / CPU s / faults | "
+        "VAE decode: wall s / CPU s / faults | peak RSS GiB |")
+    log("|---|---|---|---|")
+    for tuned in (False, True, False, True):
+        out = subprocess.run([sys.executable, __file__, "--alloc-child", "tuned" if tuned else "plain",
+                              "--size", str(size)], capture_output=True, text=True, check=True).stdout
+        r = json.loads([ln for ln in out.splitlines() if ln.startswith("CHILD ")][-1][6:])
+        log(f"| {'tune_cpu_allocator' if tuned else 'glibc default'} | {r['unet'][0]:.2f} / {r['unet'][1]:.2f} / "
+            f"{r['unet'][2]} | {r['vae'][0]:.2f} / {r['vae'][1]:.2f} / {r['vae'][2]} | {r['peak_rss_gib']:.2f} |")
+
+
 # ---------------------------------------------------------------- a whole UNet step
 def sd15_unet(dtype: torch.dtype):
     """batchsd's SD 1.5 UNet with the benchmark checkpoint's weights."""
@@ -223,10 +315,13 @@ def compile_unet(unet, size: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="stages,norm,vae,layout,threads,batch")
+    ap.add_argument("--only", default="stages,norm,vae,pack,layout,threads,batch")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--alloc-child", choices=["plain", "tuned"], help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.alloc_child:
+        return alloc_child(args.alloc_child == "tuned", args.size)
     only = set(args.only.split(","))
     log(f"# {time.strftime('%Y-%m-%d %H:%M')} torch {torch.__version__}, threads {torch.get_num_threads()}, "
         f"load average {os.getloadavg()[0]:.1f}, code {bc.git_state()}")
@@ -236,6 +331,10 @@ def main() -> None:
         norm_fusion()
     if "vae" in only:
         vae_layout(args.size)
+    if "pack" in only:
+        packing(args.size)
+    if "alloc" in only:
+        allocator()
     if only & {"layout", "threads", "batch"} or args.compile:
         unet = sd15_unet(torch.bfloat16)
         layout_and_threads(unet, args.size, only)

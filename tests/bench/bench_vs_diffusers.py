@@ -11,17 +11,24 @@ load from other processes on the machine hits both alike. Reported: medians, and
 batchsd / diffusers with which way is better.
 
 Figures
-  1. UNet forward with CFG (batch 2 per image) per image-step, fp32 and bf16, both memory layouts,
-     as seconds and as achieved TFLOP/s (FLOPs counted on the meta device: 1.607 TFLOP per CFG
-     image-step at 512x512, 0.360 at 256x256) against torch.mm's rate on 4096^2 matrices (the
+  1. UNet forward with CFG (batch 2 per image) per image-step, fp32 and bf16: batchsd as it samples
+     (Pipeline.unet: packed convolution weights, channels_last) against diffusers in both memory
+     layouts, as seconds and as achieved TFLOP/s (FLOPs counted on the meta device: 1.607 TFLOP per
+     CFG image-step at 512x512, 0.360 at 256x256) against torch.mm's rate on 4096^2 matrices (the
      practical roof).
-  2. End to end: images/s for a list of rows through batchsd Pipeline.generate at batch sizes 1, 2, 8
-     against diffusers' StableDiffusionPipeline doing the same rows (per-row loop, and batched calls).
-  3. Start-up: checkpoint on disk to first finished image, in a fresh subprocess per side
+  2. End to end: images/s for a Parquet manifest through `batchsd run` (runner.run with the loaded
+     pipeline) at batch sizes 1, 2, 8 against a diffusers loop doing the same rows in batched calls
+     and saving PNGs, with diffusers' faster layout from figure 1. dtype: what `batchsd run` picks
+     here (--e2e-dtype).
+  3. Start-up: checkpoint on disk to first saved image, in a fresh subprocess per side
      (imports + load + one image), alternating sides; the file is in the page cache for both.
      Run first, before this process loads any model.
   4. Peak RSS (the child's own VmHWM) while loading and over the whole start-up run, per side in
      its own subprocess (RSS is per process, so the in-process figures above cannot give it).
+
+The process sets the CPU allocator as `batchsd run` does (runtime.tune_cpu_allocator) after the
+start-up children: in one process it holds for both sides alike. The batchsd start-up child sets it
+too, the diffusers child does not (a diffusers script would not).
 
 Timings are only meaningful on a quiet machine: check the load average printed in the header.
 Results and the levers they point to: tests/bench/README.md.
@@ -73,72 +80,105 @@ def better(ratio: float, lower_is_better: bool) -> str:
 
 
 # ---------------------------------------------------------------- 1. UNet forward with CFG
-def set_layout(unet: torch.nn.Module, layout: str, state: dict) -> None:
-    if state.get(id(unet)) != layout:
-        unet.to(memory_format=torch.channels_last if layout == "cl" else torch.contiguous_format)
-        state[id(unet)] = layout
+def set_layout(module: torch.nn.Module, layout: str) -> None:
+    module.to(memory_format=torch.channels_last if layout == "cl" else torch.contiguous_format)
 
 
 @torch.inference_mode()
-def bench_unet(ours, theirs, dtype: torch.dtype, size: int, reps: int, layouts: list[str], warmup: bool = True) -> list[dict]:
-    """One UNet forward on a CFG pair (batch 2) per side and layout, alternating; (wall, CPU) per call."""
-    ours_unet, their_unet = ours.model.unet, theirs.unet
+def bench_unet(ours, theirs, dtype: torch.dtype, size: int, reps: int, warmup: bool = True) -> list[dict]:
+    """One UNet forward on a CFG pair (batch 2): batchsd's as it samples (`Pipeline.unet`: packed
+    weights, channels_last) against diffusers' in both layouts, alternating; (wall, CPU) per call."""
     g = torch.Generator().manual_seed(0)
     h = size // 8
     x = torch.randn(2, 4, h, h, generator=g).to(dtype)
     ctx = torch.randn(2, 77, 768, generator=g).to(dtype)
     t = torch.tensor([500.0, 500.0])
-    state: dict = {}
-
-    def run(side: str, layout: str) -> tuple[float, float]:
-        xin = x.contiguous(memory_format=torch.channels_last) if layout == "cl" else x
-        if side == "batchsd":
-            set_layout(ours_unet, layout, state)
-            return bc.timed2(lambda: ours_unet(xin, t, ctx))
-        set_layout(their_unet, layout, state)
-        return bc.timed2(lambda: their_unet(xin, t, encoder_hidden_states=ctx, return_dict=False))
-
-    times = {(s, lay): [] for lay in layouts for s in ("batchsd", "diffusers")}
+    x_ours = x.contiguous(memory_format=ours.memory_format)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    runs = {("batchsd", "shipped"): lambda: ours.unet(x_ours, t, ctx),
+            ("diffusers", "contig"): lambda: theirs.unet(x, t, encoder_hidden_states=ctx, return_dict=False),
+            ("diffusers", "cl"): lambda: theirs.unet(x_cl, t, encoder_hidden_states=ctx, return_dict=False)}
+    times = {k: [] for k in runs}
     for rep in range(0 if warmup else 1, reps + 1):   # rep 0 is the warm-up, not recorded
-        for lay in layouts:
-            for side in ("batchsd", "diffusers"):
-                wall, cpu = run(side, lay)
-                if rep:
-                    times[(side, lay)].append((wall, cpu))
-        log(f"unet {size} {dtype} rep {rep}: " + ", ".join(
-            f"{s}/{lay} {v[-1][0]:.2f}s ({v[-1][1]:.2f} cpu)" for (s, lay), v in times.items() if v and rep))
-    for unet in (ours_unet, their_unet):
-        set_layout(unet, "contig", state)
+        for (side, layout), fn in runs.items():
+            if side == "diffusers":
+                set_layout(theirs.unet, layout)
+            wall, cpu = bc.timed2(fn)
+            if rep:
+                times[(side, layout)].append((wall, cpu))
+        if rep:
+            log(f"unet {size} {dtype} rep {rep}: " + ", ".join(
+                f"{s}/{lay} {v[-1][0]:.2f}s ({v[-1][1]:.2f} cpu)" for (s, lay), v in times.items()))
+    set_layout(theirs.unet, "contig")
     flop = bc.unet_tflop(size) * 1e12
-    return [dict(side=s, layout=lay, dtype={torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype], size=size, reps=reps, tflop=flop / 1e12,
-                 median_s=bc.median([w for w, _ in v]), min_s=min(w for w, _ in v), cpu_s=bc.median([c for _, c in v]),
-                 tflops=flop / min(w for w, _ in v) / 1e12)
+    return [dict(side=s, layout=lay, dtype={torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype], size=size, reps=reps,
+                 tflop=flop / 1e12, median_s=bc.median([w for w, _ in v]), min_s=min(w for w, _ in v),
+                 cpu_s=bc.median([c for _, c in v]), tflops=flop / min(w for w, _ in v) / 1e12)
             for (s, lay), v in times.items()]
 
 
+def diffusers_best_layout(unet_results: list[dict], dtype_name: str, size: int) -> str:
+    """diffusers' faster layout (median CPU time) at this dtype and size, from the UNet figures."""
+    mine = [r for r in unet_results if r["side"] == "diffusers" and r["dtype"] == dtype_name and r["size"] == size]
+    return min(mine, key=lambda r: r["cpu_s"])["layout"] if mine else "contig"
+
+
 # ---------------------------------------------------------------- 2. end to end
-def rows_for(n: int, size: int, steps: int, tag: str):
-    from batchsd import GenerationRow
-
-    return [GenerationRow(prompt=f"{PROMPTS[i % len(PROMPTS)]}, {tag}", seed=1000 + i, steps=steps,
-                          cfg_scale=7.5, sampler="euler", width=size, height=size) for i in range(n)]
+def rows_for(n: int, size: int, steps: int, tag: str) -> list[dict]:
+    return [dict(id=f"r{i:04d}", prompt=f"{PROMPTS[i % len(PROMPTS)]}, {tag}", seed=1000 + i, steps=steps,
+                 cfg_scale=7.5, sampler="euler", width=size, height=size) for i in range(n)]
 
 
-def diffusers_generate(pipe, rows) -> list:
-    gens = [torch.Generator("cpu").manual_seed(r.seed) for r in rows]
+def write_manifest(rows: list[dict], path: Path) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def diffusers_generate(pipe, rows: list[dict]) -> list:
+    gens = [torch.Generator("cpu").manual_seed(r["seed"]) for r in rows]
     r0 = rows[0]
-    out = pipe(prompt=[r.prompt for r in rows], negative_prompt=[r.negative_prompt for r in rows],
-               num_inference_steps=r0.steps, guidance_scale=r0.cfg_scale, width=r0.width, height=r0.height,
-               generator=gens if len(rows) > 1 else gens[0], output_type="pil")
+    out = pipe(prompt=[r["prompt"] for r in rows], negative_prompt=[""] * len(rows),
+               num_inference_steps=r0["steps"], guidance_scale=r0["cfg_scale"], width=r0["width"],
+               height=r0["height"], generator=gens if len(rows) > 1 else gens[0], output_type="pil")
     return out.images
+
+
+def batchsd_run(pipe, rows: list[dict], batch: int, folder: Path):
+    """The rows as a Parquet manifest through `batchsd run` (runner.run with the loaded pipeline):
+    manifest reading, planning, batches, PNG + journal writes, results.parquet, summary.json."""
+    from rich.console import Console
+
+    from batchsd.runner import RunOptions, run
+
+    manifest = write_manifest(rows, folder / "manifest.parquet")
+    quiet = Console(file=open(os.devnull, "w"), stderr=False)
+    summary = run(RunOptions(manifest=manifest, out_dir=folder / "out", batch_size=batch), quiet,
+                  rich_bar=False, pipe=pipe)
+    if summary.ok != len(rows):
+        raise RuntimeError(f"batchsd run made {summary.ok} of {len(rows)} rows")
+    return summary
+
+
+def diffusers_loop(pipe, rows: list[dict], batch: int, folder: Path) -> None:
+    """What a diffusers script does with the same rows: batched calls, one generator per row, PNG files."""
+    out = folder / "diffusers"
+    out.mkdir(parents=True, exist_ok=True)
+    for i in range(0, len(rows), batch):
+        chunk = rows[i:i + batch]
+        for r, image in zip(chunk, diffusers_generate(pipe, chunk)):
+            image.save(out / f"{r['id']}.png")
 
 
 @torch.inference_mode()
 def bench_e2e(ours, theirs, size: int, steps: int, plan: list[tuple[int, int]], reps: int) -> list[dict]:
-    """images/s over `rows` rows in chunks of `batch` rows, for (batch, rows) in plan, each side,
+    """images/s over `rows` rows in batches of `batch`, for (batch, rows) in plan, each side,
     alternating; fresh prompts every run (a real manifest's prompts are mostly distinct: no
-    text-cache hits across runs). diffusers gets the same chunks as one batched call each
-    (prompt list + one generator per row)."""
+    text-cache hits across runs)."""
+    import tempfile
+
     results = {}
     runs = 0
     for rep in range(reps):
@@ -146,16 +186,11 @@ def bench_e2e(ours, theirs, size: int, steps: int, plan: list[tuple[int, int]], 
             for side in ("batchsd", "diffusers"):
                 runs += 1
                 rows = rows_for(n_rows, size, steps, tag=f"run {runs}")
-
-                def job():
-                    for i in range(0, n_rows, b):
-                        chunk = rows[i:i + b]
-                        if side == "batchsd":
-                            ours.generate(chunk)
-                        else:
-                            diffusers_generate(theirs, chunk)
-
-                wall, cpu = bc.timed2(job)
+                with tempfile.TemporaryDirectory(prefix="batchsd-e2e-") as tmp:
+                    if side == "batchsd":
+                        wall, cpu = bc.timed2(lambda: batchsd_run(ours, rows, b, Path(tmp)))
+                    else:
+                        wall, cpu = bc.timed2(lambda: diffusers_loop(theirs, rows, b, Path(tmp)))
                 results.setdefault((side, b), []).append((n_rows / wall, cpu / n_rows, n_rows))
                 log(f"e2e {size} batch {b} rep {rep} {side}: {n_rows / wall:.3f} img/s, {cpu / n_rows:.1f} cpu-s/img")
     return [dict(side=s, batch=b, size=size, steps=steps, rows=v[0][2], reps=reps,
@@ -168,35 +203,62 @@ def parity_check(ours, theirs, size: int, steps: int) -> dict:
     """Same row both ways at batch 1: mean |pixel difference| (0-255); a check that both do the same work."""
     import numpy as np
 
+    from batchsd import GenerationRow
+
     row = rows_for(1, size, steps, tag="parity")
-    a = np.asarray(ours.generate(row).images[0], dtype=np.float32)
+    r = row[0]
+    ours_row = GenerationRow(prompt=r["prompt"], seed=r["seed"], steps=steps, cfg_scale=r["cfg_scale"],
+                             sampler="euler", width=size, height=size)
+    a = np.asarray(ours.generate([ours_row]).images[0], dtype=np.float32)
     b = np.asarray(diffusers_generate(theirs, row)[0], dtype=np.float32)
     return dict(mean_abs_pixel_diff=float(np.abs(a - b).mean()), max_abs_pixel_diff=float(np.abs(a - b).max()))
 
 
 # ---------------------------------------------------------------- 3-4. start-up and RSS (subprocess)
 def child(side: str, dtype_name: str, size: int, steps: int, threads: int) -> None:
-    """One fresh process: load, make one image; print JSON with times and peak RSS."""
+    """One fresh process: load, make one image and save it as PNG; print JSON with times and peak RSS.
+    The batchsd side sets the CPU allocator as `batchsd run` does on the CPU (runtime.tune_cpu_allocator)."""
+    import tempfile
+
     torch.set_num_threads(threads)
     t_import = time.perf_counter() - T_PROCESS
     path = bc.random_checkpoint()
+    row = rows_for(1, size, steps, tag="startup")
     t0 = time.perf_counter()
     if side == "batchsd":
+        from batchsd import GenerationRow
+        from batchsd.runtime import tune_cpu_allocator
+
+        tune_cpu_allocator()
         pipe = bc.load_batchsd(path, dtype_name)
         load_s = time.perf_counter() - t0
         rss_load = bc.peak_rss_gib(own=True)
+        r = row[0]
         with torch.inference_mode():
-            pipe.generate(rows_for(1, size, steps, tag="startup"))
+            image = pipe.generate([GenerationRow(prompt=r["prompt"], seed=r["seed"], steps=steps, sampler="euler",
+                                                 width=size, height=size)]).images[0]
     else:
         pipe = bc.load_diffusers(path, DTYPES[dtype_name])
         load_s = time.perf_counter() - t0
         rss_load = bc.peak_rss_gib(own=True)
         with torch.inference_mode():
-            diffusers_generate(pipe, rows_for(1, size, steps, tag="startup"))
+            image = diffusers_generate(pipe, row)[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        image.save(Path(tmp) / "first.png")
     total = time.perf_counter() - T_PROCESS
     print("CHILD " + json.dumps(dict(side=side, import_s=t_import, load_s=load_s, first_image_s=total - t_import - load_s,
                                      to_first_image_s=total, peak_rss_load_gib=rss_load, peak_rss_gib=bc.peak_rss_gib(own=True),
                                      cpu_s=time.process_time())))
+
+
+def warm_memory(gib: float) -> float:
+    """Touch `gib` GiB once in a child process, so that what follows runs on memory this machine has
+    already used. On a freshly booted VM the first touch of each page costs the hypervisor (here:
+    25 s for 14 GiB, a load taking 2-3x longer); a machine that has run anything big does not pay it,
+    and without this the side that runs first would pay it for both. Returns the seconds it took."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", f"import torch; torch.ones({int(gib * 2**30)}, dtype=torch.uint8)"], check=True)
+    return time.perf_counter() - t0
 
 
 def bench_startup(dtype_name: str, size: int, steps: int, threads: int, reps: int) -> list[dict]:
@@ -227,23 +289,26 @@ def bench_startup(dtype_name: str, size: int, steps: int, threads: int, reps: in
 # ---------------------------------------------------------------- profile
 @torch.inference_mode()
 def profile_step(ours, theirs, dtype: torch.dtype, size: int, layout: str, top: int = 18) -> str:
+    """Op tables of one UNet CFG step: batchsd as shipped, diffusers in `layout`."""
     from torch.profiler import ProfilerActivity, profile
 
     h = size // 8
     x = torch.randn(2, 4, h, h).to(dtype)
     ctx = torch.randn(2, 77, 768).to(dtype)
     t = torch.tensor([500.0, 500.0])
+    x_ours = x.contiguous(memory_format=ours.memory_format)
+    x_theirs = x.contiguous(memory_format=torch.channels_last) if layout == "cl" else x
+    set_layout(theirs.unet, layout)
     text = []
-    for side, fn in (("batchsd", lambda: ours.model.unet(x, t, ctx)),
-                     ("diffusers", lambda: theirs.unet(x, t, encoder_hidden_states=ctx, return_dict=False))):
-        unet = ours.model.unet if side == "batchsd" else theirs.unet
-        unet.to(memory_format=torch.channels_last if layout == "cl" else torch.contiguous_format)
+    for side, fn in (("batchsd", lambda: ours.unet(x_ours, t, ctx)),
+                     ("diffusers", lambda: theirs.unet(x_theirs, t, encoder_hidden_states=ctx, return_dict=False))):
         fn()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             fn()
         table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=40)
-        text.append(f"### {side}, {dtype}, {size}x{size}, layout {layout}\n{table}")
-        unet.to(memory_format=torch.contiguous_format)
+        text.append(f"### {side}, {dtype}, {size}x{size}, " + (f"diffusers layout {layout}" if side == "diffusers"
+                                                               else "as shipped") + f"\n{table}")
+    set_layout(theirs.unet, "contig")
     return "\n".join(text)
 
 
@@ -257,29 +322,32 @@ def fmt_table(headers: list[str], rows: list[list]) -> str:
 def report(res: dict) -> str:
     out = [f"date {res['date']}, torch {res['torch']}, diffusers {res['diffusers']}, threads {res['threads']}, "
            f"load average at start {res['loadavg']}, code {res['git']}, command `{res['command']}`",
+           f"{res['cpu']}; CPU allocator tuned in this process (both sides): {res['allocator_tuned']}",
            f"matmul roof (torch.mm 4096^2, best of 3): fp32 {res['roof']['fp32']:.3f} TFLOP/s, "
            f"bf16 {res['roof']['bf16']:.3f} TFLOP/s"]
     if res.get("unet"):
         rows = []
         by = {(r["side"], r["layout"], r["dtype"], r["size"]): r for r in res["unet"]}
-        for (side, lay, dt, size), r in sorted(by.items(), key=lambda kv: (kv[0][2] != "fp32", kv[0][3], kv[0][1] != "contig")):
+        for (side, lay, dt, size), r in sorted(by.items(), key=lambda kv: (kv[0][2] != "fp32", kv[0][3])):
             if side != "batchsd":
                 continue
-            d = by[("diffusers", lay, dt, size)]
-            d_best = min((v for k, v in by.items() if k[0] == "diffusers" and k[2:] == (dt, size)), key=lambda v: v["cpu_s"])
             roof = res["roof"][dt]
-            ratio, cratio = r["median_s"] / d["median_s"], r["cpu_s"] / d["cpu_s"]
-            rows.append([f"{size}", dt, lay, f"{r['median_s']:.2f} / {r['min_s']:.2f} / {r['cpu_s']:.2f}",
-                         f"{d['median_s']:.2f} / {d['min_s']:.2f} / {d['cpu_s']:.2f}", f"{ratio:.2f}",
-                         f"{cratio:.2f}", better(cratio, True),
-                         f"{r['tflops']:.3f} ({r['tflops'] / roof:.0%})", f"{d['tflops']:.3f} ({d['tflops'] / roof:.0%})",
-                         f"{r['cpu_s'] / d_best['cpu_s']:.2f} (vs {d_best['layout']})"])
-        out += ["", "UNet forward on a CFG pair (batch 2) = one image-step. Seconds: median wall / min wall / median "
-                "CPU (process, all threads). TFLOP/s from the min wall time and the counted FLOPs "
-                f"({', '.join(f'{s}: {t:.3f} TFLOP' for s, t in sorted({(r['size'], r['tflop']) for r in res['unet']}))}).",
-                fmt_table(["size", "dtype", "layout", "batchsd s", "diffusers s", "wall ratio b/d", "CPU ratio b/d",
-                           "better (CPU)", "batchsd TFLOP/s (of roof)", "diffusers TFLOP/s (of roof)",
-                           "CPU ratio b / best diffusers"], rows)]
+            cells = [f"{size}", dt, f"{r['median_s']:.2f} / {r['min_s']:.2f} / {r['cpu_s']:.2f}",
+                     f"{r['tflops']:.3f} ({r['tflops'] / roof:.0%})"]
+            for d_lay in ("contig", "cl"):
+                d = by[("diffusers", d_lay, dt, size)]
+                cells += [f"{d['median_s']:.2f} / {d['min_s']:.2f} / {d['cpu_s']:.2f}", f"{r['median_s'] / d['median_s']:.2f}"]
+            best = min((by[("diffusers", x, dt, size)] for x in ("contig", "cl")), key=lambda v: v["median_s"])
+            cells += [f"{best['tflops']:.3f} ({best['tflops'] / roof:.0%})",
+                      f"{best['median_s'] / r['median_s']:.2f}x (vs {best['layout']})"]
+            rows.append(cells)
+        out += ["", "UNet forward on a CFG pair (batch 2) = one image-step; batchsd as it samples (packed weights, "
+                "channels_last), diffusers in both layouts. Seconds: median wall / min wall / median CPU (process, "
+                "all threads); ratio = batchsd / diffusers median wall (below 1: batchsd faster). TFLOP/s from the min "
+                f"wall time and the counted FLOPs ({', '.join(f'{s}: {t:.3f} TFLOP' for s, t in sorted({(r['size'], r['tflop']) for r in res['unet']}))}).",
+                fmt_table(["size", "dtype", "batchsd s", "batchsd TFLOP/s (of roof)", "diffusers contig s", "ratio",
+                           "diffusers cl s", "ratio", "best diffusers TFLOP/s (of roof)",
+                           "batchsd speed-up vs best diffusers"], rows)]
     if res.get("e2e"):
         by = {(r["side"], r["batch"]): r for r in res["e2e"]}
         e0 = res["e2e"][0]
@@ -290,29 +358,33 @@ def report(res: dict) -> str:
             d = by[("diffusers", b)]
             ratio = r["images_per_s"] / d["images_per_s"]
             cratio = r["cpu_s_per_image"] / d["cpu_s_per_image"]
-            rows.append([b, r["rows"], f"{r['images_per_s']:.3f}", f"{d['images_per_s']:.3f}", f"{ratio:.2f}",
+            rows.append([b, r["rows"], f"{r['images_per_s']:.3f}", f"{d['images_per_s']:.3f}", f"{ratio:.2f}x",
                          f"{r['cpu_s_per_image']:.1f}", f"{d['cpu_s_per_image']:.1f}", f"{cratio:.2f}", better(cratio, True)])
-        out += ["", f"End to end (text, {e0['steps']} steps euler at cfg 7.5, VAE decode, PIL), {e0['size']}x{e0['size']}, "
-                f"{res['e2e_dtype']}; batchsd Pipeline.generate vs diffusers StableDiffusionPipeline on the same chunks; "
-                f"medians of {e0['reps']}",
+        out += ["", f"End to end (text, {e0['steps']} steps euler at cfg 7.5, VAE decode, PNG files), {e0['size']}x{e0['size']}, "
+                f"{res['e2e_dtype']}: a Parquet manifest through `batchsd run` (runner.run on the loaded pipeline: "
+                f"planning, batches, PNG + journal writes, results.parquet) vs a diffusers loop over the same rows in "
+                f"batched calls saving PNGs (diffusers layout: {res['e2e_diffusers_layout']}, SDPA); medians of {e0['reps']}",
                 fmt_table(["batch", "rows", "batchsd img/s", "diffusers img/s", "img/s ratio b/d", "batchsd CPU-s/img",
                            "diffusers CPU-s/img", "CPU ratio b/d", "better (CPU)"], rows)]
         if res.get("parity"):
             out.append(f"same row at batch 1, batchsd vs diffusers image: mean |diff| {res['parity']['mean_abs_pixel_diff']:.2f}/255, "
                        f"max {res['parity']['max_abs_pixel_diff']:.0f}/255")
-    if res.get("startup"):
+    for dt in ("fp32", "bf16"):
+        startup = [r for r in res.get("startup", []) if r["dtype"] == dt]
+        if not startup:
+            continue
         rows = []
         for key, label in (("to_first_image_s", "disk to first image, s (child's clock)"),
                            ("wall_s", "subprocess wall, s"), ("cpu_s", "CPU, s (whole child)"), ("import_s", "imports, s"),
                            ("load_s", "load, s"), ("first_image_s", "first image, s"),
                            ("peak_rss_load_gib", "peak RSS while loading, GiB"), ("peak_rss_gib", "peak RSS whole run, GiB")):
-            vb = bc.median([r[key] for r in res["startup"] if r["side"] == "batchsd"])
-            vd = bc.median([r[key] for r in res["startup"] if r["side"] == "diffusers"])
+            vb = bc.median([r[key] for r in startup if r["side"] == "batchsd"])
+            vd = bc.median([r[key] for r in startup if r["side"] == "diffusers"])
             rows.append([label, f"{vb:.2f}", f"{vd:.2f}", f"{vb / vd:.2f}", better(vb / vd, True)])
-        s0 = res["startup"][0]
-        out += ["", f"Start-up and memory: a fresh subprocess per side (RSS is per process), {s0['dtype']} from the fp16 file, "
-                f"one {s0['size']}x{s0['size']} image, {s0['steps']} steps; file in the page cache; "
-                f"medians of {len(res['startup']) // 2} alternating runs",
+        s0 = startup[0]
+        out += ["", f"Start-up and memory: a fresh subprocess per side (RSS is per process), {dt} from the fp16 file, "
+                f"one {s0['size']}x{s0['size']} image, {s0['steps']} steps, saved as PNG; file in the page cache, "
+                f"memory warmed ({res['warm_memory_s']:.0f} s); medians of {len(startup) // 2} alternating runs",
                 fmt_table(["figure", "batchsd", "diffusers", "ratio b/d", "better"], rows)]
     return "\n".join(out)
 
@@ -323,10 +395,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--only", default="unet,e2e,startup", help="comma list of unet,e2e,startup")
+    ap.add_argument("--e2e-dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                    help="dtype of the end-to-end and start-up figures; auto: what `batchsd run` picks here")
     ap.add_argument("--profile", action="store_true", help="print an op breakdown of one UNet step per side and exit")
     ap.add_argument("--json", type=Path, help="also write the raw results here")
     ap.add_argument("--child", choices=["batchsd", "diffusers"], help=argparse.SUPPRESS)
-    ap.add_argument("--child-dtype", default="bf16", help=argparse.SUPPRESS)
+    ap.add_argument("--child-dtype", default="fp32", help=argparse.SUPPRESS)
     ap.add_argument("--child-size", type=int, default=256, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -335,21 +409,32 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import diffusers
 
+    from batchsd.devices import dtype_name, resolve_dtype
+    from batchsd.runtime import tune_cpu_allocator
+
     only = set(args.only.split(","))
+    e2e_dtype = dtype_name(resolve_dtype(args.e2e_dtype, torch.device("cpu")))
     res = dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), torch=torch.__version__,
-               diffusers=diffusers.__version__, threads=args.threads,
+               diffusers=diffusers.__version__, threads=args.threads, cpu=bc.cpu_description(),
                loadavg=" ".join(f"{x:.1f}" for x in os.getloadavg()),
                command="python tests/bench/" + " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-               git=bc.git_state())
+               git=bc.git_state(), e2e_dtype=e2e_dtype)
     path = bc.random_checkpoint()
     res["roof"] = {"fp32": bc.matmul_roof(torch.float32), "bf16": bc.matmul_roof(torch.bfloat16)}
     log(f"roof {res['roof']}")
-    layouts = ["contig", "cl"]
     if "startup" in only and not args.profile:   # first, while this process is still small
-        res["startup"] = bench_startup("bf16", 256, args.steps, args.threads, reps=1 if args.quick else 2)
+        res["warm_memory_s"] = warm_memory(14)
+        log(f"memory warmed in {res['warm_memory_s']:.0f} s")
+        res["startup"] = []
+        for dt in (e2e_dtype, {"fp32": "bf16", "bf16": "fp32"}[e2e_dtype]):   # the run's dtype first, 2 runs
+            reps = 1 if args.quick or dt != e2e_dtype else 2
+            res["startup"] += bench_startup(dt, 256, args.steps, args.threads, reps=reps)
+    # `batchsd run` tunes the allocator on the CPU; in one process it holds for both sides alike
+    res["allocator_tuned"] = tune_cpu_allocator()
 
     if only & {"unet", "e2e"} or args.profile:
-        # fp32 first (UNet figures), then both pipelines cast to bf16 in place (UNet + end to end)
+        # fp32 first, then both pipelines cast to bf16 in place (batchsd's packed convolutions unpack,
+        # cast and pack again at their next call)
         t0 = time.perf_counter()
         ours = bc.load_batchsd(path, "fp32")
         log(f"batchsd loaded fp32 in {time.perf_counter() - t0:.1f}s")
@@ -361,31 +446,40 @@ def main() -> None:
             for m in (ours.model, theirs.unet, theirs.vae, theirs.text_encoder):
                 m.to(torch.bfloat16)
             ours.dtype = torch.bfloat16
+            ours._text_cache.clear()
+
+        def end_to_end():
+            layout = diffusers_best_layout(res.get("unet", []), e2e_dtype, 256)
+            for m in (theirs.unet, theirs.vae):
+                set_layout(m, layout)
+            res["e2e_diffusers_layout"] = layout
+            res["parity"] = parity_check(ours, theirs, 256, args.steps)
+            log(f"parity {res['parity']}")
+            res["e2e"] = bench_e2e(ours, theirs, 256, args.steps, e2e_plan, reps=1)
+            for m in (theirs.unet, theirs.vae):
+                set_layout(m, "contig")
 
         if args.profile:
             print(profile_step(ours, theirs, torch.float32, 256, "contig"))
-            print(profile_step(ours, theirs, torch.float32, 256, "cl"))
             to_bf16()
-            for lay in layouts:
-                print(profile_step(ours, theirs, torch.bfloat16, 256, lay))
+            print(profile_step(ours, theirs, torch.bfloat16, 256, "cl"))
             return
         res["unet"] = []
-        # (dtype, size, reps, warm-up): 256 first, so that 512 can skip its (costly) warm-up
+        # (size, reps, warm-up): 256 first, so that 512 can skip its (costly) warm-up
         fp32_plan = [(256, 2, True)] if args.quick else [(256, 3, True), (512, 2, False)]
-        bf16_plan = [(256, 2, True)] if args.quick else [(256, 3, True), (512, 3, False)]
+        bf16_plan = [(256, 2, True)] if args.quick else [(256, 2, True), (512, 2, False)]
+        e2e_plan = [(1, 2), (8, 8)] if args.quick else [(1, 2), (2, 2), (8, 8)]
         if "unet" in only:
             for size, reps, warm in fp32_plan:
-                res["unet"] += bench_unet(ours, theirs, torch.float32, size, reps, layouts, warm)
+                res["unet"] += bench_unet(ours, theirs, torch.float32, size, reps, warm)
+        if "e2e" in only and e2e_dtype == "fp32":
+            end_to_end()
         to_bf16()
         if "unet" in only:
             for size, reps, warm in bf16_plan:
-                res["unet"] += bench_unet(ours, theirs, torch.bfloat16, size, reps, layouts, warm)
-        if "e2e" in only:
-            res["e2e_dtype"] = "bf16"
-            res["parity"] = parity_check(ours, theirs, 256, args.steps)
-            log(f"parity {res['parity']}")
-            plan = [(1, 4), (8, 8)] if args.quick else [(1, 4), (2, 4), (8, 8)]
-            res["e2e"] = bench_e2e(ours, theirs, 256, args.steps, plan, reps=1)
+                res["unet"] += bench_unet(ours, theirs, torch.bfloat16, size, reps, warm)
+        if "e2e" in only and e2e_dtype == "bf16":
+            end_to_end()
         del ours, theirs
 
     res["total_s"] = time.perf_counter() - T_PROCESS
