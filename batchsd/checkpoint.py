@@ -539,24 +539,30 @@ def _dtype_summary(tensors: Mapping[str, _Tensor], keys: Iterable[str]) -> str:
     return "+".join(name for name, _ in counts.most_common()) or "none"
 
 
-def _materialize(source: _Source, key: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """One tensor in the target dtype/device, freshly allocated; at most one reused buffer on the side."""
+def _materialize(source: _Source, key: str, dtype: torch.dtype, device: torch.device,
+                 memory_format: torch.memory_format) -> torch.Tensor:
+    """One tensor in the target dtype/device (4-D ones in `memory_format`), freshly allocated; at most
+    one reused buffer on the side."""
     t = source.tensors[key]
-    out = torch.empty(t.shape, dtype=dtype, device=device)
+    out = torch.empty(t.shape, dtype=dtype, device=device,
+                      memory_format=memory_format if len(t.shape) == 4 else torch.contiguous_format)
     if t.raw is None:  # .ckpt: a view of the file mapping
         view = t.read()
         out.copy_(view)
         source.drop_pages(view)
-    elif t.dtype == dtype and device.type == "cpu":
+    elif t.dtype == dtype and device.type == "cpu" and out.is_contiguous():
         _pread_into(out, *t.raw)  # file -> model tensor, no intermediate
     else:
         out.copy_(_pread_into(source.scratch(t.shape, t.dtype), *t.raw))
     return out
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32) -> tuple[StableDiffusionModel, CheckpointInfo]:
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               memory_format: torch.memory_format = torch.contiguous_format,
+               ) -> tuple[StableDiffusionModel, CheckpointInfo]:
     """Load a single-file checkpoint or diffusers folder into an eval-mode StableDiffusionModel.
+    4-D tensors (convolution weights) are written straight in `memory_format` (Pipeline: channels_last),
+    so no second copy is made to change their layout.
 
     Raises CheckpointError (missing / mis-shaped / unexpected tensors named, unsafe pickle, unsupported
     model). The file's sha256 is computed on a second thread while the tensors load.
@@ -576,7 +582,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # copies are memory-bound; extra threads only contend (page faults)
         try:
-            state_dict = {key: _materialize(source, key, dtype, device) for key in expected}
+            state_dict = {key: _materialize(source, key, dtype, device, memory_format) for key in expected}
         finally:
             torch.set_num_threads(threads)
         model.load_state_dict(state_dict, strict=True, assign=True)

@@ -149,7 +149,9 @@ class Pipeline:
                        low_memory=low_memory, compile=compile)
         from .checkpoint import load_model
 
-        sd_model, info = load_model(model, device="cpu" if low_memory else dev, dtype=dt)
+        # convolution weights land in channels_last, the layout Pipeline keeps them in (no second copy)
+        sd_model, info = load_model(model, device="cpu" if low_memory else dev, dtype=dt,
+                                    memory_format=torch.channels_last)
         return cls(sd_model, dev, dt, name=Path(model).stem if Path(model).is_file() else Path(model).name,
                    sha256=info.sha256, low_memory=low_memory, compile=compile)
 

@@ -38,6 +38,7 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 TRIM_THRESHOLD = 2**31 - 1               # an int: keep up to 2 GiB of free memory at the heap's top
 _allocator_tuned: bool | None = None
+_malloc_trim = None                      # libc.malloc_trim once the allocator is tuned
 
 
 def onednn_available() -> bool:
@@ -69,6 +70,7 @@ class PackedConv2d(nn.Conv2d):
                 self.weight.detach(), list(self.padding), list(self.stride), list(self.dilation), self.groups,
                 list(x.shape))
             self.weight = None
+            release_free_memory()             # the plain weight's pages, not kept for reuse (RSS)
         return torch.ops.mkldnn._convolution_pointwise(
             x, self.packed, self.bias, list(self.padding), list(self.stride), list(self.dilation), self.groups,
             "none", [], "")
@@ -134,7 +136,7 @@ class CompiledUNet:
 def tune_cpu_allocator() -> bool:
     """Make glibc malloc keep freed memory for reuse (see the module docstring). Process-wide and
     idempotent; returns False where there is no glibc mallopt (other libcs, other systems)."""
-    global _allocator_tuned
+    global _allocator_tuned, _malloc_trim
     if _allocator_tuned is None:
         try:
             libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -146,7 +148,16 @@ def tune_cpu_allocator() -> bool:
             ok_mmap = mallopt(_M_MMAP_MAX, 0) == 1          # no per-allocation mmap (heap only)
             ok_trim = mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
             _allocator_tuned = ok_mmap and ok_trim
+            _malloc_trim = getattr(libc, "malloc_trim", None)
     return _allocator_tuned
+
+
+def release_free_memory() -> None:
+    """With the tuned allocator, give the kernel back the pages of freed heap memory (malloc_trim):
+    for memory freed once that is not going to be reused soon, such as weights replaced by their
+    packed copies. A no-op otherwise (glibc then unmaps large blocks on free by itself)."""
+    if _allocator_tuned and _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 def to_host(t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:

@@ -9,7 +9,7 @@ Experiments
            (counted with FlopCounterMode on the meta device, no compute).
   norm     GroupNorm + SiLU of the res blocks: eager (two passes over memory) against a compiled
            fused kernel, on the largest SD 1.5 shape (2 x 320 x 64 x 64), fp32/bf16, both layouts.
-  layout   one full UNet CFG step at 256x256 bf16: contiguous against channels_last weights+input.
+  layout   one full UNet CFG step at --size, --dtype (default 256x256 bf16): contiguous against channels_last weights+input.
   vae      batchsd's VAE decode of 2 latents at 256x256 bf16: as Pipeline runs it (NCHW) against
            channels_last weights + input; diffusers' decoder runs channels_last already (its
            attention returns a channels_last view that the residual add carries on).
@@ -24,7 +24,7 @@ Experiments
   alloc    (--only alloc) the same UNet step and VAE decode at 512x512 fp32, each in a fresh process,
            with glibc's default malloc against runtime.tune_cpu_allocator (heap only, freed memory
            kept); peak RSS beside the times.
-  compile  (--compile) torch.compile(unet) at 256x256 bf16 channels_last, with inductor's
+  compile  (--compile) torch.compile(unet) at --size, --dtype, channels_last, with inductor's
            `freezing` on (weights constant-folded and pre-packed for oneDNN) and off: compile time,
            step time.
 
@@ -297,11 +297,13 @@ def compile_unet(unet, size: int) -> None:
     dtype = next(unet.parameters()).dtype
     unet.to(memory_format=torch.channels_last)
     x, t, ctx = step_inputs(size, dtype, "cl")
+    set_packed(unet, True)                 # the eager path as Pipeline runs it on the CPU
     eager_w, eager_c = best(lambda: unet(x, t, ctx))
+    set_packed(unet, False)                # torch.compile takes the plain modules (as Pipeline does)
     log(f"| torch.compile ({str(dtype)[6:]}, {size}x{size}, cl, CFG pair) | compile s | wall s | CPU s | eager/compiled (CPU) |")
     log("|---|---|---|---|---|")
-    log(f"| eager | - | {eager_w:.2f} | {eager_c:.2f} | 1.00 |")
-    for freezing in (True, False):
+    log(f"| eager, packed weights (shipped) | - | {eager_w:.2f} | {eager_c:.2f} | 1.00 |")
+    for freezing in (False, True):
         torch._dynamo.reset()
         inductor_config.freezing = freezing
         compiled = torch.compile(unet, dynamic=False)
@@ -318,6 +320,8 @@ def main() -> None:
     ap.add_argument("--only", default="stages,norm,vae,pack,layout,threads,batch")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
+                    help="dtype of the layout, threads, batch and compile experiments")
     ap.add_argument("--alloc-child", choices=["plain", "tuned"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.alloc_child:
@@ -336,7 +340,7 @@ def main() -> None:
     if "alloc" in only:
         allocator()
     if only & {"layout", "threads", "batch"} or args.compile:
-        unet = sd15_unet(torch.bfloat16)
+        unet = sd15_unet({"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype])
         layout_and_threads(unet, args.size, only)
         if "batch" in only:
             batch_scaling(unet, args.size)
