@@ -140,6 +140,19 @@ def test_dtype_conversion(tmp_path, source, target, fmt):
     assert_model_equals(model, expected, target)  # exactly the source values, cast once
 
 
+@pytest.mark.parametrize("source,target", [(torch.float32, torch.float32), (torch.float16, torch.float32)])
+@pytest.mark.parametrize("fmt", ["safetensors", "ckpt"])
+def test_channels_last_load(tmp_path, source, target, fmt):
+    """memory_format=channels_last (what Pipeline.load asks for): 4-D weights land in that layout
+    with exactly the file's values, through the direct-read path and the converting one."""
+    expected = write_tiny(tmp_path / f"m.{fmt}", source, seed=4, fmt=fmt)
+    model, _ = load_model(tmp_path / f"m.{fmt}", dtype=target, memory_format=torch.channels_last)
+    four_d = [t for t in model.state_dict().values() if t.dim() == 4]
+    assert four_d and all(t.is_contiguous(memory_format=torch.channels_last) for t in four_d)
+    assert any(not t.is_contiguous() for t in four_d)   # 3x3 kernels: really NHWC (1x1 ones are both)
+    assert_model_equals(model, expected, target)
+
+
 def test_mixed_dtype_file(tmp_path):
     parts = random_components(TINY, 3)
     sd = compose_original(parts["unet"], {}, {}, torch.float16, extras=False)
