@@ -1,6 +1,7 @@
 """Speed settings below the model code: a compiled UNet forward, the CPU allocator, host copies.
 
-None of these change what is computed; each is measured in tests/bench (README there):
+Each is measured in tests/bench (README there); none changes the arithmetic, only (compile) the
+order of floating-point operations:
 
 - `pack_convolutions`: on the CPU, each convolution's weight is reordered once into oneDNN's blocked
   layout (at its first call, for that input's shape) instead of on every call, as eager PyTorch
@@ -13,8 +14,10 @@ None of these change what is computed; each is measured in tests/bench (README t
 - `tune_cpu_allocator`: glibc malloc serves every allocation from its heap and keeps freed memory
   for reuse, instead of mapping fresh zeroed pages for each allocation over its mmap threshold and
   unmapping them on free. A fp32 VAE decode at 512x512 allocates ~6 GB that way per image (1.6 M
-  page faults); the faults go to 0 and the decode is ~1.3x faster. The cost: the process keeps its
-  high-water mark of memory (peak RSS as before, steady RSS up to it). `batchsd run` sets it on the CPU.
+  page faults); the faults go to ~0 and the decode is ~1.5x faster. The cost: freed blocks stay in
+  the process, so its peak grows where they cannot be reused (fp32 UNet step + decode at 512x512:
+  5.0 -> 6.4 GiB). `batchsd run` sets it on the CPU; `release_free_memory` returns what is known to
+  be done with.
 - `to_host` / `host_array`: device results come back through pinned memory with a non-blocking copy,
   so the CPU converts one chunk to PNG-ready arrays while the GPU decodes the next.
 """
@@ -114,7 +117,7 @@ class CompiledUNet:
         self.forward = torch.compile(unet, mode=mode, dynamic=False)
         # CUDA graphs reuse their output buffers on the next replay: results are cloned out
         self.cudagraphs = mode == "reduce-overhead" and device.type == "cuda"
-        self.compile_seconds: dict[tuple, float] = {}   # (x shape, context shape) -> first call's seconds
+        self.compile_seconds: dict[tuple, float] = {}   # (x shape, context shape, dtype) -> first call's s
 
     def __call__(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         key = (tuple(x.shape), tuple(context.shape), x.dtype)
