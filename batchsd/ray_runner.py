@@ -14,7 +14,7 @@ files in place), then hands the rest to Ray Data:
       .iter_batches()                                     records stream back to the driver
 
 `RowMaker` loads one Pipeline per actor (in __init__) and runs, per call, the same engine as
-`batchsd run`: planner.plan_batches, runner.Worker (out-of-memory halving, per-row failures) and
+`batchsd run`: planner.plan_batches, worker.Worker (out-of-memory halving, per-row failures) and
 writer.ResultWriter (PNG with A1111 metadata, latents, atomic renames into <out>/images and
 <out>/latents). It owns no journal: it returns the records of the rows it wrote, and the driver
 appends them to the one journal (<out>/.batchsd/parts) and compacts it into results.parquet. The
@@ -49,8 +49,10 @@ from rich.console import Console
 from rich.markup import escape
 
 from .errors import BatchSDError
-from .runner import (DEFAULT_CPU_BATCH, SHARED_TEMP_AGE_S, RunOptions, RunSummary, UsageError, adopt_records,
-                     decide, finish, out_dir_lock, read_job, resolve_model, write_run_meta)
+from .resume import adopt_records, decide
+from .runner import (SHARED_TEMP_AGE_S, RunOptions, RunSummary, UsageError, finish, out_dir_lock, read_job,
+                     resolve_model, write_run_meta)
+from .worker import DEFAULT_CPU_BATCH
 
 RAY_EXTRA_HINT = "the Ray engine needs Ray: pip install 'batchsd[ray]' (or pip install 'ray[data]>=2.9')"
 DEFAULT_ROWS_PER_CALL = 16   # rows an actor gets per call when --batch-size is not given
@@ -140,7 +142,7 @@ class RowMaker:
     def __call__(self, batch):
         from .planner import plan_batches
         from .results import records_to_table
-        from .runner import Worker, _load_images, _record, default_batch_size
+        from .worker import Worker, default_batch_size, load_images, record
         from .writer import BatchResult, ResultWriter
 
         rows = [pickle.loads(b) for b in batch.column("job_row").to_pylist()]
@@ -152,11 +154,11 @@ class RowMaker:
         try:
             failing = [(r, e) for r, e in zip(rows, known_errors) if e]
             runnable = [r for r, e in zip(rows, known_errors) if not e]
-            images, errors = _load_images(runnable)
+            images, errors = load_images(runnable)
             failing += [(r, errors[r.id]) for r in runnable if r.id in errors]
             runnable = [r for r in runnable if r.id not in errors]
             if failing:
-                writer.submit(BatchResult(records=[_record(r) for r, _ in failing], images=[None] * len(failing),
+                writer.submit(BatchResult(records=[record(r) for r, _ in failing], images=[None] * len(failing),
                                           errors=[e for _, e in failing]))
             if runnable:
                 if self.batch_size is None:

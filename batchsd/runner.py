@@ -1,27 +1,18 @@
 """`batchsd run`: validated manifest rows -> images/, latents/, results.parquet. Resumable.
 
-Three parts, img2dataset-style:
-    reader  manifest.read_manifest + planner (sizes, batch plan); init images are decoded one
-            batch ahead in a helper thread
-    worker  this module's main loop: Pipeline.generate per batch, out-of-memory halving
+Three parts, img2dataset-style, each in its own module:
+    reader  manifest.read_manifest + planner (sizes, batch plan), read by read_job here; init
+            images are decoded one batch ahead in a helper thread (worker.load_images)
+    worker  worker.Worker: Pipeline.generate per batch, out-of-memory halving, per-row failures;
+            the batch size when --batch-size is not given (worker.default_batch_size)
     writer  writer.ResultWriter: PNG/npy/journal writes in a thread beside the model
+This module holds the run's options and summary, model resolution, the output folder's lock, and
+the loop that joins the three (`run`).
 
-Resume: the journal (results.py) holds the latest record of every row made. A row is skipped when
-its record is "ok", its params_hash and model are the current ones and its image (and latents
-with --save-latents) exist. Rows whose params or model changed are made again; "error" rows only
-with --retry-errors; --overwrite makes everything again. Rows are deterministic (a CPU generator
-per row, README "Seeding contract"), so an interrupted and resumed run equals an uninterrupted one
-up to the floating-point rounding of another batch composition (within 1/255 per pixel; the tests
-check it).
-
-Batch size: --batch-size N, else on the CPU DEFAULT_CPU_BATCH (4), on CUDA the free memory after
-the model is loaded, minus CUDA_RESERVE_BYTES, divided by an estimate of one image's working
-memory, CUDA_BYTES_PER_IMAGE_512 x (W*H / 512^2) x (bytes per element / 2), at the largest size in
-the job; clamped to 1..MAX_AUTO_BATCH. Out of memory on a batch (torch.cuda.OutOfMemoryError, or a
-RuntimeError saying "out of memory") halves it and retries, down to 1, and the smaller size is
-kept for the rest of the run; only a single row that still does not fit fails. Any other
-exception on a batch of several rows retries its rows one by one, so only the rows that raise
-fail, with the reason in `error`.
+Resume (resume.py): a row is skipped when its latest record is "ok" for its current params_hash
+and model and its files exist; changed rows are made again, "error" rows only with
+--retry-errors, everything with --overwrite. An interrupted and resumed run equals an
+uninterrupted one up to the floating-point rounding of another batch composition.
 
 Signals: the first SIGINT/SIGTERM lets the batch in flight finish and be written, then stops:
 queued results are flushed, results.parquet is compacted, and the exit status is 130 (SIGINT) or
@@ -38,7 +29,7 @@ journal, lock, run.json and summary.json under <out>/.batchsd/shard-<I>-of-<N>/,
 shared filesystem without locking each other, and each resumes on its own. Resume reads every
 journal in the folder; rows of this run whose latest record is in another journal (an earlier
 unsharded run, or shards) are skipped and their records copied into this run's journal
-(`adopt_records`), so its results file covers all its rows. A shard that finishes and finds
+(`resume.adopt_records`), so its results file covers all its rows. A shard that finishes and finds
 every shard done writes <out>/results.parquet and <out>/summary.json for the whole job
 (status.merge_shard_results). An unsharded run (no shard, or N = 1) keeps the layout above.
 
@@ -58,25 +49,21 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 from rich.console import Console
 from rich.markup import escape
 
 from .errors import BatchSDError, InputError
 from .manifest import JobRow, Manifest, read_manifest
-from .results import (JOURNAL_DIR, RESULTS_FILE, Journal, clear_summary, extra_types_for, latest_records,
-                      now_utc, read_prior, results_schema, write_summary)
+from .results import (JOURNAL_DIR, RESULTS_FILE, Journal, clear_summary, extra_types_for, now_utc, read_prior,
+                      results_schema, write_summary)
+from .resume import adopt_records, decide
 from .sharding import RunLayout, ShardSpec, check_shard_count
+from .worker import DEFAULT_CPU_BATCH, Worker, default_batch_size, load_images, record
 
-DEFAULT_CPU_BATCH = 4
-MAX_AUTO_BATCH = 32
-CUDA_RESERVE_BYTES = 2 * 1024**3
-CUDA_BYTES_PER_IMAGE_512 = int(1.5 * 1024**3)
 MODEL_ENV = "BATCHSD_MODEL"
 SHARED_TEMP_AGE_S = 3600.0   # temp files older than this in images/ are a killed run's (shards share the folder)
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt")
-SCAN_ENTRIES_PER_NAME = 4    # resume lists a folder rather than stat its files, up to this many entries per file
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
 
@@ -210,26 +197,6 @@ def out_dir_lock(out_dir: Path, lock_path: Path | None = None):
         os.close(fd)
 
 
-def default_batch_size(pipe, width: int, height: int) -> int:
-    """See the module docstring: 4 on the CPU, from free memory and image size on CUDA."""
-    import torch
-
-    if pipe.device.type != "cuda":
-        return DEFAULT_CPU_BATCH
-    free, _ = torch.cuda.mem_get_info(pipe.device)
-    elem = torch.finfo(pipe.dtype).bits // 8
-    per_image = CUDA_BYTES_PER_IMAGE_512 * (width * height) / (512 * 512) * elem / 2
-    return max(1, min(MAX_AUTO_BATCH, int((free - CUDA_RESERVE_BYTES) // per_image)))
-
-
-def is_out_of_memory(e: BaseException) -> bool:
-    import torch
-
-    if isinstance(e, torch.cuda.OutOfMemoryError):
-        return True
-    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
-
-
 # ----------------------------------------------------------------------------- reading the job
 
 @dataclass
@@ -274,7 +241,7 @@ def read_job(opts: RunOptions) -> Job:
     return Job(manifest, rows, row_errors, out_dir, RunLayout(out_dir, shard), job_ids)
 
 
-# ----------------------------------------------------------------------------- the worker
+# ----------------------------------------------------------------------------- signals
 
 class StopRequested:
     """Turns the first SIGINT/SIGTERM into a flag; the second raises KeyboardInterrupt (drop the batch)."""
@@ -307,169 +274,7 @@ class StopRequested:
         return self.signal_name is not None
 
 
-@dataclass
-class Worker:
-    pipe: object
-    batch_size: int
-    emit: Callable                           # emit(BatchResult)
-    console: Console
-
-    def run_rows(self, rows: list[JobRow], images: dict[str, object]) -> None:
-        """Generate `rows` (one batch key) in chunks of at most self.batch_size."""
-        i = 0
-        while i < len(rows):
-            chunk = rows[i:i + self.batch_size]
-            self._run_chunk(chunk, images)
-            i += len(chunk)
-
-    def _run_chunk(self, chunk: list[JobRow], images: dict) -> None:
-        from .pipeline import GenerationRow
-        from .writer import BatchResult
-
-        gen_rows = [GenerationRow(prompt=r.prompt, negative_prompt=r.negative_prompt, seed=r.seed, steps=r.steps,
-                                  cfg_scale=r.cfg_scale, sampler=r.sampler, width=r.width, height=r.height,
-                                  init_image=images.get(r.id),
-                                  strength=r.strength if r.strength is not None else 0.75)
-                    for r in chunk]
-        t0 = time.perf_counter()
-        try:
-            out = self.pipe.generate(gen_rows)
-        except Exception as e:  # noqa: BLE001 - classified below; nothing escapes but KeyboardInterrupt
-            if is_out_of_memory(e):
-                self._free_memory()
-                if len(chunk) == 1:
-                    self.emit(BatchResult(records=[_record(chunk[0])], images=[None],
-                                          errors=[f"out of memory at batch size 1 ({_first_line(e)}); "
-                                                  "use a smaller size, --low-memory or --dtype fp16"]))
-                    return
-                half = max(1, len(chunk) // 2)
-                self.console.print(f"[yellow]out of memory at batch size {len(chunk)}: retrying at {half}[/yellow]")
-                self.batch_size = min(self.batch_size, half)
-                self.run_rows(chunk, images)
-                return
-            if len(chunk) > 1:  # find the row(s) that raise
-                for r in chunk:
-                    self._run_chunk([r], images)
-                return
-            self.emit(BatchResult(records=[_record(chunk[0])], images=[None], errors=[_error_text(e)]))
-            return
-        elapsed = time.perf_counter() - t0
-        self.emit(BatchResult(records=[_record(r) for r in chunk], images=list(out.images),
-                              latents=out.latents.float().numpy(), errors=[None] * len(chunk),
-                              elapsed_s=elapsed, truncated=list(getattr(out, "prompt_truncated", []) or [])))
-
-    @staticmethod
-    def _free_memory() -> None:
-        import gc
-
-        import torch
-
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
-
-
-def _error_text(e: BaseException) -> str:
-    if isinstance(e, BatchSDError):
-        return str(e)
-    return f"{type(e).__name__}: {_first_line(e)}"
-
-
-def _record(row: JobRow) -> dict:
-    rec = row.to_record()
-    rec["params_hash"] = row.params_hash()
-    return rec
-
-
 # ----------------------------------------------------------------------------- run
-
-def decide(rows: Sequence[JobRow], prior: dict, out_dir: Path, *, model: str, model_sha256: str | None,
-           save_latents: bool, overwrite: bool, retry_errors: bool) -> tuple[list[JobRow], int, int]:
-    """Split rows into (to make, skipped ok, skipped earlier failures)."""
-    states = [_resume_state(row, prior.get(row.id), model=model, model_sha256=model_sha256,
-                            save_latents=save_latents, overwrite=overwrite, retry_errors=retry_errors)
-              for row in rows]
-    present = existing_files(out_dir, [f for s in states if isinstance(s, list) for f in s if f])
-    todo, skipped, prev_failed = [], 0, 0
-    for row, state in zip(rows, states):
-        if isinstance(state, list):   # ok earlier: done if its files are still there
-            state = "skip" if all(f and f in present for f in state) else "make"
-        if state == "make":
-            todo.append(row)
-        elif state == "skip":
-            skipped += 1
-        else:
-            prev_failed += 1
-    return todo, skipped, prev_failed
-
-
-def _resume_state(row: JobRow, rec, *, model: str, model_sha256: str | None, save_latents: bool,
-                  overwrite: bool, retry_errors: bool) -> str | list:
-    """What resume does with `row` given its latest record `rec` (or None): "make", "failed" (an
-    earlier failure, not retried), or, for an ok record of the current params and model, the
-    files (relative to out_dir; None where the record names none) it needs to count as done."""
-    if overwrite or rec is None or rec.params_hash != row.params_hash():
-        return "make"
-    same_model = rec.model_sha256 == model_sha256 if model_sha256 else (rec.model == model and not rec.model_sha256)
-    if not same_model:
-        return "make"
-    if rec.status == "ok":
-        return [rec.image_path] + ([rec.latents_path] if save_latents else [])
-    return "make" if retry_errors else "failed"
-
-
-def existing_files(out_dir: Path, paths: Iterable[str]) -> set[str]:
-    """The `paths` (relative to out_dir, as records name them) that are files, as Path.is_file
-    says (a regular file, or a link to one). Names directly under a folder of out_dir
-    (images/<id>.png, latents/<id>.npy) are looked up in one os.scandir listing of that folder
-    instead of one stat each, when it holds at most SCAN_ENTRIES_PER_NAME entries per name asked
-    (a shard's few rows in a big shared images/ are cheaper to stat); any other path, and a name
-    the listing lacks (a case- or normalization-insensitive filesystem), is one stat."""
-    by_folder: dict[str, list[str]] = {}
-    to_stat: list[str] = []
-    for p in set(paths):
-        folder, _, name = p.partition("/")
-        if _plain_name(folder) and _plain_name(name):
-            by_folder.setdefault(folder, []).append(p)
-        else:
-            to_stat.append(p)
-    found = set()
-    for folder, group in by_folder.items():
-        names = _file_names(out_dir / folder, max_entries=SCAN_ENTRIES_PER_NAME * len(group))
-        for p in group:
-            if names is not None and p.partition("/")[2] in names:
-                found.add(p)
-            else:
-                to_stat.append(p)
-    found.update(p for p in to_stat if (out_dir / p).is_file())
-    return found
-
-
-def _plain_name(name: str) -> bool:
-    """Whether `name` is one plain path component (not empty, '.', '..', nor holding a '/')."""
-    return name not in ("", ".", "..") and "/" not in name
-
-
-def _file_names(folder: Path, max_entries: int) -> set[str] | None:
-    """Names of the files (DirEntry.is_file: links followed) in `folder`; None when it holds more
-    than `max_entries` entries or cannot be listed (the caller then stats)."""
-    names = set()
-    try:
-        with os.scandir(folder) as entries:
-            for n, entry in enumerate(entries):
-                if n >= max_entries:
-                    return None
-                if entry.is_file():
-                    names.add(entry.name)
-    except OSError:
-        return None
-    return names
-
 
 def _dry_run(opts: RunOptions, job: Job, plan_batches, console: Console) -> None:
     """Print what `run` would do: rows, failures known now, the batch plan. Loads no model, writes nothing."""
@@ -592,7 +397,7 @@ def _run_loaded(opts: RunOptions, job: Job, pipe, console: Console, summary: Run
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchsd-reader")
 
     def prefetch(batch) -> Future:
-        return reader.submit(_load_images, batch.rows)
+        return reader.submit(load_images, batch.rows)
 
     stop = StopRequested(console)
     # signals stay handled through the final flush (a second one raises KeyboardInterrupt); the
@@ -600,7 +405,7 @@ def _run_loaded(opts: RunOptions, job: Job, pipe, console: Console, summary: Run
     with stop, progress:
         try:
             if failing_now:
-                writer.submit(BatchResult(records=[_record(r) for r in failing_now], images=[None] * len(failing_now),
+                writer.submit(BatchResult(records=[record(r) for r in failing_now], images=[None] * len(failing_now),
                                           errors=[job.row_errors[r.id] for r in failing_now]))
             pending = prefetch(batches[0]) if batches else None
             for i, batch in enumerate(batches):
@@ -610,7 +415,7 @@ def _run_loaded(opts: RunOptions, job: Job, pipe, console: Console, summary: Run
                 pending = prefetch(batches[i + 1]) if i + 1 < len(batches) else None
                 bad = [r for r in batch.rows if r.id in errors]
                 if bad:
-                    writer.submit(BatchResult(records=[_record(r) for r in bad], images=[None] * len(bad),
+                    writer.submit(BatchResult(records=[record(r) for r in bad], images=[None] * len(bad),
                                               errors=[errors[r.id] for r in bad]))
                 worker.run_rows([r for r in batch.rows if r.id not in errors], images)
         except KeyboardInterrupt:  # second signal: the batch in flight is dropped
@@ -658,39 +463,6 @@ def write_run_meta(opts: RunOptions, job: Job, model: str | None, engine: str) -
         "rows": len(job.rows), "job_rows": len(job.job_ids or job.rows),
         "host": socket.gethostname(), "pid": os.getpid(), "started_at": now_utc().isoformat(),
     })
-
-
-def adopt_records(journal: Journal, rows: Sequence[JobRow], todo: Sequence[JobRow], prior: dict) -> int:
-    """Copy into `journal` the records of rows it will not make whose latest record is in another
-    journal of the folder (made by an unsharded run, or by shards), so that this run's results
-    file covers all its rows. Returns how many were copied."""
-    todo_ids = {r.id for r in todo}
-    own = str(journal.parts_dir)
-    by_journal: dict[str, list[str]] = {}
-    for r in rows:
-        rec = prior.get(r.id)
-        if r.id not in todo_ids and rec is not None and rec.parts_dir and rec.parts_dir != own:
-            by_journal.setdefault(rec.parts_dir, []).append(r.id)
-    n = 0
-    for parts_dir, ids in by_journal.items():
-        table = latest_records(Path(parts_dir), journal.schema, ids)
-        journal.append_table(table)
-        n += table.num_rows
-    return n
-
-
-def _load_images(rows: Sequence[JobRow]) -> tuple[dict, dict]:
-    from .planner import load_init_image
-
-    images, errors = {}, {}
-    for r in rows:
-        if r.init_image is None:
-            continue
-        try:
-            images[r.id] = load_init_image(r.init_image)
-        except InputError as e:
-            errors[r.id] = str(e)
-    return images, errors
 
 
 def summary_record(opts: RunOptions, s: RunSummary) -> dict:

@@ -324,17 +324,17 @@ def test_checkpoint_file_from_weights_folder_hash_in_png_and_results(tmp_path):
 def test_default_batch_size_rule(monkeypatch):
     from types import SimpleNamespace
 
-    from batchsd import runner
+    from batchsd import worker
 
     cpu = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32)
-    assert runner.default_batch_size(cpu, 512, 512) == runner.DEFAULT_CPU_BATCH == 4
+    assert worker.default_batch_size(cpu, 512, 512) == worker.DEFAULT_CPU_BATCH == 4
     gib = 1024**3
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (24 * gib, 80 * gib))
     gpu = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.float16)
-    assert runner.default_batch_size(gpu, 512, 512) == 14          # (24 - 2) GiB / 1.5 GiB
-    assert runner.default_batch_size(gpu, 768, 768) == 6           # 2.25x the pixels
-    assert runner.default_batch_size(SimpleNamespace(device=gpu.device, dtype=torch.float32), 512, 512) == 7
+    assert worker.default_batch_size(gpu, 512, 512) == 14          # (24 - 2) GiB / 1.5 GiB
+    assert worker.default_batch_size(gpu, 768, 768) == 6           # 2.25x the pixels
+    assert worker.default_batch_size(SimpleNamespace(device=gpu.device, dtype=torch.float32), 512, 512) == 7
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 * gib, 80 * gib))
-    assert runner.default_batch_size(gpu, 512, 512) == 1           # never below 1
+    assert worker.default_batch_size(gpu, 512, 512) == 1           # never below 1
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (200 * gib, 200 * gib))
-    assert runner.default_batch_size(gpu, 64, 64) == runner.MAX_AUTO_BATCH
+    assert worker.default_batch_size(gpu, 64, 64) == worker.MAX_AUTO_BATCH

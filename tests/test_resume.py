@@ -23,7 +23,8 @@ from typer.testing import CliRunner
 from batchsd import results
 from batchsd.cli import app
 from batchsd.results import PriorRecord, read_prior
-from batchsd.runner import EXIT_SIGINT, EXIT_SIGTERM, RunSummary, decide
+from batchsd.resume import decide
+from batchsd.runner import EXIT_SIGINT, EXIT_SIGTERM, RunSummary
 from cli_support import serve_tiny
 
 REPO = Path(__file__).resolve().parents[1]
@@ -289,10 +290,10 @@ def test_decide_model_and_files(tmp_path):
 
 @pytest.mark.parametrize("entries_per_name", [4, 0])   # the folder listed once; too big to list (a stat each)
 def test_decide_redoes_rows_whose_files_are_missing(tmp_path, monkeypatch, entries_per_name):
-    from batchsd import runner
+    from batchsd import resume
     from batchsd.manifest import JobRow
 
-    monkeypatch.setattr(runner, "SCAN_ENTRIES_PER_NAME", entries_per_name)
+    monkeypatch.setattr(resume, "SCAN_ENTRIES_PER_NAME", entries_per_name)
     rows = [JobRow(i, f"r{i}", "p", "", i, 2, 7.5, "euler", 64, 64, None, None, {}) for i in range(12)]
     for folder in ("images", "latents", "images/sub"):
         (tmp_path / folder).mkdir()

@@ -140,7 +140,7 @@ def prefill(out_dir: Path, manifest_path: Path, n_done: int, touch_images: bool,
 
 def bench_resume(tmp: Path, n: int) -> dict:
     from batchsd.results import read_prior
-    from batchsd.runner import decide
+    from batchsd.resume import decide
 
     table = make_table(n, seed=1)
     table = table.set_column(table.column_names.index("width"), "width", pa.array([64] * n))
