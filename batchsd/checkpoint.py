@@ -1,6 +1,6 @@
 """Load Stable Diffusion 1.x checkpoints into StableDiffusionModel, safely and without doubling memory.
 
-Accepted inputs:
+Accepted inputs (read by checkpoint_files.py):
 - a single file in the original (CompVis) layout: `.safetensors` (JSON header, then each tensor read
   with pread straight into its destination) or `.ckpt`/`.pt`/`.bin` read with
   `torch.load(weights_only=True, mmap=True)`: a pickle that needs anything beyond tensors and plain
@@ -14,30 +14,28 @@ one by one into freshly allocated tensors of the target dtype/device -> `load_st
 No file is mapped for safetensors; for .ckpt each tensor's pages are dropped from the mapping once
 copied (madvise), so the peak resident memory is the model's bytes plus about one tensor, whatever the
 source dtype (tests/measure_load_memory.py measures it).
+
+This module holds the model side: `infer_config` (SDConfig from shapes), `check_keys`, the
+file hash (`checkpoint_sha256`), and the public `load_model` / `inspect_checkpoint`.
 """
 from __future__ import annotations
 
-import ctypes
 import hashlib
-import json
 import logging
 import math
-import mmap
 import os
-import pickle
 import re
-import struct
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
 from .config import PRESETS, CLIPTextConfig, SDConfig, UNetConfig, VAEConfig
-from .diffusers_layout import KEY_MAPS, ORIGINAL_PREFIX, original_shape
+from .checkpoint_files import SourceTensor, materialize, open_checkpoint
+from .diffusers_layout import ORIGINAL_PREFIX
 from .errors import CheckpointError
 from .model import StableDiffusionModel
 
@@ -61,12 +59,6 @@ IGNORED_KEYS = frozenset({
 # under flattened names (`model_ema.diffusion_modelinput_blocks00weight`).
 IGNORED_PREFIXES = ("model_ema.",)
 
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-DIFFUSERS_WEIGHTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
 SHOW_KEYS = 10  # how many key names an error message lists
 
 
@@ -180,254 +172,6 @@ def infer_config(state_dict: Mapping[str, Any]) -> SDConfig:
     return cfg
 
 
-# ----------------------------------------------------------------------------- tensor sources
-
-@dataclass(frozen=True)
-class _Tensor:
-    """One tensor of a checkpoint, not read yet (shape already in the original layout)."""
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    raw: tuple[int, int] | None = None                # safetensors: (fd, byte offset) of its contiguous bytes
-    read: Callable[[], torch.Tensor] | None = None    # .ckpt: a view of the file mapping, of `shape`
-
-
-def _pread_into(out: torch.Tensor, fd: int, offset: int) -> torch.Tensor:
-    """Read out.nbytes bytes at `offset` of an open file straight into a contiguous CPU tensor."""
-    buffer = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-    done = 0
-    while done < len(buffer):
-        n = os.preadv(fd, [buffer[done:]], offset + done)
-        if n <= 0:
-            raise CheckpointError(f"unexpected end of file reading {len(buffer)} bytes at {offset}")
-        done += n
-    return out
-
-
-class _PageDropper:
-    """Drops the pages of a tensor read through a private file mapping (torch.load mmap) once it has
-    been copied out, so the mapping does not accumulate the whole file in the process's memory.
-
-    Only addresses inside a mapping of one of the checkpoint's own files are touched (found in
-    /proc/self/maps); dropped pages of a private file mapping that was never written to are read
-    again from the file on the next access, so no data can be lost. No-op where unsupported.
-    """
-
-    def __init__(self, files: Iterable[Path]):
-        self.ranges: list[tuple[int, int]] = []
-        names = {os.path.realpath(f) for f in files}
-        try:
-            with open("/proc/self/maps") as maps:
-                for line in maps:
-                    parts = line.split(maxsplit=5)
-                    if len(parts) == 6 and parts[5].rstrip("\n") in names and parts[1].endswith("p"):
-                        start, end = (int(x, 16) for x in parts[0].split("-"))
-                        self.ranges.append((start, end))
-            if self.ranges:
-                libc = ctypes.CDLL(None, use_errno=True)
-                libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-                self.madvise = libc.madvise
-        except (OSError, AttributeError):
-            self.ranges = []
-
-    def __call__(self, tensor: torch.Tensor) -> None:
-        start = tensor.data_ptr()
-        end = start + tensor.numel() * tensor.element_size()
-        if not any(lo <= start and end <= hi for lo, hi in self.ranges):
-            return
-        page = mmap.PAGESIZE
-        lo, hi = -(-start // page) * page, end // page * page  # whole pages inside the tensor only
-        if hi > lo:
-            self.madvise(lo, hi - lo, 4)  # MADV_DONTNEED
-
-
-class _Source:
-    """The tensors of a checkpoint (file or diffusers folder) under original-layout keys."""
-
-    def __init__(self, path: Path, fmt: str, layout: str, files: list[Path]):
-        self.path, self.format, self.layout, self.files = path, fmt, layout, files
-        self.tensors: dict[str, _Tensor] = {}
-        self.skipped: list[str] = []  # non-tensor entries of a pickled state dict
-        self.fds: list[int] = []
-        self._scratch = torch.empty(0, dtype=torch.uint8)
-        self.drop_pages: Callable[[torch.Tensor], None] = lambda t: None
-
-    def add_file(self, path: Path, rename: Callable[[list[str]], dict[str, str]], component: str | None) -> None:
-        """Add one file's tensors; `component` names the diffusers component whose layout it has (or None)."""
-        fix_shape = (lambda key, shape: shape) if component is None else \
-            (lambda key, shape: original_shape(component, key.removeprefix(ORIGINAL_PREFIX[component]), shape))
-        if _sniff(path) == "safetensors":
-            fd = os.open(path, os.O_RDONLY)
-            self.fds.append(fd)
-            for old, new, shape, dtype, offset in _safetensors_index(path, rename):
-                # a renamed diffusers tensor has the same bytes, only (maybe) another shape
-                self.tensors[new] = _Tensor(fix_shape(new, shape), dtype, raw=(fd, offset))
-        else:
-            tensors, skipped = _flat_tensors(_torch_load(path), path)
-            self.skipped += skipped
-            for old, new in rename(list(tensors)).items():
-                t, shape = tensors[old], fix_shape(new, tuple(tensors[old].shape))
-                self.tensors[new] = _Tensor(shape, t.dtype, read=lambda t=t, s=shape: t.view(s))
-
-    def scratch(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A reused CPU buffer for reads that need converting; sized once for the largest tensor."""
-        nbytes = math.prod(shape) * dtype.itemsize
-        if self._scratch.numel() < nbytes:
-            largest = max(math.prod(t.shape) * t.dtype.itemsize for t in self.tensors.values())
-            self._scratch = torch.empty(max(nbytes, largest), dtype=torch.uint8)
-        return self._scratch[:nbytes].view(dtype).view(shape)
-
-    def close(self) -> None:
-        self._scratch = torch.empty(0, dtype=torch.uint8)
-        for fd in self.fds:
-            os.close(fd)
-        self.fds.clear()
-        self.tensors.clear()
-
-    def __enter__(self) -> "_Source":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def _sniff(path: Path) -> str:
-    """File format from its first bytes: "safetensors" or "torch" (zip or legacy pickle)."""
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-        return "torch"
-    if len(head) == 9 and head[8:9] == b"{":
-        return "safetensors"
-    raise CheckpointError(f"{path}: neither a safetensors file nor a PyTorch checkpoint (first bytes {head!r})")
-
-
-def _safetensors_index(path: Path, rename: Callable[[list[str]], dict[str, str]]):
-    """(old key, new key, shape, dtype, absolute byte offset) of each tensor, from the file's JSON header.
-
-    The data is then read with pread straight into the destination tensors: no mapping of the file
-    (whose pages would count as this process's memory) and a single copy out of the page cache.
-    """
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        if header_len > min(size - 8, 1 << 28):
-            raise CheckpointError(f"{path}: not a valid safetensors file (header length {header_len})")
-        try:
-            header = json.loads(f.read(header_len))
-        except ValueError as e:
-            raise CheckpointError(f"{path}: not a valid safetensors file (header: {e})") from e
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: not a valid safetensors file (header is not a JSON object)")
-    header.pop("__metadata__", None)
-    start = 8 + header_len
-    for old, new in rename(list(header)).items():
-        try:
-            entry = header[old]
-            dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: not a valid safetensors file (entry {old!r}: {e!r})") from None
-        if dtype is None:
-            raise CheckpointError(f"{path}: tensor {old} has unsupported dtype {entry['dtype']}")
-        if end - begin != math.prod(shape) * dtype.itemsize or start + end > size:
-            raise CheckpointError(f"{path}: tensor {old} has inconsistent offsets {begin}..{end} (file truncated?)")
-        yield old, new, shape, dtype, start + begin
-
-
-def _torch_load(path: Path) -> Any:
-    """torch.load restricted to tensors and plain containers; mmap when the file format allows."""
-    try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e) and "zipfile" not in str(e):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL (\S+)", str(e))
-        detail = f"it references {found.group(1)}" if found else str(e).strip().splitlines()[0]
-        raise CheckpointError(
-            f"{path}: refused to load: the pickle needs more than tensors and plain containers ({detail}). "
-            f"batchsd never runs code from a checkpoint; use a .safetensors version of this model, or "
-            f"convert it with a tool you trust.") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read PyTorch checkpoint: {e}") from e
-
-
-def _flat_tensors(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The tensor dict of a loaded pickle (inside `state_dict` when present) and the non-tensor entries."""
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
-    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    skipped = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
-    return tensors, skipped
-
-
-def _single_file_rename(keys: list[str]) -> dict[str, str]:
-    """Original layout as is; very old files lack the `text_model.` level of the text encoder."""
-    old_clip = "cond_stage_model.transformer."
-    if any(k.startswith(CLIP_PREFIX) for k in keys):
-        return {k: k for k in keys}
-    return {k: CLIP_PREFIX + k[len(old_clip):] if k.startswith(old_clip) else k for k in keys}
-
-
-def _diffusers_weight_files(folder: Path, stem: str) -> tuple[list[Path], list[str] | None]:
-    """A component's weight files (full precision first, then the fp16 variant) and, for a sharded
-    component, all its keys from the index (the UNet mapping needs every key to count blocks)."""
-    for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors", f"{stem}.bin", f"{stem}.fp16.bin"):
-        if (folder / name).is_file():
-            return [folder / name], None
-        index = folder / f"{name}.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            return [folder / shard for shard in sorted(set(weight_map.values()))], list(weight_map)
-    return [], None
-
-
-def _diffusers_rename(keys: list[str], component: str, key_map: dict[str, str] | None) -> dict[str, str]:
-    key_map = key_map if key_map is not None else KEY_MAPS[component](keys)
-    return {k: ORIGINAL_PREFIX[component] + key_map.get(k, k) for k in keys}
-
-
-def _diffusers_plan(folder: Path) -> list[tuple[Path, Callable, str]]:
-    """(file, rename, component) for each weight file of a diffusers folder."""
-    if not all((folder / component).is_dir() for component in DIFFUSERS_WEIGHTS):
-        raise CheckpointError(f"{folder}: a folder must be a diffusers model folder with "
-                              f"{', '.join(c + '/' for c in DIFFUSERS_WEIGHTS)} subfolders")
-    plan = []
-    for component, stem in DIFFUSERS_WEIGHTS.items():
-        files, all_keys = _diffusers_weight_files(folder / component, stem)
-        if not files:
-            raise CheckpointError(f"{folder / component}: no {stem}.safetensors (or .fp16.safetensors) weights")
-        key_map = KEY_MAPS[component](all_keys) if all_keys else None
-        plan += [(f, partial(_diffusers_rename, component=component, key_map=key_map), component) for f in files]
-    return plan
-
-
-def _open(path: str | Path) -> _Source:
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder")
-    if path.is_dir():
-        plan = _diffusers_plan(path)
-        files = sorted((f for f, _, _ in plan), key=lambda f: str(f.relative_to(path)))
-        source = _Source(path, "diffusers", "diffusers", files)
-    else:
-        plan = [(path, _single_file_rename, None)]
-        source = _Source(path, "safetensors" if _sniff(path) == "safetensors" else "ckpt", "single-file", [path])
-    try:
-        for file, rename, component in plan:
-            source.add_file(file, rename, component)
-    except BaseException:
-        source.close()
-        raise
-    source.drop_pages = _PageDropper(source.files)
-    return source
-
-
 # ----------------------------------------------------------------------------- checking
 
 @dataclass
@@ -458,7 +202,7 @@ def _listing(keys: list[str], describe: Callable[[str], str] = str) -> str:
     return f"{len(keys)}: {shown}{more}"
 
 
-def check_keys(tensors: Mapping[str, _Tensor], cfg: SDConfig | None,
+def check_keys(tensors: Mapping[str, SourceTensor], cfg: SDConfig | None,
                expected: Mapping[str, tuple[int, ...]]) -> KeyReport:
     """Sort every tensor into model / ignored / unexpected / extra and find what is missing or wrong."""
     r = KeyReport()
@@ -534,27 +278,9 @@ class CheckpointInfo:
         return self.sha256[:10]
 
 
-def _dtype_summary(tensors: Mapping[str, _Tensor], keys: Iterable[str]) -> str:
+def _dtype_summary(tensors: Mapping[str, SourceTensor], keys: Iterable[str]) -> str:
     counts = Counter(str(tensors[k].dtype).removeprefix("torch.") for k in keys)
     return "+".join(name for name, _ in counts.most_common()) or "none"
-
-
-def _materialize(source: _Source, key: str, dtype: torch.dtype, device: torch.device,
-                 memory_format: torch.memory_format) -> torch.Tensor:
-    """One tensor in the target dtype/device (4-D ones in `memory_format`), freshly allocated; at most
-    one reused buffer on the side."""
-    t = source.tensors[key]
-    out = torch.empty(t.shape, dtype=dtype, device=device,
-                      memory_format=memory_format if len(t.shape) == 4 else torch.contiguous_format)
-    if t.raw is None:  # .ckpt: a view of the file mapping
-        view = t.read()
-        out.copy_(view)
-        source.drop_pages(view)
-    elif t.dtype == dtype and device.type == "cpu" and out.is_contiguous():
-        _pread_into(out, *t.raw)  # file -> model tensor, no intermediate
-    else:
-        out.copy_(_pread_into(source.scratch(t.shape, t.dtype), *t.raw))
-    return out
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -568,7 +294,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     model). The file's sha256 is computed on a second thread while the tensors load.
     """
     device = torch.device(device)
-    with _open(path) as source, ThreadPoolExecutor(1) as pool:
+    with open_checkpoint(path) as source, ThreadPoolExecutor(1) as pool:
         cfg = infer_config({k: t.shape for k, t in source.tensors.items()})
         model = build_on_meta(cfg)
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -582,7 +308,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # copies are memory-bound; extra threads only contend (page faults)
         try:
-            state_dict = {key: _materialize(source, key, dtype, device, memory_format) for key in expected}
+            state_dict = {key: materialize(source, key, dtype, device, memory_format) for key in expected}
         finally:
             torch.set_num_threads(threads)
         model.load_state_dict(state_dict, strict=True, assign=True)
@@ -603,7 +329,7 @@ def inspect_checkpoint(path: str | Path, hash: bool = True) -> dict:
     Raises CheckpointError only when the file cannot be read at all (unsafe pickle, not a checkpoint);
     a readable file that cannot be loaded has "loadable": False and the reason in "error".
     """
-    with _open(path) as source:
+    with open_checkpoint(path) as source:
         tensors = source.tensors
         try:
             cfg = infer_config({k: t.shape for k, t in tensors.items()})
