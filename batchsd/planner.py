@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from PIL import Image, ImageOps
 
 from batchsd.errors import InputError
-from batchsd.manifest import MAX_SIZE, MIN_SIZE, JobRow
+from batchsd.manifest import MAX_SIZE, MIN_SIZE
+from batchsd.manifest_rows import JobRow
 
 # Largest init image decoded: PIL's own default decompression-bomb limit (about 9459x9459), applied
 # here whatever Image.MAX_IMAGE_PIXELS is set to. A 2048x2048 RGB image is 12 MiB; this is 256 MiB.

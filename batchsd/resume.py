@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .manifest import JobRow
+from .manifest_rows import JobRow
 from .results import Journal, latest_records
 
 SCAN_ENTRIES_PER_NAME = 4    # resume lists a folder rather than stat its files, up to this many entries per file

@@ -54,7 +54,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from .errors import BatchSDError, InputError
-from .manifest import JobRow, Manifest, read_manifest
+from .manifest import read_manifest
+from .manifest_rows import JobRow, Manifest
 from .results import (JOURNAL_DIR, RESULTS_FILE, Journal, clear_summary, extra_types_for, now_utc, read_prior,
                       results_schema, write_summary)
 from .resume import adopt_records, decide

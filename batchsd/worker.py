@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 from rich.console import Console
 
 from .errors import BatchSDError, InputError
-from .manifest import JobRow
+from .manifest_rows import JobRow
 
 DEFAULT_CPU_BATCH = 4
 MAX_AUTO_BATCH = 32

@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchsd.manifest import (DEFAULT_SAMPLER, JobRow, ManifestProblem, default_id, id_problem,
-                              read_manifest, seed_from_id)
+from batchsd.manifest import DEFAULT_SAMPLER, read_manifest
+from batchsd.manifest_rows import JobRow, ManifestProblem, default_id, id_problem, seed_from_id
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS = REPO / "jobs"

@@ -10,7 +10,8 @@ from PIL import Image
 
 import batchsd.planner as planner
 from batchsd.errors import InputError
-from batchsd.manifest import JobRow, read_manifest
+from batchsd.manifest import read_manifest
+from batchsd.manifest_rows import JobRow
 from batchsd.planner import (Batch, batch_key, init_image_size, load_init_image, plan_batches,
                              resolve_image_sizes, shard_of)
 
@@ -201,7 +202,7 @@ def test_shard_of_is_stable_and_spread():
     counts = Counter(shard_of(f"{i:05d}", 4) for i in range(4000))
     assert set(counts) == {0, 1, 2, 3} and all(900 < c < 1100 for c in counts.values())
     # independent of the default seed: shard is not just seed % n
-    from batchsd.manifest import seed_from_id
+    from batchsd.manifest_rows import seed_from_id
     assert sum(shard_of(f"{i:05d}", 4) == seed_from_id(f"{i:05d}") % 4 for i in range(4000)) < 1200
     with pytest.raises(ValueError):
         shard_of("a", 0)

@@ -259,7 +259,7 @@ def test_error_rows_retried_only_with_retry_errors(tmp_path):
 
 
 def test_decide_model_and_files(tmp_path):
-    from batchsd.manifest import JobRow
+    from batchsd.manifest_rows import JobRow
 
     row = JobRow(0, "a", "p", "", 1, 2, 7.5, "euler", 64, 64, None, None, {})
     (tmp_path / "images").mkdir()
@@ -291,7 +291,7 @@ def test_decide_model_and_files(tmp_path):
 @pytest.mark.parametrize("entries_per_name", [4, 0])   # the folder listed once; too big to list (a stat each)
 def test_decide_redoes_rows_whose_files_are_missing(tmp_path, monkeypatch, entries_per_name):
     from batchsd import resume
-    from batchsd.manifest import JobRow
+    from batchsd.manifest_rows import JobRow
 
     monkeypatch.setattr(resume, "SCAN_ENTRIES_PER_NAME", entries_per_name)
     rows = [JobRow(i, f"r{i}", "p", "", i, 2, 7.5, "euler", 64, 64, None, None, {}) for i in range(12)]

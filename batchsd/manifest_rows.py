@@ -1,0 +1,136 @@
+"""A manifest's rows and problems: JobRow (one validated row, its params_hash and record),
+ManifestProblem, Manifest (what manifest.read_manifest returns), and the rules a row's id and
+default seed follow (`id_problem`, `default_id`, `seed_from_id`; manifest.py describes them).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+SEED_LIMIT = 2 ** 63               # seeds are 0 <= seed < SEED_LIMIT
+MAX_ID_LENGTH = 200                # ids name files: stay well below the 255-byte name limit
+MIN_ID_WIDTH = 5
+
+# letters, digits, . _ -; not starting with . or -; not a Windows device name (CON, NUL.txt, ...)
+SAFE_ID_RE = re.compile(r"(?!(?i:con|prn|aux|nul|com[1-9]|lpt[1-9])(?:\.|$))[A-Za-z0-9_][A-Za-z0-9._-]{0,%d}"
+                        % (MAX_ID_LENGTH - 1))
+_ID_BAD_CHAR_RE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+@dataclass(frozen=True, slots=True)
+class JobRow:
+    index: int                 # 0-based position in the manifest
+    id: str
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    cfg_scale: float
+    sampler: str               # canonical name
+    width: int | None          # None only for img2img rows without an explicit size (planner resolves)
+    height: int | None
+    init_image: str | None     # absolute path
+    strength: float | None     # None for txt2img rows
+    extra: dict[str, object]   # pass-through columns, original names and values
+    init_image_given: str | None = None  # init_image as written in the manifest
+
+    @property
+    def is_img2img(self) -> bool:
+        return self.init_image is not None
+
+    @property
+    def denoise_steps(self) -> int | None:
+        """Steps actually run for img2img (int(steps*strength)); None for txt2img."""
+        return None if self.strength is None else int(self.steps * self.strength)
+
+    def params_hash(self) -> str:
+        """sha256 hex of everything in the row that affects the image; the resume key.
+
+        Covers prompt, negative_prompt, seed, steps, cfg_scale, sampler, width, height, the init
+        image's absolute path and strength. Not the id, not pass-through columns, not the model,
+        not the init image's bytes. width/height are hashed as the row holds them: hash rows
+        after `planner.resolve_image_sizes` so img2img rows carry their resolved size.
+        """
+        key = ["batchsd-params-v1", self.prompt, self.negative_prompt, self.seed, self.steps,
+               float(self.cfg_scale), self.sampler, self.width, self.height, self.init_image,
+               None if self.strength is None else float(self.strength)]
+        return hashlib.sha256(json.dumps(key, ensure_ascii=False).encode()).hexdigest()
+
+    def to_record(self) -> dict:
+        """The manifest columns with defaults resolved (init_image as written), then the extras."""
+        record = {"id": self.id, "prompt": self.prompt, "negative_prompt": self.negative_prompt,
+                  "seed": self.seed, "steps": self.steps, "cfg_scale": self.cfg_scale,
+                  "sampler": self.sampler, "width": self.width, "height": self.height,
+                  "init_image": self.init_image_given, "strength": self.strength}
+        record.update(self.extra)
+        return record
+
+
+@dataclass(frozen=True)
+class ManifestProblem:
+    row: int | None            # 1-based data row (header not counted); None for file-level problems
+    column: str | None
+    message: str               # reason and fix
+
+    def __str__(self) -> str:
+        where = []
+        if self.row is not None:
+            where.append(f"data row {self.row}")
+        if self.column is not None:
+            where.append(f"column {self.column!r}")
+        return f"{', '.join(where)}: {self.message}" if where else self.message
+
+
+@dataclass
+class Manifest:
+    path: Path
+    rows: list[JobRow]                 # the valid rows, in file order
+    problems: list[ManifestProblem]    # file-level problems first, then by row
+    columns: list[str]                 # original column order
+    extra_columns: list[str]           # pass-through columns, in file order
+    num_rows: int = 0                  # data rows in the file, valid or not
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def format_problems(self, limit: int = 20) -> str:
+        """A report for the terminal: the first `limit` problems, then how many more."""
+        n = len(self.problems)
+        lines = [f"{self.path}: {n} problem{'s' if n != 1 else ''} found before loading any model"
+                 " (rows are data rows counted from 1; the header line is not counted):"]
+        lines += [f"  {p}" for p in self.problems[:limit]]
+        if n > limit:
+            lines.append(f"  ... and {n - limit} more problem{'s' if n - limit != 1 else ''}")
+        return "\n".join(lines)
+
+
+def seed_from_id(row_id: str) -> int:
+    """The default seed of a row: the first 8 bytes of sha256(id), big-endian, & (2**63 - 1)."""
+    return int.from_bytes(hashlib.sha256(row_id.encode()).digest()[:8], "big") & (SEED_LIMIT - 1)
+
+
+def default_id(index: int, num_rows: int) -> str:
+    """The id of a row without one: its 0-based row number, zero-padded."""
+    return str(index).zfill(max(MIN_ID_WIDTH, len(str(num_rows))))
+
+
+def id_problem(row_id: str) -> str | None:
+    """Why `row_id` cannot name output files (with the fix), or None when it is safe."""
+    if SAFE_ID_RE.fullmatch(row_id):
+        return None
+    rule = "ids name the output files: use only letters, digits, '.', '_' and '-'"
+    if len(row_id) > MAX_ID_LENGTH:
+        return f"id is {len(row_id)} characters long; use at most {MAX_ID_LENGTH}"
+    bad = _ID_BAD_CHAR_RE.search(row_id)
+    if bad:
+        return f"id {row_id!r} contains {bad.group()!r}; {rule}"
+    if row_id in (".", ".."):
+        return f"id {row_id!r} is not a file name; {rule}, not only dots"
+    if row_id[0] in ".-":
+        return (f"id {row_id!r} starts with {row_id[0]!r} (a hidden file or a command-line option); "
+                "start it with a letter, digit or '_'")
+    return f"id {row_id!r} is a reserved device name on Windows; choose another id"
