@@ -154,9 +154,9 @@ def batchsd_run(pipe, rows: list[dict], batch: int, folder: Path):
     from batchsd.runner import RunOptions, run
 
     manifest = write_manifest(rows, folder / "manifest.parquet")
-    quiet = Console(file=open(os.devnull, "w"), stderr=False)
-    summary = run(RunOptions(manifest=manifest, out_dir=folder / "out", batch_size=batch), quiet,
-                  rich_bar=False, pipe=pipe)
+    with open(os.devnull, "w") as devnull:
+        summary = run(RunOptions(manifest=manifest, out_dir=folder / "out", batch_size=batch),
+                      Console(file=devnull, stderr=False), rich_bar=False, pipe=pipe)
     if summary.ok != len(rows):
         raise RuntimeError(f"batchsd run made {summary.ok} of {len(rows)} rows")
     return summary
