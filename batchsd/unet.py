@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from batchsd.config import UNetConfig
+from batchsd.upsample import NearestUpsampleConv
 
 # The GroupNorm in front of each spatial transformer uses eps 1e-6 in SD 1.x (CompVis Normalize()
 # and diffusers Transformer2DModel); the res blocks and the output norm use cfg.eps (1e-5).
@@ -173,15 +174,9 @@ class Downsample(nn.Module):
         return self.op(x)
 
 
-class Upsample(nn.Module):
-    """Nearest-neighbour resize to the size of the skip connection it joins, then 3x3 conv."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        return self.conv(F.interpolate(x, size=size, mode="nearest"))
+class Upsample(NearestUpsampleConv):
+    """Nearest-neighbour resize to the size of the skip connection it joins, then 3x3 conv `conv`
+    (as one folded 2x2 conv when that size is exactly 2x: batchsd/upsample.py)."""
 
 
 class TimestepEmbedSequential(nn.Sequential):

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from batchsd.config import VAEConfig
+from batchsd.upsample import NearestUpsampleConv
 
 
 def group_norm(cfg: VAEConfig, channels: int) -> nn.GroupNorm:
@@ -90,15 +91,9 @@ class Downsample(nn.Module):
         return self.conv(x)
 
 
-class Upsample(nn.Module):
-    """Nearest-neighbour x2 then a 3x3 conv: [B,C,h,w] -> [B,C,2h,2w]."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+class Upsample(NearestUpsampleConv):
+    """Nearest-neighbour x2 then the 3x3 conv `conv`: [B,C,h,w] -> [B,C,2h,2w], computed as one folded
+    2x2 conv of [B,C,h,w] (batchsd/upsample.py)."""
 
 
 class MidBlock(nn.Module):

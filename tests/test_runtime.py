@@ -41,8 +41,10 @@ def test_compiled_unet_matches_eager(eager_output):
     pipe = tiny(compile="default")
     assert isinstance(pipe.unet, CompiledUNet)
     out = pipe.generate(ROWS)
-    # inductor fuses and reorders the pointwise ops: rounding-level differences only
-    torch.testing.assert_close(out.latents, eager_output.latents, rtol=1e-4, atol=1e-4)
+    # inductor fuses and reorders the pointwise ops: rounding-level differences only, measured at
+    # 2-6e-6 of the latents' scale (|latents| up to ~47): an element-wise 1e-4 is not that level
+    scale = eager_output.latents.abs().max().item()
+    assert (out.latents - eager_output.latents).abs().max().item() <= 2e-5 * scale
     for a, b in zip(out.images, eager_output.images):
         assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() <= 1
     # one shape (1 unconditional + 2 rows = batch 3 of 4x8x8 latents), compiled once, its time recorded
