@@ -21,6 +21,9 @@ Experiments
   pack     a full UNet CFG step and a VAE decode (1 latent) at --size, fp32 and bf16, channels_last:
            plain nn.Conv2d (oneDNN reorders each weight on every call) against runtime.PackedConv2d
            (reordered once), interleaved; minor page faults per call beside the times.
+  fold     the same UNet step and VAE decode at --size, fp32 and bf16, packed, channels_last: each
+           upsample as interpolate + 3x3 conv against the folded 2x2 conv of batchsd/upsample.py
+           (NearestUpsampleConv.fold), interleaved; max |diff| between the two beside the times.
   alloc    (--only alloc) the same UNet step and VAE decode at 512x512 fp32, each in a fresh process,
            with glibc's default malloc against runtime.tune_cpu_allocator (heap only, freed memory
            kept); peak RSS beside the times.
@@ -195,6 +198,38 @@ def packing(size: int) -> None:
         del unet, vae
 
 
+@torch.inference_mode()
+def folding(size: int) -> None:
+    from batchsd.runtime import tune_cpu_allocator
+    from batchsd.upsample import NearestUpsampleConv
+
+    tune_cpu_allocator()                 # as `batchsd run` does on the CPU
+    log(f"| folded upsample conv ({size}x{size}, channels_last, packed) | dtype | interpolate + 3x3: wall s / CPU s | "
+        "folded 2x2: wall s / CPU s | speed-up (wall) | max abs diff / max abs output |")
+    log("|---|---|---|---|---|---|")
+    cl = torch.channels_last
+    for dtype in (torch.float32, torch.bfloat16):
+        unet = sd15_unet(dtype).to(memory_format=cl)
+        vae = sd15_vae(dtype).to(memory_format=cl)
+        set_packed(unet, True)
+        set_packed(vae, True)
+        x, t, ctx = step_inputs(size, dtype, "cl")
+        z = torch.randn(1, 4, size // 8, size // 8).to(dtype).contiguous(memory_format=cl)
+        for name, fn in (("UNet CFG step", lambda: unet(x, t, ctx)), ("VAE decode", lambda: vae.decode(z))):
+            res, outs = {}, {}
+            for fold in (False, True, False, True):     # twice, interleaved; keep each side's best
+                NearestUpsampleConv.fold = fold
+                r = best(fn, 2)
+                res[fold] = min(res.get(fold, r), r)
+                outs[fold] = fn().float()
+            NearestUpsampleConv.fold = True
+            p, q = res[False], res[True]
+            diff = (outs[True] - outs[False]).abs().max().item() / outs[False].abs().max().item()
+            log(f"| {name} | {str(dtype)[6:]} | {p[0]:.2f} / {p[1]:.2f} | {q[0]:.2f} / {q[1]:.2f} | "
+                f"{p[0] / q[0]:.2f}x | {diff:.1e} |")
+        del unet, vae
+
+
 def alloc_child(tuned: bool, size: int) -> None:
     """One fresh process: batchsd's UNet step and VAE decode (packed, channels_last, fp32), with or
     without the tuned allocator; prints JSON."""
@@ -317,7 +352,7 @@ def compile_unet(unet, size: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="stages,norm,vae,pack,layout,threads,batch")
+    ap.add_argument("--only", default="stages,norm,vae,pack,fold,layout,threads,batch")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
@@ -337,6 +372,8 @@ def main() -> None:
         vae_layout(args.size)
     if "pack" in only:
         packing(args.size)
+    if "fold" in only:
+        folding(args.size)
     if "alloc" in only:
         allocator()
     if only & {"layout", "threads", "batch"} or args.compile:
