@@ -33,6 +33,7 @@ from .devices import resolve_device, resolve_dtype
 from .errors import InputError
 from .model import StableDiffusionModel
 from .runtime import CompiledUNet, host_array, pack_convolutions, to_host
+from .winograd import use_winograd
 from .tokenizer import tokenize
 
 DEFAULT_SIZE = 512
@@ -111,7 +112,8 @@ class Pipeline:
 
     def __init__(self, model: StableDiffusionModel, device: torch.device, dtype: torch.dtype, *,
                  name: str, sha256: str | None = None, low_memory: bool = False, vae_chunk: int = 4,
-                 channels_last: bool = True, compile: str | None = None, pack_weights: bool = True):
+                 channels_last: bool = True, compile: str | None = None, pack_weights: bool = True,
+                 winograd: bool | None = None):
         self.model = model.eval().requires_grad_(False)
         self.cfg = model.cfg
         self.device = device
@@ -128,9 +130,14 @@ class Pipeline:
         self._text_cache: OrderedDict[str, tuple[torch.Tensor, bool]] = OrderedDict()
         self.model.to(dtype=dtype, memory_format=self.memory_format)
         self.model.to(torch.device("cpu") if self.low_memory else device)
-        # CPU: convolution weights reordered once for oneDNN, not on every call (runtime.PackedConv2d);
-        # not under torch.compile, whose graphs take the plain modules
+        # CPU, not under torch.compile (whose graphs take the plain modules): the wide 3x3 convs by
+        # Winograd F(2x2,3x3) (batchsd/winograd.py), faster but with 16/9 of their weights more memory:
+        # None (auto) = on for 16-bit dtypes, off for fp32 (peak memory, tests/bench/README.md); the other
+        # convolution weights reordered once for oneDNN, not on every call (runtime.PackedConv2d)
+        self.winograd = False
         if pack_weights and device.type == "cpu" and not compile:
+            if winograd or (winograd is None and dtype in (torch.bfloat16, torch.float16)):
+                self.winograd = use_winograd(self.model.unet) + use_winograd(self.model.vae) > 0
             pack_convolutions(self.model.unet)
             pack_convolutions(self.model.vae)
         # the UNet forward as called by the sampler: eager, or torch.compile'd (runtime.CompiledUNet)
@@ -138,22 +145,23 @@ class Pipeline:
 
     @classmethod
     def load(cls, model: str | Path, device: str = "auto", dtype: str = "auto",
-             low_memory: bool = False, compile: str | None = None) -> "Pipeline":
+             low_memory: bool = False, compile: str | None = None, winograd: bool | None = None) -> "Pipeline":
         """`model`: "tiny" (deterministic random TINY preset, no file) or a checkpoint path
         (single-file .safetensors/.ckpt or a diffusers folder). `compile`: None (eager) or a
-        torch.compile mode for the UNet (runtime.COMPILE_MODES; "reduce-overhead" = CUDA graphs)."""
+        torch.compile mode for the UNet (runtime.COMPILE_MODES; "reduce-overhead" = CUDA graphs).
+        `winograd` (CPU): True/False, or None for the default (on for bf16/fp16, off for fp32)."""
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         if str(model) == "tiny":
             return cls(StableDiffusionModel.random(TINY, seed=0), dev, dt, name="tiny-random",
-                       low_memory=low_memory, compile=compile)
+                       low_memory=low_memory, compile=compile, winograd=winograd)
         from .checkpoint import load_model
 
         # convolution weights land in channels_last, the layout Pipeline keeps them in (no second copy)
         sd_model, info = load_model(model, device="cpu" if low_memory else dev, dtype=dt,
                                     memory_format=torch.channels_last)
         return cls(sd_model, dev, dt, name=Path(model).stem if Path(model).is_file() else Path(model).name,
-                   sha256=info.sha256, low_memory=low_memory, compile=compile)
+                   sha256=info.sha256, low_memory=low_memory, compile=compile, winograd=winograd)
 
     @staticmethod
     def batch_key(row: GenerationRow) -> tuple:

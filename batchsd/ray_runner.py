@@ -108,6 +108,7 @@ class MakerConfig:
     dtype: str
     low_memory: bool
     compile: str | None
+    winograd: bool | None
     out_dir: str
     save_latents: bool
     batch_size: int | None
@@ -131,7 +132,7 @@ class RowMaker:
                 torch.set_num_threads(cfg.threads)
         self.cfg = cfg
         self.pipe = Pipeline.load(cfg.model, device=cfg.device, dtype=cfg.dtype, low_memory=cfg.low_memory,
-                                  compile=cfg.compile)
+                                  compile=cfg.compile, winograd=cfg.winograd)
         if (self.pipe.name, self.pipe.sha256) != (cfg.model_name, cfg.model_sha256):
             raise RuntimeError(f"the model on this Ray node is {self.pipe.name} ({self.pipe.sha256}), but the driver "
                                f"planned the run for {cfg.model_name} ({cfg.model_sha256}): every node must see "
@@ -242,7 +243,7 @@ def run_ray(opts: RunOptions, *, workers: int = 1, console: Console | None = Non
                 cpus = cpus_per_worker or (1 if not use_gpu else None)
                 cfg = MakerConfig(model=model, model_name=name, model_sha256=sha256,
                                   device="cuda" if use_gpu else "cpu", dtype=opts.dtype, low_memory=opts.low_memory,
-                                  compile=opts.compile,
+                                  compile=opts.compile, winograd=opts.winograd,
                                   out_dir=str(out_dir), save_latents=opts.save_latents, batch_size=opts.batch_size,
                                   schema=schema, threads=int(cpus) if cpus else None)
                 _quiet_ray_data(ray)

@@ -94,6 +94,7 @@ class RunOptions:
     retry_errors: bool = False
     low_memory: bool = False
     compile: str | None = None       # torch.compile mode for the UNet (runtime.COMPILE_MODES), None: eager
+    winograd: bool | None = None     # CPU Winograd convolutions (winograd.py); None: the Pipeline's default
     shard: ShardSpec | None = None   # make only this shard's rows (sharding.py); None or count 1: all rows
 
 
@@ -116,6 +117,7 @@ class RunSummary:
     results_path: Path | None = None     # this run's results file (a shard's part, or results.parquet)
     merged: bool = False                 # a shard that completed the whole job wrote results.parquet
     compile_s: float = 0.0               # --compile: seconds spent compiling the UNet (first call per shape)
+    winograd: bool = False               # the wide CPU convolutions ran as Winograd (--winograd; rounding differs)
 
     @property
     def images_per_s(self) -> float:
@@ -342,7 +344,7 @@ def run(opts: RunOptions, console: Console | None = None, *, rich_bar: bool | No
             console.print(f"loading model {escape(model)} ...")
             try:
                 pipe = Pipeline.load(model, device=opts.device, dtype=opts.dtype, low_memory=opts.low_memory,
-                                     compile=opts.compile)
+                                     compile=opts.compile, winograd=opts.winograd)
             except BatchSDError as e:
                 raise UsageError(str(e)) from None
             except OSError as e:
@@ -429,6 +431,7 @@ def _run_loaded(opts: RunOptions, job: Job, pipe, console: Console, summary: Run
                 journal.compact()
     summary.elapsed_s = time.monotonic() - t0
     summary.compile_s = sum(getattr(pipe.unet, "compile_seconds", {}).values())
+    summary.winograd = bool(getattr(pipe, "winograd", False))
     summary.ok, summary.failed = writer.written_ok, writer.written_failed
     summary.pending = len(todo) - summary.ok - summary.failed
     summary.interrupted_by = stop.signal_name if (stop.signal_name and summary.pending) else None
@@ -474,6 +477,6 @@ def summary_record(opts: RunOptions, s: RunSummary) -> dict:
         "rows": s.total, "ok": s.ok, "failed": s.failed, "skipped": s.skipped,
         "previously_failed": s.previously_failed, "pending": s.pending, "batch_size": s.batch_size,
         "elapsed_s": round(s.elapsed_s, 3), "images_per_s": round(s.images_per_s, 4),
-        "compile_s": round(s.compile_s, 3),
+        "compile_s": round(s.compile_s, 3), "winograd": s.winograd,
         "finished_at": now_utc().isoformat(), "exit_code": s.exit_code,
     }

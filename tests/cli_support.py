@@ -12,11 +12,12 @@ def serve_tiny(monkeypatch, tiny_pipe) -> list[str]:
     real_load = Pipeline.load.__func__
     calls: list[str] = []
 
-    def load(cls, model, device="auto", dtype="auto", low_memory=False, compile=None):
+    def load(cls, model, device="auto", dtype="auto", low_memory=False, compile=None, winograd=None):
         calls.append(str(model))
-        if str(model) == "tiny" and device in ("auto", "cpu") and dtype in ("auto", "fp32") and not compile:
+        if str(model) == "tiny" and device in ("auto", "cpu") and dtype in ("auto", "fp32") and not compile \
+                and not winograd:
             return tiny_pipe
-        return real_load(cls, model, device, dtype, low_memory, compile)
+        return real_load(cls, model, device, dtype, low_memory, compile, winograd)
 
     monkeypatch.setattr(Pipeline, "load", classmethod(load))
     return calls

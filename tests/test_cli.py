@@ -111,6 +111,7 @@ def test_run_end_to_end(tmp_path, tiny_pipe):
     assert lat.dtype == np.float32 and lat.shape == (4, 9, 10)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["complete"] and summary["ok"] == 4 and summary["exit_code"] == 0
+    assert summary["winograd"] is False      # fp32 default; TINY has no convolution wide enough anyway
 
     # each image equals a direct one-row generate() (batching does not change a row's image)
     direct = tiny_pipe.generate([GenerationRow("a dog", "blurry", 12, 2, 5.0, "euler_a", 64, 64)])
@@ -167,6 +168,7 @@ def test_missing_init_image_fails_that_row_only(tmp_path):
     (["--device", "tpu"], "use auto, cpu, cuda or cuda:N"),
     (["--limit", "-1"], "--limit"),
     (["--compile", "fastest"], "fastest"),
+    (["--winograd", "maybe"], "maybe"),
     (["--model", "nowhere/model.safetensors"], "does not exist"),
 ] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "CUDA is not available")]))
 def test_bad_cli_values_exit_2(tmp_path, args, message):

@@ -215,7 +215,7 @@ def parity_check(ours, theirs, size: int, steps: int) -> dict:
 
 
 # ---------------------------------------------------------------- 3-4. start-up and RSS (subprocess)
-def child(side: str, dtype_name: str, size: int, steps: int, threads: int) -> None:
+def child(side: str, dtype_name: str, size: int, steps: int, threads: int, winograd: bool | None = None) -> None:
     """One fresh process: load, make one image and save it as PNG; print JSON with times and peak RSS.
     The batchsd side sets the CPU allocator as `batchsd run` does on the CPU (runtime.tune_cpu_allocator)."""
     import tempfile
@@ -230,7 +230,7 @@ def child(side: str, dtype_name: str, size: int, steps: int, threads: int) -> No
         from batchsd.runtime import tune_cpu_allocator
 
         tune_cpu_allocator()
-        pipe = bc.load_batchsd(path, dtype_name)
+        pipe = bc.load_batchsd(path, dtype_name, winograd=winograd)
         load_s = time.perf_counter() - t0
         rss_load = bc.peak_rss_gib(own=True)
         r = row[0]
@@ -261,7 +261,7 @@ def warm_memory(gib: float) -> float:
     return time.perf_counter() - t0
 
 
-def bench_startup(dtype_name: str, size: int, steps: int, threads: int, reps: int) -> list[dict]:
+def bench_startup(dtype_name: str, size: int, steps: int, threads: int, reps: int, winograd: str) -> list[dict]:
     path = bc.random_checkpoint()
     with open(path, "rb") as f:             # page cache warm for both sides
         while f.read(1 << 26):
@@ -271,7 +271,8 @@ def bench_startup(dtype_name: str, size: int, steps: int, threads: int, reps: in
         for side in ("batchsd", "diffusers"):
             t0 = time.perf_counter()
             proc = subprocess.Popen([sys.executable, __file__, "--child", side, "--child-dtype", dtype_name,
-                                     "--child-size", str(size), "--steps", str(steps), "--threads", str(threads)],
+                                     "--child-size", str(size), "--steps", str(steps), "--threads", str(threads),
+                                     "--winograd", winograd],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             stdout, stderr = proc.communicate()
             wall = time.perf_counter() - t0
@@ -322,7 +323,8 @@ def fmt_table(headers: list[str], rows: list[list]) -> str:
 def report(res: dict) -> str:
     out = [f"date {res['date']}, torch {res['torch']}, diffusers {res['diffusers']}, threads {res['threads']}, "
            f"load average at start {res['loadavg']}, code {res['git']}, command `{res['command']}`",
-           f"{res['cpu']}; CPU allocator tuned in this process (both sides): {res['allocator_tuned']}",
+           f"{res['cpu']}; CPU allocator tuned in this process (both sides): {res['allocator_tuned']}; "
+           f"batchsd --winograd {res.get('winograd', 'auto')} (auto: on for bf16, off for fp32)",
            f"matmul roof (torch.mm 4096^2, best of 3): fp32 {res['roof']['fp32']:.3f} TFLOP/s, "
            f"bf16 {res['roof']['bf16']:.3f} TFLOP/s"]
     if res.get("unet"):
@@ -397,14 +399,17 @@ def main() -> None:
     ap.add_argument("--only", default="unet,e2e,startup", help="comma list of unet,e2e,startup")
     ap.add_argument("--e2e-dtype", choices=["auto", "fp32", "bf16"], default="auto",
                     help="dtype of the end-to-end and start-up figures; auto: what `batchsd run` picks here")
+    ap.add_argument("--winograd", choices=["auto", "on", "off"], default="auto",
+                    help="batchsd's Winograd convolutions (Pipeline winograd=); auto: as shipped (on for bf16, off for fp32)")
     ap.add_argument("--profile", action="store_true", help="print an op breakdown of one UNet step per side and exit")
     ap.add_argument("--json", type=Path, help="also write the raw results here")
     ap.add_argument("--child", choices=["batchsd", "diffusers"], help=argparse.SUPPRESS)
     ap.add_argument("--child-dtype", default="fp32", help=argparse.SUPPRESS)
     ap.add_argument("--child-size", type=int, default=256, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    winograd = {"auto": None, "on": True, "off": False}[args.winograd]
     if args.child:
-        return child(args.child, args.child_dtype, args.child_size, args.steps, args.threads)
+        return child(args.child, args.child_dtype, args.child_size, args.steps, args.threads, winograd)
 
     torch.set_num_threads(args.threads)
     import diffusers
@@ -418,7 +423,7 @@ def main() -> None:
                diffusers=diffusers.__version__, threads=args.threads, cpu=bc.cpu_description(),
                loadavg=" ".join(f"{x:.1f}" for x in os.getloadavg()),
                command="python tests/bench/" + " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-               git=bc.git_state(), e2e_dtype=e2e_dtype)
+               git=bc.git_state(), e2e_dtype=e2e_dtype, winograd=args.winograd)
     path = bc.random_checkpoint()
     res["roof"] = {"fp32": bc.matmul_roof(torch.float32), "bf16": bc.matmul_roof(torch.bfloat16)}
     log(f"roof {res['roof']}")
@@ -428,7 +433,7 @@ def main() -> None:
         res["startup"] = []
         for dt in (e2e_dtype, {"fp32": "bf16", "bf16": "fp32"}[e2e_dtype]):   # the run's dtype first, 2 runs
             reps = 1 if args.quick or dt != e2e_dtype else 2
-            res["startup"] += bench_startup(dt, 256, args.steps, args.threads, reps=reps)
+            res["startup"] += bench_startup(dt, 256, args.steps, args.threads, reps=reps, winograd=args.winograd)
     # `batchsd run` tunes the allocator on the CPU; in one process it holds for both sides alike
     res["allocator_tuned"] = tune_cpu_allocator()
 
@@ -436,17 +441,21 @@ def main() -> None:
         # fp32 first, then both pipelines cast to bf16 in place (batchsd's packed convolutions unpack,
         # cast and pack again at their next call)
         t0 = time.perf_counter()
-        ours = bc.load_batchsd(path, "fp32")
+        ours = bc.load_batchsd(path, "fp32", winograd=winograd)
         log(f"batchsd loaded fp32 in {time.perf_counter() - t0:.1f}s")
         t0 = time.perf_counter()
         theirs = bc.load_diffusers(path, torch.float32)
         log(f"diffusers loaded fp32 in {time.perf_counter() - t0:.1f}s")
 
         def to_bf16():
+            from batchsd.winograd import use_winograd
+
             for m in (ours.model, theirs.unet, theirs.vae, theirs.text_encoder):
                 m.to(torch.bfloat16)
             ours.dtype = torch.bfloat16
             ours._text_cache.clear()
+            if winograd is not False:     # what Pipeline(dtype=bf16) does by default
+                ours.winograd = use_winograd(ours.model.unet) + use_winograd(ours.model.vae) > 0 or ours.winograd
 
         def end_to_end():
             layout = diffusers_best_layout(res.get("unet", []), e2e_dtype, 256)
