@@ -24,6 +24,9 @@ Experiments
   fold     the same UNet step and VAE decode at --size, fp32 and bf16, packed, channels_last: each
            upsample as interpolate + 3x3 conv against the folded 2x2 conv of batchsd/upsample.py
            (NearestUpsampleConv.fold), interleaved; max |diff| between the two beside the times.
+  wino     the same UNet step and VAE decode at --size, fp32 and bf16, channels_last: packed convs
+           against Winograd F(2x2,3x3) on the convs with >= 640 input channels (winograd.use_winograd;
+           two copies of each model), interleaved; the transformed weights' memory beside the times.
   alloc    (--only alloc) the same UNet step and VAE decode at 512x512 fp32, each in a fresh process,
            with glibc's default malloc against runtime.tune_cpu_allocator (heap only, freed memory
            kept); peak RSS beside the times.
@@ -230,6 +233,41 @@ def folding(size: int) -> None:
         del unet, vae
 
 
+@torch.inference_mode()
+def winograd(size: int) -> None:
+    from batchsd.runtime import tune_cpu_allocator
+    from batchsd.winograd import WinogradConv2d, use_winograd
+
+    tune_cpu_allocator()                 # as `batchsd run` does on the CPU
+    log(f"| Winograd F(2x2,3x3), >= 640 input channels ({size}x{size}, channels_last) | dtype | packed: wall s / CPU s | "
+        "Winograd: wall s / CPU s | speed-up (wall) | max abs diff / max abs output | extra weight memory, GiB |")
+    log("|---|---|---|---|---|---|---|")
+    cl = torch.channels_last
+    for dtype in (torch.float32, torch.bfloat16):
+        x, t, ctx = step_inputs(size, dtype, "cl")
+        z = torch.randn(1, 4, size // 8, size // 8).to(dtype).contiguous(memory_format=cl)
+        for name, build, call in (("UNet CFG step", sd15_unet, lambda m: m(x, t, ctx)),
+                                  ("VAE decode", sd15_vae, lambda m: m.decode(z))):
+            models = {}
+            for on in (False, True):
+                models[on] = build(dtype).to(memory_format=cl)
+                if on:
+                    use_winograd(models[on])
+                set_packed(models[on], True)
+            extra = sum(m.weight.numel() * m.weight.element_size() * 16 / 9 for m in models[True].modules()
+                        if isinstance(m, WinogradConv2d) and m.winograd) / 2**30
+            res, outs = {}, {}
+            for on in (False, True, False, True):
+                r = best(lambda: call(models[on]), 2)
+                res[on] = min(res.get(on, r), r)
+                outs[on] = call(models[on]).float()
+            p, q = res[False], res[True]
+            diff = (outs[True] - outs[False]).abs().max().item() / outs[False].abs().max().item()
+            log(f"| {name} | {str(dtype)[6:]} | {p[0]:.2f} / {p[1]:.2f} | {q[0]:.2f} / {q[1]:.2f} | "
+                f"{p[0] / q[0]:.2f}x | {diff:.1e} | {extra:.2f} |")
+            del models
+
+
 def alloc_child(tuned: bool, size: int) -> None:
     """One fresh process: batchsd's UNet step and VAE decode (packed, channels_last, fp32), with or
     without the tuned allocator; prints JSON."""
@@ -352,7 +390,7 @@ def compile_unet(unet, size: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="stages,norm,vae,pack,fold,layout,threads,batch")
+    ap.add_argument("--only", default="stages,norm,vae,pack,fold,wino,layout,threads,batch")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
@@ -374,6 +412,8 @@ def main() -> None:
         packing(args.size)
     if "fold" in only:
         folding(args.size)
+    if "wino" in only:
+        winograd(args.size)
     if "alloc" in only:
         allocator()
     if only & {"layout", "threads", "batch"} or args.compile:
