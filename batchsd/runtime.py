@@ -49,6 +49,31 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
 
+class KeepsDerivedWeight:
+    """Mixin for modules that keep a tensor computed from their own weights (a folded or transformed
+    copy; not in the state dict): `derived(build, *tensors)` returns it, built again when the tensors
+    are other tensors than last time; `.to()`/casts and `load_state_dict` (which writes in place)
+    drop it. (Writing into a weight in place by hand is not seen.)"""
+
+    _derived: tuple | None = None           # (identity of the tensors it was built from, the result)
+
+    def derived(self, build, *tensors: torch.Tensor | None):
+        key = tuple((id(t), t.data_ptr(), t.dtype, t.device) for t in tensors if t is not None)
+        if self._derived is None or self._derived[0] != key:
+            self._derived = None                                  # free the old one first
+            with torch.no_grad():
+                self._derived = (key, build())
+        return self._derived[1]
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._derived = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, recurse=True):
+        self._derived = None
+        return super()._apply(fn, recurse)
+
+
 class PackedConv2d(nn.Conv2d):
     """An nn.Conv2d (same attributes, same state dict) whose weight, on the CPU, is kept in oneDNN's
     blocked layout after its first call instead of being reordered on every call.

@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from batchsd.runtime import KeepsDerivedWeight
+
 # [phase a, tap of the 2x2 kernel, row of the 3x3 kernel]: which 3x3 rows each 2x2 tap sums
 _TAPS = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))
 
@@ -55,7 +57,7 @@ def assemble_phases(grid: torch.Tensor, memory_format: torch.memory_format) -> t
     return y
 
 
-class NearestUpsampleConv(nn.Module):
+class NearestUpsampleConv(KeepsDerivedWeight, nn.Module):
     """x [B,C,h,w] -> conv3x3(nearest upsample of x to `size`) [B,C,H,W]; size defaults to (2h, 2w).
 
     Exactly 2x goes through the folded 2x2 conv (module docstring); any other size (the UNet's up
@@ -68,7 +70,6 @@ class NearestUpsampleConv(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-        self._folded: tuple[tuple, nn.Conv2d] | None = None   # (weight identity, 2x2 conv); not a submodule
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         h, w = x.shape[-2:]
@@ -84,29 +85,18 @@ class NearestUpsampleConv(nn.Module):
 
     def folded_conv(self) -> nn.Conv2d:
         """The 2x2 conv of the four phases, of the 3x3 conv's class (a PackedConv2d stays packed on
-        the CPU); derived again when the 3x3 weight or bias is another tensor, and after
-        `load_state_dict` or `.to()`. (Writing into the weight in place by hand is not seen.)"""
+        the CPU); kept, not a submodule (runtime.KeepsDerivedWeight: again after a load, cast or move)."""
         if self.conv.weight is None:          # a PackedConv2d that the other path packed: plain again
             self.conv.unpack()
+        return self.derived(self._fold, self.conv.weight, self.conv.bias)
+
+    def _fold(self) -> nn.Conv2d:
         weight, bias = self.conv.weight, self.conv.bias
-        key = tuple((id(t), t.data_ptr(), t.dtype, t.device) for t in (weight, bias) if t is not None)
-        if self._folded is None or self._folded[0] != key:
-            self._folded = None                                   # free the old one first
-            with torch.no_grad():
-                w4, b4 = fold_weight(weight, bias)
-            conv = type(self.conv)(w4.shape[1], w4.shape[0], 2, padding=1, bias=bias is not None, device="meta")
-            fmt = torch.channels_last if weight.is_contiguous(memory_format=torch.channels_last) \
-                else torch.contiguous_format                      # the 3x3 weight's layout
-            conv.weight = nn.Parameter(w4.contiguous(memory_format=fmt), requires_grad=False)
-            if b4 is not None:
-                conv.bias = nn.Parameter(b4, requires_grad=False)
-            self._folded = (key, conv)
-        return self._folded[1]
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._folded = None           # the weights are written in place: fold them again
-        super()._load_from_state_dict(*args, **kwargs)
-
-    def _apply(self, fn, recurse=True):
-        self._folded = None           # .to()/.half()/.cuda(): rebuilt from the moved weight when next called
-        return super()._apply(fn, recurse)
+        w4, b4 = fold_weight(weight, bias)
+        conv = type(self.conv)(w4.shape[1], w4.shape[0], 2, padding=1, bias=bias is not None, device="meta")
+        fmt = torch.channels_last if weight.is_contiguous(memory_format=torch.channels_last) \
+            else torch.contiguous_format                              # the 3x3 weight's layout
+        conv.weight = nn.Parameter(w4.contiguous(memory_format=fmt), requires_grad=False)
+        if b4 is not None:
+            conv.bias = nn.Parameter(b4, requires_grad=False)
+        return conv

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from batchsd.runtime import PackedConv2d, onednn_available
+from batchsd.runtime import KeepsDerivedWeight, PackedConv2d, onednn_available
 
 MIN_CHANNELS = 640          # input channels from which a 3x3 conv goes through Winograd (measured)
 
@@ -73,7 +73,7 @@ def winograd_conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None
     return y.permute(0, 3, 1, 2)                                          # [B, Co, H, W], NHWC in memory
 
 
-class WinogradConv2d(PackedConv2d):
+class WinogradConv2d(KeepsDerivedWeight, PackedConv2d):
     """A PackedConv2d (same attributes and state dict) that `use_winograd` marked: its calls on CPU
     float inputs go through `winograd_conv3x3`, whatever the shape (so a row's result never depends
     on what ran before it). Unmarked instances (e.g. a folded upsample conv derived from a marked
@@ -81,7 +81,6 @@ class WinogradConv2d(PackedConv2d):
     nn.Conv2d path."""
 
     winograd = False                                          # set by use_winograd on eligible convs
-    _transformed: tuple[tuple, torch.Tensor] | None = None    # (weight identity, U); not in the state dict
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.winograd:
@@ -91,22 +90,8 @@ class WinogradConv2d(PackedConv2d):
         return winograd_conv3x3(x, self.transformed_weight(), self.bias)
 
     def transformed_weight(self) -> torch.Tensor:
-        """U of the current weight; derived again after a load, cast or move."""
-        weight = self.weight
-        key = (id(weight), weight.data_ptr(), weight.dtype, weight.device)
-        if self._transformed is None or self._transformed[0] != key:
-            self._transformed = None
-            with torch.no_grad():
-                self._transformed = (key, transform_weight(weight))
-        return self._transformed[1]
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._transformed = None
-        super()._load_from_state_dict(*args, **kwargs)
-
-    def _apply(self, fn, recurse=True):
-        self._transformed = None
-        return super()._apply(fn, recurse)
+        """U of the current weight (runtime.KeepsDerivedWeight: again after a load, cast or move)."""
+        return self.derived(lambda: transform_weight(self.weight), self.weight)
 
 
 def winograd_eligible(conv: nn.Module, min_channels: int = MIN_CHANNELS) -> bool:
