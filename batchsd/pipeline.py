@@ -33,8 +33,8 @@ from .devices import resolve_device, resolve_dtype
 from .errors import InputError
 from .model import StableDiffusionModel
 from .runtime import CompiledUNet, host_array, pack_convolutions, to_host
-from .winograd import use_winograd
 from .tokenizer import tokenize
+from .winograd import use_winograd
 
 DEFAULT_SIZE = 512
 TEXT_CACHE_SIZE = 256
