@@ -99,10 +99,18 @@ def test_folded_upsample_conv_of_a_winograd_conv_stays_packed():
     assert isinstance(folded, PackedConv2d) and not folded.winograd and folded.packed is not None
 
 
-def test_pipeline_default_is_on_for_bf16_off_for_fp32():
-    assert not Pipeline.load("tiny", device="cpu", dtype="fp32").winograd
-    # TINY's convolutions are narrower than MIN_CHANNELS: nothing to take, so not in use either way
-    assert not Pipeline.load("tiny", device="cpu", dtype="bf16").winograd
+def test_pipeline_default_is_on_for_bf16_off_for_fp32(monkeypatch):
+    import batchsd.pipeline as pipeline_module
+
+    # TINY's convolutions are narrower than MIN_CHANNELS: let every 3x3 conv count, to see the rule
+    monkeypatch.setattr(pipeline_module, "use_winograd", lambda m: use_winograd(m, min_channels=1))
+    for dtype, option, expected in [("fp32", None, False), ("bf16", None, True), ("fp32", True, True),
+                                    ("bf16", False, False)]:
+        pipe = Pipeline.load("tiny", device="cpu", dtype=dtype, winograd=option)
+        assert pipe.winograd is expected, (dtype, option)
+        marked = [m for m in pipe.model.unet.modules() if isinstance(m, WinogradConv2d) and m.winograd]
+        assert bool(marked) is expected
+    assert not Pipeline.load("tiny", device="cpu", dtype="bf16", winograd=True, compile="default").winograd
 
 
 def test_pipeline_with_winograd_matches_without():
