@@ -201,6 +201,18 @@ def packing(size: int) -> None:
         del unet, vae
 
 
+def interleaved(run) -> tuple[tuple[float, float], tuple[float, float], float]:
+    """run(on) with the lever off and on, twice, interleaved: each side's best (wall, CPU) of 2 after
+    a warm-up, and max |on - off| / max |off| of the outputs."""
+    res, outs = {}, {}
+    for on in (False, True, False, True):
+        r = best(lambda: run(on), 2)
+        res[on] = min(res.get(on, r), r)
+        outs[on] = run(on).float()
+    diff = (outs[True] - outs[False]).abs().max().item() / outs[False].abs().max().item()
+    return res[False], res[True], diff
+
+
 @torch.inference_mode()
 def folding(size: int) -> None:
     from batchsd.runtime import tune_cpu_allocator
@@ -219,15 +231,12 @@ def folding(size: int) -> None:
         x, t, ctx = step_inputs(size, dtype, "cl")
         z = torch.randn(1, 4, size // 8, size // 8).to(dtype).contiguous(memory_format=cl)
         for name, fn in (("UNet CFG step", lambda: unet(x, t, ctx)), ("VAE decode", lambda: vae.decode(z))):
-            res, outs = {}, {}
-            for fold in (False, True, False, True):     # twice, interleaved; keep each side's best
+            def run(fold: bool, fn=fn):
                 NearestUpsampleConv.fold = fold
-                r = best(fn, 2)
-                res[fold] = min(res.get(fold, r), r)
-                outs[fold] = fn().float()
+                return fn()
+
+            p, q, diff = interleaved(run)
             NearestUpsampleConv.fold = True
-            p, q = res[False], res[True]
-            diff = (outs[True] - outs[False]).abs().max().item() / outs[False].abs().max().item()
             log(f"| {name} | {str(dtype)[6:]} | {p[0]:.2f} / {p[1]:.2f} | {q[0]:.2f} / {q[1]:.2f} | "
                 f"{p[0] / q[0]:.2f}x | {diff:.1e} |")
         del unet, vae
@@ -256,13 +265,7 @@ def winograd(size: int) -> None:
                 set_packed(models[on], True)
             extra = sum(m.weight.numel() * m.weight.element_size() * 16 / 9 for m in models[True].modules()
                         if isinstance(m, WinogradConv2d) and m.winograd) / 2**30
-            res, outs = {}, {}
-            for on in (False, True, False, True):
-                r = best(lambda: call(models[on]), 2)
-                res[on] = min(res.get(on, r), r)
-                outs[on] = call(models[on]).float()
-            p, q = res[False], res[True]
-            diff = (outs[True] - outs[False]).abs().max().item() / outs[False].abs().max().item()
+            p, q, diff = interleaved(lambda on: call(models[on]))
             log(f"| {name} | {str(dtype)[6:]} | {p[0]:.2f} / {p[1]:.2f} | {q[0]:.2f} / {q[1]:.2f} | "
                 f"{p[0] / q[0]:.2f}x | {diff:.1e} | {extra:.2f} |")
             del models
