@@ -30,19 +30,31 @@ import torch.nn.functional as F
 
 from batchsd.runtime import KeepsDerivedWeight
 
-# [phase a, tap of the 2x2 kernel, row of the 3x3 kernel]: which 3x3 rows each 2x2 tap sums
-_TAPS = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))
+# [phase a][tap p of the 2x2 kernel]: the rows (or columns) of the 3x3 kernel that tap sums
+_TAPS = (((0,), (1, 2)), ((0, 1), (2,)))
 
 
-def fold_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def fold_weight(weight: torch.Tensor, bias: torch.Tensor | None,
+                memory_format: torch.memory_format = torch.contiguous_format
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """3x3 conv weight [Co,Ci,3,3] (+ bias [Co]) -> the 2x2 weight [4*Co,Ci,2,2] of its four phases,
-    block k = 2a + b (+ bias [4*Co]). Taps are summed in fp32 at least, then cast to the weight's dtype."""
+    block k = 2a + b (+ bias [4*Co]), in `memory_format`. Taps are summed in fp32 at least, then cast
+    to the weight's dtype. Each of the 16 taps is written into its place: beside the result, at most
+    one [Co,Ci] sum is alive (the fold runs at first use, when the peak RSS is made)."""
     co, ci = weight.shape[:2]
     acc = torch.promote_types(weight.dtype, torch.float32)
-    taps = torch.tensor(_TAPS, dtype=acc, device=weight.device)                      # [2, 2, 3]
-    w = torch.einsum("apy,bqx,oiyx->aboipq", taps, taps, weight.to(acc))             # [2,2,Co,Ci,2,2]
-    w = w.reshape(4 * co, ci, 2, 2).to(weight.dtype)
-    return w, None if bias is None else bias.repeat(4)
+    w4 = torch.empty((4 * co, ci, 2, 2), dtype=weight.dtype, device=weight.device, memory_format=memory_format)
+    for a in (0, 1):
+        for b in (0, 1):
+            block = w4[(2 * a + b) * co:(2 * a + b + 1) * co]
+            for p, rows in enumerate(_TAPS[a]):
+                for q, cols in enumerate(_TAPS[b]):
+                    taps = [weight[:, :, y, x] for y in rows for x in cols]
+                    total = taps[0].to(acc, copy=True)
+                    for t in taps[1:]:
+                        total += t
+                    block[:, :, p, q] = total
+    return w4, None if bias is None else bias.repeat(4)
 
 
 def assemble_phases(grid: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
@@ -92,11 +104,11 @@ class NearestUpsampleConv(KeepsDerivedWeight, nn.Module):
 
     def _fold(self) -> nn.Conv2d:
         weight, bias = self.conv.weight, self.conv.bias
-        w4, b4 = fold_weight(weight, bias)
-        conv = type(self.conv)(w4.shape[1], w4.shape[0], 2, padding=1, bias=bias is not None, device="meta")
         fmt = torch.channels_last if weight.is_contiguous(memory_format=torch.channels_last) \
             else torch.contiguous_format                              # the 3x3 weight's layout
-        conv.weight = nn.Parameter(w4.contiguous(memory_format=fmt), requires_grad=False)
+        w4, b4 = fold_weight(weight, bias, fmt)
+        conv = type(self.conv)(w4.shape[1], w4.shape[0], 2, padding=1, bias=bias is not None, device="meta")
+        conv.weight = nn.Parameter(w4, requires_grad=False)
         if b4 is not None:
             conv.bias = nn.Parameter(b4, requires_grad=False)
         return conv
