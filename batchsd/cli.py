@@ -109,7 +109,7 @@ def run(
                                          "reported. Pays off on long CUDA jobs; slower on the CPU (tests/bench)."),
     winograd: Winograd = typer.Option(Winograd.auto, "--winograd", case_sensitive=False,
                                       help="CPU: the wide 3x3 convolutions by Winograd F(2x2,3x3): ~1.1x faster "
-                                           "UNet steps for +3.4 GiB memory in fp32 (+1.7 in bf16). auto: on for "
+                                           "UNet steps for +1.5 GiB memory in fp32 (+0.76 in bf16). auto: on for "
                                            "bf16/fp16, off for fp32."),
     shard: Optional[str] = typer.Option(None, "--shard", metavar="I/N",
                                         help="Make only shard I of N (numbered from 0): the rows with "

@@ -34,7 +34,7 @@ from .errors import InputError
 from .model import StableDiffusionModel
 from .runtime import CompiledUNet, host_array, pack_convolutions, to_host
 from .tokenizer import tokenize
-from .winograd import use_winograd
+from .winograd import use_winograd_in_model
 
 DEFAULT_SIZE = 512
 TEXT_CACHE_SIZE = 256
@@ -137,7 +137,7 @@ class Pipeline:
         self.winograd = False
         if pack_weights and device.type == "cpu" and not compile:
             if winograd or (winograd is None and dtype in (torch.bfloat16, torch.float16)):
-                self.winograd = use_winograd(self.model.unet) + use_winograd(self.model.vae) > 0
+                self.winograd = use_winograd_in_model(self.model) > 0
             pack_convolutions(self.model.unet)
             pack_convolutions(self.model.vae)
         # the UNet forward as called by the sampler: eager, or torch.compile'd (runtime.CompiledUNet)

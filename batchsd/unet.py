@@ -209,6 +209,7 @@ class UNetModel(nn.Module):
 
         # down path; skip_channels records the channels of every skip connection, in push order
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        self.input_levels = [0]           # resolution level (0: the latent's, levels-1: the lowest) per block
         skip_channels = [mc]
         ch = mc
         for level, mult in enumerate(cfg.channel_mult):
@@ -218,9 +219,11 @@ class UNetModel(nn.Module):
                 if level in cfg.attention_levels:
                     layers.append(SpatialTransformer(cfg, ch))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
+                self.input_levels.append(level)
                 skip_channels.append(ch)
             if level != levels - 1:
                 self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+                self.input_levels.append(level)
                 skip_channels.append(ch)
 
         self.middle_block = TimestepEmbedSequential(
@@ -229,6 +232,7 @@ class UNetModel(nn.Module):
 
         # up path: each block concatenates one skip connection (popped in reverse order)
         self.output_blocks = nn.ModuleList()
+        self.output_levels = []           # the level a block runs at (its upsample, if any, leads to level-1)
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.res_blocks + 1):
                 layers = [ResBlock(cfg, ch + skip_channels.pop(), mc * mult)]
@@ -238,10 +242,17 @@ class UNetModel(nn.Module):
                 if level != 0 and i == cfg.res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
+                self.output_levels.append(level)
 
         self.out = nn.Sequential(
             nn.GroupNorm(cfg.groups, ch, eps=cfg.eps), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
         )
+
+    def blocks_by_level(self) -> list[tuple[int, nn.Module]]:
+        """(resolution level, block) for every input block, the middle block and every output block:
+        level l runs at 1/2^l of the latent's side (the middle block at the lowest, levels-1)."""
+        return (list(zip(self.input_levels, self.input_blocks)) + [(len(self.cfg.channel_mult) - 1, self.middle_block)]
+                + list(zip(self.output_levels, self.output_blocks)))
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         # x: [B, in_channels, h, w] (any h, w >= 1), timesteps: float [B] (or a scalar),

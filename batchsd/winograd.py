@@ -14,8 +14,10 @@ output scale against a float64 reference; the direct oneDNN convolution is at ~2
 Where it pays (tests/bench/README.md): the transforms cost memory passes in proportion to
 C * h * w, the products C_in * C_out * h * w, so it wins on wide layers: 1.5-1.8x per conv at 640 and
 1280 channels, slower than oneDNN's direct kernel at 128-320 channels. Hence `use_winograd` takes
-only convolutions with at least `MIN_CHANNELS` input channels. Memory: the transformed weight is
-16/9 of the 3x3 weight, kept beside it (the plain weight stays the exact checkpoint tensor).
+only convolutions with at least `MIN_CHANNELS` input channels, and `use_winograd_in_model` leaves
+out the UNet's lowest-resolution level, where the products are bound by reading the weights. Memory:
+the transformed weight is 16/9 of the 3x3 weight, kept beside it (the plain weight stays the exact
+checkpoint tensor).
 """
 from __future__ import annotations
 
@@ -31,13 +33,25 @@ MIN_CHANNELS = 640          # input channels from which a 3x3 conv goes through 
 _G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 
 
+def _g_taps(t: list[torch.Tensor]) -> list[torch.Tensor]:
+    """G applied along one axis to its 3 taps: (t0, (t0 + t1 + t2) / 2, (t0 - t1 + t2) / 2, t2)."""
+    outer = t[0] + t[2]
+    return [t[0], (outer + t[1]).mul_(0.5), (outer - t[1]).mul_(0.5), t[2]]
+
+
 def transform_weight(weight: torch.Tensor) -> torch.Tensor:
-    """[Co, Ci, 3, 3] -> U [16, Ci, Co] (position 4a + b of G g G^T), summed in fp32 at least."""
+    """[Co, Ci, 3, 3] -> U [16, Co, Ci] (position 4a + b of G g G^T), summed in fp32 at least.
+    G goes along the kernel's rows, then along its columns; each position is written into its slot
+    of U, so beside U only [Co, Ci] slices are alive, about one weight's worth in all (it runs at a
+    conv's first call, when the peak RSS is made)."""
     co, ci = weight.shape[:2]
     acc = torch.promote_types(weight.dtype, torch.float32)
-    g = torch.tensor(_G, dtype=acc, device=weight.device)
-    u = torch.einsum("ay,bx,oiyx->abio", g, g, weight.to(acc))            # [4, 4, Ci, Co]
-    return u.reshape(16, ci, co).to(weight.dtype).contiguous()
+    u = torch.empty((16, co, ci), dtype=weight.dtype, device=weight.device)
+    cols = [_g_taps([weight[:, :, y, x].to(acc) for y in range(3)]) for x in range(3)]   # [x][a]: [Co, Ci]
+    for a in range(4):
+        for b, tap in enumerate(_g_taps([cols[x][a] for x in range(3)])):
+            u[4 * a + b].copy_(tap)
+    return u
 
 
 def _bt(r: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -49,7 +63,7 @@ def winograd_conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None
     """conv2d(x, weight, bias, padding=1) for x [B, Ci, H, W] and u = transform_weight(weight):
     -> [B, Co, H, W], channels_last. Any H, W (odd sizes are padded to even, the extra row/column cut)."""
     b, ci, h, w = x.shape
-    co = u.shape[2]
+    co = u.shape[1]
     h2, w2 = (h + 1) // 2, (w + 1) // 2                                   # tiles per column / row
     xh = x.permute(0, 2, 3, 1)                                            # [B, H, W, Ci] (a view if NHWC)
     xp = F.pad(xh, (0, 0, 1, 1 + w % 2, 1, 1 + h % 2))                    # [B, 2*h2+2, 2*w2+2, Ci]
@@ -61,7 +75,7 @@ def winograd_conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None
         torch.add(cols[1], cols[2], out=v[a, 1])
         torch.sub(cols[2], cols[1], out=v[a, 2])
         torch.sub(cols[1], cols[3], out=v[a, 3])
-    m = torch.bmm(v.view(16, b * h2 * w2, ci), u).view(4, 4, b, h2, w2, co)   # the 16 products
+    m = torch.bmm(v.view(16, b * h2 * w2, ci), u.transpose(1, 2)).view(4, 4, b, h2, w2, co)   # 16 products
     y = x.new_empty((b, 2 * h2, 2 * w2, co))                              # A^T . A, then + bias
     for a, r in enumerate((m[0] + m[1] + m[2], m[1] - m[2] - m[3])):      # A^T along the rows
         for c, out in enumerate((r[0] + r[1] + r[2], r[1] - r[2] - r[3])):  # and the columns
@@ -114,3 +128,16 @@ def use_winograd(module: nn.Module, min_channels: int = MIN_CHANNELS) -> int:
             m.winograd = True
             count += 1
     return count
+
+
+def use_winograd_in_model(model: nn.Module, min_channels: int = MIN_CHANNELS) -> int:
+    """The rule `Pipeline` applies: `use_winograd` on the UNet's blocks above its lowest resolution
+    level, and on the VAE; returns how many convs. The lowest level (1/8 of the latent's side, the
+    middle block among them) is left direct: its maps are so small (4x4 at 512x512 images) that the
+    products are bound by reading the transformed weights, which are 16/9 of the plain ones. Measured
+    (tests/bench/README.md): without it a UNet step is as fast at 256x256 and within ~4% at 512x512,
+    and the transformed weights are half as big (1.52 instead of 3.18 GiB in fp32). A fixed property of the model, so a row's
+    result does not depend on the batch it ran in."""
+    lowest = len(model.unet.cfg.channel_mult) - 1
+    unet = sum(use_winograd(block, min_channels) for level, block in model.unet.blocks_by_level() if level < lowest)
+    return unet + use_winograd(model.vae, min_channels)

@@ -13,7 +13,8 @@ from batchsd.model import StableDiffusionModel
 from batchsd.pipeline import GenerationRow, Pipeline
 from batchsd.runtime import PackedConv2d, onednn_available, pack_convolutions
 from batchsd.upsample import NearestUpsampleConv
-from batchsd.winograd import WinogradConv2d, transform_weight, use_winograd, winograd_conv3x3
+from batchsd.winograd import (WinogradConv2d, transform_weight, use_winograd, use_winograd_in_model,
+                              winograd_conv3x3, winograd_eligible)
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch has no oneDNN convolution ops")
 
@@ -103,7 +104,7 @@ def test_pipeline_default_is_on_for_bf16_off_for_fp32(monkeypatch):
     import batchsd.pipeline as pipeline_module
 
     # TINY's convolutions are narrower than MIN_CHANNELS: let every 3x3 conv count, to see the rule
-    monkeypatch.setattr(pipeline_module, "use_winograd", lambda m: use_winograd(m, min_channels=1))
+    monkeypatch.setattr(pipeline_module, "use_winograd_in_model", lambda m: use_winograd_in_model(m, min_channels=1))
     for dtype, option, expected in [("fp32", None, False), ("bf16", None, True), ("fp32", True, True),
                                     ("bf16", False, False)]:
         pipe = Pipeline.load("tiny", device="cpu", dtype=dtype, winograd=option)
@@ -111,6 +112,26 @@ def test_pipeline_default_is_on_for_bf16_off_for_fp32(monkeypatch):
         marked = [m for m in pipe.model.unet.modules() if isinstance(m, WinogradConv2d) and m.winograd]
         assert bool(marked) is expected
     assert not Pipeline.load("tiny", device="cpu", dtype="bf16", winograd=True, compile="default").winograd
+
+
+def marked(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if isinstance(m, WinogradConv2d) and m.winograd]
+
+
+def test_model_rule_leaves_the_unets_lowest_level_direct():
+    from batchsd.checkpoint import build_on_meta
+    from batchsd.config import SD15
+
+    model = build_on_meta(SD15)
+    eligible = {id(m) for m in model.unet.modules() if winograd_eligible(m)}
+    assert len(eligible) == 39 and not [m for m in model.vae.modules() if winograd_eligible(m)]
+    assert use_winograd_in_model(model) == 24
+    for level, block in model.unet.blocks_by_level():
+        wide = [m for m in block.modules() if id(m) in eligible]
+        assert len(marked(block)) == (len(wide) if level < 3 else 0), level
+    # the level bookkeeping: 12 input blocks, the middle, 12 output blocks; 1/8 of the side at level 3
+    assert [lv for lv, _ in model.unet.blocks_by_level()] == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3,
+                                                              3, 3, 3, 2, 2, 2, 1, 1, 1, 0, 0, 0]
 
 
 def test_pipeline_with_winograd_matches_without():

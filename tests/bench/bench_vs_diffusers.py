@@ -448,14 +448,14 @@ def main() -> None:
         log(f"diffusers loaded fp32 in {time.perf_counter() - t0:.1f}s")
 
         def to_bf16():
-            from batchsd.winograd import use_winograd
+            from batchsd.winograd import use_winograd_in_model
 
             for m in (ours.model, theirs.unet, theirs.vae, theirs.text_encoder):
                 m.to(torch.bfloat16)
             ours.dtype = torch.bfloat16
             ours._text_cache.clear()
             if winograd is not False:     # what Pipeline(dtype=bf16) does by default
-                ours.winograd = use_winograd(ours.model.unet) + use_winograd(ours.model.vae) > 0 or ours.winograd
+                ours.winograd = use_winograd_in_model(ours.model) > 0 or ours.winograd
 
         def end_to_end():
             layout = diffusers_best_layout(res.get("unet", []), e2e_dtype, 256)
