@@ -29,12 +29,9 @@ from batchsd.runtime import KeepsDerivedWeight, PackedConv2d, onednn_available
 
 MIN_CHANNELS = 640          # input channels from which a 3x3 conv goes through Winograd (measured)
 
-# G (4x3): the weight transform; B^T and A^T are written out as additions below
-_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
-
-
 def _g_taps(t: list[torch.Tensor]) -> list[torch.Tensor]:
-    """G applied along one axis to its 3 taps: (t0, (t0 + t1 + t2) / 2, (t0 - t1 + t2) / 2, t2)."""
+    """G (4x3, rows (1,0,0), (1/2,1/2,1/2), (1/2,-1/2,1/2), (0,0,1)) applied along one axis to its 3
+    taps: (t0, (t0 + t1 + t2) / 2, (t0 - t1 + t2) / 2, t2). B^T and A^T are written out the same way."""
     outer = t[0] + t[2]
     return [t[0], (outer + t[1]).mul_(0.5), (outer - t[1]).mul_(0.5), t[2]]
 
@@ -136,8 +133,8 @@ def use_winograd_in_model(model: nn.Module, min_channels: int = MIN_CHANNELS) ->
     middle block among them) is left direct: its maps are so small (4x4 at 512x512 images) that the
     products are bound by reading the transformed weights, which are 16/9 of the plain ones. Measured
     (tests/bench/README.md): without it a UNet step is as fast at 256x256 and within ~4% at 512x512,
-    and the transformed weights are half as big (1.52 instead of 3.18 GiB in fp32). A fixed property of the model, so a row's
-    result does not depend on the batch it ran in."""
+    and the transformed weights are half as big (1.52 instead of 3.18 GiB in fp32). A fixed property
+    of the model, so a row's result does not depend on the batch it ran in."""
     lowest = len(model.unet.cfg.channel_mult) - 1
     unet = sum(use_winograd(block, min_channels) for level, block in model.unet.blocks_by_level() if level < lowest)
     return unet + use_winograd(model.vae, min_channels)
