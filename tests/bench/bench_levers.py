@@ -184,12 +184,8 @@ def packing(size: int) -> None:
     log(f"| packed conv weights ({size}x{size}, channels_last) | dtype | plain: wall s / CPU s / faults | "
         "packed: wall s / CPU s / faults | speed-up (wall) |")
     log("|---|---|---|---|---|")
-    cl = torch.channels_last
     for dtype in (torch.float32, torch.bfloat16):
-        unet = sd15_unet(dtype).to(memory_format=cl)
-        vae = sd15_vae(dtype).to(memory_format=cl)
-        x, t, ctx = step_inputs(size, dtype, "cl")
-        z = torch.randn(1, 4, size // 8, size // 8).to(dtype).contiguous(memory_format=cl)
+        unet, vae, (x, t, ctx), z = cl_models_and_inputs(size, dtype)
         for name, module, fn in (("UNet CFG step", unet, lambda: unet(x, t, ctx)), ("VAE decode", vae, lambda: vae.decode(z))):
             res = {}
             for packed in (False, True, False, True):   # twice, interleaved; keep each side's best
@@ -223,14 +219,10 @@ def folding(size: int) -> None:
     log(f"| folded upsample conv ({size}x{size}, channels_last, packed) | dtype | interpolate + 3x3: wall s / CPU s | "
         "folded 2x2: wall s / CPU s | speed-up (wall) | max abs diff / max abs output |")
     log("|---|---|---|---|---|---|")
-    cl = torch.channels_last
     for dtype in (torch.float32, torch.bfloat16):
-        unet = sd15_unet(dtype).to(memory_format=cl)
-        vae = sd15_vae(dtype).to(memory_format=cl)
+        unet, vae, (x, t, ctx), z = cl_models_and_inputs(size, dtype)
         set_packed(unet, True)
         set_packed(vae, True)
-        x, t, ctx = step_inputs(size, dtype, "cl")
-        z = torch.randn(1, 4, size // 8, size // 8).to(dtype).contiguous(memory_format=cl)
         for name, fn in (("UNet CFG step", lambda: unet(x, t, ctx)), ("VAE decode", lambda: vae.decode(z))):
             def run(fold: bool, fn=fn):
                 NearestUpsampleConv.fold = fold
@@ -287,13 +279,9 @@ def alloc_child(tuned: bool, size: int) -> None:
 
     if tuned:
         assert tune_cpu_allocator()
-    cl = torch.channels_last
-    unet = sd15_unet(torch.float32).to(memory_format=cl)
-    vae = sd15_vae(torch.float32).to(memory_format=cl)
+    unet, vae, (x, t, ctx), z = cl_models_and_inputs(size, torch.float32)
     pack_convolutions(unet)
     pack_convolutions(vae)
-    x, t, ctx = step_inputs(size, torch.float32, "cl")
-    z = torch.randn(1, 4, size // 8, size // 8).contiguous(memory_format=cl)
     with torch.inference_mode():
         u = timed_faults(lambda: unet(x, t, ctx))
         v = timed_faults(lambda: vae.decode(z))
@@ -335,6 +323,16 @@ def step_inputs(size: int, dtype: torch.dtype, layout: str):
     if layout == "cl":
         x = x.contiguous(memory_format=torch.channels_last)
     return x, torch.tensor([500.0, 500.0]), torch.randn(2, 77, 768).to(dtype)
+
+
+def cl_models_and_inputs(size: int, dtype: torch.dtype):
+    """The SD 1.5 UNet and VAE in channels_last (convs not packed), a CFG-pair step's inputs
+    (x, t, ctx) and one latent z to decode, all at `size` in `dtype`."""
+    cl = torch.channels_last
+    unet = sd15_unet(dtype).to(memory_format=cl)
+    vae = sd15_vae(dtype).to(memory_format=cl)
+    z = torch.randn(1, 4, size // 8, size // 8).to(dtype).contiguous(memory_format=cl)
+    return unet, vae, step_inputs(size, dtype, "cl"), z
 
 
 @torch.inference_mode()
