@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from .config import PRESETS, CLIPTextConfig, SDConfig, UNetConfig, VAEConfig
 from .checkpoint_files import SourceTensor, materialize, open_checkpoint
@@ -187,10 +188,23 @@ class KeyReport:
     problem: str | None = None                           # why it cannot be loaded, if it cannot
 
 
+class _SkipInit(TorchFunctionMode):
+    """Skips the in-place initialisers of torch.nn.init (the modules' reset_parameters) while a model
+    is built on the meta device, where they have nothing to fill. Not only wasted: nn.Embedding's
+    `normal_` on meta runs a Python decomposition whose first use imports torch._dynamo (~1.2 s of
+    every start-up). A torch function mode, so it holds for this thread only."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if getattr(func, "__module__", None) == "torch.nn.init" and name.endswith("_") and not name.startswith("_"):
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
 def build_on_meta(cfg: SDConfig) -> StableDiffusionModel:
     """StableDiffusionModel(cfg) on the meta device: shapes only, no memory, no init cost."""
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _SkipInit():
             return StableDiffusionModel(cfg)
     except (ValueError, AssertionError, RuntimeError) as e:
         raise CheckpointError(f"the inferred configuration cannot be built: {e} ({cfg})") from e

@@ -33,7 +33,7 @@ from .devices import resolve_device, resolve_dtype
 from .errors import InputError
 from .model import StableDiffusionModel
 from .runtime import CompiledUNet, host_array, pack_convolutions, to_host
-from .tokenizer import tokenize
+from .tokenizer import preload_tokenizer, tokenize
 from .winograd import use_winograd_in_model
 
 DEFAULT_SIZE = 512
@@ -150,6 +150,7 @@ class Pipeline:
         (single-file .safetensors/.ckpt or a diffusers folder). `compile`: None (eager) or a
         torch.compile mode for the UNet (runtime.COMPILE_MODES; "reduce-overhead" = CUDA graphs).
         `winograd` (CPU): True/False, or None for the default (on for bf16/fp16, off for fp32)."""
+        preload_tokenizer()          # importing transformers overlaps with building the model and the load
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         if str(model) == "tiny":

@@ -8,11 +8,14 @@ one still `<|endoftext|>`), and `tokenize` says which prompts were cut.
 """
 from __future__ import annotations
 
-from functools import lru_cache
+import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import CLIPTokenizer
+
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
 
 TOKENIZER_DATA = Path(__file__).resolve().parent / "tokenizer_data"
 MAX_LENGTH = 77  # CLIP text context length (CLIPTextConfig.max_positions of SD 1.x)
@@ -20,17 +23,42 @@ BOS_ID = 49406   # <|startoftext|>
 EOS_ID = 49407   # <|endoftext|>, also the padding id
 
 
-@lru_cache(maxsize=1)
+_tokenizer: CLIPTokenizer | None = None
+_tokenizer_lock = threading.Lock()
+
+
 def load_tokenizer() -> CLIPTokenizer:
-    """The CLIP tokenizer, loaded once (about 0.1 s) and shared."""
-    # from_pretrained on the local folder reads vocab.json + merges.txt in transformers 4 and 5 alike
-    tokenizer = CLIPTokenizer.from_pretrained(
-        str(TOKENIZER_DATA),
-        local_files_only=True,
-        model_max_length=MAX_LENGTH,  # not stored in the two files; the default would be "unlimited"
-    )
-    assert tokenizer.bos_token_id == BOS_ID and tokenizer.pad_token_id == EOS_ID, "bad tokenizer_data"
-    return tokenizer
+    """The CLIP tokenizer, loaded once and shared: about 0.1 s, after importing transformers (about
+    1.2 s, hence not at import time: see `preload_tokenizer`)."""
+    global _tokenizer
+    with _tokenizer_lock:
+        if _tokenizer is None:
+            from transformers import CLIPTokenizer
+
+            # from_pretrained on the local folder reads vocab.json + merges.txt in transformers 4 and 5 alike
+            tokenizer = CLIPTokenizer.from_pretrained(
+                str(TOKENIZER_DATA),
+                local_files_only=True,
+                model_max_length=MAX_LENGTH,  # not stored in the two files; the default would be "unlimited"
+            )
+            assert tokenizer.bos_token_id == BOS_ID and tokenizer.pad_token_id == EOS_ID, "bad tokenizer_data"
+            _tokenizer = tokenizer
+        return _tokenizer
+
+
+def preload_tokenizer() -> threading.Thread:
+    """Start `load_tokenizer` on a daemon thread, so that the transformers import overlaps with
+    loading the weights (Pipeline.load). A failure there is not lost: the tokenizer is then still
+    unloaded, and the next `load_tokenizer` call tries again on the caller's thread and raises."""
+    def run() -> None:
+        try:
+            load_tokenizer()
+        except Exception:  # noqa: BLE001 - raised again by the caller's own load_tokenizer()
+            pass
+
+    thread = threading.Thread(target=run, name="batchsd-tokenizer", daemon=True)
+    thread.start()
+    return thread
 
 
 def tokenize(prompts: list[str]) -> tuple[torch.Tensor, list[bool]]:

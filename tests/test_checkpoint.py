@@ -384,3 +384,30 @@ def test_diffusers_from_single_file_reads_our_file_back(tiny_reference, monkeypa
         assert set(got) == set(want), component
         for key in want:
             assert torch.equal(got[key], want[key]), (component, key)
+
+
+def test_start_up_imports_stay_lean():
+    """Two start-up costs kept out (fresh interpreter): building the model on the meta device runs no
+    nn.init (nn.Embedding's normal_ on meta would import torch._dynamo, ~1.2 s), and importing the
+    pipeline does not import transformers (~1.2 s; the tokenizer loads it on its own thread). The
+    model built so has the same tensors as one built with nn.init, and nn.init works afterwards."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "from batchsd.checkpoint import build_on_meta\n"
+            "from batchsd.config import SD15\n"
+            "from batchsd.model import StableDiffusionModel\n"
+            "import batchsd.pipeline\n"
+            "m = build_on_meta(SD15)\n"
+            "print('torch._dynamo' in sys.modules, 'transformers' in sys.modules)\n"
+            "with torch.device('meta'):\n"
+            "    ref = StableDiffusionModel(SD15)\n"
+            "shapes = lambda model: {k: (tuple(v.shape), v.dtype, v.is_meta) for k, v in model.state_dict().items()}\n"
+            "print(len(shapes(m)), shapes(m) == shapes(ref))\n"
+            "x = torch.zeros(1000); torch.nn.init.normal_(x); print(bool(x.std() > 0.5))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    dynamo, transformers, count, same, init_works = out.stdout.split()
+    assert (dynamo, transformers) == ("False", "False")
+    assert int(count) > 1000 and same == "True" and init_works == "True"

@@ -160,3 +160,22 @@ def test_matches_openai_bpe(prompt):
     expected[-1] = EOS_ID
     expected += [EOS_ID] * (MAX_LENGTH - len(expected))
     assert ids[0].tolist() == expected
+
+
+def test_preloaded_on_a_thread_is_the_one_loaded(monkeypatch):
+    import batchsd.tokenizer as tok
+
+    monkeypatch.setattr(tok, "_tokenizer", None)
+    tok.preload_tokenizer().join(timeout=60)
+    assert tok._tokenizer is not None and load_tokenizer() is tok._tokenizer
+
+
+def test_a_failed_preload_is_raised_on_the_callers_thread(monkeypatch, tmp_path):
+    import batchsd.tokenizer as tok
+
+    monkeypatch.setattr(tok, "_tokenizer", None)
+    monkeypatch.setattr(tok, "TOKENIZER_DATA", tmp_path)        # no vocab.json / merges.txt there
+    tok.preload_tokenizer().join(timeout=60)
+    assert tok._tokenizer is None
+    with pytest.raises(Exception):
+        load_tokenizer()
