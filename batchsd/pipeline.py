@@ -32,7 +32,7 @@ from .config import TINY
 from .devices import resolve_device, resolve_dtype
 from .errors import InputError
 from .model import StableDiffusionModel
-from .runtime import CompiledUNet, host_array, pack_convolutions, to_host
+from .runtime import CompiledUNet, host_array, pack_convolutions, pack_now, to_host
 from .tokenizer import preload_tokenizer, tokenize
 from .winograd import use_winograd_in_model
 
@@ -140,6 +140,7 @@ class Pipeline:
                 self.winograd = use_winograd_in_model(self.model) > 0
             pack_convolutions(self.model.unet)
             pack_convolutions(self.model.vae)
+            pack_now(self.model)      # not at the first call: fewer fresh pages (runtime.pack_now)
         # the UNet forward as called by the sampler: eager, or torch.compile'd (runtime.CompiledUNet)
         self.unet = CompiledUNet(self.model.unet, compile, device) if compile else self.model.unet
 

@@ -144,3 +144,36 @@ def test_pipeline_packs_cpu_convolutions_with_the_same_images(eager_output):
     assert rel < 1e-4, rel
     for x, y in zip(a.images, b.images):
         assert np.abs(np.asarray(x, np.int16) - np.asarray(y, np.int16)).max() <= 1
+
+
+@needs_onednn
+def test_pipeline_packs_its_called_convolutions_at_load(eager_output, monkeypatch):
+    """runtime.pack_now, run by Pipeline: the 3x3 convs and each upsample's folded 2x2 conv are packed
+    before any call, the upsamples' own 3x3 convs (folded, never called) and the 1x1 ones (some read
+    as matrices) keep their plain weights; the images equal those of packing at the first call."""
+    from batchsd.upsample import NearestUpsampleConv
+    import batchsd.pipeline as pipeline_module
+
+    pipe = tiny()
+    upsamples = [m for m in pipe.model.modules() if isinstance(m, NearestUpsampleConv)]
+    inner = {id(m.conv) for m in upsamples}
+    assert upsamples and all(m.folded_conv().packed is not None for m in upsamples)
+    assert all(m.conv.weight is not None and m.conv.packed is None for m in upsamples)
+    convs = [m for m in pipe.model.modules() if isinstance(m, PackedConv2d) and id(m) not in inner]
+    three = [m for m in convs if m.kernel_size == (3, 3)]
+    one = [m for m in convs if m.kernel_size == (1, 1)]
+    assert three and one
+    assert all(m.packed is not None and m.weight is None for m in three)
+    assert all(m.packed is None and m.weight is not None for m in one)
+
+    monkeypatch.setattr(pipeline_module, "pack_now", lambda model: 0)      # packed at the first call
+    at_first_call = tiny()
+    assert all(m.packed is None for m in at_first_call.model.modules() if isinstance(m, PackedConv2d))
+    a, b = at_first_call.generate(ROWS), pipe.generate(ROWS)
+    rel = ((b.latents - a.latents).abs().max() / a.latents.abs().max()).item()
+    assert rel < 1e-5, rel
+    for x, y in zip(a.images, b.images):
+        assert np.abs(np.asarray(x, np.int16) - np.asarray(y, np.int16)).max() <= 1
+    # a state dict still reads the exact checkpoint tensors
+    ref = StableDiffusionModel.random(TINY, seed=0).state_dict()
+    assert all(torch.equal(v, ref[k].to(v.dtype)) for k, v in pipe.model.state_dict().items())
