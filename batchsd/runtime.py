@@ -8,7 +8,8 @@ order of floating-point operations:
   does: fp32 weights over 32 MiB also cost fresh zeroed pages on every reorder. Same kernels, same
   results (bit-identical for channels_last inputs; tests/test_runtime.py). `pack_now` packs the
   large ones at load instead, largest first, so that the packed copies reuse the pages the plain
-  weights free (Pipeline: the first fp32 image at 256x256, 4 steps, 14.0 -> 9.8 s, 12.1 -> 8.7 s).
+  weights free (Pipeline; `bench_levers.py --only packnow`: fp32 load + first image 1.1x faster,
+  up to 1.4x where fresh pages cost more).
 - `CompiledUNet`: `torch.compile` of the UNet (inductor), one graph per input shape (`dynamic=False`:
   a job has few shapes). Mode "reduce-overhead" also captures CUDA graphs on CUDA: each fixed
   shape replays one recorded graph per step instead of ~1,000 kernel launches. The first call per
@@ -149,9 +150,9 @@ def pack_now(module: nn.Module, input_hw: tuple[int, int] = (64, 64)) -> int:
     Why (start-up): packing at the first call, in forward order, writes every packed copy into fresh
     pages, since the weights grow along the UNet's encoder and no weight freed before fits the next
     one (fp32: 0.84 M page faults in the first UNet call). Largest first, each copy mostly lands in
-    memory that a plain weight freed just before (0.03 M). oneDNN's blocked layout does not depend
-    on the input's size here (the same speed at 4x4-64x64 maps, batch 2 and 16: tests/bench/README.md),
-    so `input_hw` is a nominal shape."""
+    memory that a plain weight freed just before (0.03 M). The weight packed for any input size
+    gives the same output bits at 4x4-64x64 maps, batch 2 and 16, at the same speed
+    (`bench_levers.py --only packshape`), so `input_hw` is a nominal shape."""
     if not onednn_available():
         return 0
     convs: list[PackedConv2d] = []

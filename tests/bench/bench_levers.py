@@ -28,6 +28,11 @@ Experiments
            F(2x2,3x3) on the convs with >= 640 input channels, on every level (winograd.use_winograd)
            and without the lowest-resolution level (use_winograd_in_model, shipped), interleaved; the
            transformed weights' memory beside the times. (The VAE has no convs that wide.)
+  packnow  (--only packnow) load + first image (256x256, 4 steps, fp32 and bf16), each in a fresh
+           process as `batchsd run` starts: convs packed at their first call against runtime.pack_now
+           at load (shipped), alternating; times and minor page faults of each phase.
+  packshape (--only packshape) one conv at several input shapes, fp32 and bf16: weight packed for
+           that shape against packed for a 64x64 and an 8x8 map (pack_now packs for a nominal shape).
   alloc    (--only alloc) the same UNet step and VAE decode at 512x512 fp32, each in a fresh process,
            with glibc's default malloc against runtime.tune_cpu_allocator (heap only, freed memory
            kept); peak RSS beside the times.
@@ -300,6 +305,70 @@ def allocator(size: int = 512) -> None:
             f"{r['unet'][2]} | {r['vae'][0]:.2f} / {r['vae'][1]:.2f} / {r['vae'][2]} | {r['peak_rss_gib']:.2f} |")
 
 
+def packnow_child(at_load: bool, dtype_name: str) -> None:
+    """One fresh process: load the benchmark checkpoint as `batchsd run` does on the CPU, then one
+    256x256 image of 4 steps; prints JSON (seconds and minor page faults of load and first image)."""
+    import batchsd.pipeline as pipeline_module
+    from batchsd import GenerationRow
+    from batchsd.runtime import tune_cpu_allocator
+
+    assert tune_cpu_allocator()
+    if not at_load:
+        pipeline_module.pack_now = lambda model: 0           # every conv packed at its first call
+    f0, t0 = minor_faults(), time.perf_counter()
+    pipe = bc.load_batchsd(bc.random_checkpoint(), dtype_name)
+    f1, t1 = minor_faults(), time.perf_counter()
+    with torch.inference_mode():
+        pipe.generate([GenerationRow(prompt="a lighthouse at dawn", seed=1, steps=4, sampler="euler",
+                                     width=256, height=256)])
+    f2, t2 = minor_faults(), time.perf_counter()
+    print("CHILD " + json.dumps(dict(load_s=t1 - t0, load_faults=f1 - f0, first_s=t2 - t1, first_faults=f2 - f1,
+                                     peak_rss_gib=bc.peak_rss_gib(own=True))))
+
+
+def pack_at_load() -> None:
+    log("| convs packed (fresh process each, 256x256, 4 steps) | dtype | load: s / faults | first image: s / faults "
+        "| load + first image, s | peak RSS GiB |")
+    log("|---|---|---|---|---|---|")
+    for dtype_name in ("fp32", "bf16"):
+        for at_load in (False, True, False, True):
+            out = subprocess.run([sys.executable, __file__, "--packnow-child", "load" if at_load else "first",
+                                  "--dtype", dtype_name], capture_output=True, text=True, check=True).stdout
+            r = json.loads([ln for ln in out.splitlines() if ln.startswith("CHILD ")][-1][6:])
+            log(f"| {'at load, largest first (pack_now)' if at_load else 'at the first call'} | {dtype_name} | "
+                f"{r['load_s']:.2f} / {r['load_faults']} | {r['first_s']:.2f} / {r['first_faults']} | "
+                f"{r['load_s'] + r['first_s']:.2f} | {r['peak_rss_gib']:.2f} |")
+
+
+@torch.inference_mode()
+def pack_shape() -> None:
+    """Does the blocked layout oneDNN picks depend on the input's size? Each conv runs at each shape
+    with its weight packed for that shape, for a 64x64 map and for an 8x8 map (batch 1); best of 3."""
+    def packed(w, shape):
+        return torch.ops.mkldnn._reorder_convolution_weight(w, [1, 1], [1, 1], [1, 1], 1, list(shape))
+
+    def conv(x, p, b):
+        return torch.ops.mkldnn._convolution_pointwise(x, p, b, [1, 1], [1, 1], [1, 1], 1, "none", [], "")
+
+    log("| 3x3 conv, packed for (channels_last) | dtype | channels | input | that shape, s | 64x64, s | 8x8, s | max |diff| |")
+    log("|---|---|---|---|---|---|---|---|")
+    for dtype in (torch.float32, torch.bfloat16):
+        for ch, sides in ((320, (8, 32, 64)), (640, (16, 32)), (1280, (4, 8, 16))):
+            w = torch.randn(ch, ch, 3, 3, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            b = torch.randn(ch, dtype=dtype)
+            for side in sides:
+                for batch in (2, 16):
+                    x = torch.randn(batch, ch, side, side, dtype=dtype).contiguous(memory_format=torch.channels_last)
+                    times, outs = [], []
+                    for shape in ((batch, ch, side, side), (1, ch, 64, 64), (1, ch, 8, 8)):
+                        p = packed(w, shape)
+                        outs.append(conv(x, p, b).float())
+                        times.append(best(lambda: conv(x, p, b))[0])
+                    diff = max((o - outs[0]).abs().max().item() for o in outs[1:])
+                    log(f"| | {str(dtype)[6:]} | {ch} | {batch}x{side}x{side} | {times[0]:.4f} | {times[1]:.4f} | "
+                        f"{times[2]:.4f} | {diff:.1e} |")
+
+
 # ---------------------------------------------------------------- a whole UNet step
 def sd15_unet(dtype: torch.dtype):
     """batchsd's SD 1.5 UNet with the benchmark checkpoint's weights."""
@@ -406,9 +475,12 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
                     help="dtype of the layout, threads, batch and compile experiments")
     ap.add_argument("--alloc-child", choices=["plain", "tuned"], help=argparse.SUPPRESS)
+    ap.add_argument("--packnow-child", choices=["first", "load"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.alloc_child:
         return alloc_child(args.alloc_child == "tuned", args.size)
+    if args.packnow_child:
+        return packnow_child(args.packnow_child == "load", args.dtype)
     only = set(args.only.split(","))
     log(f"# {time.strftime('%Y-%m-%d %H:%M')} torch {torch.__version__}, threads {torch.get_num_threads()}, "
         f"load average {os.getloadavg()[0]:.1f}, code {bc.git_state()}")
@@ -426,6 +498,10 @@ def main() -> None:
         winograd(args.size)
     if "alloc" in only:
         allocator()
+    if "packnow" in only:
+        pack_at_load()
+    if "packshape" in only:
+        pack_shape()
     if only & {"layout", "threads", "batch"} or args.compile:
         unet = sd15_unet({"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype])
         layout_and_threads(unet, args.size, only)
