@@ -173,46 +173,41 @@ def diffusers_loop(pipe, rows: list[dict], batch: int, folder: Path) -> None:
 
 
 @torch.inference_mode()
-def bench_e2e(ours, theirs, size: int, steps: int, plan: list[tuple[int, int]], reps: int) -> list[dict]:
+def bench_e2e(ours, theirs, size: int, steps: int, plan: list[tuple[int, int]], reps: int) -> tuple[list[dict], dict]:
     """images/s over `rows` rows in batches of `batch`, for (batch, rows) in plan, each side,
     alternating, batchsd first in even repeats and diffusers first in odd ones (whichever runs first
-    at a new shape grows the shared heap for both); fresh prompts every run (a real manifest's
-    prompts are mostly distinct: no text-cache hits across runs)."""
+    at a new shape grows the shared heap for both); fresh prompts for every pair of runs (a real
+    manifest's prompts are mostly distinct: no text-cache hits across runs), the same rows for both
+    sides of a pair. Also returns the parity check: the first row's image from both sides of the
+    first batch-1 pair, mean and max |pixel difference| (0-255), a check that both do the same work."""
     import tempfile
 
-    results = {}
-    runs = 0
+    import numpy as np
+    from PIL import Image
+
+    results, first_images = {}, {}
     for rep in range(reps):
         for b, n_rows in plan:
+            rows = rows_for(n_rows, size, steps, tag=f"rep {rep} batch {b}")
             for side in ("batchsd", "diffusers")[::1 if rep % 2 == 0 else -1]:
-                runs += 1
-                rows = rows_for(n_rows, size, steps, tag=f"run {runs}")
                 with tempfile.TemporaryDirectory(prefix="batchsd-e2e-") as tmp:
                     if side == "batchsd":
                         wall, cpu = bc.timed2(lambda: batchsd_run(ours, rows, b, Path(tmp)))
+                        image = Path(tmp) / "out" / "images" / f"{rows[0]['id']}.png"
                     else:
                         wall, cpu = bc.timed2(lambda: diffusers_loop(theirs, rows, b, Path(tmp)))
+                        image = Path(tmp) / "diffusers" / f"{rows[0]['id']}.png"
+                    if b == 1 and rep == 0:
+                        first_images[side] = np.asarray(Image.open(image).convert("RGB"), dtype=np.float32)
                 results.setdefault((side, b), []).append((n_rows / wall, cpu / n_rows, n_rows))
                 log(f"e2e {size} batch {b} rep {rep} {side}: {n_rows / wall:.3f} img/s, {cpu / n_rows:.1f} cpu-s/img")
+    parity = {}
+    if len(first_images) == 2:
+        diff = np.abs(first_images["batchsd"] - first_images["diffusers"])
+        parity = dict(mean_abs_pixel_diff=float(diff.mean()), max_abs_pixel_diff=float(diff.max()))
     return [dict(side=s, batch=b, size=size, steps=steps, rows=v[0][2], reps=reps,
                  images_per_s=bc.median([x[0] for x in v]), cpu_s_per_image=bc.median([x[1] for x in v]))
-            for (s, b), v in results.items()]
-
-
-@torch.inference_mode()
-def parity_check(ours, theirs, size: int, steps: int) -> dict:
-    """Same row both ways at batch 1: mean |pixel difference| (0-255); a check that both do the same work."""
-    import numpy as np
-
-    from batchsd import GenerationRow
-
-    row = rows_for(1, size, steps, tag="parity")
-    r = row[0]
-    ours_row = GenerationRow(prompt=r["prompt"], seed=r["seed"], steps=steps, cfg_scale=r["cfg_scale"],
-                             sampler="euler", width=size, height=size)
-    a = np.asarray(ours.generate([ours_row]).images[0], dtype=np.float32)
-    b = np.asarray(diffusers_generate(theirs, row)[0], dtype=np.float32)
-    return dict(mean_abs_pixel_diff=float(np.abs(a - b).mean()), max_abs_pixel_diff=float(np.abs(a - b).max()))
+            for (s, b), v in results.items()], parity
 
 
 # ---------------------------------------------------------------- 3-4. start-up and RSS (subprocess)
@@ -465,9 +460,8 @@ def main() -> None:
             for m in (theirs.unet, theirs.vae):
                 set_layout(m, layout)
             res["e2e_diffusers_layout"] = layout
-            res["parity"] = parity_check(ours, theirs, 256, args.steps)
+            res["e2e"], res["parity"] = bench_e2e(ours, theirs, 256, args.steps, e2e_plan, reps=args.e2e_reps)
             log(f"parity {res['parity']}")
-            res["e2e"] = bench_e2e(ours, theirs, 256, args.steps, e2e_plan, reps=args.e2e_reps)
             for m in (theirs.unet, theirs.vae):
                 set_layout(m, "contig")
 
