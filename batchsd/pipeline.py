@@ -140,7 +140,9 @@ class Pipeline:
                 self.winograd = use_winograd_in_model(self.model) > 0
             pack_convolutions(self.model.unet)
             pack_convolutions(self.model.vae)
-            pack_now(self.model)      # not at the first call: fewer fresh pages (runtime.pack_now)
+            # at load, not at the first call: fewer fresh pages (runtime.pack_now); the VAE encoder,
+            # which only image-to-image rows call, still at its first call
+            pack_now(self.model.unet, self.model.vae.decoder)
         # the UNet forward as called by the sampler: eager, or torch.compile'd (runtime.CompiledUNet)
         self.unet = CompiledUNet(self.model.unet, compile, device) if compile else self.model.unet
 

@@ -141,8 +141,8 @@ def pack_convolutions(module: nn.Module) -> int:
     return count
 
 
-def pack_now(module: nn.Module, input_hw: tuple[int, int] = (64, 64)) -> int:
-    """Pack now, largest weight first, the PackedConv2d inside `module` that forward calls as
+def pack_now(*modules: nn.Module, input_hw: tuple[int, int] = (64, 64)) -> int:
+    """Pack now, largest weight first, the PackedConv2d inside `modules` that forward calls as
     convolutions: the 3x3 ones, and the folded 2x2 conv of each upsample (upsample.NearestUpsampleConv,
     built here), whose own 3x3 conv is only folded. The 1x1 ones stay to their first call (some
     modules read those weights as matrices). Then the freed pages go back once; returns how many.
@@ -155,15 +155,18 @@ def pack_now(module: nn.Module, input_hw: tuple[int, int] = (64, 64)) -> int:
     (`bench_levers.py --only packshape`), so `input_hw` is a nominal shape."""
     if not onednn_available():
         return 0
-    convs: list[PackedConv2d] = []
-    for m in module.modules():
-        if hasattr(m, "folded_conv") and isinstance(m.conv, PackedConv2d):
-            convs.append(m.folded_conv())
-    folded_from = {id(m.conv) for m in module.modules() if hasattr(m, "folded_conv")}
-    convs += [m for m in module.modules() if isinstance(m, PackedConv2d) and id(m) not in folded_from
-              and m.kernel_size != (1, 1)]
-    convs = [c for c in convs if isinstance(c, PackedConv2d) and not getattr(c, "winograd", False)
-             and c.packed is None and c.weight is not None and c.weight.device.type == "cpu"]
+    convs: list[nn.Module] = []
+    folded_from: set[int] = set()
+    for m in (m for module in modules for m in module.modules()):
+        if hasattr(m, "folded_conv"):                        # its own conv is folded, never called
+            folded_from.add(id(m.conv))
+            if isinstance(m.conv, PackedConv2d):
+                convs.append(m.folded_conv())
+        elif isinstance(m, PackedConv2d) and m.kernel_size != (1, 1):
+            convs.append(m)
+    convs = [c for c in convs if isinstance(c, PackedConv2d) and id(c) not in folded_from
+             and not getattr(c, "winograd", False) and c.packed is None and c.weight is not None
+             and c.weight.device.type == "cpu"]
     for conv in sorted(convs, key=lambda c: c.weight.numel(), reverse=True):
         conv.pack((1, conv.in_channels, *input_hw))
     release_free_memory()

@@ -148,9 +148,10 @@ def test_pipeline_packs_cpu_convolutions_with_the_same_images(eager_output):
 
 @needs_onednn
 def test_pipeline_packs_its_called_convolutions_at_load(eager_output, monkeypatch):
-    """runtime.pack_now, run by Pipeline: the 3x3 convs and each upsample's folded 2x2 conv are packed
-    before any call, the upsamples' own 3x3 convs (folded, never called) and the 1x1 ones (some read
-    as matrices) keep their plain weights; latents and images equal those of packing at the first call."""
+    """runtime.pack_now, run by Pipeline on the UNet and the VAE decoder: their 3x3 convs and each
+    upsample's folded 2x2 conv are packed before any call; the upsamples' own 3x3 convs (folded, never
+    called), the 1x1 ones (some read as matrices) and the VAE encoder's (image-to-image only) keep
+    their plain weights; latents and images equal those of packing at the first call."""
     from batchsd.upsample import NearestUpsampleConv
     import batchsd.pipeline as pipeline_module
 
@@ -159,14 +160,16 @@ def test_pipeline_packs_its_called_convolutions_at_load(eager_output, monkeypatc
     inner = {id(m.conv) for m in upsamples}
     assert upsamples and all(m.folded_conv().packed is not None for m in upsamples)
     assert all(m.conv.weight is not None and m.conv.packed is None for m in upsamples)
+    encoder = {id(m) for m in pipe.model.vae.encoder.modules()}
     convs = [m for m in pipe.model.modules() if isinstance(m, PackedConv2d) and id(m) not in inner]
-    three = [m for m in convs if m.kernel_size == (3, 3)]
+    three = [m for m in convs if m.kernel_size == (3, 3) and id(m) not in encoder]
     one = [m for m in convs if m.kernel_size == (1, 1)]
-    assert three and one
+    unused = [m for m in convs if id(m) in encoder]
+    assert three and one and unused
     assert all(m.packed is not None and m.weight is None for m in three)
-    assert all(m.packed is None and m.weight is not None for m in one)
+    assert all(m.packed is None and m.weight is not None for m in one + unused)
 
-    monkeypatch.setattr(pipeline_module, "pack_now", lambda model: 0)      # packed at the first call
+    monkeypatch.setattr(pipeline_module, "pack_now", lambda *modules: 0)     # packed at the first call
     at_first_call = tiny()
     assert all(m.packed is None for m in at_first_call.model.modules() if isinstance(m, PackedConv2d))
     a, b = at_first_call.generate(ROWS), pipe.generate(ROWS)
