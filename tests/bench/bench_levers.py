@@ -314,7 +314,7 @@ def packnow_child(at_load: bool, dtype_name: str) -> None:
 
     assert tune_cpu_allocator()
     if not at_load:
-        pipeline_module.pack_now = lambda model: 0           # every conv packed at its first call
+        pipeline_module.pack_now = lambda *modules: 0          # every conv packed at its first call
     f0, t0 = minor_faults(), time.perf_counter()
     pipe = bc.load_batchsd(bc.random_checkpoint(), dtype_name)
     f1, t1 = minor_faults(), time.perf_counter()
@@ -342,28 +342,26 @@ def pack_at_load() -> None:
 
 @torch.inference_mode()
 def pack_shape() -> None:
-    """Does the blocked layout oneDNN picks depend on the input's size? Each conv runs at each shape
-    with its weight packed for that shape, for a 64x64 map and for an 8x8 map (batch 1); best of 3."""
-    def packed(w, shape):
-        return torch.ops.mkldnn._reorder_convolution_weight(w, [1, 1], [1, 1], [1, 1], 1, list(shape))
-
-    def conv(x, p, b):
-        return torch.ops.mkldnn._convolution_pointwise(x, p, b, [1, 1], [1, 1], [1, 1], 1, "none", [], "")
+    """Does the blocked layout oneDNN picks depend on the input's size? Each conv (runtime.PackedConv2d)
+    runs at each shape with its weight packed for that shape, for a 64x64 map and for an 8x8 map
+    (batch 1; PackedConv2d.pack, as pack_now does); best of 3."""
+    from batchsd.runtime import PackedConv2d
 
     log("| 3x3 conv, packed for (channels_last) | dtype | channels | input | that shape, s | 64x64, s | 8x8, s | max |diff| |")
     log("|---|---|---|---|---|---|---|---|")
     for dtype in (torch.float32, torch.bfloat16):
         for ch, sides in ((320, (8, 32, 64)), (640, (16, 32)), (1280, (4, 8, 16))):
-            w = torch.randn(ch, ch, 3, 3, dtype=dtype).contiguous(memory_format=torch.channels_last)
-            b = torch.randn(ch, dtype=dtype)
+            conv = torch.nn.Conv2d(ch, ch, 3, padding=1).to(dtype).to(memory_format=torch.channels_last)
+            conv.__class__ = PackedConv2d
             for side in sides:
                 for batch in (2, 16):
                     x = torch.randn(batch, ch, side, side, dtype=dtype).contiguous(memory_format=torch.channels_last)
                     times, outs = [], []
                     for shape in ((batch, ch, side, side), (1, ch, 64, 64), (1, ch, 8, 8)):
-                        p = packed(w, shape)
-                        outs.append(conv(x, p, b).float())
-                        times.append(best(lambda: conv(x, p, b))[0])
+                        conv.unpack()                  # the exact plain weight back, packed again for `shape`
+                        conv.pack(shape)
+                        outs.append(conv(x).float())
+                        times.append(best(lambda: conv(x))[0])
                     diff = max((o - outs[0]).abs().max().item() for o in outs[1:])
                     log(f"| | {str(dtype)[6:]} | {ch} | {batch}x{side}x{side} | {times[0]:.4f} | {times[1]:.4f} | "
                         f"{times[2]:.4f} | {diff:.1e} |")
