@@ -5,10 +5,10 @@
     python tests/bench/bench_vs_diffusers.py --profile  # op breakdown of one UNet CFG step, each side
 
 Both sides load one fp16 single-file checkpoint (random weights, full SD 1.5 widths, built once into
-~/.cache/batchsd-bench by bench_common.random_checkpoint) and run in ONE process with the same
-threads, dtype and settings; measurements alternate batchsd / diffusers within each repeat so that
-load from other processes on the machine hits both alike. Reported: medians, and the ratio
-batchsd / diffusers with which way is better.
+~/.cache/batchsd-bench by bench_common.random_checkpoint) with the same threads, dtype and settings:
+figure 1 in this process, figures 2-4 in child processes this one starts, one per side per repeat.
+Measurements alternate batchsd / diffusers so that load from other processes on the machine hits
+both alike. Reported: medians, and the ratio batchsd / diffusers with which way is better.
 
 Figures
   1. UNet forward with CFG (batch 2 per image) per image-step, fp32 and bf16: batchsd as it samples
@@ -16,10 +16,12 @@ Figures
      layouts, as seconds and as achieved TFLOP/s (FLOPs counted on the meta device: 1.607 TFLOP per
      CFG image-step at 512x512, 0.360 at 256x256) against torch.mm's rate on 4096^2 matrices (the
      practical roof).
-  2. End to end: images/s for a Parquet manifest through `batchsd run` (runner.run with the loaded
-     pipeline) at batch sizes 1, 2, 8 against a diffusers loop doing the same rows in batched calls
-     and saving PNGs, with diffusers' faster layout from figure 1. dtype: what `batchsd run` picks
-     here (--e2e-dtype).
+  2. End to end: images/s for a Parquet manifest through `batchsd run` (runner.run) at batch sizes
+     1, 2, 8 against a diffusers loop doing the same rows in batched calls and saving PNGs, with
+     diffusers' faster layout from figure 1. One fresh process per side, as users run them: each
+     loads and warms up (one 1-row 1-step image; neither timed), then times every batch size on
+     the same rows; the sides alternate which goes first between repeats. dtype: what `batchsd run`
+     picks here (--e2e-dtype). Run last, after this process has freed its models.
   3. Start-up: checkpoint on disk to first saved image, in a fresh subprocess per side
      (imports + load + one image), alternating sides; the file is in the page cache for both.
      Run first, before this process loads any model.
@@ -27,8 +29,9 @@ Figures
      its own subprocess (RSS is per process, so the in-process figures above cannot give it).
 
 The process sets the CPU allocator as `batchsd run` does (runtime.tune_cpu_allocator) after the
-start-up children: in one process it holds for both sides alike. The batchsd start-up child sets it
-too, the diffusers child does not (a diffusers script would not).
+start-up children: in one process it holds for both sides alike, and both end-to-end children set
+it. The batchsd start-up child sets it too, the diffusers start-up child does not (a diffusers
+script would not).
 
 Timings are only meaningful on a quiet machine: check the load average printed in the header.
 Results and the levers they point to: tests/bench/README.md.
@@ -36,10 +39,12 @@ Results and the levers they point to: tests/bench/README.md.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -172,39 +177,85 @@ def diffusers_loop(pipe, rows: list[dict], batch: int, folder: Path) -> None:
             image.save(out / f"{r['id']}.png")
 
 
-@torch.inference_mode()
-def bench_e2e(ours, theirs, size: int, steps: int, plan: list[tuple[int, int]], reps: int) -> tuple[list[dict], dict]:
-    """images/s over `rows` rows in batches of `batch`, for (batch, rows) in plan, each side,
-    alternating, batchsd first in even repeats and diffusers first in odd ones (whichever runs first
-    at a new shape grows the shared heap for both); fresh prompts for every pair of runs (a real
-    manifest's prompts are mostly distinct: no text-cache hits across runs), the same rows for both
-    sides of a pair. Also returns the parity check: the first row's image from both sides of the
-    first batch-1 pair, mean and max |pixel difference| (0-255), a check that both do the same work."""
-    import tempfile
+def e2e_child(side: str, spec_path: Path, threads: int, winograd: bool | None) -> None:
+    """One fresh process per side, as a user runs `batchsd run` or a diffusers script: load (not
+    timed), one untimed 1-row 1-step warm-up, then each run of the spec in order, timed; PNGs go to
+    the spec's folders. Both sides set the CPU allocator as `batchsd run` does, so the comparison
+    does not credit batchsd with what a mallopt call would give a diffusers script too.
+    Prints JSON: (batch, rows, wall s, process CPU s) per run."""
+    from batchsd.runtime import tune_cpu_allocator
 
+    torch.set_num_threads(threads)
+    tune_cpu_allocator()
+    spec = json.loads(spec_path.read_text())
+    path = bc.random_checkpoint()
+    warm = rows_for(1, spec["size"], 1, tag=f"warm-up {side}")
+    if side == "batchsd":
+        pipe = bc.load_batchsd(path, spec["dtype"], winograd=winograd)
+        with tempfile.TemporaryDirectory(prefix="batchsd-warm-") as tmp:
+            batchsd_run(pipe, warm, 1, Path(tmp))
+    else:
+        pipe = bc.load_diffusers(path, DTYPES[spec["dtype"]])
+        for m in (pipe.unet, pipe.vae):
+            set_layout(m, spec["diffusers_layout"])
+        with torch.inference_mode():
+            diffusers_generate(pipe, warm)
+    out = []
+    for run in spec["runs"]:
+        folder = Path(run["folder"])
+        folder.mkdir(parents=True, exist_ok=True)
+        if side == "batchsd":
+            wall, cpu = bc.timed2(lambda: batchsd_run(pipe, run["rows"], run["batch"], folder))
+        else:
+            with torch.inference_mode():
+                wall, cpu = bc.timed2(lambda: diffusers_loop(pipe, run["rows"], run["batch"], folder))
+        out.append(dict(batch=run["batch"], rows=len(run["rows"]), wall_s=wall, cpu_s=cpu))
+        print(f"e2e child {side} batch {run['batch']}: {len(run['rows']) / wall:.3f} img/s", file=sys.stderr, flush=True)
+    print("CHILD " + json.dumps(out))
+
+
+def png_of(folder: Path, side: str, row_id: str) -> Path:
+    return folder / "out" / "images" / f"{row_id}.png" if side == "batchsd" else folder / "diffusers" / f"{row_id}.png"
+
+
+def bench_e2e(dtype_name: str, size: int, steps: int, plan: list[tuple[int, int]], reps: int, threads: int,
+              winograd: str, layout: str) -> tuple[list[dict], dict]:
+    """images/s over `rows` rows in batches of `batch`, for (batch, rows) in plan: per repeat, one
+    fresh process per side (e2e_child) runs the whole plan on the same rows; batchsd's process first
+    in even repeats, diffusers' in odd ones; fresh prompts each repeat (a real manifest's prompts are
+    mostly distinct). Each process grows its own heap at each new shape and pays for it, as a user's
+    would (in one shared process, whichever side ran first at a shape paid for both). Also returns
+    the parity check: the first row's PNG from both sides of the first batch-1 run of repeat 0,
+    mean and max |pixel difference| (0-255), a check that both do the same work."""
     import numpy as np
     from PIL import Image
 
-    results, first_images = {}, {}
+    results, parity = {}, {}
     for rep in range(reps):
-        for b, n_rows in plan:
-            rows = rows_for(n_rows, size, steps, tag=f"rep {rep} batch {b}")
+        with tempfile.TemporaryDirectory(prefix="batchsd-e2e-") as tmp:
+            tmp = Path(tmp)
+            runs = [dict(batch=b, rows=rows_for(n, size, steps, tag=f"rep {rep} batch {b}")) for b, n in plan]
             for side in ("batchsd", "diffusers")[::1 if rep % 2 == 0 else -1]:
-                with tempfile.TemporaryDirectory(prefix="batchsd-e2e-") as tmp:
-                    if side == "batchsd":
-                        wall, cpu = bc.timed2(lambda: batchsd_run(ours, rows, b, Path(tmp)))
-                        image = Path(tmp) / "out" / "images" / f"{rows[0]['id']}.png"
-                    else:
-                        wall, cpu = bc.timed2(lambda: diffusers_loop(theirs, rows, b, Path(tmp)))
-                        image = Path(tmp) / "diffusers" / f"{rows[0]['id']}.png"
-                    if b == 1 and rep == 0:
-                        first_images[side] = np.asarray(Image.open(image).convert("RGB"), dtype=np.float32)
-                results.setdefault((side, b), []).append((n_rows / wall, cpu / n_rows, n_rows))
-                log(f"e2e {size} batch {b} rep {rep} {side}: {n_rows / wall:.3f} img/s, {cpu / n_rows:.1f} cpu-s/img")
-    parity = {}
-    if len(first_images) == 2:
-        diff = np.abs(first_images["batchsd"] - first_images["diffusers"])
-        parity = dict(mean_abs_pixel_diff=float(diff.mean()), max_abs_pixel_diff=float(diff.max()))
+                spec = dict(size=size, dtype=dtype_name, diffusers_layout=layout,
+                            runs=[dict(r, folder=str(tmp / side / f"run{i}")) for i, r in enumerate(runs)])
+                spec_path = tmp / f"{side}.json"
+                spec_path.write_text(json.dumps(spec))
+                proc = subprocess.run([sys.executable, __file__, "--child", side, "--e2e-spec", str(spec_path),
+                                       "--threads", str(threads), "--winograd", winograd],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                line = [ln for ln in proc.stdout.splitlines() if ln.startswith("CHILD ")]
+                if proc.returncode or not line:
+                    raise RuntimeError(f"{side} e2e child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+                for r in json.loads(line[-1][6:]):
+                    results.setdefault((side, r["batch"]), []).append((r["rows"] / r["wall_s"], r["cpu_s"] / r["rows"], r["rows"]))
+                    log(f"e2e {size} batch {r['batch']} rep {rep} {side}: {r['rows'] / r['wall_s']:.3f} img/s, "
+                        f"{r['cpu_s'] / r['rows']:.1f} cpu-s/img")
+            first = next((i for i, (b, _) in enumerate(plan) if b == 1), None)
+            if rep == 0 and first is not None:
+                row_id = runs[first]["rows"][0]["id"]
+                a, d = (np.asarray(Image.open(png_of(tmp / side / f"run{first}", side, row_id)).convert("RGB"),
+                                   dtype=np.float32) for side in ("batchsd", "diffusers"))
+                parity = dict(mean_abs_pixel_diff=float(np.abs(a - d).mean()), max_abs_pixel_diff=float(np.abs(a - d).max()))
     return [dict(side=s, batch=b, size=size, steps=steps, rows=v[0][2], reps=reps,
                  images_per_s=bc.median([x[0] for x in v]), cpu_s_per_image=bc.median([x[1] for x in v]))
             for (s, b), v in results.items()], parity
@@ -214,7 +265,6 @@ def bench_e2e(ours, theirs, size: int, steps: int, plan: list[tuple[int, int]], 
 def child(side: str, dtype_name: str, size: int, steps: int, threads: int, winograd: bool | None = None) -> None:
     """One fresh process: load, make one image and save it as PNG; print JSON with times and peak RSS.
     The batchsd side sets the CPU allocator as `batchsd run` does on the CPU (runtime.tune_cpu_allocator)."""
-    import tempfile
 
     torch.set_num_threads(threads)
     t_import = time.perf_counter() - T_PROCESS
@@ -359,9 +409,11 @@ def report(res: dict) -> str:
             rows.append([b, r["rows"], f"{r['images_per_s']:.3f}", f"{d['images_per_s']:.3f}", f"{ratio:.2f}x",
                          f"{r['cpu_s_per_image']:.1f}", f"{d['cpu_s_per_image']:.1f}", f"{cratio:.2f}", better(cratio, True)])
         out += ["", f"End to end (text, {e0['steps']} steps euler at cfg 7.5, VAE decode, PNG files), {e0['size']}x{e0['size']}, "
-                f"{res['e2e_dtype']}: a Parquet manifest through `batchsd run` (runner.run on the loaded pipeline: "
-                f"planning, batches, PNG + journal writes, results.parquet) vs a diffusers loop over the same rows in "
-                f"batched calls saving PNGs (diffusers layout: {res['e2e_diffusers_layout']}, SDPA); medians of {e0['reps']}",
+                f"{res['e2e_dtype']}: a Parquet manifest through `batchsd run` (runner.run: planning, batches, PNG + "
+                f"journal writes, results.parquet) vs a diffusers loop over the same rows in batched calls saving PNGs "
+                f"(diffusers layout: {res['e2e_diffusers_layout']}, SDPA); a fresh process per side runs every batch size "
+                f"after its load and a 1-step warm-up (neither timed), allocator tuned in both; medians of {e0['reps']} "
+                f"(order alternating)",
                 fmt_table(["batch", "rows", "batchsd img/s", "diffusers img/s", "img/s ratio b/d", "batchsd CPU-s/img",
                            "diffusers CPU-s/img", "CPU ratio b/d", "better (CPU)"], rows)]
         if res.get("parity"):
@@ -394,9 +446,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--only", default="unet,e2e,startup", help="comma list of unet,e2e,startup")
     ap.add_argument("--e2e-reps", type=int, default=1,
-                    help="repeats of each end-to-end run per side (medians; the order alternates), default 1")
+                    help="repeats of the end-to-end plan, a fresh process per side each (medians; the order alternates), default 1")
     ap.add_argument("--e2e-dtype", choices=["auto", "fp32", "bf16"], default="auto",
                     help="dtype of the end-to-end and start-up figures; auto: what `batchsd run` picks here")
+    ap.add_argument("--startup-dtypes", default="run",
+                    help="comma list of fp32,bf16 for the start-up children; default: the run's dtype (--e2e-dtype) only")
     ap.add_argument("--winograd", choices=["auto", "on", "off"], default="auto",
                     help="batchsd's Winograd convolutions (Pipeline winograd=); auto: as shipped (on for bf16, off for fp32)")
     ap.add_argument("--profile", action="store_true", help="print an op breakdown of one UNet step per side and exit")
@@ -404,8 +458,11 @@ def main() -> None:
     ap.add_argument("--child", choices=["batchsd", "diffusers"], help=argparse.SUPPRESS)
     ap.add_argument("--child-dtype", default="fp32", help=argparse.SUPPRESS)
     ap.add_argument("--child-size", type=int, default=256, help=argparse.SUPPRESS)
+    ap.add_argument("--e2e-spec", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     winograd = {"auto": None, "on": True, "off": False}[args.winograd]
+    if args.child and args.e2e_spec:
+        return e2e_child(args.child, args.e2e_spec, args.threads, winograd)
     if args.child:
         return child(args.child, args.child_dtype, args.child_size, args.steps, args.threads, winograd)
 
@@ -413,7 +470,7 @@ def main() -> None:
     import diffusers
 
     from batchsd.devices import dtype_name, resolve_dtype
-    from batchsd.runtime import tune_cpu_allocator
+    from batchsd.runtime import release_free_memory, tune_cpu_allocator
 
     only = set(args.only.split(","))
     e2e_dtype = dtype_name(resolve_dtype(args.e2e_dtype, torch.device("cpu")))
@@ -429,13 +486,14 @@ def main() -> None:
         res["warm_memory_s"] = warm_memory(14)
         log(f"memory warmed in {res['warm_memory_s']:.0f} s")
         res["startup"] = []
-        for dt in (e2e_dtype, {"fp32": "bf16", "bf16": "fp32"}[e2e_dtype]):   # the run's dtype first, 2 runs
+        startup_dtypes = [e2e_dtype] if args.startup_dtypes == "run" else args.startup_dtypes.split(",")
+        for dt in sorted(startup_dtypes, key=lambda d: d != e2e_dtype):   # the run's dtype first, 2 runs
             reps = 1 if args.quick or dt != e2e_dtype else 2
             res["startup"] += bench_startup(dt, 256, args.steps, args.threads, reps=reps, winograd=args.winograd)
     # `batchsd run` tunes the allocator on the CPU; in one process it holds for both sides alike
     res["allocator_tuned"] = tune_cpu_allocator()
 
-    if only & {"unet", "e2e"} or args.profile:
+    if "unet" in only or args.profile:
         # fp32 first, then both pipelines cast to bf16 in place (batchsd's packed convolutions unpack,
         # cast and pack again at their next call)
         t0 = time.perf_counter()
@@ -455,16 +513,6 @@ def main() -> None:
             if winograd is not False:     # what Pipeline(dtype=bf16) does by default
                 ours.winograd = use_winograd_in_model(ours.model) > 0 or ours.winograd
 
-        def end_to_end():
-            layout = diffusers_best_layout(res.get("unet", []), e2e_dtype, 256)
-            for m in (theirs.unet, theirs.vae):
-                set_layout(m, layout)
-            res["e2e_diffusers_layout"] = layout
-            res["e2e"], res["parity"] = bench_e2e(ours, theirs, 256, args.steps, e2e_plan, reps=args.e2e_reps)
-            log(f"parity {res['parity']}")
-            for m in (theirs.unet, theirs.vae):
-                set_layout(m, "contig")
-
         if args.profile:
             print(profile_step(ours, theirs, torch.float32, 256, "contig"))
             to_bf16()
@@ -474,19 +522,22 @@ def main() -> None:
         # (size, reps, warm-up): 256 first, so that 512 can skip its (costly) warm-up
         fp32_plan = [(256, 2, True)] if args.quick else [(256, 3, True), (512, 2, False)]
         bf16_plan = [(256, 2, True)] if args.quick else [(256, 2, True), (512, 2, False)]
-        e2e_plan = [(1, 2), (8, 8)] if args.quick else [(1, 2), (2, 2), (8, 8)]
-        if "unet" in only:
-            for size, reps, warm in fp32_plan:
-                res["unet"] += bench_unet(ours, theirs, torch.float32, size, reps, warm)
-        if "e2e" in only and e2e_dtype == "fp32":
-            end_to_end()
+        for size, reps, warm in fp32_plan:
+            res["unet"] += bench_unet(ours, theirs, torch.float32, size, reps, warm)
         to_bf16()
-        if "unet" in only:
-            for size, reps, warm in bf16_plan:
-                res["unet"] += bench_unet(ours, theirs, torch.bfloat16, size, reps, warm)
-        if "e2e" in only and e2e_dtype == "bf16":
-            end_to_end()
-        del ours, theirs
+        for size, reps, warm in bf16_plan:
+            res["unet"] += bench_unet(ours, theirs, torch.bfloat16, size, reps, warm)
+        del ours, theirs, to_bf16
+        gc.collect()
+        release_free_memory()       # this process small again before the end-to-end children
+
+    if "e2e" in only:               # a fresh process per side (e2e_child), diffusers in its faster layout
+        layout = diffusers_best_layout(res.get("unet", []), e2e_dtype, 256)
+        e2e_plan = [(1, 2), (8, 8)] if args.quick else [(1, 2), (2, 2), (8, 8)]
+        res["e2e_diffusers_layout"] = layout
+        res["e2e"], res["parity"] = bench_e2e(e2e_dtype, 256, args.steps, e2e_plan, args.e2e_reps, args.threads,
+                                              args.winograd, layout)
+        log(f"parity {res['parity']}")
 
     res["total_s"] = time.perf_counter() - T_PROCESS
     if args.json:
