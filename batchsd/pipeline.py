@@ -11,7 +11,7 @@ that a row's image equals diffusers' output at batch 1 with
        image-to-image: VAE posterior sample, x scaling factor, then forward-process noise
     4. denoise with the sampler over one UNet forward per step for the whole batch: rows with
        cfg_scale != 1 run their unconditional half in the same forward, rows with 1 need none
-    5. decode latents / scaling factor with the VAE, in chunks
+    5. decode latents / scaling factor with the VAE, in chunks (one image at a time on the CPU)
     6. to 8-bit RGB images
 """
 from __future__ import annotations
@@ -38,6 +38,13 @@ from .winograd import use_winograd_in_model
 
 DEFAULT_SIZE = 512
 TEXT_CACHE_SIZE = 256
+# images per VAE call (decode, and encode for image-to-image). On the CPU one at a time is the
+# fastest and the leanest: a fp32 decode at 256x256 takes 2.07 s per image alone against 2.31 s in
+# fours, at 512x512 7.9-9.6 s against 10.5-11.1 s, and the process peak at 512 is 6.1 GiB
+# alone against 12.6 GiB in fours (activations of 134 MB per image and feature map outgrow the
+# caches; tests/bench/README.md). On CUDA, 4 keeps the GPU busy within its memory.
+CPU_VAE_CHUNK = 1
+CUDA_VAE_CHUNK = 4
 
 
 @dataclass(frozen=True)
@@ -111,7 +118,7 @@ class Pipeline:
     """A loaded model on a device, ready to generate batches of rows."""
 
     def __init__(self, model: StableDiffusionModel, device: torch.device, dtype: torch.dtype, *,
-                 name: str, sha256: str | None = None, low_memory: bool = False, vae_chunk: int = 4,
+                 name: str, sha256: str | None = None, low_memory: bool = False, vae_chunk: int | None = None,
                  channels_last: bool = True, compile: str | None = None, pack_weights: bool = True,
                  winograd: bool | None = None):
         self.model = model.eval().requires_grad_(False)
@@ -122,7 +129,7 @@ class Pipeline:
         self.sha256 = sha256
         self.short_hash = sha256[:10] if sha256 else None
         self.low_memory = low_memory and device.type == "cuda"
-        self.vae_chunk = vae_chunk
+        self.vae_chunk = vae_chunk or (CUDA_VAE_CHUNK if device.type == "cuda" else CPU_VAE_CHUNK)
         # channels_last (NHWC) convolutions and GroupNorms are the fast oneDNN/cuDNN paths: the VAE
         # decode in bf16 on the CPU is several times faster, the UNet step 10-25% (tests/bench).
         # Same arithmetic, other summation order: parity tests run with it on.
