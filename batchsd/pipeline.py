@@ -39,10 +39,10 @@ from .winograd import use_winograd_in_model
 DEFAULT_SIZE = 512
 TEXT_CACHE_SIZE = 256
 # images per VAE call (decode, and encode for image-to-image). On the CPU one at a time is the
-# fastest and the leanest: a fp32 decode at 256x256 takes 2.07 s per image alone against 2.31 s in
-# fours, at 512x512 7.9-9.6 s against 10.5-11.1 s, and the process peak at 512 is 6.1 GiB
-# alone against 12.6 GiB in fours (activations of 134 MB per image and feature map outgrow the
-# caches; tests/bench/README.md). On CUDA, 4 keeps the GPU busy within its memory.
+# fastest and the leanest (tests/bench/bench_vae_chunk.py, a fresh process per run): a fp32 decode
+# at 512x512 takes 9.3-10.0 s per image alone against 13.9-14.0 s in fours, with the process peak at
+# 6.1-6.3 against 12.4 GiB; at 256x256 it is as fast for 1.3 GiB less (the activations, 134 MB per
+# image and 128-channel map at 512x512, outgrow the caches in fours). On CUDA, 4 keeps the GPU busy.
 CPU_VAE_CHUNK = 1
 CUDA_VAE_CHUNK = 4
 
