@@ -129,7 +129,9 @@ class Pipeline:
         self.sha256 = sha256
         self.short_hash = sha256[:10] if sha256 else None
         self.low_memory = low_memory and device.type == "cuda"
-        self.vae_chunk = vae_chunk or (CUDA_VAE_CHUNK if device.type == "cuda" else CPU_VAE_CHUNK)
+        if vae_chunk is None:
+            vae_chunk = CUDA_VAE_CHUNK if device.type == "cuda" else CPU_VAE_CHUNK
+        self.vae_chunk = vae_chunk
         # channels_last (NHWC) convolutions and GroupNorms are the fast oneDNN/cuDNN paths: the VAE
         # decode in bf16 on the CPU is several times faster, the UNet step 10-25% (tests/bench).
         # Same arithmetic, other summation order: parity tests run with it on.
