@@ -215,6 +215,19 @@ def peak_rss_gib(own: bool = False) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def run_child(script: str, *args: str, what: str) -> object:
+    """Run `python script args` in a fresh process and return the JSON of the last stdout line that
+    starts with "CHILD " (how the benchmarks' child processes report); raises with the child's
+    stderr tail if it failed or printed none."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("CHILD ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"{what} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("CHILD "):])
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 

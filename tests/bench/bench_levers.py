@@ -49,7 +49,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -298,9 +297,8 @@ def allocator(size: int = 512) -> None:
         "VAE decode: wall s / CPU s / faults | peak RSS GiB |")
     log("|---|---|---|---|")
     for tuned in (False, True, False, True):
-        out = subprocess.run([sys.executable, __file__, "--alloc-child", "tuned" if tuned else "plain",
-                              "--size", str(size)], capture_output=True, text=True, check=True).stdout
-        r = json.loads([ln for ln in out.splitlines() if ln.startswith("CHILD ")][-1][6:])
+        r = bc.run_child(__file__, "--alloc-child", "tuned" if tuned else "plain", "--size", str(size),
+                         what="allocator child")
         log(f"| {'tune_cpu_allocator' if tuned else 'glibc default'} | {r['unet'][0]:.2f} / {r['unet'][1]:.2f} / "
             f"{r['unet'][2]} | {r['vae'][0]:.2f} / {r['vae'][1]:.2f} / {r['vae'][2]} | {r['peak_rss_gib']:.2f} |")
 
@@ -332,9 +330,8 @@ def pack_at_load() -> None:
     log("|---|---|---|---|---|---|")
     for dtype_name in ("fp32", "bf16"):
         for at_load in (False, True, False, True):
-            out = subprocess.run([sys.executable, __file__, "--packnow-child", "load" if at_load else "first",
-                                  "--dtype", dtype_name], capture_output=True, text=True, check=True).stdout
-            r = json.loads([ln for ln in out.splitlines() if ln.startswith("CHILD ")][-1][6:])
+            r = bc.run_child(__file__, "--packnow-child", "load" if at_load else "first", "--dtype", dtype_name,
+                             what="packnow child")
             log(f"| {'at load, largest first (pack_now)' if at_load else 'at the first call'} | {dtype_name} | "
                 f"{r['load_s']:.2f} / {r['load_faults']} | {r['first_s']:.2f} / {r['first_faults']} | "
                 f"{r['load_s'] + r['first_s']:.2f} | {r['peak_rss_gib']:.2f} |")

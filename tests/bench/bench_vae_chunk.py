@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -66,9 +65,8 @@ def main() -> None:
             first = None
             for rep, chunk in enumerate((1, 4, 1, 4)):
                 save = tmp / f"{dtype_name}_{size}_{rep}.npy"
-                out = subprocess.run([sys.executable, __file__, "--child", dtype_name, str(size), str(chunk), str(save),
-                                      "--images", str(args.images)], capture_output=True, text=True, check=True).stdout
-                r = json.loads([ln for ln in out.splitlines() if ln.startswith("CHILD ")][-1][6:])
+                r = bc.run_child(__file__, "--child", dtype_name, str(size), str(chunk), str(save),
+                                 "--images", str(args.images), what=f"{dtype_name} {size} chunk {chunk} child")
                 pixels = np.load(save).astype(np.int16)
                 first = pixels if first is None else first
                 save.unlink()

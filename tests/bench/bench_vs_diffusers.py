@@ -240,13 +240,8 @@ def bench_e2e(dtype_name: str, size: int, steps: int, plan: list[tuple[int, int]
                             runs=[dict(r, folder=str(tmp / side / f"run{i}")) for i, r in enumerate(runs)])
                 spec_path = tmp / f"{side}.json"
                 spec_path.write_text(json.dumps(spec))
-                proc = subprocess.run([sys.executable, __file__, "--child", side, "--e2e-spec", str(spec_path),
-                                       "--threads", str(threads), "--winograd", winograd],
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                line = [ln for ln in proc.stdout.splitlines() if ln.startswith("CHILD ")]
-                if proc.returncode or not line:
-                    raise RuntimeError(f"{side} e2e child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-                for r in json.loads(line[-1][6:]):
+                for r in bc.run_child(__file__, "--child", side, "--e2e-spec", str(spec_path), "--threads", str(threads),
+                                      "--winograd", winograd, what=f"{side} e2e child"):
                     results.setdefault((side, r["batch"]), []).append((r["rows"] / r["wall_s"], r["cpu_s"] / r["rows"], r["rows"]))
                     log(f"e2e {size} batch {r['batch']} rep {rep} {side}: {r['rows'] / r['wall_s']:.3f} img/s, "
                         f"{r['cpu_s'] / r['rows']:.1f} cpu-s/img")
@@ -316,16 +311,10 @@ def bench_startup(dtype_name: str, size: int, steps: int, threads: int, reps: in
     for rep in range(reps):
         for side in ("batchsd", "diffusers"):
             t0 = time.perf_counter()
-            proc = subprocess.Popen([sys.executable, __file__, "--child", side, "--child-dtype", dtype_name,
-                                     "--child-size", str(size), "--steps", str(steps), "--threads", str(threads),
-                                     "--winograd", winograd],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            stdout, stderr = proc.communicate()
+            rec = bc.run_child(__file__, "--child", side, "--child-dtype", dtype_name, "--child-size", str(size),
+                               "--steps", str(steps), "--threads", str(threads), "--winograd", winograd,
+                               what=f"{side} start-up child")
             wall = time.perf_counter() - t0
-            line = [ln for ln in stdout.splitlines() if ln.startswith("CHILD ")]
-            if proc.returncode or not line:
-                raise RuntimeError(f"{side} child failed ({proc.returncode}):\n{stderr[-3000:]}")
-            rec = json.loads(line[-1][6:])
             rec.update(wall_s=wall, rep=rep, dtype=dtype_name, size=size, steps=steps)
             out.append(rec)
             log(f"startup {side} rep {rep}: wall {wall:.1f}s (load {rec['load_s']:.1f}s), "
