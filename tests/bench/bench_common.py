@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-KEYS_JSON = REPO.parent / "shared" / "reference" / "sd15_keys.json"
+# the reference key list; $BATCHSD_BENCH_KEYS names a copy where ../shared is not there (the GPU
+# machine of device_gpu.sh gets the repository alone)
+KEYS_JSON = Path(os.environ.get("BATCHSD_BENCH_KEYS", REPO.parent / "shared" / "reference" / "sd15_keys.json"))
 CACHE = Path(os.environ.get("BATCHSD_BENCH_CACHE", Path.home() / ".cache" / "batchsd-bench"))
 TOKENIZER_DATA = REPO / "batchsd" / "tokenizer_data"
 
