@@ -52,13 +52,13 @@ class ResBlock(nn.Module):
         super().__init__()
         self.in_layers = nn.Sequential(
             nn.GroupNorm(cfg.groups, in_channels, eps=cfg.eps),
-            nn.SiLU(),
+            nn.SiLU(inplace=True),  # on the GroupNorm's fresh output (in place: one buffer less, same values)
             nn.Conv2d(in_channels, out_channels, 3, padding=1),
         )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(cfg.time_embed_dim, out_channels))
         self.out_layers = nn.Sequential(
             nn.GroupNorm(cfg.groups, out_channels, eps=cfg.eps),
-            nn.SiLU(),
+            nn.SiLU(inplace=True),
             nn.Identity(),  # dropout in training; keeps the checkpoint index of the conv at 3
             nn.Conv2d(out_channels, out_channels, 3, padding=1),
         )
@@ -70,7 +70,7 @@ class ResBlock(nn.Module):
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         # x: [B, Cin, h, w], emb: [B, time_embed_dim] -> [B, Cout, h, w]
         h = self.in_layers(x)
-        h = h + self.emb_layers(emb)[:, :, None, None]
+        h = h.add_(self.emb_layers(emb)[:, :, None, None])   # in place on the conv's fresh output
         h = self.out_layers(h)
         return self.skip_connection(x) + h
 
@@ -108,7 +108,7 @@ class GEGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         value, gate = self.proj(x).chunk(2, dim=-1)
-        return value * F.gelu(gate)
+        return F.gelu(gate).mul_(value)   # gelu's fresh output multiplied in place: the same values
 
 
 class FeedForward(nn.Module):
@@ -135,9 +135,10 @@ class BasicTransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         # x: [B, N, dim], context: [B, M, context_dim]
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
-        x = x + self.ff(self.norm3(x))
+        # residuals added in place to each sublayer's fresh output (x + h == h + x, one buffer less)
+        x = self.attn1(self.norm1(x)).add_(x)
+        x = self.attn2(self.norm2(x), context).add_(x)
+        x = self.ff(self.norm3(x)).add_(x)
         return x
 
 
@@ -245,7 +246,7 @@ class UNetModel(nn.Module):
                 self.output_levels.append(level)
 
         self.out = nn.Sequential(
-            nn.GroupNorm(cfg.groups, ch, eps=cfg.eps), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
+            nn.GroupNorm(cfg.groups, ch, eps=cfg.eps), nn.SiLU(inplace=True), nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
         )
 
     def blocks_by_level(self) -> list[tuple[int, nn.Module]]:

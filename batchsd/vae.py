@@ -40,8 +40,8 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B,Cin,h,w] -> [B,Cout,h,w]
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))  # dropout is 0 in SD: nothing to do
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))  # in place on the norm's fresh output
+        h = self.conv2(F.silu(self.norm2(h), inplace=True))  # dropout is 0 in SD: nothing to do
         shortcut = x if self.nin_shortcut is None else self.nin_shortcut(x)
         return shortcut + h
 
@@ -168,7 +168,7 @@ class Encoder(nn.Module):
         for level in self.down:  # H -> H/2 -> H/4 -> H/8 (the last level keeps its size)
             x = level(x)
         x = self.mid(x)  # [B,512,H/8,W/8]
-        return self.conv_out(F.silu(self.norm_out(x)))  # [B,8,H/8,W/8]
+        return self.conv_out(F.silu(self.norm_out(x), inplace=True))  # [B,8,H/8,W/8]
 
 
 class Decoder(nn.Module):
@@ -192,7 +192,7 @@ class Decoder(nn.Module):
         x = self.mid(x)
         for level in reversed(self.up):  # up.3 first: h -> 2h -> 4h -> 8h (up.0 keeps its size)
             x = level(x)
-        return self.conv_out(F.silu(self.norm_out(x)))  # [B,3,8h,8w]
+        return self.conv_out(F.silu(self.norm_out(x), inplace=True))  # [B,3,8h,8w]
 
 
 class AutoencoderKL(nn.Module):
