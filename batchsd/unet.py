@@ -72,7 +72,7 @@ class ResBlock(nn.Module):
         h = self.in_layers(x)
         h = h.add_(self.emb_layers(emb)[:, :, None, None])   # in place on the conv's fresh output
         h = self.out_layers(h)
-        return self.skip_connection(x) + h
+        return h.add_(self.skip_connection(x))   # the conv's fresh output, in the layout the convs give
 
 
 class CrossAttention(nn.Module):

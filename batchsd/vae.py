@@ -43,7 +43,7 @@ class ResnetBlock(nn.Module):
         h = self.conv1(F.silu(self.norm1(x), inplace=True))  # in place on the norm's fresh output
         h = self.conv2(F.silu(self.norm2(h), inplace=True))  # dropout is 0 in SD: nothing to do
         shortcut = x if self.nin_shortcut is None else self.nin_shortcut(x)
-        return shortcut + h
+        return h.add_(shortcut)   # in place on conv2's fresh output
 
 
 class AttnBlock(nn.Module):
