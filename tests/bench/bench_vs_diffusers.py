@@ -19,9 +19,11 @@ Figures
   2. End to end: images/s for a Parquet manifest through `batchsd run` (runner.run) at batch sizes
      1, 2, 8 against a diffusers loop doing the same rows in batched calls and saving PNGs, with
      diffusers' faster layout from figure 1. One fresh process per side, as users run them: each
-     loads and warms up (one 1-row 1-step image; neither timed), then times every batch size on
-     the same rows; the sides alternate which goes first between repeats. dtype: what `batchsd run`
-     picks here (--e2e-dtype). Run last, after this process has freed its models.
+     loads and warms up (one 1-row 1-step image; neither timed); then each batch size runs on the
+     same rows in one process and right after in the other (both stay loaded), so that both sides
+     of a pair see the machine at the same minute; which side goes first alternates from batch
+     size to batch size and repeat to repeat. dtype: what `batchsd run` picks here (--e2e-dtype).
+     Run last, after this process has freed its models.
   3. Start-up: checkpoint on disk to first saved image, in a fresh subprocess per side
      (imports + load + one image), alternating sides; the file is in the page cache for both.
      Run first, before this process loads any model.
@@ -179,10 +181,10 @@ def diffusers_loop(pipe, rows: list[dict], batch: int, folder: Path) -> None:
 
 def e2e_child(side: str, spec_path: Path, threads: int, winograd: bool | None) -> None:
     """One fresh process per side, as a user runs `batchsd run` or a diffusers script: load (not
-    timed), one untimed 1-row 1-step warm-up, then each run of the spec in order, timed; PNGs go to
-    the spec's folders. Both sides set the CPU allocator as `batchsd run` does, so the comparison
-    does not credit batchsd with what a mallopt call would give a diffusers script too.
-    Prints JSON: (batch, rows, wall s, process CPU s) per run."""
+    timed), one untimed 1-row 1-step warm-up, then "READY" on stdout; then, for each "RUN i" line on
+    stdin, run i of the spec, timed, and answer "DONE <json>": batch, rows, wall s, process CPU s.
+    PNGs go to the spec's folders. Both sides set the CPU allocator as `batchsd run` does, so the
+    comparison does not credit batchsd with what a mallopt call would give a diffusers script too."""
     from batchsd.runtime import tune_cpu_allocator
 
     torch.set_num_threads(threads)
@@ -200,8 +202,11 @@ def e2e_child(side: str, spec_path: Path, threads: int, winograd: bool | None) -
             set_layout(m, spec["diffusers_layout"])
         with torch.inference_mode():
             diffusers_generate(pipe, warm)
-    out = []
-    for run in spec["runs"]:
+    print("READY", flush=True)
+    for line in sys.stdin:
+        if not line.startswith("RUN "):
+            break
+        run = spec["runs"][int(line.split()[1])]
         folder = Path(run["folder"])
         folder.mkdir(parents=True, exist_ok=True)
         if side == "batchsd":
@@ -209,9 +214,42 @@ def e2e_child(side: str, spec_path: Path, threads: int, winograd: bool | None) -
         else:
             with torch.inference_mode():
                 wall, cpu = bc.timed2(lambda: diffusers_loop(pipe, run["rows"], run["batch"], folder))
-        out.append(dict(batch=run["batch"], rows=len(run["rows"]), wall_s=wall, cpu_s=cpu))
-        print(f"e2e child {side} batch {run['batch']}: {len(run['rows']) / wall:.3f} img/s", file=sys.stderr, flush=True)
-    print("CHILD " + json.dumps(out))
+        print("DONE " + json.dumps(dict(batch=run["batch"], rows=len(run["rows"]), wall_s=wall, cpu_s=cpu)), flush=True)
+
+
+class E2EChild:
+    """A running e2e_child: `run(i)` asks it for run i of its spec and returns its DONE record."""
+
+    def __init__(self, side: str, spec_path: Path, threads: int, winograd: str, log_dir: Path):
+        import subprocess
+
+        self.side = side
+        self.stderr_path = log_dir / f"{side}.stderr"
+        self._stderr = open(self.stderr_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--child", side, "--e2e-spec", str(spec_path), "--threads", str(threads),
+             "--winograd", winograd], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
+        self._expect("READY")
+
+    def _expect(self, word: str) -> str:
+        for line in self.proc.stdout:
+            if line.startswith(word):
+                return line[len(word):].strip()
+        self.proc.wait()
+        self._stderr.flush()
+        raise RuntimeError(f"{self.side} e2e child ended ({self.proc.returncode}) before {word}:\n"
+                           f"{self.stderr_path.read_text()[-3000:]}")
+
+    def run(self, i: int) -> dict:
+        self.proc.stdin.write(f"RUN {i}\n")
+        self.proc.stdin.flush()
+        return json.loads(self._expect("DONE"))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait()
+        self._stderr.close()
 
 
 def png_of(folder: Path, side: str, row_id: str) -> Path:
@@ -220,39 +258,50 @@ def png_of(folder: Path, side: str, row_id: str) -> Path:
 
 def bench_e2e(dtype_name: str, size: int, steps: int, plan: list[tuple[int, int]], reps: int, threads: int,
               winograd: str, layout: str) -> tuple[list[dict], dict]:
-    """images/s over `rows` rows in batches of `batch`, for (batch, rows) in plan: per repeat, one
-    fresh process per side (e2e_child) runs the whole plan on the same rows; batchsd's process first
-    in even repeats, diffusers' in odd ones; fresh prompts each repeat (a real manifest's prompts are
-    mostly distinct). Each process grows its own heap at each new shape and pays for it, as a user's
-    would (in one shared process, whichever side ran first at a shape paid for both). Also returns
-    the parity check: the first row's PNG from both sides of the first batch-1 run of repeat 0,
-    mean and max |pixel difference| (0-255), a check that both do the same work."""
+    """images/s over `rows` rows in batches of `batch`, for (batch, rows) in plan. Per repeat, one
+    fresh process per side (e2e_child), both loaded before anything is timed, then each run of the
+    plan on the same rows by one side and right after by the other, the order alternating from run to
+    run and repeat to repeat: both sides of a pair see the machine as it is at that minute (a slowed
+    machine slowed whole sequential runs before). Fresh prompts each repeat (a real manifest's prompts
+    are mostly distinct). Each process grows its own heap at each new shape and pays for it, as a
+    user's would. Also returns the parity check: the first row's PNG from both sides of the first
+    batch-1 run of repeat 0, mean and max |pixel difference| (0-255), a check that both do the same work."""
     import numpy as np
     from PIL import Image
 
     results, parity = {}, {}
+    sides = ("batchsd", "diffusers")
     for rep in range(reps):
         with tempfile.TemporaryDirectory(prefix="batchsd-e2e-") as tmp:
             tmp = Path(tmp)
             runs = [dict(batch=b, rows=rows_for(n, size, steps, tag=f"rep {rep} batch {b}")) for b, n in plan]
-            for side in ("batchsd", "diffusers")[::1 if rep % 2 == 0 else -1]:
-                spec = dict(size=size, dtype=dtype_name, diffusers_layout=layout,
-                            runs=[dict(r, folder=str(tmp / side / f"run{i}")) for i, r in enumerate(runs)])
-                spec_path = tmp / f"{side}.json"
-                spec_path.write_text(json.dumps(spec))
-                for r in bc.run_child(__file__, "--child", side, "--e2e-spec", str(spec_path), "--threads", str(threads),
-                                      "--winograd", winograd, what=f"{side} e2e child"):
-                    results.setdefault((side, r["batch"]), []).append((r["rows"] / r["wall_s"], r["cpu_s"] / r["rows"], r["rows"]))
-                    log(f"e2e {size} batch {r['batch']} rep {rep} {side}: {r['rows'] / r['wall_s']:.3f} img/s, "
-                        f"{r['cpu_s'] / r['rows']:.1f} cpu-s/img")
+            children = {}
+            try:
+                for side in sides[::1 if rep % 2 == 0 else -1]:   # the other loads while this one idles
+                    spec = dict(size=size, dtype=dtype_name, diffusers_layout=layout,
+                                runs=[dict(r, folder=str(tmp / side / f"run{i}")) for i, r in enumerate(runs)])
+                    spec_path = tmp / f"{side}.json"
+                    spec_path.write_text(json.dumps(spec))
+                    children[side] = E2EChild(side, spec_path, threads, winograd, tmp)
+                for i in range(len(runs)):
+                    for side in sides[::1 if (rep + i) % 2 == 0 else -1]:
+                        r = children[side].run(i)
+                        results.setdefault((side, r["batch"]), []).append(
+                            (r["rows"] / r["wall_s"], r["cpu_s"] / r["rows"], r["rows"]))
+                        log(f"e2e {size} batch {r['batch']} rep {rep} {side}: {r['rows'] / r['wall_s']:.3f} img/s, "
+                            f"{r['cpu_s'] / r['rows']:.1f} cpu-s/img")
+            finally:
+                for child_ in children.values():
+                    child_.close()
             first = next((i for i, (b, _) in enumerate(plan) if b == 1), None)
             if rep == 0 and first is not None:
                 row_id = runs[first]["rows"][0]["id"]
                 a, d = (np.asarray(Image.open(png_of(tmp / side / f"run{first}", side, row_id)).convert("RGB"),
-                                   dtype=np.float32) for side in ("batchsd", "diffusers"))
+                                   dtype=np.float32) for side in sides)
                 parity = dict(mean_abs_pixel_diff=float(np.abs(a - d).mean()), max_abs_pixel_diff=float(np.abs(a - d).max()))
     return [dict(side=s, batch=b, size=size, steps=steps, rows=v[0][2], reps=reps,
-                 images_per_s=bc.median([x[0] for x in v]), cpu_s_per_image=bc.median([x[1] for x in v]))
+                 images_per_s=bc.median([x[0] for x in v]), cpu_s_per_image=bc.median([x[1] for x in v]),
+                 pairs=[round(x[0], 4) for x in v])
             for (s, b), v in results.items()], parity
 
 
@@ -388,6 +437,9 @@ def report(res: dict) -> str:
     if res.get("e2e"):
         by = {(r["side"], r["batch"]): r for r in res["e2e"]}
         e0 = res["e2e"][0]
+        b8 = ({"b": "/".join(f"{x:.3f}" for x in by[("batchsd", 8)]["pairs"]),
+               "d": "/".join(f"{x:.3f}" for x in by[("diffusers", 8)]["pairs"])}
+              if e0["reps"] > 1 and ("batchsd", 8) in by and "pairs" in by[("batchsd", 8)] else None)
         rows = []
         for (side, b), r in sorted(by.items()):
             if side != "batchsd":
@@ -400,9 +452,10 @@ def report(res: dict) -> str:
         out += ["", f"End to end (text, {e0['steps']} steps euler at cfg 7.5, VAE decode, PNG files), {e0['size']}x{e0['size']}, "
                 f"{res['e2e_dtype']}: a Parquet manifest through `batchsd run` (runner.run: planning, batches, PNG + "
                 f"journal writes, results.parquet) vs a diffusers loop over the same rows in batched calls saving PNGs "
-                f"(diffusers layout: {res['e2e_diffusers_layout']}, SDPA); a fresh process per side runs every batch size "
-                f"after its load and a 1-step warm-up (neither timed), allocator tuned in both; medians of {e0['reps']} "
-                f"(order alternating)",
+                f"(diffusers layout: {res['e2e_diffusers_layout']}, SDPA); a fresh process per side, both loaded and warmed "
+                f"up (1 step; neither timed), each batch size run by one side and right after by the other (order "
+                f"alternating), allocator tuned in both; medians of {e0['reps']}"
+                + (f"; batch-8 pairs (img/s) batchsd {b8['b']}, diffusers {b8['d']}" if b8 else ""),
                 fmt_table(["batch", "rows", "batchsd img/s", "diffusers img/s", "img/s ratio b/d", "batchsd CPU-s/img",
                            "diffusers CPU-s/img", "CPU ratio b/d", "better (CPU)"], rows)]
         if res.get("parity"):
