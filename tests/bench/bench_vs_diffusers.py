@@ -447,7 +447,9 @@ def report(res: dict) -> str:
             d = by[("diffusers", b)]
             ratio = r["images_per_s"] / d["images_per_s"]
             cratio = r["cpu_s_per_image"] / d["cpu_s_per_image"]
-            rows.append([b, r["rows"], f"{r['images_per_s']:.3f}", f"{d['images_per_s']:.3f}", f"{ratio:.2f}x",
+            pairs = [x / y for x, y in zip(r.get("pairs", []), d.get("pairs", []))]   # repeat by repeat
+            paired = f"{bc.median(pairs):.2f}x ({', '.join(f'{x:.2f}' for x in pairs)})" if len(pairs) > 1 else f"{ratio:.2f}x"
+            rows.append([b, r["rows"], f"{r['images_per_s']:.3f}", f"{d['images_per_s']:.3f}", f"{ratio:.2f}x", paired,
                          f"{r['cpu_s_per_image']:.1f}", f"{d['cpu_s_per_image']:.1f}", f"{cratio:.2f}", better(cratio, True)])
         out += ["", f"End to end (text, {e0['steps']} steps euler at cfg 7.5, VAE decode, PNG files), {e0['size']}x{e0['size']}, "
                 f"{res['e2e_dtype']}: a Parquet manifest through `batchsd run` (runner.run: planning, batches, PNG + "
@@ -455,8 +457,10 @@ def report(res: dict) -> str:
                 f"(diffusers layout: {res['e2e_diffusers_layout']}, SDPA); a fresh process per side, both loaded and warmed "
                 f"up (1 step; neither timed), each batch size run by one side and right after by the other (order "
                 f"alternating), allocator tuned in both; medians of {e0['reps']}"
-                + (f"; batch-8 pairs (img/s) batchsd {b8['b']}, diffusers {b8['d']}" if b8 else ""),
-                fmt_table(["batch", "rows", "batchsd img/s", "diffusers img/s", "img/s ratio b/d", "batchsd CPU-s/img",
+                + (f"; batch-8 pairs (img/s) batchsd {b8['b']}, diffusers {b8['d']}" if b8 else "")
+                + ("; a pair is one repeat's run of a batch size by both sides, minutes apart at most" if e0["reps"] > 1 else ""),
+                fmt_table(["batch", "rows", "batchsd img/s", "diffusers img/s", "img/s ratio b/d",
+                           "img/s ratio, median of the pairs (each pair)", "batchsd CPU-s/img",
                            "diffusers CPU-s/img", "CPU ratio b/d", "better (CPU)"], rows)]
         if res.get("parity"):
             out.append(f"same row at batch 1, batchsd vs diffusers image: mean |diff| {res['parity']['mean_abs_pixel_diff']:.2f}/255, "
