@@ -230,6 +230,15 @@ def run_child(script: str, *args: str, what: str) -> object:
     return json.loads(lines[-1][len("CHILD "):])
 
 
+def pixel_diff(a, b) -> dict:
+    """Mean and max |pixel difference| (0-255) of two PIL images, as RGB: the benchmarks' check that
+    both sides made the same image."""
+    import numpy as np
+
+    a, b = (np.asarray(im.convert("RGB"), dtype=np.float32) for im in (a, b))
+    return {"mean_abs_pixel_diff": float(np.abs(a - b).mean()), "max_abs_pixel_diff": float(np.abs(a - b).max())}
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 

@@ -89,13 +89,6 @@ def bench_unet(ours, theirs, batch: int, size: int, reps: int, device: torch.dev
             "max_rel_diff": float((a - d).abs().max() / d.abs().max())}
 
 
-def image_diff(a, d) -> dict:
-    import numpy as np
-
-    a, d = (np.asarray(im.convert("RGB"), dtype=np.float32) for im in (a, d))
-    return {"mean_abs_pixel_diff": float(np.abs(a - d).mean()), "max_abs_pixel_diff": float(np.abs(a - d).max())}
-
-
 @torch.inference_mode()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -169,7 +162,7 @@ def main() -> None:
             r[f"{side}_warmup_s"] = warm[side]
         res["generate"].append(r)
         if batch == 1 and res["parity"] is None:
-            res["parity"] = image_diff(made["batchsd"][0], made["diffusers"][0])
+            res["parity"] = bc.pixel_diff(made["batchsd"][0], made["diffusers"][0])
         print(f"generate batch {batch}: batchsd {batch / r['batchsd_s']:.2f} img/s, "
               f"diffusers {batch / r['diffusers_s']:.2f} img/s", flush=True)
         dump()

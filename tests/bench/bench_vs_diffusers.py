@@ -221,8 +221,6 @@ class E2EChild:
     """A running e2e_child: `run(i)` asks it for run i of its spec and returns its DONE record."""
 
     def __init__(self, side: str, spec_path: Path, threads: int, winograd: str, log_dir: Path):
-        import subprocess
-
         self.side = side
         self.stderr_path = log_dir / f"{side}.stderr"
         self._stderr = open(self.stderr_path, "w")
@@ -266,7 +264,6 @@ def bench_e2e(dtype_name: str, size: int, steps: int, plan: list[tuple[int, int]
     are mostly distinct). Each process grows its own heap at each new shape and pays for it, as a
     user's would. Also returns the parity check: the first row's PNG from both sides of the first
     batch-1 run of repeat 0, mean and max |pixel difference| (0-255), a check that both do the same work."""
-    import numpy as np
     from PIL import Image
 
     results, parity = {}, {}
@@ -296,12 +293,10 @@ def bench_e2e(dtype_name: str, size: int, steps: int, plan: list[tuple[int, int]
             first = next((i for i, (b, _) in enumerate(plan) if b == 1), None)
             if rep == 0 and first is not None:
                 row_id = runs[first]["rows"][0]["id"]
-                a, d = (np.asarray(Image.open(png_of(tmp / side / f"run{first}", side, row_id)).convert("RGB"),
-                                   dtype=np.float32) for side in sides)
-                parity = dict(mean_abs_pixel_diff=float(np.abs(a - d).mean()), max_abs_pixel_diff=float(np.abs(a - d).max()))
+                parity = bc.pixel_diff(*(Image.open(png_of(tmp / side / f"run{first}", side, row_id)) for side in sides))
     return [dict(side=s, batch=b, size=size, steps=steps, rows=v[0][2], reps=reps,
                  images_per_s=bc.median([x[0] for x in v]), cpu_s_per_image=bc.median([x[1] for x in v]),
-                 pairs=[round(x[0], 4) for x in v])
+                 pairs=[x[0] for x in v])   # img/s repeat by repeat
             for (s, b), v in results.items()], parity
 
 
