@@ -5,17 +5,17 @@
     out = pipe.generate([GenerationRow("a photo of a cat", seed=1)])
     out.images[0].save("cat.png")
 
-The public names are imported lazily, so `import batchsd.manifest` (the CLI's validate path)
+The public names are imported lazily, so `import batchsd.job.manifest` (the CLI's validate path)
 does not pay for torch and the models.
 """
-from .errors import BatchSDError, CheckpointError, InputError
+from batchsd.errors import BatchSDError, CheckpointError, InputError
 
 __all__ = ["Pipeline", "GenerationRow", "GenerationOutput", "BatchSDError", "InputError", "CheckpointError"]
 
 
 def __getattr__(name: str):
     if name in ("Pipeline", "GenerationRow", "GenerationOutput"):
-        from . import pipeline
+        from .model import pipeline
 
         return getattr(pipeline, name)
     raise AttributeError(f"module 'batchsd' has no attribute {name!r}")

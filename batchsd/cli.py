@@ -61,8 +61,8 @@ class DType(str, enum.Enum):
 
 def _check_device(value: str) -> str:
     """Checked when parsed (also for --dry-run): unknown names, cuda without CUDA, a missing cuda:N."""
-    from .devices import resolve_device
-    from .errors import InputError
+    from batchsd.model.devices import resolve_device
+    from batchsd.errors import InputError
 
     try:
         resolve_device(value)
@@ -127,14 +127,14 @@ def run(
                                      "cluster has GPUs)."),
 ) -> None:
     """Make the images of MANIFEST; resumable: run the same command again to finish an interrupted job."""
-    from .errors import BatchSDError
-    from .progress import print_summary
-    from .runner import ManifestInvalid, RunOptions
-    from .runner import run as run_job
+    from batchsd.errors import BatchSDError
+    from batchsd.job.progress import print_summary
+    from batchsd.job.run import ManifestInvalid, RunOptions
+    from batchsd.job.run import run as run_job
 
     import os
 
-    from .sharding import resolve_shard, shard_device
+    from batchsd.scale.sharding import resolve_shard, shard_device
 
     err = _err_console()
     spec = None
@@ -161,7 +161,7 @@ def run(
                       shard=None if spec is None or spec.is_whole else spec)
     try:
         if engine is Engine.ray and not dry_run:
-            from .ray_runner import run_ray
+            from batchsd.scale.ray_engine import run_ray
 
             summary = run_ray(opts, workers=workers, console=err)
         else:
@@ -191,9 +191,9 @@ def validate(
     Exit 0: ready to run; 1: the manifest is valid but some rows will fail (unreadable init
     images); 2: manifest problems (`batchsd run` would refuse it).
     """
-    from .manifest import read_manifest
-    from .planner import plan_batches, resolve_image_sizes
-    from .progress import print_plan
+    from batchsd.job.manifest import read_manifest
+    from batchsd.job.planner import plan_batches, resolve_image_sizes
+    from batchsd.job.progress import print_plan
 
     out = _out_console()
     m = read_manifest(manifest)
@@ -223,13 +223,13 @@ def inspect(
 
     Exit 0: loadable; 1: readable but not loadable (the report says why); 2: cannot be read.
     """
-    from .errors import BatchSDError
+    from batchsd.errors import BatchSDError
 
     err = _err_console()
     if not model.exists():
         raise _fail(err, f"{model} does not exist: give a .safetensors/.ckpt file or a diffusers folder", 2)
     try:
-        from .checkpoint import inspect_checkpoint
+        from batchsd.model.checkpoint import inspect_checkpoint
         report = inspect_checkpoint(model)
     except BatchSDError as e:
         raise _fail(err, str(e), 2)
@@ -254,8 +254,8 @@ def status(
     Exit 0: every row ok; 1: every row made, some failed; 3: some rows not made yet; 2: usage error.
     When every shard is done it also writes OUT/results.parquet if the last shard did not.
     """
-    from .errors import BatchSDError
-    from .status import collect_status, print_status
+    from batchsd.errors import BatchSDError
+    from batchsd.job.status import collect_status, print_status
 
     err = _err_console()
     try:

@@ -1,12 +1,17 @@
 """Shared fixtures for the job-layer tests: one tiny pipeline per test module (see cli_support.py)."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
-from batchsd.pipeline import Pipeline
+from batchsd.model.pipeline import Pipeline
 
-collect_ignore = ["bench"]  # benchmarks, not tests: run them as scripts (tests/bench/README.md)
+sys.path.insert(0, str(Path(__file__).resolve().parent / "tools"))  # tokenizer_build, a tool the tokenizer tests run
+
+collect_ignore = ["bench", "tools"]  # benchmarks, not tests: run them as scripts (tests/bench/README.md)
 
 
 @pytest.fixture(scope="module")

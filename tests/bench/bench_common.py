@@ -279,9 +279,9 @@ def unet_tflop(size: int) -> float:
     Winograd convolutions do fewer, so its TFLOP/s is an effective rate and can pass the roof."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from batchsd.config import SD15
-    from batchsd.unet import UNetModel
-    from batchsd.upsample import NearestUpsampleConv
+    from batchsd.model.config import SD15
+    from batchsd.model.unet import UNetModel
+    from batchsd.model.fast.upsample import NearestUpsampleConv
 
     with torch.device("meta"), _unfolded(NearestUpsampleConv):
         unet = UNetModel(SD15.unet)

@@ -7,11 +7,11 @@ Figures (targets from the issue "Speed, memory and scale"):
   1. `batchsd validate` on a 1,000,000-row manifest (CSV and Parquet), the real CLI in a fresh
      subprocess: wall time and peak RSS (os.wait4's ru_maxrss of that child). Target < 30 s, < 2 GiB.
   2. Resume scan over 100,000 finished rows: an output folder holding a journal with 100k ok records
-     (written with batchsd.results.Journal, as a run leaves it) and their image files (empty
+     (written with batchsd.job.results.Journal, as a run leaves it) and their image files (empty
      placeholders: decide() only checks that they exist). Timed in process: read_prior + decide
      (the scan itself); and the whole `batchsd run --model tiny` that finds nothing to do (imports,
      manifest, tiny model, scan, final compaction). Target < 10 s.
-  3. The results writer (batchsd.writer.ResultWriter, the run's writer thread) on a journal that
+  3. The results writer (batchsd.job.writer.ResultWriter, the run's writer thread) on a journal that
      already holds 1k, 10k and 100k rows: seconds per row of its own work (PNG encode of a 64x64
      image, atomic fsynced image file, part file, compaction when due) over 64 batches of 4 rows.
      Steady state = median per batch; the mean includes the compactions that fall in the window.
@@ -102,7 +102,7 @@ def bench_validate(tmp: Path, n: int) -> list[dict]:
 # ---------------------------------------------------------------- 2-3. journal fixtures
 def finished_records(rows, model: str, sha: str | None) -> list[dict]:
     """Records as the writer leaves them for ok rows (images/<id>.png)."""
-    from batchsd.results import now_utc
+    from batchsd.job.results import now_utc
 
     now = now_utc()
     recs = []
@@ -118,8 +118,8 @@ def finished_records(rows, model: str, sha: str | None) -> list[dict]:
 def prefill(out_dir: Path, manifest_path: Path, n_done: int, touch_images: bool, part_rows: int = 10_000):
     """Journal n_done finished rows of the manifest into out_dir (parts of part_rows, then one
     compaction, as a long run leaves it). Returns (manifest, rows, schema)."""
-    from batchsd.manifest import read_manifest
-    from batchsd.results import Journal, extra_types_for, results_schema
+    from batchsd.job.manifest import read_manifest
+    from batchsd.job.results import Journal, extra_types_for, results_schema
 
     m = read_manifest(manifest_path)
     assert not m.problems, m.format_problems()
@@ -139,8 +139,8 @@ def prefill(out_dir: Path, manifest_path: Path, n_done: int, touch_images: bool,
 
 
 def bench_resume(tmp: Path, n: int) -> dict:
-    from batchsd.results import read_prior
-    from batchsd.resume import decide
+    from batchsd.job.results import read_prior
+    from batchsd.job.resume import decide
 
     table = make_table(n, seed=1)
     table = table.set_column(table.column_names.index("width"), "width", pa.array([64] * n))
@@ -172,9 +172,9 @@ def bench_resume(tmp: Path, n: int) -> dict:
 def bench_writer(tmp: Path, already: int, batches: int = 64, batch_rows: int = 4) -> dict:
     from PIL import Image
 
-    from batchsd.manifest import read_manifest
-    from batchsd.results import Journal
-    from batchsd.writer import BatchResult, ResultWriter
+    from batchsd.job.manifest import read_manifest
+    from batchsd.job.results import Journal
+    from batchsd.job.writer import BatchResult, ResultWriter
 
     n = already + batches * batch_rows
     table = make_table(n, seed=2)

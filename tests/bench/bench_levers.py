@@ -75,9 +75,9 @@ def best(fn, reps: int = 3) -> tuple[float, float]:
 def stages() -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from batchsd.clip import CLIPTextModel
-    from batchsd.config import SD15
-    from batchsd.vae import AutoencoderKL
+    from batchsd.model.clip import CLIPTextModel
+    from batchsd.model.config import SD15
+    from batchsd.model.vae import AutoencoderKL
 
     with torch.device("meta"):
         vae, clip = AutoencoderKL(SD15.vae), CLIPTextModel(SD15.clip)
@@ -127,8 +127,8 @@ def norm_fusion() -> None:
 def sd15_vae(dtype: torch.dtype):
     from safetensors import safe_open
 
-    from batchsd.config import SD15
-    from batchsd.vae import AutoencoderKL
+    from batchsd.model.config import SD15
+    from batchsd.model.vae import AutoencoderKL
 
     with torch.device("meta"):
         vae = AutoencoderKL(SD15.vae)
@@ -172,7 +172,7 @@ def timed_faults(fn, reps: int = 2) -> tuple[float, float, int]:
 
 
 def set_packed(module: torch.nn.Module, packed: bool) -> None:
-    from batchsd.runtime import PackedConv2d, pack_convolutions
+    from batchsd.model.fast.runtime import PackedConv2d, pack_convolutions
 
     if packed:
         pack_convolutions(module)
@@ -216,8 +216,8 @@ def interleaved(run) -> tuple[tuple[float, float], tuple[float, float], float]:
 
 @torch.inference_mode()
 def folding(size: int) -> None:
-    from batchsd.runtime import tune_cpu_allocator
-    from batchsd.upsample import NearestUpsampleConv
+    from batchsd.model.fast.runtime import tune_cpu_allocator
+    from batchsd.model.fast.upsample import NearestUpsampleConv
 
     tune_cpu_allocator()                 # as `batchsd run` does on the CPU
     log(f"| folded upsample conv ({size}x{size}, channels_last, packed) | dtype | interpolate + 3x3: wall s / CPU s | "
@@ -243,9 +243,9 @@ def folding(size: int) -> None:
 def winograd(size: int) -> None:
     from types import SimpleNamespace
 
-    from batchsd.runtime import tune_cpu_allocator
-    from batchsd.upsample import NearestUpsampleConv
-    from batchsd.winograd import WinogradConv2d, use_winograd, use_winograd_in_model
+    from batchsd.model.fast.runtime import tune_cpu_allocator
+    from batchsd.model.fast.upsample import NearestUpsampleConv
+    from batchsd.model.fast.winograd import WinogradConv2d, use_winograd, use_winograd_in_model
 
     tune_cpu_allocator()                 # as `batchsd run` does on the CPU
     log(f"| Winograd F(2x2,3x3), >= 640 input channels ({size}x{size}, UNet CFG step, channels_last) | dtype | "
@@ -279,7 +279,7 @@ def winograd(size: int) -> None:
 def alloc_child(tuned: bool, size: int) -> None:
     """One fresh process: batchsd's UNet step and VAE decode (packed, channels_last, fp32), with or
     without the tuned allocator; prints JSON."""
-    from batchsd.runtime import pack_convolutions, tune_cpu_allocator
+    from batchsd.model.fast.runtime import pack_convolutions, tune_cpu_allocator
 
     if tuned:
         assert tune_cpu_allocator()
@@ -306,9 +306,9 @@ def allocator(size: int = 512) -> None:
 def packnow_child(at_load: bool, dtype_name: str) -> None:
     """One fresh process: load the benchmark checkpoint as `batchsd run` does on the CPU, then one
     256x256 image of 4 steps; prints JSON (seconds and minor page faults of load and first image)."""
-    import batchsd.pipeline as pipeline_module
+    import batchsd.model.pipeline as pipeline_module
     from batchsd import GenerationRow
-    from batchsd.runtime import tune_cpu_allocator
+    from batchsd.model.fast.runtime import tune_cpu_allocator
 
     assert tune_cpu_allocator()
     if not at_load:
@@ -342,7 +342,7 @@ def pack_shape() -> None:
     """Does the blocked layout oneDNN picks depend on the input's size? Each conv (runtime.PackedConv2d)
     runs at each shape with its weight packed for that shape, for a 64x64 map and for an 8x8 map
     (batch 1; PackedConv2d.pack, as pack_now does); best of 3."""
-    from batchsd.runtime import PackedConv2d
+    from batchsd.model.fast.runtime import PackedConv2d
 
     log("| 3x3 conv, packed for (channels_last) | dtype | channels | input | that shape, s | 64x64, s | 8x8, s | max |diff| |")
     log("|---|---|---|---|---|---|---|---|")
@@ -369,8 +369,8 @@ def sd15_unet(dtype: torch.dtype):
     """batchsd's SD 1.5 UNet with the benchmark checkpoint's weights."""
     from safetensors import safe_open
 
-    from batchsd.config import SD15
-    from batchsd.unet import UNetModel
+    from batchsd.model.config import SD15
+    from batchsd.model.unet import UNetModel
 
     path = bc.random_checkpoint()
     with torch.device("meta"):

@@ -6,7 +6,7 @@
 
 The target (issue "The batch job"): `batchsd validate` on 1,000,000 rows in under 30 s and 2 GiB RSS.
 Each measurement runs in a fresh subprocess (peak RSS is per process: ru_maxrss), which imports
-batchsd.manifest (and torch, through batchsd.samplers), reads and validates the file, then groups
+batchsd.job.manifest (and torch, through batchsd.model.samplers), reads and validates the file, then groups
 the rows with plan_batches. The generated rows look like a real job list: ~100-character prompts,
 negative prompts, explicit seeds, a few sizes/samplers (A1111 names included) and a pass-through
 column; 1 row in 10 leaves seed empty and 1 in 20 leaves id empty (derived defaults).
@@ -70,8 +70,8 @@ def make_table(n: int, seed: int = 0, bad_every: int = 0) -> pa.Table:
 MEASURE = r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
-from batchsd.manifest import read_manifest
-from batchsd.planner import plan_batches
+from batchsd.job.manifest import read_manifest
+from batchsd.job.planner import plan_batches
 t1 = time.perf_counter()
 m = read_manifest(sys.argv[1])
 t2 = time.perf_counter()

@@ -158,7 +158,7 @@ def batchsd_run(pipe, rows: list[dict], batch: int, folder: Path):
     manifest reading, planning, batches, PNG + journal writes, results.parquet, summary.json."""
     from rich.console import Console
 
-    from batchsd.runner import RunOptions, run
+    from batchsd.job.run import RunOptions, run
 
     manifest = write_manifest(rows, folder / "manifest.parquet")
     with open(os.devnull, "w") as devnull:
@@ -185,7 +185,7 @@ def e2e_child(side: str, spec_path: Path, threads: int, winograd: bool | None) -
     stdin, run i of the spec, timed, and answer "DONE <json>": batch, rows, wall s, process CPU s.
     PNGs go to the spec's folders. Both sides set the CPU allocator as `batchsd run` does, so the
     comparison does not credit batchsd with what a mallopt call would give a diffusers script too."""
-    from batchsd.runtime import tune_cpu_allocator
+    from batchsd.model.fast.runtime import tune_cpu_allocator
 
     torch.set_num_threads(threads)
     tune_cpu_allocator()
@@ -312,7 +312,7 @@ def child(side: str, dtype_name: str, size: int, steps: int, threads: int, winog
     t0 = time.perf_counter()
     if side == "batchsd":
         from batchsd import GenerationRow
-        from batchsd.runtime import tune_cpu_allocator
+        from batchsd.model.fast.runtime import tune_cpu_allocator
 
         tune_cpu_allocator()
         pipe = bc.load_batchsd(path, dtype_name, winograd=winograd)
@@ -510,8 +510,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import diffusers
 
-    from batchsd.devices import dtype_name, resolve_dtype
-    from batchsd.runtime import release_free_memory, tune_cpu_allocator
+    from batchsd.model.devices import dtype_name, resolve_dtype
+    from batchsd.model.fast.runtime import release_free_memory, tune_cpu_allocator
 
     only = set(args.only.split(","))
     e2e_dtype = dtype_name(resolve_dtype(args.e2e_dtype, torch.device("cpu")))
@@ -545,7 +545,7 @@ def main() -> None:
         log(f"diffusers loaded fp32 in {time.perf_counter() - t0:.1f}s")
 
         def to_bf16():
-            from batchsd.winograd import use_winograd_in_model
+            from batchsd.model.fast.winograd import use_winograd_in_model
 
             for m in (ours.model, theirs.unet, theirs.vae, theirs.text_encoder):
                 m.to(torch.bfloat16)

@@ -1,0 +1,1 @@
+"""The job processor: manifest -> validated rows -> batches -> images + results.parquet, resumable."""

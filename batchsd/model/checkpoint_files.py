@@ -1,0 +1,306 @@
+"""Reading a checkpoint's tensors: a single file or a diffusers folder opened as a `Source`, the
+tensors under original-layout keys with their shapes and dtypes, the data not read yet; then
+`materialize` reads one tensor into its destination (checkpoint.load_model).
+
+- `.safetensors`: the JSON header is parsed here (`_safetensors_index`); no file is mapped, each
+  tensor is read with pread straight into its destination (or a reused scratch buffer when it
+  needs converting).
+- `.ckpt`/`.pt`/`.bin`: `torch.load(weights_only=True, mmap=True)`; a pickle that needs anything
+  beyond tensors and plain containers is refused (CheckpointError), never executed. Tensors at
+  the top level or under `state_dict`. Each tensor's pages are dropped from the private mapping
+  once copied (`_PageDropper`, madvise), so the mapping does not grow to the whole file.
+- a diffusers folder (`unet/`, `vae/`, `text_encoder/`, each with `*.safetensors`, `.fp16`
+  variants or a sharded index): its files' keys renamed to the original layout by
+  `diffusers_layout`.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import mmap
+import os
+import pickle
+import re
+import struct
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+
+from batchsd.model.diffusers_layout import KEY_MAPS, ORIGINAL_PREFIX, original_shape
+from batchsd.errors import CheckpointError
+from batchsd.model.stable_diffusion import CLIP_PREFIX
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DIFFUSERS_WEIGHTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """One tensor of a checkpoint, not read yet (shape already in the original layout)."""
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    raw: tuple[int, int] | None = None                # safetensors: (fd, byte offset) of its contiguous bytes
+    read: Callable[[], torch.Tensor] | None = None    # .ckpt: a view of the file mapping, of `shape`
+
+
+def _pread_into(out: torch.Tensor, fd: int, offset: int) -> torch.Tensor:
+    """Read out.nbytes bytes at `offset` of an open file straight into a contiguous CPU tensor."""
+    buffer = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+    done = 0
+    while done < len(buffer):
+        n = os.preadv(fd, [buffer[done:]], offset + done)
+        if n <= 0:
+            raise CheckpointError(f"unexpected end of file reading {len(buffer)} bytes at {offset}")
+        done += n
+    return out
+
+
+class _PageDropper:
+    """Drops the pages of a tensor read through a private file mapping (torch.load mmap) once it has
+    been copied out, so the mapping does not accumulate the whole file in the process's memory.
+
+    Only addresses inside a mapping of one of the checkpoint's own files are touched (found in
+    /proc/self/maps); dropped pages of a private file mapping that was never written to are read
+    again from the file on the next access, so no data can be lost. No-op where unsupported.
+    """
+
+    def __init__(self, files: Iterable[Path]):
+        self.ranges: list[tuple[int, int]] = []
+        names = {os.path.realpath(f) for f in files}
+        try:
+            with open("/proc/self/maps") as maps:
+                for line in maps:
+                    parts = line.split(maxsplit=5)
+                    if len(parts) == 6 and parts[5].rstrip("\n") in names and parts[1].endswith("p"):
+                        start, end = (int(x, 16) for x in parts[0].split("-"))
+                        self.ranges.append((start, end))
+            if self.ranges:
+                libc = ctypes.CDLL(None, use_errno=True)
+                libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+                self.madvise = libc.madvise
+        except (OSError, AttributeError):
+            self.ranges = []
+
+    def __call__(self, tensor: torch.Tensor) -> None:
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        if not any(lo <= start and end <= hi for lo, hi in self.ranges):
+            return
+        page = mmap.PAGESIZE
+        lo, hi = -(-start // page) * page, end // page * page  # whole pages inside the tensor only
+        if hi > lo:
+            self.madvise(lo, hi - lo, 4)  # MADV_DONTNEED
+
+
+class Source:
+    """The tensors of a checkpoint (file or diffusers folder) under original-layout keys."""
+
+    def __init__(self, path: Path, fmt: str, layout: str, files: list[Path]):
+        self.path, self.format, self.layout, self.files = path, fmt, layout, files
+        self.tensors: dict[str, SourceTensor] = {}
+        self.skipped: list[str] = []  # non-tensor entries of a pickled state dict
+        self.fds: list[int] = []
+        self._scratch = torch.empty(0, dtype=torch.uint8)
+        self.drop_pages: Callable[[torch.Tensor], None] = lambda t: None
+
+    def add_file(self, path: Path, rename: Callable[[list[str]], dict[str, str]], component: str | None) -> None:
+        """Add one file's tensors; `component` names the diffusers component whose layout it has (or None)."""
+        fix_shape = (lambda key, shape: shape) if component is None else \
+            (lambda key, shape: original_shape(component, key.removeprefix(ORIGINAL_PREFIX[component]), shape))
+        if _sniff(path) == "safetensors":
+            fd = os.open(path, os.O_RDONLY)
+            self.fds.append(fd)
+            for old, new, shape, dtype, offset in _safetensors_index(path, rename):
+                # a renamed diffusers tensor has the same bytes, only (maybe) another shape
+                self.tensors[new] = SourceTensor(fix_shape(new, shape), dtype, raw=(fd, offset))
+        else:
+            tensors, skipped = _flat_tensors(_torch_load(path), path)
+            self.skipped += skipped
+            for old, new in rename(list(tensors)).items():
+                t, shape = tensors[old], fix_shape(new, tuple(tensors[old].shape))
+                self.tensors[new] = SourceTensor(shape, t.dtype, read=lambda t=t, s=shape: t.view(s))
+
+    def scratch(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A reused CPU buffer for reads that need converting; sized once for the largest tensor."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        if self._scratch.numel() < nbytes:
+            largest = max(math.prod(t.shape) * t.dtype.itemsize for t in self.tensors.values())
+            self._scratch = torch.empty(max(nbytes, largest), dtype=torch.uint8)
+        return self._scratch[:nbytes].view(dtype).view(shape)
+
+    def close(self) -> None:
+        self._scratch = torch.empty(0, dtype=torch.uint8)
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
+        self.tensors.clear()
+
+    def __enter__(self) -> "Source":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _sniff(path: Path) -> str:
+    """File format from its first bytes: "safetensors" or "torch" (zip or legacy pickle)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return "torch"
+    if len(head) == 9 and head[8:9] == b"{":
+        return "safetensors"
+    raise CheckpointError(f"{path}: neither a safetensors file nor a PyTorch checkpoint (first bytes {head!r})")
+
+
+def _safetensors_index(path: Path, rename: Callable[[list[str]], dict[str, str]]):
+    """(old key, new key, shape, dtype, absolute byte offset) of each tensor, from the file's JSON header.
+
+    The data is then read with pread straight into the destination tensors: no mapping of the file
+    (whose pages would count as this process's memory) and a single copy out of the page cache.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if header_len > min(size - 8, 1 << 28):
+            raise CheckpointError(f"{path}: not a valid safetensors file (header length {header_len})")
+        try:
+            header = json.loads(f.read(header_len))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: not a valid safetensors file (header: {e})") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a valid safetensors file (header is not a JSON object)")
+    header.pop("__metadata__", None)
+    start = 8 + header_len
+    for old, new in rename(list(header)).items():
+        try:
+            entry = header[old]
+            dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a valid safetensors file (entry {old!r}: {e!r})") from None
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {old} has unsupported dtype {entry['dtype']}")
+        if end - begin != math.prod(shape) * dtype.itemsize or start + end > size:
+            raise CheckpointError(f"{path}: tensor {old} has inconsistent offsets {begin}..{end} (file truncated?)")
+        yield old, new, shape, dtype, start + begin
+
+
+def _torch_load(path: Path) -> Any:
+    """torch.load restricted to tensors and plain containers; mmap when the file format allows."""
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e) and "zipfile" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        detail = f"it references {found.group(1)}" if found else str(e).strip().splitlines()[0]
+        raise CheckpointError(
+            f"{path}: refused to load: the pickle needs more than tensors and plain containers ({detail}). "
+            f"batchsd never runs code from a checkpoint; use a .safetensors version of this model, or "
+            f"convert it with a tool you trust.") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read PyTorch checkpoint: {e}") from e
+
+
+def _flat_tensors(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The tensor dict of a loaded pickle (inside `state_dict` when present) and the non-tensor entries."""
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    skipped = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    return tensors, skipped
+
+
+def _single_file_rename(keys: list[str]) -> dict[str, str]:
+    """Original layout as is; very old files lack the `text_model.` level of the text encoder."""
+    old_clip = "cond_stage_model.transformer."
+    if any(k.startswith(CLIP_PREFIX) for k in keys):
+        return {k: k for k in keys}
+    return {k: CLIP_PREFIX + k[len(old_clip):] if k.startswith(old_clip) else k for k in keys}
+
+
+def _diffusers_weight_files(folder: Path, stem: str) -> tuple[list[Path], list[str] | None]:
+    """A component's weight files (full precision first, then the fp16 variant) and, for a sharded
+    component, all its keys from the index (the UNet mapping needs every key to count blocks)."""
+    for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors", f"{stem}.bin", f"{stem}.fp16.bin"):
+        if (folder / name).is_file():
+            return [folder / name], None
+        index = folder / f"{name}.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return [folder / shard for shard in sorted(set(weight_map.values()))], list(weight_map)
+    return [], None
+
+
+def _diffusers_rename(keys: list[str], component: str, key_map: dict[str, str] | None) -> dict[str, str]:
+    key_map = key_map if key_map is not None else KEY_MAPS[component](keys)
+    return {k: ORIGINAL_PREFIX[component] + key_map.get(k, k) for k in keys}
+
+
+def _diffusers_plan(folder: Path) -> list[tuple[Path, Callable, str]]:
+    """(file, rename, component) for each weight file of a diffusers folder."""
+    if not all((folder / component).is_dir() for component in DIFFUSERS_WEIGHTS):
+        raise CheckpointError(f"{folder}: a folder must be a diffusers model folder with "
+                              f"{', '.join(c + '/' for c in DIFFUSERS_WEIGHTS)} subfolders")
+    plan = []
+    for component, stem in DIFFUSERS_WEIGHTS.items():
+        files, all_keys = _diffusers_weight_files(folder / component, stem)
+        if not files:
+            raise CheckpointError(f"{folder / component}: no {stem}.safetensors (or .fp16.safetensors) weights")
+        key_map = KEY_MAPS[component](all_keys) if all_keys else None
+        plan += [(f, partial(_diffusers_rename, component=component, key_map=key_map), component) for f in files]
+    return plan
+
+
+def open_checkpoint(path: str | Path) -> Source:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if path.is_dir():
+        plan = _diffusers_plan(path)
+        files = sorted((f for f, _, _ in plan), key=lambda f: str(f.relative_to(path)))
+        source = Source(path, "diffusers", "diffusers", files)
+    else:
+        plan = [(path, _single_file_rename, None)]
+        source = Source(path, "safetensors" if _sniff(path) == "safetensors" else "ckpt", "single-file", [path])
+    try:
+        for file, rename, component in plan:
+            source.add_file(file, rename, component)
+    except BaseException:
+        source.close()
+        raise
+    source.drop_pages = _PageDropper(source.files)
+    return source
+
+
+def materialize(source: Source, key: str, dtype: torch.dtype, device: torch.device,
+                 memory_format: torch.memory_format) -> torch.Tensor:
+    """One tensor in the target dtype/device (4-D ones in `memory_format`), freshly allocated; at most
+    one reused buffer on the side."""
+    t = source.tensors[key]
+    out = torch.empty(t.shape, dtype=dtype, device=device,
+                      memory_format=memory_format if len(t.shape) == 4 else torch.contiguous_format)
+    if t.raw is None:  # .ckpt: a view of the file mapping
+        view = t.read()
+        out.copy_(view)
+        source.drop_pages(view)
+    elif t.dtype == dtype and device.type == "cpu" and out.is_contiguous():
+        _pread_into(out, *t.raw)  # file -> model tensor, no intermediate
+    else:
+        out.copy_(_pread_into(source.scratch(t.shape, t.dtype), *t.raw))
+    return out
