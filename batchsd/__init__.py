@@ -14,7 +14,11 @@ __all__ = ["Pipeline", "GenerationRow", "GenerationOutput", "BatchSDError", "Inp
 
 
 def __getattr__(name: str):
-    if name in ("Pipeline", "GenerationRow", "GenerationOutput"):
+    if name == "GenerationRow":
+        from .model.request import GenerationRow
+
+        return GenerationRow
+    if name in ("Pipeline", "GenerationOutput"):
         from .model import pipeline
 
         return getattr(pipeline, name)

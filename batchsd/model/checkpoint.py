@@ -1,4 +1,4 @@
-"""Load Stable Diffusion 1.x checkpoints into StableDiffusionModel, safely and without doubling memory.
+"""Load Stable Diffusion checkpoints into their model, safely and without doubling memory.
 
 Accepted inputs (read by checkpoint_files.py):
 - a single file in the original (CompVis) layout: `.safetensors` (JSON header, then each tensor read
@@ -8,15 +8,17 @@ Accepted inputs (read by checkpoint_files.py):
 - a diffusers folder (`unet/`, `vae/`, `text_encoder/`, each with `*.safetensors`, `.fp16` variants
   or a sharded index), renamed to the original layout by `diffusers_layout`.
 
-Loading: shapes -> `infer_config` -> StableDiffusionModel built on the meta device -> our own strict
-key/shape check (a CheckpointError names missing, mis-shaped and unexpected tensors) -> tensors copied
-one by one into freshly allocated tensors of the target dtype/device -> `load_state_dict(assign=True)`.
-No file is mapped for safetensors; for .ckpt each tensor's pages are dropped from the mapping once
-copied (madvise), so the peak resident memory is the model's bytes plus about one tensor, whatever the
-source dtype (tests/measure_load_memory.py measures it).
+Loading: shapes (+ a diffusers folder's configs, the yaml beside a single file, the caller's
+prediction type) -> the model family and its config (family.resolve_family) -> its
+model built on the meta device -> our own strict key/shape check (a CheckpointError names missing,
+mis-shaped and unexpected tensors) -> tensors copied one by one into freshly allocated tensors of the
+target dtype/device -> `load_state_dict(assign=True)`. No file is mapped for safetensors; for .ckpt
+each tensor's pages are dropped from the mapping once copied (madvise), so the peak resident memory
+is the model's bytes plus about one tensor, whatever the source dtype (tests/tools/measure_load_memory.py
+checks it).
 
-This module holds the model side: `infer_config` (SDConfig from shapes), `check_keys`, the
-file hash (`checkpoint_sha256`), and the public `load_model` / `inspect_checkpoint`.
+This module holds the model side: `infer_config`, `check_keys`, the file hash
+(`checkpoint_sha256`), and the public `load_model` / `inspect_checkpoint`.
 """
 from __future__ import annotations
 
@@ -24,28 +26,24 @@ import hashlib
 import logging
 import math
 import os
-import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
+from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from batchsd.model.config import PRESETS, CLIPTextConfig, SDConfig, UNetConfig, VAEConfig
-from batchsd.model.checkpoint_files import SourceTensor, materialize, open_checkpoint
-from batchsd.model.diffusers_layout import ORIGINAL_PREFIX
 from batchsd.errors import CheckpointError
-from batchsd.model.stable_diffusion import StableDiffusionModel
+from batchsd.model.checkpoint_files import SourceTensor, materialize, open_checkpoint
+from batchsd.model.config import SDConfig
+from batchsd.model.family import (SD1, AmbiguousPredictionType, CheckpointHints, ModelFamily, check_prediction_type,
+                                  detect_family, resolve_family)
+from batchsd.model.stable_diffusion import CLIP_PREFIX
 
 log = logging.getLogger(__name__)
-
-UNET_PREFIX = ORIGINAL_PREFIX["unet"]          # model.diffusion_model.
-VAE_PREFIX = ORIGINAL_PREFIX["vae"]            # first_stage_model.
-CLIP_PREFIX = ORIGINAL_PREFIX["text_encoder"]  # cond_stage_model.transformer.text_model.
-MODEL_PREFIXES = (UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX)
 
 # Non-model tensors released SD 1.x files carry (see shared/reference/sd15_keys.json): the DDPM
 # schedule buffers of the training wrapper and CLIP's constant position ids. Ignored by name.
@@ -69,108 +67,12 @@ def _shape(value: Any) -> tuple[int, ...]:
     return tuple(value.shape) if hasattr(value, "shape") else tuple(value)
 
 
-def _need(shapes: Mapping[str, tuple[int, ...]], prefix: str, key: str, what: str) -> tuple[int, ...]:
-    if key not in shapes:
-        raise CheckpointError(f"cannot infer the {what} configuration: tensor {prefix}{key} is missing")
-    return shapes[key]
-
-
-def _indices(shapes: Iterable[str], pattern: str) -> list[int]:
-    rx = re.compile(pattern)
-    return sorted({int(m.group(1)) for k in shapes if (m := rx.match(k))})
-
-
-def _infer_unet(s: Mapping[str, tuple[int, ...]]) -> UNetConfig:
-    need = lambda key: _need(s, UNET_PREFIX, key, "UNet")  # noqa: E731
-    model_channels, in_channels = need("input_blocks.0.0.weight")[:2]  # conv_in [mc, in, 3, 3]
-    out_channels = need("out.2.weight")[0]
-    # input_blocks 1..: per level `res_blocks` res blocks (+ a spatial transformer), then a downsampler
-    level_channels: list[list[int]] = [[]]
-    attention_levels = set()
-    for i in _indices(s, r"input_blocks\.(\d+)\.")[1:]:
-        if f"input_blocks.{i}.0.op.weight" in s:
-            level_channels.append([])
-            continue
-        level_channels[-1].append(need(f"input_blocks.{i}.0.out_layers.3.weight")[0])
-        if f"input_blocks.{i}.1.proj_in.weight" in s:
-            attention_levels.add(len(level_channels) - 1)
-    res_blocks = len(level_channels[0])
-    if res_blocks == 0 or any(len(ch) != res_blocks or len(set(ch)) != 1 for ch in level_channels):
-        raise CheckpointError(f"unsupported UNet layout: res block channels per level {level_channels}")
-    if any(ch[0] % model_channels for ch in level_channels):
-        raise CheckpointError(f"unsupported UNet layout: level channels {level_channels} are not multiples "
-                              f"of {model_channels}")
-    context = [v for k, v in s.items() if k.endswith(".attn2.to_k.weight")]  # [inner, context_dim]
-    return UNetConfig(
-        in_channels=in_channels, out_channels=out_channels, model_channels=model_channels,
-        channel_mult=tuple(ch[0] // model_channels for ch in level_channels), res_blocks=res_blocks,
-        attention_levels=tuple(sorted(attention_levels)),
-        context_dim=context[0][1] if context else UNetConfig.context_dim,
-        heads=UNetConfig.heads,  # not visible in shapes; SD 1.x uses 8 heads everywhere
-    )
-
-
-def _infer_vae(s: Mapping[str, tuple[int, ...]]) -> VAEConfig:
-    need = lambda key: _need(s, VAE_PREFIX, key, "VAE")  # noqa: E731
-    base_channels, image_channels = need("encoder.conv_in.weight")[:2]  # [base, 3, 3, 3]
-    latent_channels = need("decoder.conv_in.weight")[1]                 # [C, latent, 3, 3]
-    levels = _indices(s, r"encoder\.down\.(\d+)\.")
-    if not levels:
-        raise CheckpointError(f"cannot infer the VAE configuration: no {VAE_PREFIX}encoder.down.* tensors")
-    level_channels = [need(f"encoder.down.{i}.block.0.conv1.weight")[0] for i in levels]
-    if any(ch % base_channels for ch in level_channels):
-        raise CheckpointError(f"unsupported VAE layout: level channels {level_channels} vs base {base_channels}")
-    return VAEConfig(
-        image_channels=image_channels, latent_channels=latent_channels, base_channels=base_channels,
-        channel_mult=tuple(ch // base_channels for ch in level_channels),
-        res_blocks=len(_indices(s, r"encoder\.down\.0\.block\.(\d+)\.")),
-    )
-
-
-def _infer_clip(s: Mapping[str, tuple[int, ...]]) -> CLIPTextConfig:
-    need = lambda key: _need(s, CLIP_PREFIX, key, "CLIP text encoder")  # noqa: E731
-    vocab_size, width = need("embeddings.token_embedding.weight")
-    return CLIPTextConfig(
-        vocab_size=vocab_size, width=width, max_positions=need("embeddings.position_embedding.weight")[0],
-        layers=len(_indices(s, r"encoder\.layers\.(\d+)\.")), mlp_width=need("encoder.layers.0.mlp.fc1.weight")[0],
-        heads=width // 64 if width % 64 == 0 else 1,  # not visible in shapes; CLIP uses 64-wide heads
-    )
-
-
-def _component(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> dict[str, tuple[int, ...]]:
-    return {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
-
-
 def infer_config(state_dict: Mapping[str, Any]) -> SDConfig:
-    """SDConfig from tensor shapes (original-layout keys; values: tensors or shapes).
-
-    Head counts are not visible in shapes: a state dict whose shapes match a preset (SD15, TINY) gets
-    that preset whole (name included); otherwise the config is named "custom" with SD 1.x head rules
-    (UNet 8 heads, CLIP width/64).
-    """
+    """SDConfig from tensor shapes (original-layout keys of a single file; values: tensors or shapes), by
+    the model family the keys belong to (family.detect_family: CheckpointError naming what the file
+    looks like when none does). The prediction type is no part of it (family.resolve_family)."""
     shapes = {k: _shape(v) for k, v in state_dict.items()}
-    keys = shapes.keys()
-    if not any(k.startswith(CLIP_PREFIX) for k in keys):
-        hint = ""
-        if any(k.startswith("cond_stage_model.model.") for k in keys):
-            hint = " (it has an OpenCLIP text encoder: a Stable Diffusion 2.x checkpoint, not supported)"
-        elif any(k.startswith("conditioner.") for k in keys):
-            hint = " (it looks like an SDXL checkpoint, not supported)"
-        elif any(k.startswith(UNET_PREFIX) for k in keys):
-            hint = " (a UNet-only file? batchsd needs the full model: UNet, VAE and text encoder)"
-        raise CheckpointError(f"no CLIP text encoder tensors under {CLIP_PREFIX}{hint}")
-    cfg = SDConfig(
-        "custom",
-        clip=_infer_clip(_component(shapes, CLIP_PREFIX)),
-        vae=_infer_vae(_component(shapes, VAE_PREFIX)),
-        unet=_infer_unet(_component(shapes, UNET_PREFIX)),
-    )
-    for preset in PRESETS.values():
-        same_heads = replace(cfg, name=preset.name, clip=replace(cfg.clip, heads=preset.clip.heads),
-                             unet=replace(cfg.unet, heads=preset.unet.heads))
-        if same_heads == preset:
-            return preset
-    return cfg
+    return detect_family(shapes).infer_config(shapes)
 
 
 # ----------------------------------------------------------------------------- checking
@@ -191,8 +93,8 @@ class KeyReport:
 class _SkipInit(TorchFunctionMode):
     """Skips the in-place initialisers of torch.nn.init (the modules' reset_parameters) while a model
     is built on the meta device, where they have nothing to fill. Not only wasted: nn.Embedding's
-    `normal_` on meta runs a Python decomposition whose first use imports torch._dynamo (~1.2 s of
-    every start-up). A torch function mode, so it holds for this thread only."""
+    `normal_` on meta runs a Python decomposition whose first use imports torch._dynamo, a start-up
+    cost paid for nothing. A torch function mode, so it holds for this thread only."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
@@ -201,11 +103,11 @@ class _SkipInit(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def build_on_meta(cfg: SDConfig) -> StableDiffusionModel:
-    """StableDiffusionModel(cfg) on the meta device: shapes only, no memory, no init cost."""
+def build_on_meta(cfg: SDConfig, family: ModelFamily = SD1) -> nn.Module:
+    """The family's model for `cfg` on the meta device: shapes only, no memory, no init cost."""
     try:
         with torch.device("meta"), _SkipInit():
-            return StableDiffusionModel(cfg)
+            return family.model_class(cfg)
     except (ValueError, AssertionError, RuntimeError) as e:
         raise CheckpointError(f"the inferred configuration cannot be built: {e} ({cfg})") from e
 
@@ -217,8 +119,14 @@ def _listing(keys: list[str], describe: Callable[[str], str] = str) -> str:
 
 
 def check_keys(tensors: Mapping[str, SourceTensor], cfg: SDConfig | None,
-               expected: Mapping[str, tuple[int, ...]]) -> KeyReport:
-    """Sort every tensor into model / ignored / unexpected / extra and find what is missing or wrong."""
+               expected: Mapping[str, tuple[int, ...]], model_prefixes: Iterable[str] = (),
+               family: ModelFamily | None = None) -> KeyReport:
+    """Sort every tensor into model / ignored / unexpected / extra and find what is missing or wrong.
+    `expected`: the model's keys and shapes; `model_prefixes`: its components' key prefixes (a key
+    under one that the model lacks is unexpected, not extra); `family`: its `ignored` known tensors."""
+    model_prefixes = tuple(model_prefixes)
+    family_ignores = (lambda key: family.ignored(key, cfg)) if family is not None and cfg is not None else \
+        (lambda key: False)
     r = KeyReport()
     for key, t in tensors.items():
         if key in expected:
@@ -227,9 +135,9 @@ def check_keys(tensors: Mapping[str, SourceTensor], cfg: SDConfig | None,
                 r.mis_shaped[key] = (t.shape, expected[key])
             elif not t.dtype.is_floating_point:
                 r.not_float[key] = str(t.dtype).removeprefix("torch.")
-        elif key in IGNORED_KEYS or key.startswith(IGNORED_PREFIXES):
+        elif key in IGNORED_KEYS or key.startswith(IGNORED_PREFIXES) or family_ignores(key):
             r.ignored.append(key)
-        elif key.startswith(MODEL_PREFIXES) and cfg is not None:
+        elif cfg is not None and key.startswith(model_prefixes):
             r.unexpected.append(key)
         else:
             r.extra.append(key)
@@ -248,7 +156,8 @@ def check_keys(tensors: Mapping[str, SourceTensor], cfg: SDConfig | None,
         r.problem = f"does not match the {cfg.name} model inferred from its shapes: {'; '.join(problems)}"
     elif cfg is not None and cfg.unet.in_channels != cfg.vae.latent_channels:
         r.problem = (f"the UNet takes {cfg.unet.in_channels} input channels, not the {cfg.vae.latent_channels} "
-                     f"latent channels (an inpainting or other variant model): not supported")
+                     f"latent channels: this is an inpainting (9) or depth (5) or other variant model; "
+                     f"batchsd runs SD 1.x and SD 2.x text-to-image models")
     return r
 
 
@@ -280,11 +189,15 @@ class CheckpointInfo:
     format: str                 # "safetensors" | "ckpt" | "diffusers"
     layout: str                 # "single-file" | "diffusers"
     dtype: str                  # the file's model-tensor dtype(s), e.g. "float16" or "float16+float32"
-    config_name: str            # "sd15", "tiny" or "custom"
+    config_name: str            # "sd15", "sd21", "tiny" or "custom"
     config: SDConfig
+    family: str                 # family.FAMILIES key, e.g. "sd1", "sd2-v"
     sha256: str                 # of the file; of a folder's weight files in sorted order
     extra_keys: tuple[str, ...] = ()    # unknown non-model tensors, not loaded
-    ignored_count: int = 0              # known non-model tensors (EMA, DDPM buffers, position_ids)
+    ignored_count: int = 0              # known non-model tensors (EMA, DDPM buffers, position_ids, ...)
+    # the family as resolved for this checkpoint (its prediction type, scheduler values and default
+    # size, which a diffusers folder's configs may set): what Pipeline runs it with
+    model_family: ModelFamily | None = None
 
     @property
     def short_hash(self) -> str:
@@ -297,22 +210,38 @@ def _dtype_summary(tensors: Mapping[str, SourceTensor], keys: Iterable[str]) -> 
     return "+".join(name for name, _ in counts.most_common()) or "none"
 
 
+def _hints(source, prediction_type: str | None) -> CheckpointHints:
+    return CheckpointHints(layout=source.layout, configs=source.configs,
+                           yaml_path=str(source.yaml_path) if source.yaml_path else None,
+                           yaml_prediction_type=source.yaml_prediction_type,
+                           prediction_type=check_prediction_type(prediction_type))
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               memory_format: torch.memory_format = torch.contiguous_format,
-               ) -> tuple[StableDiffusionModel, CheckpointInfo]:
-    """Load a single-file checkpoint or diffusers folder into an eval-mode StableDiffusionModel.
+               memory_format: torch.memory_format = torch.contiguous_format, prediction_type: str | None = None,
+               ) -> tuple[nn.Module, CheckpointInfo]:
+    """Load a single-file checkpoint or diffusers folder into an eval-mode model of its family
+    (SD 1.x: StableDiffusionModel, SD 2.x: StableDiffusion2Model).
     4-D tensors (convolution weights) are written straight in `memory_format` (Pipeline: channels_last),
     so no second copy is made to change their layout.
+    `prediction_type`: "epsilon" | "v_prediction" | None (what the checkpoint says: family.py's rule).
 
     Raises CheckpointError (missing / mis-shaped / unexpected tensors named, unsafe pickle, unsupported
-    model). The file's sha256 is computed on a second thread while the tensors load.
+    model, an SD 2.x single file that does not say its prediction type). The file's sha256 is computed
+    on a second thread while the tensors load.
     """
     device = torch.device(device)
     with open_checkpoint(path) as source, ThreadPoolExecutor(1) as pool:
-        cfg = infer_config({k: t.shape for k, t in source.tensors.items()})
-        model = build_on_meta(cfg)
+        shapes = {k: t.shape for k, t in source.tensors.items()}
+        try:
+            family, cfg = resolve_family(shapes, _hints(source, prediction_type), source.skipped)
+        except AmbiguousPredictionType as e:
+            raise AmbiguousPredictionType(f"{source.path}: {e}", e.family, e.cfg) from None
+        except CheckpointError as e:
+            raise CheckpointError(f"{source.path}: {e}") from None
+        model = build_on_meta(cfg, family)
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        report = check_keys(source.tensors, cfg, expected)
+        report = check_keys(source.tensors, cfg, expected, family.prefixes.values(), family)
         if report.problem:
             raise CheckpointError(f"{source.path}: {report.problem}")
         if report.extra:
@@ -333,28 +262,47 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         info = CheckpointInfo(
             path=source.path, format=source.format, layout=source.layout,
             dtype=_dtype_summary(source.tensors, report.model), config_name=cfg.name, config=cfg,
-            sha256=sha256.result(), extra_keys=tuple(report.extra), ignored_count=len(report.ignored))
+            family=family.name, sha256=sha256.result(), extra_keys=tuple(report.extra),
+            ignored_count=len(report.ignored), model_family=family)
     return model.eval().requires_grad_(False), info
 
 
-def inspect_checkpoint(path: str | Path, hash: bool = True) -> dict:
+def inspect_checkpoint(path: str | Path, hash: bool = True, prediction_type: str | None = None) -> dict:
     """A JSON-friendly description of a checkpoint, for `batchsd inspect`; reads no tensor data.
+    "family": "SD 1.x", "SD 2.x-v", "SD 2.x-eps", or "SD 2.x (prediction type unknown: ...)" for an
+    SD 2.x single file that does not say it (not loadable as given: "error" says how to tell it);
+    `prediction_type` as for load_model.
 
     Raises CheckpointError only when the file cannot be read at all (unsafe pickle, not a checkpoint);
     a readable file that cannot be loaded has "loadable": False and the reason in "error".
     """
     with open_checkpoint(path) as source:
         tensors = source.tensors
+        shapes = {k: t.shape for k, t in tensors.items()}
+        family = cfg = label = ambiguous = None
         try:
-            cfg = infer_config({k: t.shape for k, t in tensors.items()})
-            report = check_keys(tensors, cfg, {k: tuple(v.shape) for k, v in build_on_meta(cfg).state_dict().items()})
-            error = report.problem
+            try:
+                family, cfg = resolve_family(shapes, _hints(source, prediction_type), source.skipped)
+                label = family.label
+            except AmbiguousPredictionType as e:  # the shapes are fine: report them, say what is unknown
+                family, cfg = e.family, e.cfg
+                label = (f"{family.generation} (prediction type unknown: no prediction_type argument, "
+                         f"no {Path(source.path).stem}.yaml beside the file)")
+                ambiguous = str(e)
+            expected = {k: tuple(v.shape) for k, v in build_on_meta(cfg, family).state_dict().items()}
+            report = check_keys(tensors, cfg, expected, family.prefixes.values(), family)
+            error = report.problem or ambiguous
         except CheckpointError as e:  # no config: every tensor is extra or ignored
-            cfg, error = None, str(e)
+            cfg, error, label = None, str(e), None
             report = check_keys(tensors, None, {})
+        # per component of its family (no family: SD 1.x's component names, all counts 0)
+        components = (family or SD1).prefixes
         out = {
             "path": str(source.path), "format": source.format, "layout": source.layout,
             "files": [str(f) for f in source.files], "size_bytes": sum(f.stat().st_size for f in source.files),
+            "family": label,
+            "prediction_type": family.scheduler.prediction_type if label and not ambiguous else None,
+            "default_size": family.default_size if label and not ambiguous else None,
             "config": cfg.name if cfg else None, "config_detail": asdict(cfg) if cfg else None,
             "loadable": error is None, "error": error,
             "tensors": len(tensors),
@@ -362,7 +310,7 @@ def inspect_checkpoint(path: str | Path, hash: bool = True) -> dict:
             "model_dtype": _dtype_summary(tensors, report.model),
             "model_tensors": len(report.model),
             "parameters": sum(math.prod(tensors[k].shape) for k in report.model),
-            "components": {name: sum(k.startswith(p) for k in report.model) for name, p in ORIGINAL_PREFIX.items()},
+            "components": {name: sum(k.startswith(p) for k in report.model) for name, p in components.items()},
             "ignored": len(report.ignored), "extra": report.extra, "missing": report.missing,
             "unexpected": report.unexpected,
             "mis_shaped": {k: [list(a), list(b)] for k, (a, b) in report.mis_shaped.items()},

@@ -11,7 +11,15 @@ tensors under original-layout keys with their shapes and dtypes, the data not re
   once copied (`_PageDropper`, madvise), so the mapping does not grow to the whole file.
 - a diffusers folder (`unet/`, `vae/`, `text_encoder/`, each with `*.safetensors`, `.fp16`
   variants or a sharded index): its files' keys renamed to the original layout by
-  `diffusers_layout`.
+  `diffusers_layout`, and its components' config.json files (and scheduler/scheduler_config.json)
+  read into `Source.configs`, which the model family treats as authoritative (family.py). The text
+  encoder is renamed to the SD 2.x (OpenCLIP) layout when text_encoder/config.json says
+  hidden_act "gelu" (SD 2.x's), else to the SD 1.x (CLIP) layout; OpenCLIP's fused q/k/v tensor
+  is read from the three diffusers tensors (`SourceTensor.parts`).
+
+Beside a single file, an A1111-style `<checkpoint stem>.yaml` (the LDM config) is read for its
+`model.params.parameterization` (`Source.yaml_prediction_type`: "v" -> "v_prediction", absent ->
+"epsilon"), the one place a single SD 2.x file can say it is a v-prediction model.
 """
 from __future__ import annotations
 
@@ -23,6 +31,7 @@ import os
 import pickle
 import re
 import struct
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -30,9 +39,9 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-from batchsd.model.diffusers_layout import KEY_MAPS, ORIGINAL_PREFIX, original_shape
 from batchsd.errors import CheckpointError
-from batchsd.model.stable_diffusion import CLIP_PREFIX
+from batchsd.model.diffusers_layout import KEY_MAPS, fused_groups, original_shape
+from batchsd.model.stable_diffusion import CLIP_PREFIX, ORIGINAL_PREFIX, SD2_PREFIX
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -40,6 +49,9 @@ SAFETENSORS_DTYPES = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 DIFFUSERS_WEIGHTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+# the config files of a diffusers folder that are read (when present): component -> file
+DIFFUSERS_CONFIGS = {"unet": "unet/config.json", "vae": "vae/config.json",
+                     "text_encoder": "text_encoder/config.json", "scheduler": "scheduler/scheduler_config.json"}
 
 
 @dataclass(frozen=True)
@@ -49,6 +61,7 @@ class SourceTensor:
     dtype: torch.dtype
     raw: tuple[int, int] | None = None                # safetensors: (fd, byte offset) of its contiguous bytes
     read: Callable[[], torch.Tensor] | None = None    # .ckpt: a view of the file mapping, of `shape`
+    parts: tuple["SourceTensor", ...] = ()            # a fused tensor: its row blocks, concatenated on dim 0
 
 
 def _pread_into(out: torch.Tensor, fd: int, offset: int) -> torch.Tensor:
@@ -106,6 +119,9 @@ class Source:
     def __init__(self, path: Path, fmt: str, layout: str, files: list[Path]):
         self.path, self.format, self.layout, self.files = path, fmt, layout, files
         self.tensors: dict[str, SourceTensor] = {}
+        self.configs: dict[str, dict] = {}          # diffusers folder: DIFFUSERS_CONFIGS component -> its JSON
+        self.yaml_path: Path | None = None          # single file: the `<stem>.yaml` beside it, if any
+        self.yaml_prediction_type: str | None = None  # what that yaml says ("epsilon" | "v_prediction")
         self.skipped: list[str] = []  # non-tensor entries of a pickled state dict
         self.fds: list[int] = []
         self._scratch = torch.empty(0, dtype=torch.uint8)
@@ -128,11 +144,25 @@ class Source:
                 t, shape = tensors[old], fix_shape(new, tuple(tensors[old].shape))
                 self.tensors[new] = SourceTensor(shape, t.dtype, read=lambda t=t, s=shape: t.view(s))
 
+    def fuse_parts(self) -> None:
+        """Keys `<key>::<i>` (diffusers_layout.FUSED_PART) -> one tensor `<key>` of those row blocks."""
+        try:
+            groups = fused_groups(list(self.tensors))
+        except ValueError as e:
+            raise CheckpointError(f"{self.path}: {e}") from None
+        for base, keys in groups.items():
+            parts = tuple(self.tensors.pop(k) for k in keys)
+            if base in self.tensors or len({(p.shape[1:], p.dtype) for p in parts}) != 1:
+                raise CheckpointError(f"{self.path}: the parts of {base} do not fit together: "
+                                      f"{[(p.shape, str(p.dtype)) for p in parts]}")
+            shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
+            self.tensors[base] = SourceTensor(shape, parts[0].dtype, parts=parts)
+
     def scratch(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A reused CPU buffer for reads that need converting; sized once for the largest tensor."""
         nbytes = math.prod(shape) * dtype.itemsize
         if self._scratch.numel() < nbytes:
-            largest = max(math.prod(t.shape) * t.dtype.itemsize for t in self.tensors.values())
+            largest = max(math.prod(t.shape) * t.dtype.itemsize for t in self.tensors.values() if not t.parts)
             self._scratch = torch.empty(max(nbytes, largest), dtype=torch.uint8)
         return self._scratch[:nbytes].view(dtype).view(shape)
 
@@ -175,7 +205,10 @@ def _safetensors_index(path: Path, rename: Callable[[list[str]], dict[str, str]]
         try:
             header = json.loads(f.read(header_len))
         except ValueError as e:
-            raise CheckpointError(f"{path}: not a valid safetensors file (header: {e})") from e
+            raise CheckpointError(f"{path}: not a valid safetensors file (header: {e})") from None
+        except RecursionError:
+            raise CheckpointError(f"{path}: not a valid safetensors file (its JSON header is nested too deeply "
+                                  "to be a tensor index)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: not a valid safetensors file (header is not a JSON object)")
     header.pop("__metadata__", None)
@@ -196,23 +229,33 @@ def _safetensors_index(path: Path, rename: Callable[[list[str]], dict[str, str]]
 
 
 def _torch_load(path: Path) -> Any:
-    """torch.load restricted to tensors and plain containers; mmap when the file format allows."""
+    """torch.load restricted to tensors and plain containers; mmap when the file format allows.
+
+    torch's own messages are not relayed: for a refused pickle they advise `weights_only=False`, the
+    opposite of batchsd's rule, and its warnings name library paths."""
     try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e) and "zipfile" not in str(e):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e) and "zipfile" not in str(e):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL (\S+)", str(e))
-        detail = f"it references {found.group(1)}" if found else str(e).strip().splitlines()[0]
+        if found is None:
+            raise CheckpointError(f"{path}: not a loadable checkpoint: its pickle data is damaged or is not a "
+                                  "PyTorch state dict; re-download the file, or use a .safetensors version") from None
         raise CheckpointError(
-            f"{path}: refused to load: the pickle needs more than tensors and plain containers ({detail}). "
-            f"batchsd never runs code from a checkpoint; use a .safetensors version of this model, or "
-            f"convert it with a tool you trust.") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read PyTorch checkpoint: {e}") from e
+            f"{path}: refused to load: the pickle needs more than tensors and plain containers (it references "
+            f"{found.group(1)}). batchsd never runs code from a checkpoint; use a .safetensors version of this "
+            "model, or convert it with a tool you trust.") from None
+    except (RuntimeError, EOFError, OSError, ValueError, struct.error, IndexError, KeyError, TypeError) as e:
+        zip_damage = isinstance(e, RuntimeError) and "zip archive" in str(e)
+        what = "a damaged or truncated zip archive" if zip_damage else type(e).__name__
+        raise CheckpointError(f"{path}: not a loadable PyTorch checkpoint ({what}); re-download the file, or "
+                              "use a .safetensors version") from None
 
 
 def _flat_tensors(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -237,34 +280,118 @@ def _single_file_rename(keys: list[str]) -> dict[str, str]:
 def _diffusers_weight_files(folder: Path, stem: str) -> tuple[list[Path], list[str] | None]:
     """A component's weight files (full precision first, then the fp16 variant) and, for a sharded
     component, all its keys from the index (the UNet mapping needs every key to count blocks)."""
-    for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors", f"{stem}.bin", f"{stem}.fp16.bin"):
+    for name, index_name in ((f"{stem}.safetensors", f"{stem}.safetensors.index.json"),
+                             (f"{stem}.fp16.safetensors", f"{stem}.safetensors.index.fp16.json"),
+                             (f"{stem}.bin", f"{stem}.bin.index.json"),
+                             (f"{stem}.fp16.bin", f"{stem}.bin.index.fp16.json")):
         if (folder / name).is_file():
             return [folder / name], None
-        index = folder / f"{name}.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+        # a sharded index: "<name>.index.json"; diffusers names a variant's "<stem>.safetensors.index.fp16.json"
+        index = next((folder / n for n in (f"{name}.index.json", index_name) if (folder / n).is_file()), None)
+        if index is not None:
+            weight_map = _weight_map(index)
             return [folder / shard for shard in sorted(set(weight_map.values()))], list(weight_map)
     return [], None
 
 
-def _diffusers_rename(keys: list[str], component: str, key_map: dict[str, str] | None) -> dict[str, str]:
-    key_map = key_map if key_map is not None else KEY_MAPS[component](keys)
-    return {k: ORIGINAL_PREFIX[component] + key_map.get(k, k) for k in keys}
+def _weight_map(index: Path) -> dict[str, str]:
+    """The `weight_map` of a sharded component's index (key -> shard file in the same folder)."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, RecursionError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: not a valid weight index ({type(e).__name__}: {str(e)[:200]}); "
+                              "re-download that file") from None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and v and "/" not in v and v not in (".", "..")
+            for k, v in weight_map.items()):
+        raise CheckpointError(f"{index}: not a valid weight index (`weight_map` must map tensor names to "
+                              "file names in the same folder); re-download that file")
+    return weight_map
 
 
-def _diffusers_plan(folder: Path) -> list[tuple[Path, Callable, str]]:
+def _diffusers_rename(keys: list[str], layout: str, prefix: str, key_map: dict[str, str] | None) -> dict[str, str]:
+    key_map = key_map if key_map is not None else KEY_MAPS[layout](keys)
+    return {k: prefix + key_map.get(k, k) for k in keys}
+
+
+def diffusers_configs(folder: Path) -> dict[str, dict]:
+    """The folder's DIFFUSERS_CONFIGS files that exist, parsed (CheckpointError when one is not JSON)."""
+    configs = {}
+    for component, name in DIFFUSERS_CONFIGS.items():
+        file = folder / name
+        if file.is_file():
+            try:
+                value = json.loads(file.read_text())
+            except (ValueError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+            if not isinstance(value, dict):
+                raise CheckpointError(f"{file}: not a JSON object")
+            configs[component] = value
+    return configs
+
+
+def is_sd2_folder(configs: Mapping[str, dict]) -> bool:
+    """Whether a diffusers folder's text encoder is SD 2.x's (OpenCLIP ViT-H, GELU) rather than
+    SD 1.x's CLIP ViT-L (QuickGELU): what its text_encoder/config.json says."""
+    return configs.get("text_encoder", {}).get("hidden_act") == "gelu"
+
+
+def _diffusers_plan(folder: Path, configs: Mapping[str, dict]) -> list[tuple[Path, Callable, str]]:
     """(file, rename, component) for each weight file of a diffusers folder."""
     if not all((folder / component).is_dir() for component in DIFFUSERS_WEIGHTS):
         raise CheckpointError(f"{folder}: a folder must be a diffusers model folder with "
                               f"{', '.join(c + '/' for c in DIFFUSERS_WEIGHTS)} subfolders")
+    sd2 = is_sd2_folder(configs)
     plan = []
     for component, stem in DIFFUSERS_WEIGHTS.items():
         files, all_keys = _diffusers_weight_files(folder / component, stem)
         if not files:
             raise CheckpointError(f"{folder / component}: no {stem}.safetensors (or .fp16.safetensors) weights")
-        key_map = KEY_MAPS[component](all_keys) if all_keys else None
-        plan += [(f, partial(_diffusers_rename, component=component, key_map=key_map), component) for f in files]
+        layout = "text_encoder_openclip" if sd2 and component == "text_encoder" else component
+        prefix = (SD2_PREFIX if sd2 else ORIGINAL_PREFIX)[component]
+        key_map = KEY_MAPS[layout](all_keys) if all_keys else None
+        plan += [(f, partial(_diffusers_rename, layout=layout, prefix=prefix, key_map=key_map), component)
+                 for f in files]
     return plan
+
+
+def _yaml_scalar(text: str) -> str:
+    value = text.split(" #", 1)[0].strip()
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        value = value[1:-1]
+    return value
+
+
+def read_ldm_yaml(path: Path) -> str:
+    """The prediction type an LDM/A1111 config file gives its model: `model.params.parameterization`
+    "v" -> "v_prediction"; absent (or "eps") -> "epsilon". A small reader of block-style YAML
+    mappings (what these files are), so that no YAML library is needed; CheckpointError for any
+    other parameterization."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read the model's config file ({e})") from None
+    stack: list[tuple[int, str]] = []   # (indent, key) of the mappings that contain the current line
+    found = None
+    for line in lines:
+        stripped = line.strip()
+        if not stripped or stripped.startswith(("#", "-", "---")) or ":" not in stripped:
+            continue
+        indent = len(line) - len(line.lstrip(" "))
+        key, _, rest = stripped.partition(":")
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        path_keys = [k for _, k in stack] + [key.strip()]
+        if path_keys == ["model", "params", "parameterization"]:
+            found = _yaml_scalar(rest)
+        if not _yaml_scalar(rest):
+            stack.append((indent, key.strip()))
+    if found is None or found == "eps":
+        return "epsilon"
+    if found == "v":
+        return "v_prediction"
+    raise CheckpointError(f"{path}: model.params.parameterization {found!r} is not supported "
+                          f"(\"eps\" or \"v\")")
 
 
 def open_checkpoint(path: str | Path) -> Source:
@@ -272,15 +399,21 @@ def open_checkpoint(path: str | Path) -> Source:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
     if path.is_dir():
-        plan = _diffusers_plan(path)
+        configs = diffusers_configs(path)
+        plan = _diffusers_plan(path, configs)
         files = sorted((f for f, _, _ in plan), key=lambda f: str(f.relative_to(path)))
         source = Source(path, "diffusers", "diffusers", files)
+        source.configs = configs
     else:
         plan = [(path, _single_file_rename, None)]
         source = Source(path, "safetensors" if _sniff(path) == "safetensors" else "ckpt", "single-file", [path])
+        yaml_path = path.with_suffix(".yaml")
+        if yaml_path.is_file():
+            source.yaml_path, source.yaml_prediction_type = yaml_path, read_ldm_yaml(yaml_path)
     try:
         for file, rename, component in plan:
             source.add_file(file, rename, component)
+        source.fuse_parts()
     except BaseException:
         source.close()
         raise
@@ -295,12 +428,22 @@ def materialize(source: Source, key: str, dtype: torch.dtype, device: torch.devi
     t = source.tensors[key]
     out = torch.empty(t.shape, dtype=dtype, device=device,
                       memory_format=memory_format if len(t.shape) == 4 else torch.contiguous_format)
-    if t.raw is None:  # .ckpt: a view of the file mapping
+    _read_into(source, t, out)
+    return out
+
+
+def _read_into(source: Source, t: SourceTensor, out: torch.Tensor) -> None:
+    """The bytes of `t` into `out` (its shape), converted to out's dtype and device."""
+    if t.parts:  # row blocks of a fused tensor, each into its rows of `out` (contiguous slices)
+        row = 0
+        for part in t.parts:
+            _read_into(source, part, out[row:row + part.shape[0]])
+            row += part.shape[0]
+    elif t.raw is None:  # .ckpt: a view of the file mapping
         view = t.read()
         out.copy_(view)
         source.drop_pages(view)
-    elif t.dtype == dtype and device.type == "cpu" and out.is_contiguous():
+    elif t.dtype == out.dtype and out.device.type == "cpu" and out.is_contiguous():
         _pread_into(out, *t.raw)  # file -> model tensor, no intermediate
     else:
         out.copy_(_pread_into(source.scratch(t.shape, t.dtype), *t.raw))
-    return out

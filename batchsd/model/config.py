@@ -1,8 +1,12 @@
-"""Frozen model configurations: the SD 1.x shapes and a tiny preset with the same topology.
+"""Frozen model configurations: the SD 1.x and SD 2.x shapes and a tiny preset with the SD 1.x topology.
 
 Every model module takes its config dataclass whole; nothing about widths is hard-coded in the
 modules. `tiny` keeps the SD 1.x topology (4 UNet levels, 2 res blocks, attention on the first
 3 levels and the middle block, 4 VAE levels) with small widths, for tests and dry runs.
+
+SD 2.x (`SD21`) differs from SD 1.x by configuration only, besides its text encoder's module layout
+(OpenCLIP, openclip.py): a GELU (not QuickGELU) text encoder of width 1024 read after 23 of its 24
+blocks, a UNet with linear `proj_in`/`proj_out`, 64-wide attention heads and a 1024-wide context.
 """
 from __future__ import annotations
 
@@ -16,8 +20,9 @@ class CLIPTextConfig:
     width: int = 768           # hidden size
     layers: int = 12
     heads: int = 12
-    mlp_width: int = 3072      # QuickGELU MLP
+    mlp_width: int = 3072      # MLP hidden width
     eps: float = 1e-5          # LayerNorm eps
+    act: str = "quick_gelu"    # MLP activation: "quick_gelu" (CLIP ViT-L, SD 1.x) or "gelu" (OpenCLIP, SD 2.x)
 
 
 @dataclass(frozen=True)
@@ -40,7 +45,9 @@ class UNetConfig:
     channel_mult: tuple[int, ...] = (1, 2, 4, 4)
     res_blocks: int = 2
     attention_levels: tuple[int, ...] = (0, 1, 2)  # levels with a spatial transformer (+ middle)
-    heads: int = 8
+    heads: int = 8             # attention heads of every spatial transformer (when head_channels is 0)
+    head_channels: int = 0     # > 0: heads of width head_channels instead, channels // head_channels (SD 2.x: 64)
+    linear_proj: bool = False  # proj_in/proj_out are Linear [C, C] (SD 2.x) instead of 1x1 convolutions
     context_dim: int = 768     # text-state width (CLIP width)
     groups: int = 32
     eps: float = 1e-5          # GroupNorm eps
@@ -49,6 +56,14 @@ class UNetConfig:
     @property
     def time_embed_dim(self) -> int:
         return self.model_channels * 4
+
+    def heads_at(self, channels: int) -> int:
+        """Attention heads of a spatial transformer of `channels` channels."""
+        if self.head_channels:
+            if channels % self.head_channels:
+                raise ValueError(f"{channels} channels are not a multiple of {self.head_channels}-wide heads")
+            return channels // self.head_channels
+        return self.heads
 
 
 @dataclass(frozen=True)
@@ -72,4 +87,12 @@ TINY = SDConfig(
     UNetConfig(model_channels=32, channel_mult=(1, 2, 4, 4), heads=8, context_dim=64),
 )
 
-PRESETS = {"sd15": SD15, "tiny": TINY}
+SD21 = SDConfig(
+    "sd21",
+    CLIPTextConfig(width=1024, layers=23, heads=16, mlp_width=4096, act="gelu"),
+    VAEConfig(),
+    UNetConfig(context_dim=1024, head_channels=64, linear_proj=True),
+)
+
+PRESETS = {"sd15": SD15, "tiny": TINY}       # SD 1.x presets (config_inference.infer_sd1_config)
+SD2_PRESETS = {"sd21": SD21}                 # SD 2.x presets (2.0 and 2.1, base and 768-v share shapes)

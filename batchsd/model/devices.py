@@ -41,7 +41,3 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if device.type == "cpu" and name == "fp16":
         raise InputError("fp16 on the CPU is slow and poorly supported: use --dtype bf16 or fp32 on the CPU")
     return DTYPES[name]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return {v: k for k, v in DTYPES.items()}[dtype]

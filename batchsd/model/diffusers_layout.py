@@ -2,19 +2,24 @@
 
 The original layout is what batchsd's modules use, so a diffusers folder loads through the same
 strict `load_state_dict` as a single-file checkpoint once its keys are renamed here. Keys come out
-relative to the original component prefixes (`ORIGINAL_PREFIX`):
+relative to the original component prefixes (`stable_diffusion.ORIGINAL_PREFIX`):
 
     unet          diffusers UNet2DConditionModel  -> below `model.diffusion_model.`
     vae           diffusers AutoencoderKL         -> below `first_stage_model.`
-    text_encoder  transformers CLIPTextModel      -> below `cond_stage_model.transformer.text_model.`
+    text_encoder  transformers CLIPTextModel      -> below `cond_stage_model.transformer.text_model.` (SD 1.x)
+    text_encoder_openclip  the same, of SD 2.x    -> OpenCLIP names below `cond_stage_model.model.` (SD 2.x)
 
 The correspondence is the inverse of diffusers' `convert_ldm_unet_checkpoint` /
 `convert_ldm_vae_checkpoint` (loaders/single_file_utils.py). It is rule-based: the number of
 levels, res blocks per level and which levels have attention are read from the keys present, so
 any SD 1.x-shaped model (including the tiny preset) maps through the same code.
 
-Besides renaming, the only tensor change is the VAE mid-block attention: diffusers stores its
-q/k/v/out projections as Linear weights [C, C], the original as 1x1 convolutions [C, C, 1, 1].
+Besides renaming, the tensor changes are the VAE mid-block attention (diffusers stores its q/k/v/out
+projections as Linear weights [C, C], the original as 1x1 convolutions [C, C, 1, 1]) and, for SD
+2.x, OpenCLIP's fused attention input projection: transformers' separate q_proj/k_proj/v_proj
+become the row blocks 0/1/2 of one `attn.in_proj_weight` [3D, D] (`in_proj_bias` [3D]). The key
+map names each block `<original key>::<i>` (FUSED_PART); the loader reads the blocks into one
+tensor (checkpoint_files), `diffusers_to_original` concatenates them.
 Keys no rule recognises are passed through unchanged, so a loader's strict check names them.
 """
 from __future__ import annotations
@@ -23,12 +28,6 @@ import re
 from typing import Iterable, Mapping
 
 import torch
-
-ORIGINAL_PREFIX = {
-    "unet": "model.diffusion_model.",
-    "vae": "first_stage_model.",
-    "text_encoder": "cond_stage_model.transformer.text_model.",
-}
 
 # ResBlock parameter names inside one block, diffusers -> original.
 _UNET_RESNET = {
@@ -141,7 +140,58 @@ def text_encoder_key_map(keys: Iterable[str]) -> dict[str, str]:
     return {k: k[len("text_model."):] if k.startswith("text_model.") else k for k in keys}
 
 
-KEY_MAPS = {"unet": unet_key_map, "vae": vae_key_map, "text_encoder": text_encoder_key_map}
+FUSED_PART = "::"  # "<original key>::<i>": row block i of a tensor that the original layout fuses
+_OPENCLIP_LAYER = {
+    "layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
+    "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+}
+_QKV = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
+
+
+def openclip_text_encoder_key_map(keys: Iterable[str]) -> dict[str, str]:
+    """transformers CLIPTextModel key (with or without `text_model.`) -> OpenCLIP key below
+    `cond_stage_model.model.` (SD 2.x); q/k/v projections -> `attn.in_proj_*::<0|1|2>`.
+    `embeddings.position_ids` -> `position_ids` and `text_projection.weight` -> `text_projection`
+    (the SD 2.x family ignores both)."""
+    out = {}
+    for key in keys:
+        k = key[len("text_model."):] if key.startswith("text_model.") else key
+        if m := re.match(r"encoder\.layers\.(\d+)\.self_attn\.([qkv]_proj)\.(weight|bias)$", k):
+            new = f"transformer.resblocks.{m[1]}.attn.in_proj_{m[3]}{FUSED_PART}{_QKV[m[2]]}"
+        elif m := re.match(r"encoder\.layers\.(\d+)\.(.+)", k):
+            new = f"transformer.resblocks.{m[1]}.{_rename_head(m[2], _OPENCLIP_LAYER)}"
+        elif k == "embeddings.token_embedding.weight":
+            new = "token_embedding.weight"
+        elif k == "embeddings.position_embedding.weight":
+            new = "positional_embedding"
+        elif k == "embeddings.position_ids":
+            new = "position_ids"
+        elif k.startswith("final_layer_norm."):
+            new = "ln_final." + k[len("final_layer_norm."):]
+        elif k == "text_projection.weight":
+            new = "text_projection"
+        else:
+            new = k
+        out[key] = new
+    return out
+
+
+def fused_groups(keys: Iterable[str]) -> dict[str, list[str]]:
+    """The `<key>::<i>` keys among `keys`, grouped by `<key>` in block order; ValueError when a group's
+    blocks are not 0..n-1."""
+    groups: dict[str, dict[int, str]] = {}
+    for key in keys:
+        if FUSED_PART in key:
+            base, index = key.split(FUSED_PART)
+            groups.setdefault(base, {})[int(index)] = key
+    for base, blocks in groups.items():
+        if sorted(blocks) != list(range(len(blocks))):
+            raise ValueError(f"the parts of {base} are blocks {sorted(blocks)}, not 0..{len(blocks) - 1}")
+    return {base: [blocks[i] for i in range(len(blocks))] for base, blocks in groups.items()}
+
+
+KEY_MAPS = {"unet": unet_key_map, "vae": vae_key_map, "text_encoder": text_encoder_key_map,
+            "text_encoder_openclip": openclip_text_encoder_key_map}
 
 
 def original_shape(component: str, original_key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -159,7 +209,9 @@ def to_original_tensor(component: str, original_key: str, tensor: torch.Tensor) 
 
 
 def diffusers_to_original(component: str, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename a diffusers-format component state dict to original keys (relative to ORIGINAL_PREFIX[component])."""
+    """Rename a diffusers-format component state dict to original keys (relative to
+    stable_diffusion.ORIGINAL_PREFIX[component]; "text_encoder_openclip": SD2_PREFIX["text_encoder"]),
+    fused tensors concatenated."""
     if component not in KEY_MAPS:
         raise ValueError(f"unknown component {component!r}; expected one of {sorted(KEY_MAPS)}")
     key_map = KEY_MAPS[component](state_dict.keys())
@@ -168,4 +220,8 @@ def diffusers_to_original(component: str, state_dict: Mapping[str, torch.Tensor]
         if new in out:
             raise ValueError(f"{component}: two diffusers keys map to {new!r} (one is {old!r})")
         out[new] = to_original_tensor(component, new, state_dict[old])
+    for base, parts in fused_groups(list(out)).items():
+        if base in out:
+            raise ValueError(f"{component}: {base!r} is both whole and in parts")
+        out[base] = torch.cat([out.pop(part) for part in parts])
     return out

@@ -4,20 +4,26 @@
 that a row's image equals diffusers' output at batch 1 with
 `generator=torch.Generator("cpu").manual_seed(seed)` (the seeding contract, README):
 
-    1. check the rows (one batch key, strength that leaves at least one step)
-    2. encode the text: each distinct prompt and negative prompt once (cached across batches)
+    1. check the rows (request.check_row; one batch key, request.batch_key)
+    2. encode the text (the model family's text conditioning): each distinct prompt and negative
+       prompt once (cached across batches)
     3. initial latents, per row from that row's own CPU generator, in float32:
        text-to-image: randn(1, 4, H/8, W/8) * the sampler's initial sigma
-       image-to-image: VAE posterior sample, x scaling factor, then forward-process noise
+       image-to-image: VAE posterior sample, x the family's latent scale, then forward-process noise
     4. denoise with the sampler over one UNet forward per step for the whole batch: rows with
-       cfg_scale != 1 run their unconditional half in the same forward, rows with 1 need none
-    5. decode latents / scaling factor with the VAE, in chunks (one image at a time on the CPU)
+       cfg_scale != 1 run their unconditional half in the same forward, rows with 1 need none;
+       guidance combines the UNet outputs (noise, or velocity for v-prediction models) as diffusers
+       does, and the sampler reads them by the family's prediction type
+    5. decode latents / latent scale with the VAE, in chunks (one image at a time on the CPU)
     6. to 8-bit RGB images
+
+What differs between model generations (text conditioning, latent scale, scheduler values and
+prediction type, default size) comes from `self.family` (family.py, as resolved for the loaded
+checkpoint); the flow above is the same for every family (SD 1.x, SD 2.x-eps, SD 2.x-v).
 """
 from __future__ import annotations
 
 import contextlib
-import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,38 +33,24 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import samplers
+from batchsd.errors import InputError
+from batchsd.model import samplers
 from batchsd.model.config import TINY
 from batchsd.model.devices import resolve_device, resolve_dtype
-from batchsd.errors import InputError
-from batchsd.model.stable_diffusion import StableDiffusionModel
-from batchsd.model.fast.runtime import CompiledUNet, host_array, pack_convolutions, pack_now, to_host
-from batchsd.model.tokenizer import preload_tokenizer, tokenize
+from batchsd.model.family import SD1, ModelFamily
+from batchsd.model.fast.compiled_unet import CompiledUNet
+from batchsd.model.fast.host_copy import host_array, to_host
+from batchsd.model.fast.packed_conv import pack_convolutions, pack_now
 from batchsd.model.fast.winograd import use_winograd_in_model
+from batchsd.model.request import GenerationRow, check_row, row_batch_key
+from batchsd.model.tokenizer import preload_tokenizer
 
-DEFAULT_SIZE = 512
 TEXT_CACHE_SIZE = 256
-# images per VAE call (decode, and encode for image-to-image). On the CPU one at a time is the
-# fastest and the leanest (tests/bench/bench_vae_chunk.py, a fresh process per run): a fp32 decode
-# at 512x512 takes 9.3-10.0 s per image alone against 13.9-14.0 s in fours, with the process peak at
-# 6.1-6.3 against 12.4 GiB; at 256x256 it is as fast for 1.3 GiB less (the activations, 134 MB per
-# image and 128-channel map at 512x512, outgrow the caches in fours). On CUDA, 4 keeps the GPU busy.
+# images per VAE call (decode, and encode for image-to-image). On the CPU one at a time: a larger
+# chunk's activations outgrow the caches, so it is no faster, and the process peak grows with the
+# chunk (figures: docs/performance.md). On CUDA, 4 keeps the GPU busy.
 CPU_VAE_CHUNK = 1
 CUDA_VAE_CHUNK = 4
-
-
-@dataclass(frozen=True)
-class GenerationRow:
-    prompt: str
-    negative_prompt: str = ""
-    seed: int = 0
-    steps: int = 25
-    cfg_scale: float = 7.5
-    sampler: str = "dpmpp_2m_karras"
-    width: int | None = None      # text-to-image default 512; image-to-image: the init image's size // 8 * 8
-    height: int | None = None
-    init_image: Image.Image | None = None
-    strength: float = 0.75        # image-to-image only: the share of the schedule that is run
 
 
 @dataclass
@@ -68,61 +60,17 @@ class GenerationOutput:
     prompt_truncated: list[bool] = field(default_factory=list)  # prompt or negative prompt cut at 77 tokens
 
 
-def resolve_size(row: GenerationRow) -> tuple[int, int]:
-    """(width, height) the row is made at: given, else the init image's size rounded down to /8, else 512."""
-    if row.init_image is not None:
-        w0, h0 = row.init_image.size
-        return (row.width or w0 // 8 * 8, row.height or h0 // 8 * 8)
-    return (row.width or DEFAULT_SIZE, row.height or DEFAULT_SIZE)
-
-
-def denoising_steps(row: GenerationRow) -> int:
-    """Steps actually run: all of them for text-to-image, int(steps * strength) for image-to-image."""
-    if row.init_image is None:
-        return row.steps
-    return min(int(row.steps * row.strength), row.steps)
-
-
-def check_row(row: GenerationRow, position: int = 0) -> None:
-    """Raise InputError naming the field and the fix for a row that cannot be run as given."""
-    where = f"row {position}"
-
-    def bad(field_name: str, message: str) -> InputError:
-        return InputError(f"{where}, {field_name}: {message}")
-
-    if not isinstance(row.prompt, str) or not isinstance(row.negative_prompt, str):
-        raise bad("prompt", "prompt and negative_prompt must be strings")
-    if not isinstance(row.seed, int) or not 0 <= row.seed < 2**63:
-        raise bad("seed", f"{row.seed!r} is not an integer in [0, 2**63)")
-    if not isinstance(row.steps, int) or not 1 <= row.steps <= 1000:
-        raise bad("steps", f"{row.steps!r} is not an integer in 1..1000")
-    if not math.isfinite(row.cfg_scale) or row.cfg_scale < 0:
-        raise bad("cfg_scale", f"{row.cfg_scale!r} must be a finite number >= 0")
-    try:
-        samplers.resolve_sampler(row.sampler)
-    except ValueError as e:
-        raise bad("sampler", str(e)) from None
-    width, height = resolve_size(row)
-    for name, value in (("width", width), ("height", height)):
-        if value % 8 or not 64 <= value <= 2048:
-            raise bad(name, f"{value} must be a multiple of 8 in 64..2048")
-    if row.init_image is not None:
-        if not 0 < row.strength <= 1:
-            raise bad("strength", f"{row.strength!r} must be in (0, 1]")
-        if denoising_steps(row) < 1:
-            raise bad("strength", f"strength {row.strength} x {row.steps} steps leaves 0 denoising steps; "
-                      f"raise strength or steps so that steps * strength >= 1")
-
-
 class Pipeline:
     """A loaded model on a device, ready to generate batches of rows."""
 
-    def __init__(self, model: StableDiffusionModel, device: torch.device, dtype: torch.dtype, *,
+    def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype, *,
                  name: str, sha256: str | None = None, low_memory: bool = False, vae_chunk: int | None = None,
                  channels_last: bool = True, compile: str | None = None, pack_weights: bool = True,
-                 winograd: bool | None = None):
-        self.model = model.eval().requires_grad_(False)
+                 winograd: bool | None = None, family: ModelFamily = SD1):
+        self.model = model.eval().requires_grad_(False)   # family.model_class: .cfg, .unet, .vae, .text_encoder
+        self.family = family
         self.cfg = model.cfg
+        self.latent_scale = family.latent_scale(self.cfg)
         self.device = device
         self.dtype = dtype
         self.name = name
@@ -132,56 +80,67 @@ class Pipeline:
         if vae_chunk is None:
             vae_chunk = CUDA_VAE_CHUNK if device.type == "cuda" else CPU_VAE_CHUNK
         self.vae_chunk = vae_chunk
-        # channels_last (NHWC) convolutions and GroupNorms are the fast oneDNN/cuDNN paths: the VAE
-        # decode in bf16 on the CPU is several times faster, the UNet step 10-25% (tests/bench).
-        # Same arithmetic, other summation order: parity tests run with it on.
+        # channels_last (NHWC) convolutions and GroupNorms are the fast oneDNN/cuDNN paths (figures:
+        # docs/performance.md). Same arithmetic, other summation order: parity tests run with it on.
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self._text_cache: OrderedDict[str, tuple[torch.Tensor, bool]] = OrderedDict()
         self.model.to(dtype=dtype, memory_format=self.memory_format)
         self.model.to(torch.device("cpu") if self.low_memory else device)
         # CPU, not under torch.compile (whose graphs take the plain modules): the wide 3x3 convs by
-        # Winograd F(2x2,3x3) (batchsd/winograd.py), faster but with 16/9 of their weights more memory:
-        # None (auto) = on for 16-bit dtypes, off for fp32 (peak memory, tests/bench/README.md); the other
-        # convolution weights reordered once for oneDNN, not on every call (runtime.PackedConv2d)
+        # Winograd F(2x2,3x3) (fast/winograd.py), faster but with 16/9 of their weights more memory:
+        # None (auto) = on for 16-bit dtypes, off for fp32, whose weights are twice as large (figures:
+        # docs/performance.md); the other convolution weights reordered once for oneDNN, not on every
+        # call (packed_conv.PackedConv2d)
         self.winograd = False
         if pack_weights and device.type == "cpu" and not compile:
             if winograd or (winograd is None and dtype in (torch.bfloat16, torch.float16)):
                 self.winograd = use_winograd_in_model(self.model) > 0
             pack_convolutions(self.model.unet)
             pack_convolutions(self.model.vae)
-            # at load, not at the first call: fewer fresh pages (runtime.pack_now); the VAE encoder,
+            # at load, not at the first call: fewer fresh pages (packed_conv.pack_now); the VAE encoder,
             # which only image-to-image rows call, still at its first call
             pack_now(self.model.unet, self.model.vae.decoder)
-        # the UNet forward as called by the sampler: eager, or torch.compile'd (runtime.CompiledUNet)
+        # the UNet forward as called by the sampler: eager, or torch.compile'd (compiled_unet.CompiledUNet)
         self.unet = CompiledUNet(self.model.unet, compile, device) if compile else self.model.unet
 
     @classmethod
     def load(cls, model: str | Path, device: str = "auto", dtype: str = "auto",
-             low_memory: bool = False, compile: str | None = None, winograd: bool | None = None) -> "Pipeline":
-        """`model`: "tiny" (deterministic random TINY preset, no file) or a checkpoint path
-        (single-file .safetensors/.ckpt or a diffusers folder). `compile`: None (eager) or a
-        torch.compile mode for the UNet (runtime.COMPILE_MODES; "reduce-overhead" = CUDA graphs).
+             low_memory: bool = False, compile: str | None = None, winograd: bool | None = None,
+             prediction_type: str | None = None) -> "Pipeline":
+        """`model`: "tiny" (deterministic random SD 1.x TINY preset, no file) or a checkpoint path
+        (single-file .safetensors/.ckpt or a diffusers folder) of a family in family.FAMILIES.
+        `prediction_type`: "epsilon" | "v_prediction" | None: what the UNet predicts, when the checkpoint
+        does not say it (an SD 2.x single file without its `<stem>.yaml`) or to override what it says
+        (the rule: family.py).
+        `compile`: None (eager) or a torch.compile mode for the UNet (compiled_unet.COMPILE_MODES;
+        "reduce-overhead" = CUDA graphs).
         `winograd` (CPU): True/False, or None for the default (on for bf16/fp16, off for fp32)."""
         preload_tokenizer()          # importing transformers overlaps with building the model and the load
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         if str(model) == "tiny":
-            return cls(StableDiffusionModel.random(TINY, seed=0), dev, dt, name="tiny-random",
-                       low_memory=low_memory, compile=compile, winograd=winograd)
+            return cls(SD1.model_class.random(TINY, seed=0), dev, dt, name="tiny-random",
+                       low_memory=low_memory, compile=compile, winograd=winograd, family=SD1)
         from batchsd.model.checkpoint import load_model
 
         # convolution weights land in channels_last, the layout Pipeline keeps them in (no second copy)
         sd_model, info = load_model(model, device="cpu" if low_memory else dev, dtype=dt,
-                                    memory_format=torch.channels_last)
+                                    memory_format=torch.channels_last, prediction_type=prediction_type)
         return cls(sd_model, dev, dt, name=Path(model).stem if Path(model).is_file() else Path(model).name,
-                   sha256=info.sha256, low_memory=low_memory, compile=compile, winograd=winograd)
+                   sha256=info.sha256, low_memory=low_memory, compile=compile, winograd=winograd,
+                   family=info.model_family)
 
     @staticmethod
     def batch_key(row: GenerationRow) -> tuple:
-        """Rows with equal keys can share UNet forwards (one generate call)."""
-        width, height = resolve_size(row)
-        img2img_steps = denoising_steps(row) if row.init_image is not None else None
-        return (width, height, row.steps, samplers.resolve_sampler(row.sampler), img2img_steps)
+        """Rows with equal keys can share UNet forwards (one generate call): request.batch_key, with
+        unsized text-to-image rows at request.DEFAULT_SIZE (SD 1.x's default size; a model whose family
+        has another default, SD 2.x-v's 768, makes such rows at that size, see `default_size`)."""
+        return row_batch_key(row)
+
+    @property
+    def default_size(self) -> int:
+        """Width and height of text-to-image rows that give none (the family's, e.g. 768 for SD 2.x-v)."""
+        return self.family.default_size
 
     # ---------------------------------------------------------------- generate
     @torch.inference_mode()
@@ -192,7 +151,7 @@ class Pipeline:
             raise InputError("generate() needs at least one row")
         for i, row in enumerate(rows):
             check_row(row, i)
-        keys = {self.batch_key(r) for r in rows}
+        keys = {row_batch_key(r, self.family.default_size) for r in rows}
         if len(keys) > 1:
             raise InputError(f"rows in one generate() call must share size, steps, sampler and img2img steps; "
                              f"got {sorted(keys, key=str)}: split them with Pipeline.batch_key")
@@ -200,7 +159,7 @@ class Pipeline:
         factor = self.cfg.latent_factor
         latent_shape = (1, self.cfg.unet.in_channels, height // factor, width // factor)
         generators = [torch.Generator("cpu").manual_seed(r.seed) for r in rows]
-        schedule = samplers.make_schedule(sampler, steps)
+        schedule = samplers.make_schedule(sampler, steps, self.family.scheduler)
 
         # 2. text: [B, 77, D] conditional and unconditional states
         cond, cut_pos = self._encode_text([r.prompt for r in rows])
@@ -232,9 +191,8 @@ class Pipeline:
         """Each distinct prompt is encoded once; results are kept in a small LRU cache."""
         missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
         if missing:
-            ids, truncated = tokenize(missing)
             with self._on_device(self.model.text_encoder):
-                states = self.model.text_encoder(ids.to(self.device))
+                states, truncated = self.family.encode_text(self.model, missing, self.device)
             for p, s, cut in zip(missing, states, truncated):
                 self._text_cache[p] = (s, cut)
         for p in prompts:
@@ -260,7 +218,7 @@ class Pipeline:
                     sample = torch.randn((1, *mean.shape[1:]), generator=g, dtype=torch.float32).to(self.device)
                     m, lv = mean[i:i + 1].float(), logvar[i:i + 1].float()
                     clean.append(m + torch.exp(0.5 * lv) * sample)
-        return torch.cat(clean) * self.cfg.vae.scaling_factor
+        return torch.cat(clean) * self.latent_scale
 
     def _guided_eps_model(self, cond: torch.Tensor, uncond: torch.Tensor, scales: list[float]):
         """eps(x, t) with CFG: uncond + s * (cond - uncond) for rows with s != 1, in one UNet forward."""
@@ -289,7 +247,7 @@ class Pipeline:
         images, pending = [], None
         with self._on_device(self.model.vae):
             for chunk in range(0, latents.shape[0], self.vae_chunk):
-                z = latents[chunk:chunk + self.vae_chunk] / self.cfg.vae.scaling_factor
+                z = latents[chunk:chunk + self.vae_chunk] / self.latent_scale
                 z = z.to(self.dtype).contiguous(memory_format=self.memory_format)
                 copy = to_host(pixels_to_uint8(self.model.vae.decode(z)))
                 if pending is not None:

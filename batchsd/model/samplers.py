@@ -1,8 +1,9 @@
-"""Samplers for SD 1.x: small pure functions over a denoiser and a precomputed schedule.
+"""Samplers: small pure functions over a denoiser and a precomputed schedule.
 
-Each sampler reproduces a diffusers scheduler built from the SD 1.5 scheduler config
-(scaled_linear betas 0.00085..0.012, 1000 train steps, steps_offset 1, set_alpha_to_one False,
-clip_sample False, epsilon prediction) with that class's default timestep spacing:
+Each sampler reproduces a diffusers scheduler built from a model family's `SchedulerConfig` (train
+timesteps, scaled_linear beta range, steps_offset, prediction type; SD 1.x: family.SD1.scheduler,
+the values of SD 1.5's scheduler_config.json) with set_alpha_to_one False, clip_sample False, and
+that class's default timestep spacing:
 
     ddpm             DDPMScheduler                   leading spacing, fixed_small variance
     ddim             DDIMScheduler (eta 0)           leading spacing
@@ -18,7 +19,10 @@ in the same order as diffusers, so the results agree to float32 rounding (bitwis
 Conventions (k-diffusion style, no hidden state):
 - `x` passed to `sample` is already at the noise level of step `start`: for txt2img
   `noise * schedule.init_noise_sigma`, for img2img `add_noise(schedule, x0, noise, start)`.
-- `eps_model(model_input [B,4,h,w], t: float) -> eps [B,4,h,w]`; model_input is scaled as
+- `eps_model(model_input [B,4,h,w], t: float) -> model output [B,4,h,w]`: the noise (prediction
+  type "epsilon") or the velocity v = sqrt(abar) * eps - sqrt(1-abar) * x0 ("v_prediction", SD 2.x
+  768-v), as `schedule.prediction_type` says; each sampler turns it into its x0 (and eps) with
+  diffusers' formula for that type, in diffusers' order of operations. model_input is scaled as
   diffusers' `scale_model_input` does (divided by sqrt(sigma^2+1) for the Euler samplers).
 - Stochastic samplers draw the noise of row i from `generators[i]` as
   torch.randn((1,4,h,w), float32) on CPU, one draw per step, like diffusers at batch 1.
@@ -34,37 +38,28 @@ import numpy as np
 import torch
 
 from batchsd.errors import InputError
+from batchsd.model.request import img2img_steps
+from batchsd.model.sampler_names import SAMPLERS, resolve_sampler
 
-# SD 1.5 scheduler config (the values from its scheduler_config.json)
-NUM_TRAIN_TIMESTEPS = 1000
-BETA_START = 0.00085
-BETA_END = 0.012
-STEPS_OFFSET = 1
-
-SAMPLERS = ("ddpm", "ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras")
-A1111_NAMES = {
-    "ddpm": "ddpm",
-    "ddim": "ddim",
-    "euler": "euler",
-    "euler a": "euler_a",
-    "dpm++ 2m": "dpmpp_2m",
-    "dpm++ 2m karras": "dpmpp_2m_karras",
-}
 STOCHASTIC = ("ddpm", "euler_a")  # samplers that draw fresh noise at every step
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # what the denoiser outputs (diffusers' prediction_type)
 
 EpsModel = Callable[[torch.Tensor, float], torch.Tensor]
 
 
-def resolve_sampler(name: str) -> str:
-    """Canonical sampler name from a canonical or A1111 name (case-insensitive); InputError (a
-    ValueError) listing the valid names otherwise."""
-    key = " ".join(str(name).strip().lower().split())
-    if key in SAMPLERS:
-        return key
-    if key in A1111_NAMES:
-        return A1111_NAMES[key]
-    valid = ", ".join(list(SAMPLERS) + ['"DDPM"', '"DDIM"', '"Euler"', '"Euler a"', '"DPM++ 2M"', '"DPM++ 2M Karras"'])
-    raise InputError(f"unknown sampler {name!r}; valid names: {valid}")
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The scheduler_config.json values the samplers depend on (a model family's, family.py)."""
+
+    num_train_timesteps: int      # the training schedule's length; timesteps are 0..num_train_timesteps-1
+    beta_start: float             # scaled_linear betas: linspace(sqrt(beta_start), sqrt(beta_end))**2
+    beta_end: float
+    steps_offset: int             # added to the "leading" timesteps (DDPM, DDIM)
+    prediction_type: str = "epsilon"  # PREDICTION_TYPES: what the UNet outputs
+
+    def __post_init__(self):
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -76,15 +71,17 @@ class Schedule:
     sigmas: torch.Tensor          # [n+1] float32 sigma = sqrt((1-abar)/abar) at each step, then the end level
     alphas_cumprod: torch.Tensor  # [n+1] float32 abar at each step, then the end level
     init_noise_sigma: float       # txt2img: x = noise * init_noise_sigma
+    prediction_type: str = "epsilon"  # what the denoiser outputs (SchedulerConfig.prediction_type)
 
     @property
     def num_steps(self) -> int:
         return len(self.timesteps)
 
 
-def train_alphas_cumprod() -> torch.Tensor:
-    """[1000] float32 abar of the scaled_linear schedule, computed as diffusers does."""
-    betas = torch.linspace(BETA_START**0.5, BETA_END**0.5, NUM_TRAIN_TIMESTEPS, dtype=torch.float32) ** 2
+def train_alphas_cumprod(config: SchedulerConfig) -> torch.Tensor:
+    """[num_train_timesteps] float32 abar of the scaled_linear schedule, computed as diffusers does."""
+    betas = torch.linspace(config.beta_start**0.5, config.beta_end**0.5, config.num_train_timesteps,
+                           dtype=torch.float32) ** 2
     return torch.cumprod(1.0 - betas, dim=0)
 
 
@@ -99,35 +96,36 @@ def _sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     return ((1 - w) * low_idx + w * high_idx).reshape(sigma.shape)
 
 
-def make_schedule(sampler: str, steps: int) -> Schedule:
-    """The schedule diffusers' `set_timesteps(steps)` produces for this sampler (pure)."""
+def make_schedule(sampler: str, steps: int, config: SchedulerConfig) -> Schedule:
+    """The schedule diffusers' `set_timesteps(steps)` produces for this sampler and config (pure)."""
     name = resolve_sampler(sampler)
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps < NUM_TRAIN_TIMESTEPS:
-        raise InputError(f"steps must be an integer in 1..{NUM_TRAIN_TIMESTEPS - 1}, got {steps!r}")
+    train_steps = config.num_train_timesteps
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps < train_steps:
+        raise InputError(f"steps must be an integer in 1..{train_steps - 1}, got {steps!r}")
     steps = int(steps)
-    acp = train_alphas_cumprod()  # [1000] float32
-    train_sigmas = (((1 - acp) / acp) ** 0.5).numpy()  # [1000] float32
+    acp = train_alphas_cumprod(config)  # [train_steps] float32
+    train_sigmas = (((1 - acp) / acp) ** 0.5).numpy()  # [train_steps] float32
 
     if name in ("ddpm", "ddim"):
-        # "leading" spacing: t_i = (n-1-i) * (1000 // n) + steps_offset
-        step_ratio = NUM_TRAIN_TIMESTEPS // steps
-        timesteps = (np.arange(0, steps) * step_ratio).round()[::-1].copy().astype(np.int64) + STEPS_OFFSET
+        # "leading" spacing: t_i = (n-1-i) * (train_steps // n) + steps_offset
+        step_ratio = train_steps // steps
+        timesteps = (np.arange(0, steps) * step_ratio).round()[::-1].copy().astype(np.int64) + config.steps_offset
         # the abar of the step after the last: DDPM uses 1 (t = -1), DDIM final_alpha_cumprod = abar[0]
         end = torch.tensor(1.0) if name == "ddpm" else acp[0]
         ts = torch.from_numpy(timesteps)
         alphas_cumprod = torch.cat([acp[ts], end.reshape(1)])
         sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
-        return Schedule(name, ts, sigmas, alphas_cumprod, 1.0)
+        return Schedule(name, ts, sigmas, alphas_cumprod, 1.0, config.prediction_type)
 
     if name in ("euler", "euler_a"):
         # "linspace" spacing over float32 timesteps, sigmas interpolated in float64
-        timesteps = np.linspace(0, NUM_TRAIN_TIMESTEPS - 1, steps, dtype=np.float32)[::-1].copy()
+        timesteps = np.linspace(0, train_steps - 1, steps, dtype=np.float32)[::-1].copy()
         sig = np.interp(timesteps, np.arange(0, len(train_sigmas)), train_sigmas)
         sigmas = torch.from_numpy(np.concatenate([sig, [0.0]]).astype(np.float32))
         init_noise_sigma = float(sigmas.max())
         ts = torch.from_numpy(timesteps.astype(np.float32))
     else:  # dpmpp_2m, dpmpp_2m_karras: "linspace" spacing over integer timesteps
-        timesteps = np.linspace(0, NUM_TRAIN_TIMESTEPS - 1, steps + 1).round()[::-1][:-1].copy().astype(np.int64)
+        timesteps = np.linspace(0, train_steps - 1, steps + 1).round()[::-1][:-1].copy().astype(np.int64)
         if name == "dpmpp_2m_karras":
             sigma_max, sigma_min = train_sigmas[-1].item(), train_sigmas[0].item()
             ramp = np.linspace(0, 1, steps)
@@ -141,14 +139,14 @@ def make_schedule(sampler: str, steps: int) -> Schedule:
         init_noise_sigma = 1.0
         ts = torch.from_numpy(timesteps).to(torch.int64)
     alphas_cumprod = 1 / (sigmas**2 + 1)
-    return Schedule(name, ts, sigmas, alphas_cumprod, init_noise_sigma)
+    return Schedule(name, ts, sigmas, alphas_cumprod, init_noise_sigma, config.prediction_type)
 
 
 def img2img_start(steps: int, strength: float) -> int:
-    """First step index of an img2img run (diffusers' get_timesteps): steps - int(steps*strength)."""
+    """First step index of an img2img run (diffusers' get_timesteps): steps - img2img_steps(steps, strength)."""
     if not 0.0 <= strength <= 1.0:
         raise InputError(f"strength must be in [0, 1], got {strength}")
-    run = min(int(steps * strength), steps)
+    run = img2img_steps(steps, strength)
     if run < 1:
         raise InputError(
             f"strength {strength} with {steps} steps leaves no denoising step (int(steps*strength) = 0); "
@@ -209,6 +207,21 @@ def _eps(eps_model: EpsModel, model_input: torch.Tensor, t: torch.Tensor) -> tor
     return eps_model(model_input, float(t)).float()
 
 
+def _discrete_x0_eps(out, x, abar_t, beta_prod_t, prediction_type):
+    """(x0, eps) from the model output at abar_t (DDPM/DDIM step)."""
+    if prediction_type == "v_prediction":
+        x0 = (abar_t**0.5) * x - (beta_prod_t**0.5) * out
+        return x0, (abar_t**0.5) * out + (beta_prod_t**0.5) * x
+    return (x - beta_prod_t ** (0.5) * out) / abar_t ** (0.5), out
+
+
+def _k_denoised(out, x, sigma, prediction_type):
+    """x0 from the model output at sigma (Euler samplers; x is the unscaled sample)."""
+    if prediction_type == "v_prediction":  # c_out * v + c_skip * x
+        return out * (-sigma / (sigma**2 + 1) ** 0.5) + (x / (sigma**2 + 1))
+    return x - sigma * out
+
+
 # ---------------------------------------------------------------------------------------------
 # DDPM / DDIM: discrete-time updates on abar (scalars are 0-d float32 tensors, as in diffusers)
 
@@ -217,12 +230,12 @@ def sample_ddpm(eps_model, x, schedule, noise, start=0):
     """Ancestral DDPM (fixed_small variance): x_{t-1} ~ q(x_{t-1} | x_t, x0_pred)."""
     for i in range(start, schedule.num_steps):
         t = schedule.timesteps[i]
-        eps = _eps(eps_model, x, t)
+        out = _eps(eps_model, x, t)
         abar_t, abar_prev = schedule.alphas_cumprod[i], schedule.alphas_cumprod[i + 1]
         beta_prod_t, beta_prod_prev = 1 - abar_t, 1 - abar_prev
         alpha_t = abar_t / abar_prev
         beta_t = 1 - alpha_t
-        x0 = (x - beta_prod_t ** (0.5) * eps) / abar_t ** (0.5)
+        x0, _ = _discrete_x0_eps(out, x, abar_t, beta_prod_t, schedule.prediction_type)
         x0_coeff = (abar_prev ** (0.5) * beta_t) / beta_prod_t
         x_coeff = alpha_t ** (0.5) * beta_prod_prev / beta_prod_t
         x_mean = x0_coeff * x0 + x_coeff * x
@@ -236,10 +249,10 @@ def sample_ddpm(eps_model, x, schedule, noise, start=0):
 def sample_ddim(eps_model, x, schedule, noise=None, start=0):
     """Deterministic DDIM (eta 0)."""
     for i in range(start, schedule.num_steps):
-        eps = _eps(eps_model, x, schedule.timesteps[i])
+        out = _eps(eps_model, x, schedule.timesteps[i])
         abar_t, abar_prev = schedule.alphas_cumprod[i], schedule.alphas_cumprod[i + 1]
         beta_prod_t = 1 - abar_t
-        x0 = (x - beta_prod_t ** (0.5) * eps) / abar_t ** (0.5)
+        x0, eps = _discrete_x0_eps(out, x, abar_t, beta_prod_t, schedule.prediction_type)
         direction = (1 - abar_prev - 0.0) ** (0.5) * eps  # std_dev_t = eta * ... = 0
         x = abar_prev ** (0.5) * x0 + direction
     return x
@@ -254,9 +267,9 @@ def sample_euler(eps_model, x, schedule, noise=None, start=0):
     sigmas = schedule.sigmas
     for i in range(start, schedule.num_steps):
         sigma = sigmas[i]
-        eps = _eps(eps_model, x / ((sigma**2 + 1) ** 0.5), schedule.timesteps[i])
+        out = _eps(eps_model, x / ((sigma**2 + 1) ** 0.5), schedule.timesteps[i])
         sigma_hat = sigma * (0.0 + 1)  # s_churn = 0: no extra noise
-        denoised = x - sigma_hat * eps
+        denoised = _k_denoised(out, x, sigma_hat, schedule.prediction_type)
         d = (x - denoised) / sigma_hat
         x = x + d * (sigmas[i + 1] - sigma_hat)
     return x
@@ -267,8 +280,8 @@ def sample_euler_a(eps_model, x, schedule, noise, start=0):
     sigmas = schedule.sigmas
     for i in range(start, schedule.num_steps):
         sigma_from, sigma_to = sigmas[i], sigmas[i + 1]
-        eps = _eps(eps_model, x / ((sigma_from**2 + 1) ** 0.5), schedule.timesteps[i])
-        denoised = x - sigma_from * eps
+        out = _eps(eps_model, x / ((sigma_from**2 + 1) ** 0.5), schedule.timesteps[i])
+        denoised = _k_denoised(out, x, sigma_from, schedule.prediction_type)
         sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
         sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
         d = (x - denoised) / sigma_from
@@ -297,9 +310,12 @@ def sample_dpmpp_2m(eps_model, x, schedule, noise=None, start=0):
     sigmas, n = schedule.sigmas, schedule.num_steps
     prev_x0 = None  # data prediction of the previous step run
     for i in range(start, n):
-        eps = _eps(eps_model, x, schedule.timesteps[i])
+        out = _eps(eps_model, x, schedule.timesteps[i])
         alpha_s0, sigma_s0 = _alpha_sigma(sigmas[i])
-        x0 = (x - sigma_s0 * eps) / alpha_s0
+        if schedule.prediction_type == "v_prediction":
+            x0 = alpha_s0 * x - sigma_s0 * out
+        else:
+            x0 = (x - sigma_s0 * out) / alpha_s0
         alpha_t, sigma_t = _alpha_sigma(sigmas[i + 1])
         h = _lambda(alpha_t, sigma_t) - _lambda(alpha_s0, sigma_s0)
         if prev_x0 is None or i == n - 1:
@@ -325,3 +341,4 @@ SAMPLE_FNS = {
     "dpmpp_2m": sample_dpmpp_2m,
     "dpmpp_2m_karras": sample_dpmpp_2m,
 }
+assert set(SAMPLE_FNS) == set(SAMPLERS), "a sampler name without a sampler, or the reverse"

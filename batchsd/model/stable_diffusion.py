@@ -1,11 +1,14 @@
-"""The whole Stable Diffusion 1.x model in the original single-file (CompVis) attribute layout.
+"""The whole Stable Diffusion 1.x / 2.x model in the original single-file (CompVis) attribute layout.
 
     model.diffusion_model.*                       UNetModel
     first_stage_model.*                           AutoencoderKL
-    cond_stage_model.transformer.text_model.*     CLIPTextModel
+    cond_stage_model.transformer.text_model.*     CLIPTextModel          (SD 1.x: StableDiffusionModel)
+    cond_stage_model.model.*                      OpenCLIPTextModel      (SD 2.x: StableDiffusion2Model)
 
 so `StableDiffusionModel(cfg).state_dict()` has exactly the model keys of a released checkpoint and
-loading one is a strict `load_state_dict` after dropping the non-model tensors.
+loading one is a strict `load_state_dict` after dropping the non-model tensors. The prefixes are
+written once, here (`UNET_PREFIX`, `VAE_PREFIX`, `CLIP_PREFIX`, `OPENCLIP_PREFIX`, `ORIGINAL_PREFIX`,
+`SD2_PREFIX`): checkpoint reading and the diffusers renaming import them.
 """
 from __future__ import annotations
 
@@ -14,12 +17,17 @@ from torch import nn
 
 from batchsd.model.clip import CLIPTextModel
 from batchsd.model.config import SDConfig
+from batchsd.model.openclip import OpenCLIPTextModel
 from batchsd.model.unet import UNetModel
 from batchsd.model.vae import AutoencoderKL
 
+# checkpoint key prefix of each component: its attribute path below, in the one place it is written
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."
+OPENCLIP_PREFIX = "cond_stage_model.model."
+ORIGINAL_PREFIX = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": CLIP_PREFIX}  # by diffusers component
+SD2_PREFIX = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": OPENCLIP_PREFIX}   # the same for SD 2.x
 
 
 class _Holder(nn.Module):
@@ -34,6 +42,9 @@ class StableDiffusionModel(nn.Module):
         self.model.diffusion_model = UNetModel(cfg.unet)
         self.first_stage_model = AutoencoderKL(cfg.vae)
         self.cond_stage_model = _Holder()
+        self._add_text_encoder(cfg)
+
+    def _add_text_encoder(self, cfg: SDConfig) -> None:
         self.cond_stage_model.transformer = _Holder()
         self.cond_stage_model.transformer.text_model = CLIPTextModel(cfg.clip)
 
@@ -59,3 +70,15 @@ class StableDiffusionModel(nn.Module):
             torch.manual_seed(seed)
             model = cls(cfg)
         return model.eval().requires_grad_(False)
+
+
+class StableDiffusion2Model(StableDiffusionModel):
+    """SD 2.x: the same UNet and VAE modules (other config), OpenCLIP text encoder under
+    `cond_stage_model.model.`."""
+
+    def _add_text_encoder(self, cfg: SDConfig) -> None:
+        self.cond_stage_model.model = OpenCLIPTextModel(cfg.clip)
+
+    @property
+    def text_encoder(self) -> OpenCLIPTextModel:
+        return self.cond_stage_model.model

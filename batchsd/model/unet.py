@@ -1,4 +1,4 @@
-"""The Stable Diffusion 1.x denoising UNet (epsilon prediction), written from scratch.
+"""The Stable Diffusion 1.x and 2.x denoising UNet, written from scratch.
 
 Module attribute paths equal the original CompVis checkpoint keys below `model.diffusion_model.`
 (`time_embed`, `input_blocks`, `middle_block`, `output_blocks`, `out`), so a single-file checkpoint
@@ -12,6 +12,14 @@ Layout notes: every op here works on NCHW tensors of either memory format. The t
 to token layout with permute + reshape (a free view for channels_last inputs) and applies its 1x1
 `proj_in`/`proj_out` convolutions as matmuls on the [B, h*w, C] tokens; its output goes back as a
 channels_last-strided view, so no `.contiguous()` is needed anywhere.
+
+SD 2.x is the same network under other `UNetConfig` fields: `linear_proj` (Linear [C, C] proj_in /
+proj_out, CompVis `use_linear_in_transformer`; the same matmul on the same tokens), `head_channels`
+64 (heads = channels / 64) and a 1024-wide context. The 768-v UNet's `upcast_attention` needs no
+field: diffusers' default attention processor (AttnProcessor2_0) calls
+F.scaled_dot_product_attention in the compute dtype whatever that flag says (only the legacy
+AttnProcessor upcasts q and k), and so does CrossAttention here; SDPA's fused kernels keep the
+softmax in fp32 for fp16/bf16 inputs anyway.
 """
 from __future__ import annotations
 
@@ -127,9 +135,10 @@ class BasicTransformerBlock(nn.Module):
     def __init__(self, cfg: UNetConfig, dim: int):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=cfg.transformer_eps)
-        self.attn1 = CrossAttention(dim, dim, cfg.heads)
+        heads = cfg.heads_at(dim)
+        self.attn1 = CrossAttention(dim, dim, heads)
         self.norm2 = nn.LayerNorm(dim, eps=cfg.transformer_eps)
-        self.attn2 = CrossAttention(dim, cfg.context_dim, cfg.heads)
+        self.attn2 = CrossAttention(dim, cfg.context_dim, heads)
         self.norm3 = nn.LayerNorm(dim, eps=cfg.transformer_eps)
         self.ff = FeedForward(dim)
 
@@ -143,14 +152,17 @@ class BasicTransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """GroupNorm, 1x1 proj_in, transformer block(s) over the h*w tokens, 1x1 proj_out, + input."""
+    """GroupNorm, proj_in, transformer block(s) over the h*w tokens, proj_out, + input. proj_in and
+    proj_out are 1x1 convolutions (SD 1.x) or Linear layers (cfg.linear_proj, SD 2.x): either way one
+    matmul over the tokens, applied after the GroupNorm's move to token layout."""
 
     def __init__(self, cfg: UNetConfig, channels: int, depth: int = 1):
         super().__init__()
         self.norm = nn.GroupNorm(cfg.groups, channels, eps=TRANSFORMER_GROUPNORM_EPS)
-        self.proj_in = nn.Conv2d(channels, channels, 1)
+        proj = (lambda: nn.Linear(channels, channels)) if cfg.linear_proj else (lambda: nn.Conv2d(channels, channels, 1))
+        self.proj_in = proj()
         self.transformer_blocks = nn.ModuleList(BasicTransformerBlock(cfg, channels) for _ in range(depth))
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.proj_out = proj()
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         # x: [B, C, h, w], context: [B, M, context_dim] -> [B, C, h, w]
@@ -177,7 +189,7 @@ class Downsample(nn.Module):
 
 class Upsample(NearestUpsampleConv):
     """Nearest-neighbour resize to the size of the skip connection it joins, then 3x3 conv `conv`
-    (as one folded 2x2 conv when that size is exactly 2x: batchsd/upsample.py)."""
+    (as one folded 2x2 conv when that size is exactly 2x: fast/upsample.py)."""
 
 
 class TimestepEmbedSequential(nn.Sequential):

@@ -93,7 +93,7 @@ class Downsample(nn.Module):
 
 class Upsample(NearestUpsampleConv):
     """Nearest-neighbour x2 then the 3x3 conv `conv`: [B,C,h,w] -> [B,C,2h,2w], computed as one folded
-    2x2 conv of [B,C,h,w] (batchsd/upsample.py)."""
+    2x2 conv of [B,C,h,w] (fast/upsample.py)."""
 
 
 class MidBlock(nn.Module):

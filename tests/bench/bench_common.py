@@ -21,13 +21,12 @@ REPO = Path(__file__).resolve().parents[2]
 # machine of device_gpu.sh gets the repository alone)
 KEYS_JSON = Path(os.environ.get("BATCHSD_BENCH_KEYS", REPO.parent / "shared" / "reference" / "sd15_keys.json"))
 CACHE = Path(os.environ.get("BATCHSD_BENCH_CACHE", Path.home() / ".cache" / "batchsd-bench"))
-TOKENIZER_DATA = REPO / "batchsd" / "tokenizer_data"
-
-for _path in (REPO, REPO / "tests"):
+for _path in (REPO, REPO / "tests" / "model"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
 from ref_checkpoint import ddpm_buffers  # noqa: E402  (the DDPM buffers released files carry)
+from batchsd.model.tokenizer import TOKENIZER_DATA  # noqa: E402
 
 
 # ---------------------------------------------------------------- checkpoint
@@ -69,7 +68,7 @@ def _build_random_sd15(path: Path, dtype: torch.dtype, seed: int = 0) -> None:
 def random_checkpoint(dtype: torch.dtype = torch.float16) -> Path:
     """A cached random-weight SD 1.5 single-file checkpoint (original layout) in CACHE.
 
-    Built by `_build_random_sd15`, not tests/ref_checkpoint.random_sd15_checkpoint: that one draws
+    Built by `_build_random_sd15`, not tests/model/ref_checkpoint.random_sd15_checkpoint: that one draws
     every tensor with one std (fine for loader tests), while timings want weights scaled by fan-in
     so that activations stay O(1) through the whole UNet (no overflow, no denormals)."""
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -178,6 +177,13 @@ def load_batchsd(path: Path, dtype: str, **options):
     from batchsd import Pipeline
 
     return Pipeline.load(path, device="cpu", dtype=dtype, **options)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """"fp32", "fp16" or "bf16": the name batchsd's --dtype option gives a torch dtype."""
+    from batchsd.model.devices import DTYPES
+
+    return {v: k for k, v in DTYPES.items()}[dtype]
 
 
 def cpu_description() -> str:

@@ -18,7 +18,7 @@ compiles; its time is reported), the sides alternating:
      peak device memory of the call.
   3. Parity: the first row at batch 1, batchsd's image against diffusers' (mean and max |pixel
      difference|, 0-255), a check that both do the same work.
-  4. End to end: --e2e-rows rows as a Parquet manifest through `batchsd run` (runner.run on the
+  4. End to end: --e2e-rows rows as a Parquet manifest through `batchsd run` (batchsd.job.run.run on the
      loaded pipeline: PNG + metadata, journal, results.parquet) in batches of --e2e-batch, against a
      diffusers loop over the same rows saving PNGs.
 --json PATH writes every figure.

@@ -7,7 +7,7 @@ Figures (targets from the issue "Speed, memory and scale"):
   1. `batchsd validate` on a 1,000,000-row manifest (CSV and Parquet), the real CLI in a fresh
      subprocess: wall time and peak RSS (os.wait4's ru_maxrss of that child). Target < 30 s, < 2 GiB.
   2. Resume scan over 100,000 finished rows: an output folder holding a journal with 100k ok records
-     (written with batchsd.job.results.Journal, as a run leaves it) and their image files (empty
+     (written with batchsd.job.journal.Journal, as a run leaves it) and their image files (empty
      placeholders: decide() only checks that they exist). Timed in process: read_prior + decide
      (the scan itself); and the whole `batchsd run --model tiny` that finds nothing to do (imports,
      manifest, tiny model, scan, final compaction). Target < 10 s.
@@ -102,7 +102,7 @@ def bench_validate(tmp: Path, n: int) -> list[dict]:
 # ---------------------------------------------------------------- 2-3. journal fixtures
 def finished_records(rows, model: str, sha: str | None) -> list[dict]:
     """Records as the writer leaves them for ok rows (images/<id>.png)."""
-    from batchsd.job.results import now_utc
+    from batchsd.job.schema import now_utc
 
     now = now_utc()
     recs = []
@@ -119,7 +119,8 @@ def prefill(out_dir: Path, manifest_path: Path, n_done: int, touch_images: bool,
     """Journal n_done finished rows of the manifest into out_dir (parts of part_rows, then one
     compaction, as a long run leaves it). Returns (manifest, rows, schema)."""
     from batchsd.job.manifest import read_manifest
-    from batchsd.job.results import Journal, extra_types_for, results_schema
+    from batchsd.job.journal import Journal
+    from batchsd.job.schema import extra_types_for, results_schema
 
     m = read_manifest(manifest_path)
     assert not m.problems, m.format_problems()
@@ -139,7 +140,7 @@ def prefill(out_dir: Path, manifest_path: Path, n_done: int, touch_images: bool,
 
 
 def bench_resume(tmp: Path, n: int) -> dict:
-    from batchsd.job.results import read_prior
+    from batchsd.job.journal import read_prior
     from batchsd.job.resume import decide
 
     table = make_table(n, seed=1)
@@ -173,7 +174,7 @@ def bench_writer(tmp: Path, already: int, batches: int = 64, batch_rows: int = 4
     from PIL import Image
 
     from batchsd.job.manifest import read_manifest
-    from batchsd.job.results import Journal
+    from batchsd.job.journal import Journal
     from batchsd.job.writer import BatchResult, ResultWriter
 
     n = already + batches * batch_rows

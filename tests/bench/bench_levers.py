@@ -19,22 +19,22 @@ Experiments
            convolutions and AMX matmuls, done on every call in eager mode) shows as a per-image cost
            that falls steeply with batch.
   pack     a full UNet CFG step and a VAE decode (1 latent) at --size, fp32 and bf16, channels_last:
-           plain nn.Conv2d (oneDNN reorders each weight on every call) against runtime.PackedConv2d
+           plain nn.Conv2d (oneDNN reorders each weight on every call) against packed_conv.PackedConv2d
            (reordered once), interleaved; minor page faults per call beside the times.
   fold     the same UNet step and VAE decode at --size, fp32 and bf16, packed, channels_last: each
-           upsample as interpolate + 3x3 conv against the folded 2x2 conv of batchsd/upsample.py
+           upsample as interpolate + 3x3 conv against the folded 2x2 conv of batchsd/model/fast/upsample.py
            (NearestUpsampleConv.fold), interleaved; max |diff| between the two beside the times.
   wino     the same UNet step at --size, fp32 and bf16, channels_last: packed convs against Winograd
            F(2x2,3x3) on the convs with >= 640 input channels, on every level (winograd.use_winograd)
            and without the lowest-resolution level (use_winograd_in_model, shipped), interleaved; the
            transformed weights' memory beside the times. (The VAE has no convs that wide.)
   packnow  (--only packnow) load + first image (256x256, 4 steps, fp32 and bf16), each in a fresh
-           process as `batchsd run` starts: convs packed at their first call against runtime.pack_now
+           process as `batchsd run` starts: convs packed at their first call against packed_conv.pack_now
            at load (shipped), alternating; times and minor page faults of each phase.
   packshape (--only packshape) one conv at several input shapes, fp32 and bf16: weight packed for
            that shape against packed for a 64x64 and an 8x8 map (pack_now packs for a nominal shape).
   alloc    (--only alloc) the same UNet step and VAE decode at 512x512 fp32, each in a fresh process,
-           with glibc's default malloc against runtime.tune_cpu_allocator (heap only, freed memory
+           with glibc's default malloc against allocator.tune_cpu_allocator (heap only, freed memory
            kept); peak RSS beside the times.
   compile  (--compile) torch.compile(unet) at --size, --dtype, channels_last, with inductor's
            `freezing` on (weights constant-folded and pre-packed for oneDNN) and off: compile time,
@@ -172,7 +172,7 @@ def timed_faults(fn, reps: int = 2) -> tuple[float, float, int]:
 
 
 def set_packed(module: torch.nn.Module, packed: bool) -> None:
-    from batchsd.model.fast.runtime import PackedConv2d, pack_convolutions
+    from batchsd.model.fast.packed_conv import pack_convolutions, PackedConv2d
 
     if packed:
         pack_convolutions(module)
@@ -216,7 +216,7 @@ def interleaved(run) -> tuple[tuple[float, float], tuple[float, float], float]:
 
 @torch.inference_mode()
 def folding(size: int) -> None:
-    from batchsd.model.fast.runtime import tune_cpu_allocator
+    from batchsd.model.fast.allocator import tune_cpu_allocator
     from batchsd.model.fast.upsample import NearestUpsampleConv
 
     tune_cpu_allocator()                 # as `batchsd run` does on the CPU
@@ -243,7 +243,7 @@ def folding(size: int) -> None:
 def winograd(size: int) -> None:
     from types import SimpleNamespace
 
-    from batchsd.model.fast.runtime import tune_cpu_allocator
+    from batchsd.model.fast.allocator import tune_cpu_allocator
     from batchsd.model.fast.upsample import NearestUpsampleConv
     from batchsd.model.fast.winograd import WinogradConv2d, use_winograd, use_winograd_in_model
 
@@ -279,7 +279,8 @@ def winograd(size: int) -> None:
 def alloc_child(tuned: bool, size: int) -> None:
     """One fresh process: batchsd's UNet step and VAE decode (packed, channels_last, fp32), with or
     without the tuned allocator; prints JSON."""
-    from batchsd.model.fast.runtime import pack_convolutions, tune_cpu_allocator
+    from batchsd.model.fast.allocator import tune_cpu_allocator
+    from batchsd.model.fast.packed_conv import pack_convolutions
 
     if tuned:
         assert tune_cpu_allocator()
@@ -308,7 +309,7 @@ def packnow_child(at_load: bool, dtype_name: str) -> None:
     256x256 image of 4 steps; prints JSON (seconds and minor page faults of load and first image)."""
     import batchsd.model.pipeline as pipeline_module
     from batchsd import GenerationRow
-    from batchsd.model.fast.runtime import tune_cpu_allocator
+    from batchsd.model.fast.allocator import tune_cpu_allocator
 
     assert tune_cpu_allocator()
     if not at_load:
@@ -339,10 +340,10 @@ def pack_at_load() -> None:
 
 @torch.inference_mode()
 def pack_shape() -> None:
-    """Does the blocked layout oneDNN picks depend on the input's size? Each conv (runtime.PackedConv2d)
+    """Does the blocked layout oneDNN picks depend on the input's size? Each conv (packed_conv.PackedConv2d)
     runs at each shape with its weight packed for that shape, for a 64x64 map and for an 8x8 map
     (batch 1; PackedConv2d.pack, as pack_now does); best of 3."""
-    from batchsd.model.fast.runtime import PackedConv2d
+    from batchsd.model.fast.packed_conv import PackedConv2d
 
     log("| 3x3 conv, packed for (channels_last) | dtype | channels | input | that shape, s | 64x64, s | 8x8, s | max |diff| |")
     log("|---|---|---|---|---|---|---|---|")

@@ -6,10 +6,11 @@
 
 The target (issue "The batch job"): `batchsd validate` on 1,000,000 rows in under 30 s and 2 GiB RSS.
 Each measurement runs in a fresh subprocess (peak RSS is per process: ru_maxrss), which imports
-batchsd.job.manifest (and torch, through batchsd.model.samplers), reads and validates the file, then groups
-the rows with plan_batches. The generated rows look like a real job list: ~100-character prompts,
-negative prompts, explicit seeds, a few sizes/samplers (A1111 names included) and a pass-through
-column; 1 row in 10 leaves seed empty and 1 in 20 leaves id empty (derived defaults).
+batchsd.job.manifest (not torch: the rules come from batchsd.model.request and sampler_names), reads
+and validates the file, then groups the rows with plan_batches (batchsd.job.plan). The generated rows
+look like a real job list: ~100-character prompts, negative prompts, explicit seeds, a few
+sizes/samplers (A1111 names included) and a pass-through column; 1 row in 10 leaves seed empty and 1
+in 20 leaves id empty (derived defaults).
 """
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ MEASURE = r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
 from batchsd.job.manifest import read_manifest
-from batchsd.job.planner import plan_batches
+from batchsd.job.plan import plan_batches
 t1 = time.perf_counter()
 m = read_manifest(sys.argv[1])
 t2 = time.perf_counter()

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 
 def child(dtype_name: str, size: int, chunk: int, images: int, save: Path) -> None:
-    from batchsd.model.fast.runtime import tune_cpu_allocator
+    from batchsd.model.fast.allocator import tune_cpu_allocator
 
     assert tune_cpu_allocator()
     pipe = bc.load_batchsd(bc.random_checkpoint(), dtype_name)

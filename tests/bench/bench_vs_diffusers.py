@@ -16,7 +16,7 @@ Figures
      layouts, as seconds and as achieved TFLOP/s (FLOPs counted on the meta device: 1.607 TFLOP per
      CFG image-step at 512x512, 0.360 at 256x256) against torch.mm's rate on 4096^2 matrices (the
      practical roof).
-  2. End to end: images/s for a Parquet manifest through `batchsd run` (runner.run) at batch sizes
+  2. End to end: images/s for a Parquet manifest through `batchsd run` (batchsd.job.run.run) at batch sizes
      1, 2, 8 against a diffusers loop doing the same rows in batched calls and saving PNGs, with
      diffusers' faster layout from figure 1. One fresh process per side, as users run them: each
      loads and warms up (one 1-row 1-step image; neither timed); then each batch size runs on the
@@ -30,13 +30,13 @@ Figures
   4. Peak RSS (the child's own VmHWM) while loading and over the whole start-up run, per side in
      its own subprocess (RSS is per process, so the in-process figures above cannot give it).
 
-The process sets the CPU allocator as `batchsd run` does (runtime.tune_cpu_allocator) after the
+The process sets the CPU allocator as `batchsd run` does (allocator.tune_cpu_allocator) after the
 start-up children: in one process it holds for both sides alike, and both end-to-end children set
 it. The batchsd start-up child sets it too, the diffusers start-up child does not (a diffusers
 script would not).
 
 Timings are only meaningful on a quiet machine: check the load average printed in the header.
-Results and the levers they point to: tests/bench/README.md.
+Method, results and the levers they point to: docs/performance.md.
 """
 from __future__ import annotations
 
@@ -154,11 +154,13 @@ def diffusers_generate(pipe, rows: list[dict]) -> list:
 
 
 def batchsd_run(pipe, rows: list[dict], batch: int, folder: Path):
-    """The rows as a Parquet manifest through `batchsd run` (runner.run with the loaded pipeline):
+    """The rows as a Parquet manifest through `batchsd run` (batchsd.job.run.run with the loaded pipeline):
     manifest reading, planning, batches, PNG + journal writes, results.parquet, summary.json."""
     from rich.console import Console
 
-    from batchsd.job.run import RunOptions, run
+    from batchsd.job.options import RunOptions
+
+    from batchsd.job.run import run
 
     manifest = write_manifest(rows, folder / "manifest.parquet")
     with open(os.devnull, "w") as devnull:
@@ -185,7 +187,7 @@ def e2e_child(side: str, spec_path: Path, threads: int, winograd: bool | None) -
     stdin, run i of the spec, timed, and answer "DONE <json>": batch, rows, wall s, process CPU s.
     PNGs go to the spec's folders. Both sides set the CPU allocator as `batchsd run` does, so the
     comparison does not credit batchsd with what a mallopt call would give a diffusers script too."""
-    from batchsd.model.fast.runtime import tune_cpu_allocator
+    from batchsd.model.fast.allocator import tune_cpu_allocator
 
     torch.set_num_threads(threads)
     tune_cpu_allocator()
@@ -303,7 +305,7 @@ def bench_e2e(dtype_name: str, size: int, steps: int, plan: list[tuple[int, int]
 # ---------------------------------------------------------------- 3-4. start-up and RSS (subprocess)
 def child(side: str, dtype_name: str, size: int, steps: int, threads: int, winograd: bool | None = None) -> None:
     """One fresh process: load, make one image and save it as PNG; print JSON with times and peak RSS.
-    The batchsd side sets the CPU allocator as `batchsd run` does on the CPU (runtime.tune_cpu_allocator)."""
+    The batchsd side sets the CPU allocator as `batchsd run` does on the CPU (allocator.tune_cpu_allocator)."""
 
     torch.set_num_threads(threads)
     t_import = time.perf_counter() - T_PROCESS
@@ -312,7 +314,7 @@ def child(side: str, dtype_name: str, size: int, steps: int, threads: int, winog
     t0 = time.perf_counter()
     if side == "batchsd":
         from batchsd import GenerationRow
-        from batchsd.model.fast.runtime import tune_cpu_allocator
+        from batchsd.model.fast.allocator import tune_cpu_allocator
 
         tune_cpu_allocator()
         pipe = bc.load_batchsd(path, dtype_name, winograd=winograd)
@@ -447,7 +449,7 @@ def report(res: dict) -> str:
             rows.append([b, r["rows"], f"{r['images_per_s']:.3f}", f"{d['images_per_s']:.3f}", f"{ratio:.2f}x", paired,
                          f"{r['cpu_s_per_image']:.1f}", f"{d['cpu_s_per_image']:.1f}", f"{cratio:.2f}", better(cratio, True)])
         out += ["", f"End to end (text, {e0['steps']} steps euler at cfg 7.5, VAE decode, PNG files), {e0['size']}x{e0['size']}, "
-                f"{res['e2e_dtype']}: a Parquet manifest through `batchsd run` (runner.run: planning, batches, PNG + "
+                f"{res['e2e_dtype']}: a Parquet manifest through `batchsd run` (batchsd.job.run.run: planning, batches, PNG + "
                 f"journal writes, results.parquet) vs a diffusers loop over the same rows in batched calls saving PNGs "
                 f"(diffusers layout: {res['e2e_diffusers_layout']}, SDPA); a fresh process per side, both loaded and warmed "
                 f"up (1 step; neither timed), each batch size run by one side and right after by the other (order "
@@ -510,11 +512,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import diffusers
 
-    from batchsd.model.devices import dtype_name, resolve_dtype
-    from batchsd.model.fast.runtime import release_free_memory, tune_cpu_allocator
+    from batchsd.model.devices import resolve_dtype
+    from batchsd.model.fast.allocator import release_free_memory, tune_cpu_allocator
 
     only = set(args.only.split(","))
-    e2e_dtype = dtype_name(resolve_dtype(args.e2e_dtype, torch.device("cpu")))
+    e2e_dtype = bc.dtype_name(resolve_dtype(args.e2e_dtype, torch.device("cpu")))
     res = dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), torch=torch.__version__,
                diffusers=diffusers.__version__, threads=args.threads, cpu=bc.cpu_description(),
                loadavg=" ".join(f"{x:.1f}" for x in os.getloadavg()),

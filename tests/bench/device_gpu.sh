@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the device tool's GPU machine, from the repository root, after device_prep.sh here:
 #     run(command="bash tests/bench/device_gpu.sh", carry=[".devbench"], timeout_s=480)
-# 1. environment (GPU, driver, torch, diffusers), 2. the CUDA tests (tests/test_cuda.py and the
+# 1. environment (GPU, driver, torch, diffusers), 2. the CUDA tests (tests/model/test_cuda.py and the
 # CUDA sampler tests), 3. bench_gpu.py at the issue's settings (512x512, 25 steps, batches 1/8/32,
 # fp16; --reps 3). Logs and JSON go to $OUT (env.txt, tests.txt, gpu.txt, gpu.json). Arguments are
 # passed to bench_gpu.py (later ones win), e.g. `--compile reduce-overhead` (minutes of compiling
@@ -32,7 +32,7 @@ diffusers.__file__, '| transformers', transformers.__version__)"
 } 2>&1 | tee "$OUT/env.txt"
 status=0
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-    python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py tests/test_samplers.py -k "cuda" 2>&1 \
+    python3 -m pytest -q -p no:cacheprovider -rs tests/model/test_cuda.py tests/model/test_samplers.py -k "cuda" 2>&1 \
         | tee "$OUT/tests.txt" | tail -25
     status=${PIPESTATUS[0]}
 fi

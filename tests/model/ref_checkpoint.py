@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from batchsd.model.diffusers_layout import ORIGINAL_PREFIX
+from batchsd.model.stable_diffusion import ORIGINAL_PREFIX
 
 SD15_KEYS = Path(__file__).resolve().parents[3] / "shared" / "reference" / "sd15_keys.json"
 TOKENIZER_DATA = Path(__file__).resolve().parents[2] / "batchsd" / "model" / "tokenizer_data"

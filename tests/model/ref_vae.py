@@ -1,9 +1,9 @@
 """Reference VAE for parity tests: diffusers' AutoencoderKL built from a VAEConfig, seeded random weights,
 and its state dict mapped to the original CompVis key layout (keys after `first_stage_model.`).
 
-`vae_state_dict_original` uses the project's one runtime mapping, batchsd/diffusers_layout.py.
+`vae_state_dict_original` uses the project's one runtime mapping, batchsd/model/diffusers_layout.py.
 `independent_vae_state_dict_original` is a second, test-side mapping written from the diffusers and
-ldm sources, kept only as an oracle: tests/test_vae.py checks that the two agree.
+ldm sources, kept only as an oracle: tests/model/test_vae.py checks that the two agree.
 """
 from __future__ import annotations
 

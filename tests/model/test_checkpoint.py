@@ -12,15 +12,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from batchsd.model.checkpoint import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, infer_config, inspect_checkpoint, load_model
+from batchsd.errors import CheckpointError
+from batchsd.model.checkpoint import infer_config, inspect_checkpoint, load_model
 from batchsd.model.config import SD15, TINY, CLIPTextConfig, SDConfig, UNetConfig, VAEConfig
 from batchsd.model.diffusers_layout import diffusers_to_original
-from batchsd.errors import CheckpointError
-from batchsd.model.stable_diffusion import StableDiffusionModel
+from batchsd.model.stable_diffusion import CLIP_PREFIX, ORIGINAL_PREFIX, UNET_PREFIX, VAE_PREFIX, StableDiffusionModel
 from ref_checkpoint import (SD15_KEYS, compose_original, extra_tensors, random_sd15_checkpoint,
                             write_diffusers_folder, write_original_checkpoint)
-
-PREFIXES = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": CLIP_PREFIX}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -37,10 +35,10 @@ def random_components(cfg: SDConfig, seed: int) -> dict[str, dict[str, torch.Ten
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in StableDiffusionModel(cfg).state_dict().items()}
     gen = torch.Generator().manual_seed(seed)
-    out = {c: {} for c in PREFIXES}
+    out = {c: {} for c in ORIGINAL_PREFIX}
     for key, shape in shapes.items():
-        component = next(c for c, p in PREFIXES.items() if key.startswith(p))
-        out[component][key[len(PREFIXES[component]):]] = torch.randn(shape, generator=gen)
+        component = next(c for c, p in ORIGINAL_PREFIX.items() if key.startswith(p))
+        out[component][key[len(ORIGINAL_PREFIX[component]):]] = torch.randn(shape, generator=gen)
     return out
 
 

@@ -101,7 +101,9 @@ def test_batchsd_run_on_cuda(tmp_path):
     import pyarrow.parquet as pq
     from rich.console import Console
 
-    from batchsd.job.run import RunOptions, run
+    from batchsd.job.options import RunOptions
+
+    from batchsd.job.run import run
 
     manifest = tmp_path / "jobs.parquet"
     pq.write_table(pa.Table.from_pylist([dict(id=f"r{i}", prompt=f"row {i}", seed=i, steps=2, width=64, height=64)

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from batchsd.model.diffusers_layout import ORIGINAL_PREFIX, diffusers_to_original
+from batchsd.model.diffusers_layout import diffusers_to_original
+from batchsd.model.stable_diffusion import ORIGINAL_PREFIX
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")

@@ -1,4 +1,4 @@
-"""The folded upsample (batchsd/upsample.py) against what it replaces: nearest 2x upsample + 3x3 conv."""
+"""The folded upsample (batchsd/model/fast/upsample.py) against what it replaces: nearest 2x upsample + 3x3 conv."""
 from __future__ import annotations
 
 import copy
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from batchsd.model.fast.runtime import PackedConv2d, onednn_available, pack_convolutions
+from batchsd.model.fast.packed_conv import onednn_available, pack_convolutions, PackedConv2d
 from batchsd.model.fast.upsample import NearestUpsampleConv, fold_weight
 
 

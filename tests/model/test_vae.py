@@ -184,7 +184,7 @@ def test_sd15_keys_and_shapes_match_checkpoint():
 
 @pytest.mark.parametrize("cfg", [TINY.vae, SD15.vae], ids=["tiny", "sd15"])
 def test_runtime_mapping_matches_independent_mapping(cfg):
-    """batchsd/diffusers_layout.py (used by the parity tests) against the test-side oracle mapping."""
+    """batchsd/model/diffusers_layout.py (used by the parity tests) against the test-side oracle mapping."""
     with torch.device("meta"):
         ours = AutoencoderKL(cfg)
     # full width: keys and shapes only, on meta tensors (no weights drawn); TINY: values too

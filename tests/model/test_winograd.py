@@ -1,4 +1,4 @@
-"""Winograd F(2x2,3x3) convolutions (batchsd/winograd.py) against F.conv2d."""
+"""Winograd F(2x2,3x3) convolutions (batchsd/model/fast/winograd.py) against F.conv2d."""
 from __future__ import annotations
 
 import copy
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from batchsd.model.config import TINY
 from batchsd.model.stable_diffusion import StableDiffusionModel
 from batchsd.model.pipeline import GenerationRow, Pipeline
-from batchsd.model.fast.runtime import PackedConv2d, onednn_available, pack_convolutions
+from batchsd.model.fast.packed_conv import onednn_available, pack_convolutions, PackedConv2d
 from batchsd.model.fast.upsample import NearestUpsampleConv
 from batchsd.model.fast.winograd import (WinogradConv2d, transform_weight, use_winograd, use_winograd_in_model,
                               winograd_conv3x3, winograd_eligible)

@@ -1,6 +1,6 @@
 """Peak memory of loading a full-size SD 1.5 checkpoint with batchsd.model.checkpoint.load_model.
 
-    python tests/measure_load_memory.py [--keep DIR]
+    python tests/tools/measure_load_memory.py [--keep DIR]
 
 Writes random fp16 SD 1.5 checkpoints (about 2.1 GB each: .safetensors and .ckpt, from
 shared/reference/sd15_keys.json) into a temporary folder, then for each (file, target dtype) runs a
@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="write the checkpoints here and keep them")
     parser.add_argument("--dtypes", default="float16,float32,bfloat16")
     args = parser.parse_args()
-    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+    sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "model")]
     from ref_checkpoint import random_sd15_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,4 +1,4 @@
-"""Print the parity figures the tests assert, as a table: `python tests/parity_report.py`.
+"""Print the parity figures the tests assert, as a table: `python tests/tools/parity_report.py`.
 
 Per component (TINY, fp32): max abs difference against diffusers/transformers.
 Per sampler, end to end (TINY, fp32, text-to-image and image-to-image): share of pixels within 1/255
@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model"))  # tests/model
 
 import test_pipeline_parity as parity  # noqa: E402
 from batchsd import GenerationRow  # noqa: E402

@@ -1,4 +1,4 @@
-"""Build the CLIP tokenizer files shipped in batchsd/tokenizer_data/ (run once, by a developer).
+"""Build the CLIP tokenizer files shipped in batchsd/model/tokenizer_data/ (run once, by a developer).
 
 The openai/clip-vit-large-patch14 tokenizer is fully determined by OpenAI's BPE merge list
 (`bpe_simple_vocab_16e6.txt.gz`, shipped in the open_clip_torch and openai CLIP packages):
@@ -12,8 +12,8 @@ This is what OpenAI's `SimpleTokenizer` builds in memory. Written out as `vocab.
 and `merges.txt` (`#version: 0.2` header line, which the `tokenizers` BPE reader skips, then one
 "a b" merge a line), the two files `transformers.CLIPTokenizer` reads.
 
-    python -m batchsd.tokenizer_build --source <path/to/bpe_simple_vocab_16e6.txt.gz> \
-        --out batchsd/tokenizer_data
+    python tests/tools/tokenizer_build.py --source <path/to/bpe_simple_vocab_16e6.txt.gz> \
+        --out batchsd/model/tokenizer_data
 """
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from batchsd.model.fast.runtime import KeepsDerivedWeight
+from batchsd.model.fast.packed_conv import KeepsDerivedWeight
 
 # [phase a][tap p of the 2x2 kernel]: the rows (or columns) of the 3x3 kernel that tap sums
 _TAPS = (((0,), (1, 2)), ((0, 1), (2,)))
@@ -97,7 +97,7 @@ class NearestUpsampleConv(KeepsDerivedWeight, nn.Module):
 
     def folded_conv(self) -> nn.Conv2d:
         """The 2x2 conv of the four phases, of the 3x3 conv's class (a PackedConv2d stays packed on
-        the CPU); kept, not a submodule (runtime.KeepsDerivedWeight: again after a load, cast or move)."""
+        the CPU); kept, not a submodule (packed_conv.KeepsDerivedWeight: again after a load, cast or move)."""
         if self.conv.weight is None:          # a PackedConv2d that the other path packed: plain again
             self.conv.unpack()
         return self.derived(self._fold, self.conv.weight, self.conv.bias)

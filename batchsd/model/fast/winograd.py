@@ -8,16 +8,15 @@ matrices B (4x4), G (4x3), A (4x2) of Lavin & Gray (2015),
 and summed over input channels, position by position, that is 16 matrix products
 [tiles, C_in] x [C_in, C_out] (one `bmm`) instead of 36 multiply-adds per output pixel and channel
 pair. The input and output transforms are only additions (B and A hold 0 and +-1), and G's halves
-are exact in binary: fp32 results differ from the direct convolution by rounding (~5e-7 of the
-output scale against a float64 reference; the direct oneDNN convolution is at ~2e-6; tests).
+are exact in binary: results differ from the direct convolution by rounding only, no more than the
+direct convolution's own error against a float64 reference (tests/model/test_winograd.py).
 
-Where it pays (tests/bench/README.md): the transforms cost memory passes in proportion to
-C * h * w, the products C_in * C_out * h * w, so it wins on wide layers: 1.5-1.8x per conv at 640 and
-1280 channels, slower than oneDNN's direct kernel at 128-320 channels. Hence `use_winograd` takes
-only convolutions with at least `MIN_CHANNELS` input channels, and `use_winograd_in_model` leaves
-out the UNet's lowest-resolution level, where the products are bound by reading the weights. Memory:
-the transformed weight is 16/9 of the 3x3 weight, kept beside it (the plain weight stays the exact
-checkpoint tensor).
+Where it pays: the transforms cost memory passes in proportion to C * h * w, the products
+C_in * C_out * h * w, so it wins on wide layers and loses to oneDNN's direct kernel on narrow ones.
+Hence `use_winograd` takes only convolutions with at least `MIN_CHANNELS` input channels, and
+`use_winograd_in_model` leaves out the UNet's lowest-resolution level, where the products are bound
+by reading the weights (figures: docs/performance.md). Memory: the transformed weight is 16/9 of the
+3x3 weight, kept beside it (the plain weight stays the exact checkpoint tensor).
 """
 from __future__ import annotations
 
@@ -25,9 +24,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from batchsd.model.fast.runtime import KeepsDerivedWeight, PackedConv2d, onednn_available
+from batchsd.model.fast.packed_conv import KeepsDerivedWeight, onednn_available, PackedConv2d
 
-MIN_CHANNELS = 640          # input channels from which a 3x3 conv goes through Winograd (measured)
+MIN_CHANNELS = 640          # input channels from which Winograd beats the direct kernel (docs/performance.md)
 
 def _g_taps(t: list[torch.Tensor]) -> list[torch.Tensor]:
     """G (4x3, rows (1,0,0), (1/2,1/2,1/2), (1/2,-1/2,1/2), (0,0,1)) applied along one axis to its 3
@@ -88,7 +87,7 @@ class WinogradConv2d(KeepsDerivedWeight, PackedConv2d):
     """A PackedConv2d (same attributes and state dict) that `use_winograd` marked: its calls on CPU
     float inputs go through `winograd_conv3x3`, whatever the shape (so a row's result never depends
     on what ran before it). Unmarked instances (e.g. a folded upsample conv derived from a marked
-    one, batchsd/upsample.py) take PackedConv2d's path; under torch.compile or off the CPU, the plain
+    one, fast/upsample.py) take PackedConv2d's path; under torch.compile or off the CPU, the plain
     nn.Conv2d path."""
 
     winograd = False                                          # set by use_winograd on eligible convs
@@ -101,7 +100,7 @@ class WinogradConv2d(KeepsDerivedWeight, PackedConv2d):
         return winograd_conv3x3(x, self.transformed_weight(), self.bias)
 
     def transformed_weight(self) -> torch.Tensor:
-        """U of the current weight (runtime.KeepsDerivedWeight: again after a load, cast or move)."""
+        """U of the current weight (packed_conv.KeepsDerivedWeight: again after a load, cast or move)."""
         return self.derived(lambda: transform_weight(self.weight), self.weight)
 
 
@@ -131,10 +130,10 @@ def use_winograd_in_model(model: nn.Module, min_channels: int = MIN_CHANNELS) ->
     """The rule `Pipeline` applies: `use_winograd` on the UNet's blocks above its lowest resolution
     level, and on the VAE; returns how many convs. The lowest level (1/8 of the latent's side, the
     middle block among them) is left direct: its maps are so small (4x4 at 512x512 images) that the
-    products are bound by reading the transformed weights, which are 16/9 of the plain ones. Measured
-    (tests/bench/README.md): without it a UNet step is as fast at 256x256 and within ~4% at 512x512,
-    and the transformed weights are half as big (1.52 instead of 3.18 GiB in fp32). A fixed property
-    of the model, so a row's result does not depend on the batch it ran in."""
+    products are bound by reading the transformed weights, which are 16/9 of the plain ones; leaving
+    it out costs little speed and about halves the transformed weights' memory (figures:
+    docs/performance.md). A fixed property of the model, so a row's result does not depend on the
+    batch it ran in."""
     lowest = len(model.unet.cfg.channel_mult) - 1
     unet = sum(use_winograd(block, min_channels) for level, block in model.unet.blocks_by_level() if level < lowest)
     return unet + use_winograd(model.vae, min_channels)

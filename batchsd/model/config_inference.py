@@ -1,0 +1,227 @@
+"""The configuration of a checkpoint, read from its tensor shapes: `infer_sd1_config`, `infer_sd2_config`.
+
+Widths, depths, level counts and attention levels are all visible in the shapes of the original
+(CompVis) layout; head counts are not. A state dict whose shapes match a preset (config.PRESETS:
+SD15, TINY; config.SD2_PRESETS: SD21) gets that preset whole, name included; any other one gets a
+config named "custom" with its family's head rules (SD 1.x: UNet 8 heads, CLIP width / 64; SD 2.x:
+64-wide heads in the UNet and the text encoder). The model families (family.py) read checkpoints
+through these.
+
+A diffusers folder's config.json files, when present, are authoritative over those rules
+(`apply_diffusers_configs`): head counts (unet `attention_head_dim` / `num_attention_heads`, per
+level or one for all; text encoder `num_attention_heads`), the text encoder's activation, LayerNorm
+eps and layer count, the UNet's linear projections and norms, the VAE's scaling factor.
+
+SD 2.x single files carry all 24 OpenCLIP ViT-H blocks, of which SD 2.x runs 23 (the penultimate
+layer's output): a width-1024 text encoder runs 23 blocks whether the file has 24 (released files)
+or 23 (converted from a diffusers folder); other widths (test models) run all but the file's last
+block. A diffusers folder's text encoder runs all its layers (diffusers' 23-layer CLIPTextModel).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from typing import Iterable, Mapping
+
+from batchsd.errors import CheckpointError
+from batchsd.model.config import PRESETS, SD2_PRESETS, CLIPTextConfig, SDConfig, UNetConfig, VAEConfig
+from batchsd.model.stable_diffusion import (CLIP_PREFIX, OPENCLIP_PREFIX, ORIGINAL_PREFIX, SD2_PREFIX, UNET_PREFIX,
+                                            VAE_PREFIX)
+
+OPENCLIP_H_WIDTH = 1024    # OpenCLIP ViT-H/14: 24 blocks, SD 2.x runs the first 23
+OPENCLIP_H_USED_LAYERS = 23
+
+COMPONENT_NAMES = {"unet": "UNet", "vae": "VAE", "text_encoder": "CLIP text encoder"}
+
+
+def _need(shapes: Mapping[str, tuple[int, ...]], prefix: str, key: str, what: str) -> tuple[int, ...]:
+    if key not in shapes:
+        raise CheckpointError(f"cannot infer the {what} configuration: tensor {prefix}{key} is missing")
+    return shapes[key]
+
+
+def _indices(shapes: Iterable[str], pattern: str) -> list[int]:
+    rx = re.compile(pattern)
+    return sorted({int(m.group(1)) for k in shapes if (m := rx.match(k))})
+
+
+def _infer_unet(s: Mapping[str, tuple[int, ...]]) -> UNetConfig:
+    need = lambda key: _need(s, UNET_PREFIX, key, "UNet")  # noqa: E731
+    model_channels, in_channels = need("input_blocks.0.0.weight")[:2]  # conv_in [mc, in, 3, 3]
+    out_channels = need("out.2.weight")[0]
+    # input_blocks 1..: per level `res_blocks` res blocks (+ a spatial transformer), then a downsampler
+    level_channels: list[list[int]] = [[]]
+    attention_levels = set()
+    for i in _indices(s, r"input_blocks\.(\d+)\.")[1:]:
+        if f"input_blocks.{i}.0.op.weight" in s:
+            level_channels.append([])
+            continue
+        level_channels[-1].append(need(f"input_blocks.{i}.0.out_layers.3.weight")[0])
+        if f"input_blocks.{i}.1.proj_in.weight" in s:
+            attention_levels.add(len(level_channels) - 1)
+    res_blocks = len(level_channels[0])
+    if res_blocks == 0 or any(len(ch) != res_blocks or len(set(ch)) != 1 for ch in level_channels):
+        raise CheckpointError(f"unsupported UNet layout: res block channels per level {level_channels}")
+    if any(ch[0] % model_channels for ch in level_channels):
+        raise CheckpointError(f"unsupported UNet layout: level channels {level_channels} are not multiples "
+                              f"of {model_channels}")
+    context = [v for k, v in s.items() if k.endswith(".attn2.to_k.weight")]  # [inner, context_dim]
+    proj_in = [v for k, v in s.items() if k.endswith(".proj_in.weight")]   # conv [C, C, 1, 1] or linear [C, C]
+    return UNetConfig(
+        linear_proj=bool(proj_in) and len(proj_in[0]) == 2,
+        in_channels=in_channels, out_channels=out_channels, model_channels=model_channels,
+        channel_mult=tuple(ch[0] // model_channels for ch in level_channels), res_blocks=res_blocks,
+        attention_levels=tuple(sorted(attention_levels)),
+        context_dim=context[0][1] if context else UNetConfig.context_dim,
+        heads=UNetConfig.heads,  # not visible in shapes; SD 1.x uses 8 heads everywhere
+    )
+
+
+def _infer_vae(s: Mapping[str, tuple[int, ...]]) -> VAEConfig:
+    need = lambda key: _need(s, VAE_PREFIX, key, "VAE")  # noqa: E731
+    base_channels, image_channels = need("encoder.conv_in.weight")[:2]  # [base, 3, 3, 3]
+    latent_channels = need("decoder.conv_in.weight")[1]                 # [C, latent, 3, 3]
+    levels = _indices(s, r"encoder\.down\.(\d+)\.")
+    if not levels:
+        raise CheckpointError(f"cannot infer the VAE configuration: no {VAE_PREFIX}encoder.down.* tensors")
+    level_channels = [need(f"encoder.down.{i}.block.0.conv1.weight")[0] for i in levels]
+    if any(ch % base_channels for ch in level_channels):
+        raise CheckpointError(f"unsupported VAE layout: level channels {level_channels} vs base {base_channels}")
+    return VAEConfig(
+        image_channels=image_channels, latent_channels=latent_channels, base_channels=base_channels,
+        channel_mult=tuple(ch // base_channels for ch in level_channels),
+        res_blocks=len(_indices(s, r"encoder\.down\.0\.block\.(\d+)\.")),
+    )
+
+
+def _infer_clip(s: Mapping[str, tuple[int, ...]]) -> CLIPTextConfig:
+    need = lambda key: _need(s, CLIP_PREFIX, key, "CLIP text encoder")  # noqa: E731
+    vocab_size, width = need("embeddings.token_embedding.weight")
+    return CLIPTextConfig(
+        vocab_size=vocab_size, width=width, max_positions=need("embeddings.position_embedding.weight")[0],
+        layers=len(_indices(s, r"encoder\.layers\.(\d+)\.")), mlp_width=need("encoder.layers.0.mlp.fc1.weight")[0],
+        heads=width // 64 if width % 64 == 0 else 1,  # not visible in shapes; CLIP uses 64-wide heads
+    )
+
+
+def _component(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> dict[str, tuple[int, ...]]:
+    return {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
+
+
+def _need_all(shapes: Mapping[str, tuple[int, ...]], prefixes: Mapping[str, str], family: str) -> None:
+    for component, prefix in prefixes.items():
+        if not any(k.startswith(prefix) for k in shapes):
+            raise CheckpointError(f"no {COMPONENT_NAMES[component]} tensors under {prefix}: an {family} checkpoint "
+                                  f"needs the UNet, the VAE and the text encoder")
+
+
+def _finish(cfg: SDConfig, presets: Mapping[str, SDConfig], configs: Mapping[str, Mapping]) -> SDConfig:
+    """The diffusers configs applied, then the preset of equal shapes and heads, if any."""
+    applied = apply_diffusers_configs(cfg, configs)
+    for preset in presets.values():
+        if replace(applied, name=preset.name) == preset:
+            return preset
+    return applied if applied == cfg else replace(applied, name="custom")
+
+
+def infer_sd1_config(shapes: Mapping[str, tuple[int, ...]], configs: Mapping[str, Mapping] | None = None) -> SDConfig:
+    """SDConfig from tensor shapes (original-layout keys -> shape tuples) and a diffusers folder's
+    `configs` (component -> config.json; authoritative); CheckpointError naming the component, and
+    the tensor, that is missing or does not fit the SD 1.x topology."""
+    _need_all(shapes, ORIGINAL_PREFIX, "SD 1.x")
+    cfg = SDConfig(
+        "custom",
+        clip=_infer_clip(_component(shapes, CLIP_PREFIX)),
+        vae=_infer_vae(_component(shapes, VAE_PREFIX)),
+        unet=_infer_unet(_component(shapes, UNET_PREFIX)),
+    )
+    for preset in PRESETS.values():
+        same_heads = replace(cfg, name=preset.name, clip=replace(cfg.clip, heads=preset.clip.heads),
+                             unet=replace(cfg.unet, heads=preset.unet.heads))
+        if same_heads == preset:
+            cfg = preset
+            break
+    cfg = _finish(cfg, PRESETS, configs or {})
+    if cfg.clip.act != "quick_gelu":
+        raise CheckpointError(f"an SD 1.x (CLIP ViT-L) text encoder with activation {cfg.clip.act!r} is not supported")
+    return cfg
+
+
+def _infer_openclip(s: Mapping[str, tuple[int, ...]], layout: str) -> CLIPTextConfig:
+    need = lambda key: _need(s, OPENCLIP_PREFIX, key, "OpenCLIP text encoder")  # noqa: E731
+    vocab_size, width = need("token_embedding.weight")
+    blocks = len(_indices(s, r"transformer\.resblocks\.(\d+)\."))
+    if layout == "diffusers":
+        layers = blocks                         # diffusers' text encoder: every layer is run
+    elif width == OPENCLIP_H_WIDTH:
+        if blocks not in (OPENCLIP_H_USED_LAYERS, OPENCLIP_H_USED_LAYERS + 1):
+            raise CheckpointError(f"unsupported OpenCLIP ViT-H text encoder: {blocks} blocks under "
+                                  f"{OPENCLIP_PREFIX}transformer.resblocks (SD 2.x has 24, of which it runs 23)")
+        layers = OPENCLIP_H_USED_LAYERS
+    else:
+        if blocks < 2:
+            raise CheckpointError(f"unsupported OpenCLIP text encoder: {blocks} blocks (SD 2.x runs all but the last)")
+        layers = blocks - 1                     # the penultimate layer's output
+    return CLIPTextConfig(
+        vocab_size=vocab_size, width=width, max_positions=need("positional_embedding")[0], layers=layers,
+        mlp_width=need("transformer.resblocks.0.mlp.c_fc.weight")[0],
+        heads=width // 64 if width % 64 == 0 else 1, act="gelu",  # 64-wide heads, as OpenCLIP's
+    )
+
+
+def infer_sd2_config(shapes: Mapping[str, tuple[int, ...]], layout: str = "single-file",
+                     configs: Mapping[str, Mapping] | None = None) -> SDConfig:
+    """SD 2.x SDConfig from tensor shapes (original-layout keys, the text encoder under
+    `cond_stage_model.model.`), the source's layout ("single-file" | "diffusers": which text encoder
+    blocks are run, see above) and a diffusers folder's `configs` (authoritative)."""
+    _need_all(shapes, SD2_PREFIX, "SD 2.x")
+    unet = _infer_unet(_component(shapes, UNET_PREFIX))
+    cfg = SDConfig(
+        "custom",
+        clip=_infer_openclip(_component(shapes, OPENCLIP_PREFIX), layout),
+        vae=_infer_vae(_component(shapes, VAE_PREFIX)),
+        unet=replace(unet, head_channels=64),     # SD 2.x: 64-wide heads (CompVis num_head_channels 64)
+    )
+    return _finish(cfg, SD2_PRESETS, configs or {})
+
+
+def _unet_heads(unet: UNetConfig, config: Mapping) -> UNetConfig:
+    """Head counts from a diffusers UNet config (`num_attention_heads`, else `attention_head_dim`, which
+    diffusers' SD configs use for the head COUNT: one for all levels or one per level) as UNetConfig's
+    `heads` (one count) or `head_channels` (one width)."""
+    counts = config.get("num_attention_heads") or config.get("attention_head_dim")
+    if counts is None:
+        return unet
+    levels = len(unet.channel_mult)
+    counts = [counts] * levels if isinstance(counts, int) else list(counts)
+    if len(counts) != levels or not all(isinstance(c, int) and c > 0 for c in counts):
+        raise CheckpointError(f"unet/config.json: attention heads {counts} do not fit the {levels} levels of the UNet")
+    used = [(unet.model_channels * unet.channel_mult[lv], counts[lv]) for lv in unet.attention_levels]
+    used.append((unet.model_channels * unet.channel_mult[-1], counts[-1]))   # the middle block's
+    if len({c for _, c in used}) == 1:
+        return replace(unet, heads=used[0][1], head_channels=0)
+    widths = {ch // c for ch, c in used if ch % c == 0}
+    if len(widths) == 1 and all(ch % c == 0 for ch, c in used):
+        return replace(unet, head_channels=widths.pop())
+    raise CheckpointError(f"unet/config.json: attention heads {counts} are neither one count nor one width "
+                          f"per level: not supported")
+
+
+def apply_diffusers_configs(cfg: SDConfig, configs: Mapping[str, Mapping]) -> SDConfig:
+    """`cfg` with what a diffusers folder's config.json files say (those present) put in."""
+    clip, unet, vae = cfg.clip, cfg.unet, cfg.vae
+    if text := configs.get("text_encoder"):
+        act = text.get("hidden_act", clip.act)
+        if act not in ("gelu", "quick_gelu"):
+            raise CheckpointError(f"text_encoder/config.json: hidden_act {act!r} is not supported (gelu, quick_gelu)")
+        clip = replace(clip, heads=int(text.get("num_attention_heads", clip.heads)), act=act,
+                       eps=float(text.get("layer_norm_eps", clip.eps)),
+                       layers=int(text.get("num_hidden_layers", clip.layers)))
+    if unet_config := configs.get("unet"):
+        unet = _unet_heads(unet, unet_config)
+        unet = replace(unet, linear_proj=bool(unet_config.get("use_linear_projection", unet.linear_proj)),
+                       eps=float(unet_config.get("norm_eps", unet.eps)),
+                       groups=int(unet_config.get("norm_num_groups", unet.groups)))
+    if vae_config := configs.get("vae"):
+        vae = replace(vae, scaling_factor=float(vae_config.get("scaling_factor", vae.scaling_factor)))
+    return replace(cfg, clip=clip, unet=unet, vae=vae)

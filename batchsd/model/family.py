@@ -1,0 +1,310 @@
+"""Model families: what differs between Stable Diffusion generations, behind one small interface.
+
+A `ModelFamily` says how to recognise a checkpoint of the family, read its configuration, build
+the model, turn prompts into the UNet's context, scale latents, and which scheduler values
+(prediction type included) and default image size it was trained with. Checkpoint loading
+(checkpoint.py) and the Pipeline (pipeline.py) go through the family and nothing else that is
+family-specific, so a new family is a new `ModelFamily` and its modules, registered in `FAMILIES`,
+without editing the pipeline's flow.
+
+Families:
+
+    sd1      "SD 1.x"      CLIP ViT-L/14 text encoder, the CompVis UNet and VAE, SD 1.5's scheduler
+                           config (epsilon), 512x512
+    sd2-eps  "SD 2.x-eps"  SD 2.0/2.1-base: OpenCLIP ViT-H/14 text encoder read at its penultimate
+                           layer (openclip.py), "!"-padded tokens, UNet with linear projections,
+                           64-wide heads and a 1024-wide context; SD 1.5's scheduler values,
+                           epsilon prediction, 512x512
+    sd2-v    "SD 2.x-v"    SD 2.0/2.1 (768-v): the same model, v-prediction, 768x768
+
+The two SD 2.x families have the same keys and shapes: the prediction type is not in a single
+file. `resolve_family` picks it by this rule (never a silent guess):
+
+    1. the caller's explicit `prediction_type` ("epsilon" | "v_prediction": Pipeline.load,
+       load_model, inspect_checkpoint) wins;
+    2. else what the checkpoint says: a diffusers folder's scheduler/scheduler_config.json
+       `prediction_type` (absent there: epsilon, diffusers' default); beside a single file, an A1111-style `<checkpoint stem>.yaml` (the LDM
+       config): `parameterization: "v"` under model.params means v-prediction, a yaml without it
+       epsilon;
+    3. else the family's own when the keys name one family (SD 1.x: epsilon);
+    4. else (an SD 2.x single file without yaml or argument) a CheckpointError naming both options.
+
+A diffusers folder's configs are authoritative over the family's defaults: its scheduler config's
+scaled_linear betas, train steps and steps_offset, its UNet's `sample_size` (x 8: the default
+image size), and the model config (config_inference.apply_diffusers_configs). An explicit prediction
+type that no registered family of those keys has (a v-prediction SD 1.x fine-tune) keeps the family
+and changes its scheduler's prediction type.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from batchsd.errors import CheckpointError
+from batchsd.model.config import SDConfig
+from batchsd.model.config_inference import infer_sd1_config, infer_sd2_config
+from batchsd.model.request import DEFAULT_SIZE
+from batchsd.model.samplers import PREDICTION_TYPES, SchedulerConfig
+from batchsd.model.stable_diffusion import (CLIP_PREFIX, OPENCLIP_PREFIX, ORIGINAL_PREFIX, SD2_PREFIX, UNET_PREFIX,
+                                            VAE_PREFIX, StableDiffusion2Model, StableDiffusionModel)
+from batchsd.model.tokenizer import SD2_PAD_TOKEN, tokenize
+
+Shapes = Mapping[str, tuple[int, ...]]   # checkpoint key (original layout) -> tensor shape
+
+SUPPORTED = "SD 1.x and SD 2.x"          # what messages say batchsd runs
+
+
+@dataclass(frozen=True)
+class CheckpointHints:
+    """What a checkpoint says beyond its tensor shapes, and what the caller asks for."""
+    layout: str = "single-file"                            # "single-file" | "diffusers"
+    configs: Mapping[str, Mapping] = field(default_factory=dict)  # diffusers folder: component -> config.json
+    yaml_path: str | None = None                           # the `<stem>.yaml` beside a single file
+    yaml_prediction_type: str | None = None                # what it says ("epsilon" | "v_prediction")
+    prediction_type: str | None = None                     # the caller's explicit choice (wins)
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    name: str                              # stable identifier ("sd1", "sd2-v")
+    label: str                             # what messages show ("SD 1.x", "SD 2.x-v")
+    prefixes: Mapping[str, str]            # component ("unet", "vae", "text_encoder") -> checkpoint key prefix
+    detect: Callable[[Shapes], bool]       # whether a checkpoint's keys are this family's
+    # its configuration (CheckpointError when the shapes do not fit); hints: layout and diffusers configs
+    infer_config: Callable[..., SDConfig]
+    # model_class(cfg) builds the model (.cfg, .unet, .vae, .text_encoder); .random(cfg, seed): random weights
+    model_class: type[nn.Module]
+    # text conditioning: (model, prompts, device) -> (UNet context [B, T, D], whether each prompt was truncated)
+    encode_text: Callable[[nn.Module, list[str], torch.device], tuple[torch.Tensor, list[bool]]]
+    latent_scale: Callable[[SDConfig], float]  # VAE latents x this = the latents the UNet works on
+    scheduler: SchedulerConfig             # the training noise schedule the samplers rebuild (prediction type too)
+    default_size: int                      # text-to-image width and height when a row gives none
+    # file tensors under its prefixes that the family knows and does not load (key, config) -> bool
+    ignored: Callable[[str, SDConfig], bool] = lambda key, cfg: False
+
+    @property
+    def generation(self) -> str:
+        """The label without the prediction type ("SD 2.x" of "SD 2.x-v")."""
+        return self.label.split("-")[0]
+
+
+def _vae_latent_scale(cfg: SDConfig) -> float:
+    return cfg.vae.scaling_factor
+
+
+# ----------------------------------------------------------------------------- SD 1.x
+
+def _sd1_detect(shapes: Shapes) -> bool:
+    """An SD 1.x checkpoint has its text encoder, CLIP ViT-L/14, under CLIP_PREFIX (SD 2.x and SDXL
+    files keep theirs elsewhere)."""
+    return any(k.startswith(CLIP_PREFIX) for k in shapes)
+
+
+def _sd1_infer_config(shapes: Shapes, hints: CheckpointHints = CheckpointHints()) -> SDConfig:
+    return infer_sd1_config(shapes, hints.configs)
+
+
+def _sd1_encode_text(model: nn.Module, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, list[bool]]:
+    """CLIP token ids (77, padded with <|endoftext|>) -> the text encoder's last hidden state."""
+    ids, truncated = tokenize(prompts)
+    return model.text_encoder(ids.to(device)), truncated
+
+
+SD15_SCHEDULER = SchedulerConfig(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, steps_offset=1)
+
+SD1 = ModelFamily(
+    name="sd1",
+    label="SD 1.x",
+    prefixes=ORIGINAL_PREFIX,
+    detect=_sd1_detect,
+    infer_config=_sd1_infer_config,
+    model_class=StableDiffusionModel,
+    encode_text=_sd1_encode_text,
+    latent_scale=_vae_latent_scale,
+    scheduler=SD15_SCHEDULER,
+    default_size=DEFAULT_SIZE,
+)
+
+
+# ----------------------------------------------------------------------------- SD 2.x
+
+def _sd2_detect(shapes: Shapes) -> bool:
+    """An SD 2.x checkpoint has its text encoder, OpenCLIP ViT-H/14, under `cond_stage_model.model.`
+    and a UNet under `model.diffusion_model.` (SDXL keeps its encoders under `conditioner.`)."""
+    return (any(k.startswith(OPENCLIP_PREFIX) for k in shapes)
+            and not any(k.startswith(CLIP_PREFIX) for k in shapes))
+
+
+def _sd2_infer_config(shapes: Shapes, hints: CheckpointHints = CheckpointHints()) -> SDConfig:
+    return infer_sd2_config(shapes, hints.layout, hints.configs)
+
+
+def _sd2_encode_text(model: nn.Module, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, list[bool]]:
+    """Token ids (77, padded with "!", id 0, as diffusers' SD 2.x tokenizer) -> ln_final of the OpenCLIP
+    encoder's penultimate layer."""
+    ids, truncated = tokenize(prompts, pad_token=SD2_PAD_TOKEN)
+    return model.text_encoder(ids.to(device)), truncated
+
+
+# non-model tensors of released SD 2.x files under the text encoder's prefix: CLIP's projection to the
+# joint embedding, its logit scale, OpenCLIP's causal mask buffer, and a diffusers folder's position ids
+_SD2_TEXT_IGNORED = frozenset(OPENCLIP_PREFIX + k for k in ("text_projection", "logit_scale", "attn_mask",
+                                                             "position_ids"))
+
+
+def _sd2_ignored(key: str, cfg: SDConfig) -> bool:
+    """The known tensors SD 2.x does not use: _SD2_TEXT_IGNORED, and the blocks of the text encoder
+    after those it runs (the last of ViT-H's 24: SD 2.x reads the penultimate layer)."""
+    if key in _SD2_TEXT_IGNORED:
+        return True
+    prefix = OPENCLIP_PREFIX + "transformer.resblocks."
+    if key.startswith(prefix):
+        index = key[len(prefix):].split(".", 1)[0]
+        return index.isdigit() and int(index) == cfg.clip.layers
+    return False
+
+
+def _sd2_family(name: str, label: str, prediction_type: str, default_size: int) -> ModelFamily:
+    return ModelFamily(
+        name=name,
+        label=label,
+        prefixes=SD2_PREFIX,
+        detect=_sd2_detect,
+        infer_config=_sd2_infer_config,
+        model_class=StableDiffusion2Model,
+        encode_text=_sd2_encode_text,
+        latent_scale=_vae_latent_scale,
+        # stabilityai/stable-diffusion-2-1(-base) scheduler_config.json: SD 1.5's betas and steps_offset,
+        # no timestep_spacing (each sampler's class default, as for SD 1.x)
+        scheduler=replace(SD15_SCHEDULER, prediction_type=prediction_type),
+        default_size=default_size,
+        ignored=_sd2_ignored,
+    )
+
+
+SD2_EPS = _sd2_family("sd2-eps", "SD 2.x-eps", "epsilon", 512)
+SD2_V = _sd2_family("sd2-v", "SD 2.x-v", "v_prediction", 768)
+
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SD1, SD2_EPS, SD2_V)}
+
+
+# ----------------------------------------------------------------------------- detection and resolution
+
+def _unsupported_hint(keys: Iterable[str]) -> str:
+    """What a checkpoint that no family detects looks like: "this is X" (or "")."""
+    keys = list(keys)
+
+    def any_start(*prefixes: str) -> bool:
+        return any(k.startswith(prefixes) for k in keys)
+
+    def any_has(*parts: str) -> bool:
+        return any(p in k for k in keys for p in parts)
+
+    if any_start("conditioner.embedders."):
+        return "this is an SDXL checkpoint"
+    if any_has("joint_blocks.") or any_start("text_encoders."):
+        return "this is a Stable Diffusion 3 checkpoint"
+    if any_has("double_blocks.", "single_blocks.") or any_start("img_in.", "time_in."):
+        return "this is a Flux checkpoint"
+    if any_start("lora_unet_", "lora_te") or any_has(".lora_down.", ".lora_up.", ".lora_A.", ".lora_B."):
+        return "this is a LoRA, not a full model: batchsd loads full checkpoints"
+    if any_start("string_to_param", "emb_params", "clip_l", "clip_g") and len(keys) <= 4:
+        return "this is a textual inversion embedding, not a model"
+    if keys and all(k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", VAE_PREFIX))
+                    for k in keys):
+        return "this is a VAE alone, not a full model"
+    if any_start(UNET_PREFIX):
+        return "a UNet-only file? batchsd needs the full model: UNet, VAE and text encoder"
+    return ""
+
+
+def detect_family(shapes: Shapes, other_names: Iterable[str] = ()) -> ModelFamily:
+    """The first family whose checkpoints have these keys (for SD 2.x: SD2_EPS; `resolve_family`
+    picks the prediction type); CheckpointError saying what the file looks like when none does.
+    `other_names`: the file's non-tensor entries (a textual inversion .pt has only those)."""
+    for family in FAMILIES.values():
+        if family.detect(shapes):
+            return family
+    hint = _unsupported_hint([*shapes, *other_names])
+    prefixes = ", ".join(dict.fromkeys(f.prefixes["text_encoder"] for f in FAMILIES.values()))
+    what = f"{hint}; " if hint else ""
+    raise CheckpointError(f"not a checkpoint batchsd supports: {what}batchsd runs {SUPPORTED} "
+                          f"(no text encoder tensors under {prefixes})")
+
+
+def check_prediction_type(value: str | None) -> str | None:
+    if value is not None and value not in PREDICTION_TYPES:
+        raise CheckpointError(f"prediction_type must be \"epsilon\" or \"v_prediction\", got {value!r}")
+    return value
+
+
+class AmbiguousPredictionType(CheckpointError):
+    """An SD 2.x single file whose prediction type nothing says (`resolve_family`'s rule 4); `family`
+    (the first candidate) and `cfg` are what its shapes say."""
+
+    def __init__(self, message: str, family: "ModelFamily | None" = None, cfg: SDConfig | None = None):
+        super().__init__(message)
+        self.family, self.cfg = family, cfg
+
+
+def _stated_prediction_type(hints: CheckpointHints) -> str | None:
+    """The prediction type by rules 1-2, or None."""
+    if hints.prediction_type is not None:
+        return check_prediction_type(hints.prediction_type)
+    if "scheduler" in hints.configs:   # diffusers' scheduler classes default to epsilon
+        value = hints.configs["scheduler"].get("prediction_type", "epsilon")
+        if value not in PREDICTION_TYPES:
+            raise CheckpointError(f"scheduler/scheduler_config.json: prediction_type {value!r} is not supported "
+                                  f"(\"epsilon\" or \"v_prediction\")")
+        return value
+    return hints.yaml_prediction_type
+
+
+def _folder_scheduler(config: Mapping, base: SchedulerConfig) -> SchedulerConfig:
+    """A diffusers scheduler_config.json's schedule values over `base` (its prediction type is set by
+    the caller)."""
+    if config.get("beta_schedule", "scaled_linear") != "scaled_linear" or config.get("trained_betas"):
+        raise CheckpointError(f"scheduler/scheduler_config.json: beta_schedule {config.get('beta_schedule')!r}"
+                              f"{' with trained_betas' if config.get('trained_betas') else ''} is not supported "
+                              f"(scaled_linear)")
+    return replace(base, num_train_timesteps=int(config.get("num_train_timesteps", base.num_train_timesteps)),
+                   beta_start=float(config.get("beta_start", base.beta_start)),
+                   beta_end=float(config.get("beta_end", base.beta_end)),
+                   steps_offset=int(config.get("steps_offset", base.steps_offset)))
+
+
+def resolve_family(shapes: Shapes, hints: CheckpointHints = CheckpointHints(),
+                   other_names: Iterable[str] = ()) -> tuple[ModelFamily, SDConfig]:
+    """The family (prediction type and default size settled by the rule in this module's docstring)
+    and configuration of a checkpoint. CheckpointError when no family fits, when its shapes do not fit
+    its family (the config is inferred before the prediction type is asked for), and
+    AmbiguousPredictionType when an SD 2.x single file does not say its prediction type."""
+    first = detect_family(shapes, other_names)
+    candidates = [f for f in FAMILIES.values() if f.detect(shapes)]
+    cfg = first.infer_config(shapes, hints)
+    prediction_type = _stated_prediction_type(hints)
+    if prediction_type is None:
+        # (a variant UNet, e.g. 9-channel inpainting, is refused by the key check whatever its prediction type)
+        if len(candidates) > 1 and cfg.unet.in_channels == cfg.vae.latent_channels:
+            options = " or ".join(f"{f.label} ({f.scheduler.prediction_type})" for f in candidates)
+            raise AmbiguousPredictionType(
+                f"an {first.generation} checkpoint does not say its prediction type ({options}: the file "
+                f"alone cannot tell): pass prediction_type=\"v_prediction\" (`batchsd run --prediction-type "
+                f"v_prediction`; 768-v models such as "
+                f"v2-1_768-ema-pruned) or prediction_type=\"epsilon\" (512 base models such as "
+                f"v2-1_512-ema-pruned), or put the model's LDM config beside it as <checkpoint stem>.yaml "
+                f"(parameterization: \"v\" under model.params means v-prediction)", first, cfg)
+        family = first
+    else:
+        matching = [f for f in candidates if f.scheduler.prediction_type == prediction_type]
+        family = matching[0] if matching else replace(
+            first, scheduler=replace(first.scheduler, prediction_type=prediction_type))
+    if scheduler := hints.configs.get("scheduler"):
+        family = replace(family, scheduler=_folder_scheduler(scheduler, family.scheduler))
+    sample_size = hints.configs.get("unet", {}).get("sample_size")
+    if isinstance(sample_size, int) and sample_size > 0:
+        family = replace(family, default_size=sample_size * cfg.latent_factor)
+    return family, cfg

@@ -1,0 +1,103 @@
+"""OpenCLIP ViT-H/14 text encoder, the text conditioning of Stable Diffusion 2.x.
+
+The same computation as CLIP's text transformer (clip.py) in OpenCLIP's module layout: token +
+learned position embeddings, pre-LayerNorm residual blocks with causal self-attention (one fused
+q/k/v projection, `attn.in_proj_weight` [3D, D]) and a GELU MLP (`mlp.c_fc`, `mlp.c_proj`), then
+`ln_final`. Stable Diffusion 2.x conditions on the PENULTIMATE block's output passed through
+`ln_final` ([B, 77, 1024]): of ViT-H's 24 blocks only the first 23 are run. This module holds the
+blocks it runs (`cfg.layers`); the unused last block of a released file is left in the file
+(family.SD2 ignores its tensors), so diffusers' conversion (a 23-layer transformers
+CLIPTextModel with hidden_act "gelu", last_hidden_state after final_layer_norm) computes the same.
+
+Attribute paths equal the original checkpoint keys below `cond_stage_model.model.`
+(`token_embedding.weight`, `positional_embedding`, `transformer.resblocks.0.attn.in_proj_weight`,
+..., `ln_final.bias`), so a released file loads by prefix split + strict key/shape check. There is
+no pooling and no `text_projection` here (SD 2.x does not use them).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from batchsd.model.config import CLIPTextConfig
+
+
+class MultiheadSelfAttention(nn.Module):
+    """Causal multi-head self-attention with nn.MultiheadAttention's parameter names (fused in_proj)."""
+
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        assert cfg.width % cfg.heads == 0, "width must be a multiple of heads"
+        self.heads = cfg.heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * cfg.width, cfg.width))  # [q; k; v] rows
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * cfg.width))
+        self.out_proj = nn.Linear(cfg.width, cfg.width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.in_proj_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)            # [B, T, 3D]
+        # [B, T, 3D] -> 3 x [B, heads, T, head_dim]
+        q, k, v = qkv.view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)          # scale 1/sqrt(head_dim)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        if cfg.act != "gelu":
+            raise ValueError(f"an OpenCLIP text encoder uses GELU, not {cfg.act!r}")
+        self.c_fc = nn.Linear(cfg.width, cfg.mlp_width)
+        self.c_proj = nn.Linear(cfg.mlp_width, cfg.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x)))   # exact (erf) GELU
+
+
+class ResidualAttentionBlock(nn.Module):
+    """x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.width, eps=cfg.eps)
+        self.attn = MultiheadSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.width, eps=cfg.eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.resblocks = nn.ModuleList(ResidualAttentionBlock(cfg) for _ in range(cfg.layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.resblocks:
+            x = block(x)
+        return x
+
+
+class OpenCLIPTextModel(nn.Module):
+    """input_ids [B, T<=77] -> ln_final(output of the cfg.layers blocks) [B, T, width]."""
+
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.max_positions, cfg.width))
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        self.transformer = Transformer(cfg)
+        self.ln_final = nn.LayerNorm(cfg.width, eps=cfg.eps)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        seq_len = input_ids.shape[1]
+        if seq_len > self.positional_embedding.shape[0]:
+            raise ValueError(f"{seq_len} tokens > {self.positional_embedding.shape[0]} positions")
+        x = self.token_embedding(input_ids) + self.positional_embedding[:seq_len]   # [B, T, D]
+        return self.ln_final(self.transformer(x))

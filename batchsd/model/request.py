@@ -1,0 +1,106 @@
+"""What a caller asks for, and the rules a request must follow: `GenerationRow`, its limits and
+defaults, the image-to-image step count, the batch key, `resolve_size` and `check_row`.
+
+The one home of these rules: `Pipeline` and the job's manifest validator both use them. Imports
+neither torch nor numpy, so validating a manifest stays light (`import batchsd.job.manifest`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from batchsd.errors import InputError
+from batchsd.model.sampler_names import resolve_sampler
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+# limits (inclusive unless said otherwise)
+MIN_SIZE = 64                  # width and height, pixels
+MAX_SIZE = 2048
+SIZE_MULTIPLE = 8              # the VAE's downscale factor: latents are (H/8, W/8)
+MAX_STEPS = 1000
+SEED_LIMIT = 2 ** 63           # seeds are 0 <= seed < SEED_LIMIT (a CPU generator takes any int64)
+MAX_CFG_SCALE = 100.0          # far above useful guidance; unbounded scales overflow into NaN (black) images
+
+# defaults
+DEFAULT_STEPS = 25
+DEFAULT_CFG_SCALE = 7.5
+DEFAULT_SAMPLER = "dpmpp_2m_karras"
+DEFAULT_SIZE = 512             # text-to-image width and height (the SD 1.x training size)
+DEFAULT_STRENGTH = 0.75
+
+
+@dataclass(frozen=True)
+class GenerationRow:
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
+    steps: int = DEFAULT_STEPS
+    cfg_scale: float = DEFAULT_CFG_SCALE
+    sampler: str = DEFAULT_SAMPLER
+    width: int | None = None      # text-to-image default DEFAULT_SIZE; image-to-image: the init image's size // 8 * 8
+    height: int | None = None
+    init_image: Image.Image | None = None
+    strength: float = DEFAULT_STRENGTH  # image-to-image only: the share of the schedule that is run
+
+
+def img2img_steps(steps: int, strength: float) -> int:
+    """Steps an image-to-image row runs: the last int(steps * strength) of its `steps`-step schedule
+    (diffusers' get_timesteps); it starts at step index `steps - img2img_steps(...)`."""
+    return min(int(steps * strength), steps)
+
+
+def batch_key(width: int, height: int, steps: int, sampler: str, img2img_steps: int | None) -> tuple:
+    """Rows with equal keys can share UNet forwards (one `Pipeline.generate` call): same latent size,
+    same schedule (`sampler`: its canonical name), and the same steps run (`img2img_steps`: that
+    count for image-to-image rows, None for text-to-image). Prompts, seeds and cfg_scale may differ."""
+    return (width, height, steps, sampler, img2img_steps)
+
+
+def resolve_size(row: GenerationRow, default_size: int = DEFAULT_SIZE) -> tuple[int, int]:
+    """(width, height) the row is made at: given, else the init image's size rounded down to a
+    multiple of SIZE_MULTIPLE, else `default_size`."""
+    if row.init_image is not None:
+        w0, h0 = row.init_image.size
+        return (row.width or w0 // SIZE_MULTIPLE * SIZE_MULTIPLE, row.height or h0 // SIZE_MULTIPLE * SIZE_MULTIPLE)
+    return (row.width or default_size, row.height or default_size)
+
+
+def row_batch_key(row: GenerationRow, default_size: int = DEFAULT_SIZE) -> tuple:
+    """`batch_key` of a GenerationRow (unsized text-to-image rows at `default_size`)."""
+    width, height = resolve_size(row, default_size)
+    run = img2img_steps(row.steps, row.strength) if row.init_image is not None else None
+    return batch_key(width, height, row.steps, resolve_sampler(row.sampler), run)
+
+
+def check_row(row: GenerationRow, position: int = 0) -> None:
+    """Raise InputError naming the field and the fix for a row that cannot be run as given."""
+    where = f"row {position}"
+
+    def bad(field_name: str, message: str) -> InputError:
+        return InputError(f"{where}, {field_name}: {message}")
+
+    if not isinstance(row.prompt, str) or not isinstance(row.negative_prompt, str):
+        raise bad("prompt", "prompt and negative_prompt must be strings")
+    if not isinstance(row.seed, int) or not 0 <= row.seed < SEED_LIMIT:
+        raise bad("seed", f"{row.seed!r} is not an integer in [0, 2**{SEED_LIMIT.bit_length() - 1})")
+    if not isinstance(row.steps, int) or not 1 <= row.steps <= MAX_STEPS:
+        raise bad("steps", f"{row.steps!r} is not an integer in 1..{MAX_STEPS}")
+    if not math.isfinite(row.cfg_scale) or not 0 <= row.cfg_scale <= MAX_CFG_SCALE:
+        raise bad("cfg_scale", f"{row.cfg_scale!r} must be a finite number in 0..{MAX_CFG_SCALE:g}")
+    try:
+        resolve_sampler(row.sampler)
+    except ValueError as e:
+        raise bad("sampler", str(e)) from None
+    width, height = resolve_size(row)
+    for name, value in (("width", width), ("height", height)):
+        if value % SIZE_MULTIPLE or not MIN_SIZE <= value <= MAX_SIZE:
+            raise bad(name, f"{value} must be a multiple of {SIZE_MULTIPLE} in {MIN_SIZE}..{MAX_SIZE}")
+    if row.init_image is not None:
+        if not 0 < row.strength <= 1:
+            raise bad("strength", f"{row.strength!r} must be in (0, 1]")
+        if img2img_steps(row.steps, row.strength) < 1:
+            raise bad("strength", f"strength {row.strength} x {row.steps} steps leaves 0 denoising steps; "
+                      f"raise strength or steps so that steps * strength >= 1")

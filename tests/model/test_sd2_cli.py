@@ -1,0 +1,42 @@
+"""SD 2.x through `batchsd run` and `batchsd inspect`: a single file that does not say its prediction
+type is refused before anything runs, naming --prediction-type; with it (or a yaml beside the file)
+the job runs and the results equal the Pipeline's."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from batchsd import GenerationRow, Pipeline
+from cli_support import invoke
+from ref_sd2 import SD2_TEST, build_reference_sd2, write_ldm_yaml, write_sd2_single_file
+
+
+@pytest.fixture(scope="module")
+def sd2_file(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sd2")
+    return write_sd2_single_file(folder / "model.safetensors", build_reference_sd2(SD2_TEST, "v_prediction", seed=40))
+
+
+def test_run_and_inspect_an_sd2_single_file(sd2_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.csv").write_text("id,prompt,seed,steps,sampler,width,height\na,a lighthouse,3,2,euler,64,64\n")
+    r = invoke("run", "m.csv", "--model", str(sd2_file), "--out", "o")
+    assert r.exit_code == 2 and "--prediction-type" in r.output and not (tmp_path / "o" / "images").exists()
+    r = invoke("inspect", str(sd2_file), "--json")
+    assert r.exit_code == 1 and "prediction type unknown" in json.loads(r.output)["family"]
+
+    r = invoke("run", "m.csv", "--model", str(sd2_file), "--out", "o", "--prediction-type", "v_prediction")
+    assert r.exit_code == 0, r.output
+    pipe = Pipeline.load(sd2_file, device="cpu", dtype="fp32", prediction_type="v_prediction")
+    expected = pipe.generate([GenerationRow("a lighthouse", seed=3, steps=2, sampler="euler", width=64, height=64)])
+    with Image.open(tmp_path / "o" / "images" / "a.png") as im:
+        assert np.array_equal(np.asarray(im.convert("RGB")), np.asarray(expected.images[0]))
+    assert pd.read_parquet(tmp_path / "o" / "results.parquet")["status"].tolist() == ["ok"]
+
+    write_ldm_yaml(sd2_file.with_suffix(".yaml"), "v_prediction")
+    report = json.loads(invoke("inspect", str(sd2_file), "--json").output)
+    assert report["family"] == "SD 2.x-v" and report["prediction_type"] == "v_prediction"
