@@ -8,8 +8,8 @@
     batchsd inspect MODEL [--json]
     batchsd status OUT [--manifest MANIFEST] [--json]
 
-Shards (sharding.py): --shard I/N, else the launcher's environment (SLURM array, srun, torchrun,
-Kubernetes Indexed Job); the source used is printed. --engine ray (ray_runner.py) imports Ray
+Shards (scale/launchers.py): --shard I/N, else the launcher's environment (SLURM array, srun, torchrun,
+Kubernetes Indexed Job); the source used is printed. --engine ray (scale/ray_engine.py) imports Ray
 only when asked for.
 
 Exit status: 0 all rows ok; 1 some rows failed (recorded in results.parquet); 2 usage, model or
@@ -45,6 +45,11 @@ class Compile(str, enum.Enum):
     default = "default"
     reduce_overhead = "reduce-overhead"
     max_autotune = "max-autotune"
+
+
+class PredictionType(str, enum.Enum):
+    epsilon = "epsilon"
+    v_prediction = "v_prediction"
 
 
 class Engine(str, enum.Enum):
@@ -122,6 +127,13 @@ def run(
     engine: Engine = typer.Option(Engine.local, "--engine", case_sensitive=False,
                                   help="local: this process. ray: spread the rows over a Ray cluster "
                                        "(pip install 'batchsd[ray]'); the same output folder."),
+    prediction_type: Optional[PredictionType] = typer.Option(
+        None, "--prediction-type", case_sensitive=False,
+        help="What the UNet predicts, for SD 2.x single files that do not say (no <name>.yaml beside them): "
+             "epsilon (2.x-base, 512) or v_prediction (2.x 768-v). Overrides the yaml or folder config."),
+    reuse_out: bool = typer.Option(False, "--reuse-out",
+                                   help="Let this job use an --out folder that holds another manifest's job "
+                                        "(refused otherwise: two manifests of one name share the default --out)."),
     workers: int = typer.Option(1, "--workers", min=1,
                                 help="--engine ray: actors, each with its own model (one GPU each where the "
                                      "cluster has GPUs)."),
@@ -129,17 +141,17 @@ def run(
     """Make the images of MANIFEST; resumable: run the same command again to finish an interrupted job."""
     from batchsd.errors import BatchSDError
     from batchsd.job.progress import print_summary
-    from batchsd.job.run import ManifestInvalid, RunOptions
+    from batchsd.job.options import ManifestInvalid, RunOptions
     from batchsd.job.run import run as run_job
 
     import os
 
-    from batchsd.scale.sharding import resolve_shard, shard_device
+    from batchsd.scale.launchers import resolve_shard, shard_device
 
     err = _err_console()
     spec = None
     if engine is Engine.ray:
-        if shard or shard_count:
+        if shard is not None or shard_count:
             raise _fail(err, "--engine ray spreads the rows over its workers itself: drop --shard/--shard-count", 2)
     else:
         if workers != 1:
@@ -158,7 +170,8 @@ def run(
                       overwrite=overwrite, retry_errors=retry_errors, low_memory=low_memory,
                       compile=None if compile is Compile.none else compile.value,
                       winograd={"auto": None, "on": True, "off": False}[winograd.value],
-                      shard=None if spec is None or spec.is_whole else spec)
+                      shard=None if spec is None or spec.is_whole else spec, reuse_out=reuse_out,
+                      prediction_type=prediction_type.value if prediction_type else None)
     try:
         if engine is Engine.ray and not dry_run:
             from batchsd.scale.ray_engine import run_ray
@@ -177,7 +190,7 @@ def run(
         raise typer.Exit(130)
     except (RuntimeError, OSError) as e:  # e.g. the disk filled up while writing results
         raise _fail(err, f"{e}; finished rows are kept: fix the cause and run the same command again", 1)
-    print_summary(_out_console(), summary)
+    _print_to_stdout(lambda: print_summary(_out_console(), summary))
     raise typer.Exit(summary.exit_code)
 
 
@@ -192,7 +205,8 @@ def validate(
     images); 2: manifest problems (`batchsd run` would refuse it).
     """
     from batchsd.job.manifest import read_manifest
-    from batchsd.job.planner import plan_batches, resolve_image_sizes
+    from batchsd.job.init_images import resolve_image_sizes
+    from batchsd.job.plan import plan_batches
     from batchsd.job.progress import print_plan
 
     out = _out_console()
@@ -283,6 +297,20 @@ def _print_report(out: Console, report: dict) -> None:
             else:
                 value = ", ".join(f"{k}: {v}" for k, v in value.items()) or "none"
         out.print(f"{escape(str(key)).ljust(width)}  {escape(str(value))}")
+
+
+def _print_to_stdout(show) -> None:
+    """A closed stdout (`batchsd run ... | head`) must not turn a finished run into a failure: the
+    work is done and recorded; the summary is also in summary.json."""
+    import os
+    import sys
+
+    try:
+        show()
+        sys.stdout.flush()
+    except (BrokenPipeError, SystemExit):   # rich answers a broken pipe with SystemExit(1)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())   # so the interpreter's final flush does not fail again
 
 
 def main() -> None:

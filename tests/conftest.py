@@ -11,7 +11,7 @@ from batchsd.model.pipeline import Pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "tools"))  # tokenizer_build, a tool the tokenizer tests run
 
-collect_ignore = ["bench", "tools"]  # benchmarks, not tests: run them as scripts (tests/bench/README.md)
+collect_ignore = ["bench", "tools"]  # benchmarks, not tests: run them as scripts (tests/bench/README.md, docs/performance.md)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,8 @@
 """Manifest: read a CSV or Parquet job list and validate every row before any model loads.
 What it returns (Manifest, JobRow, ManifestProblem) and the id and default-seed rules are in
-manifest_rows.py; this module holds the column spec, the parsers and `read_manifest`.
+rows.py; the limits and defaults of every parameter are in batchsd/model/request.py and the
+sampler names in batchsd/model/sampler_names.py (one home for each rule: the Pipeline checks the
+same ones); this module holds the column spec, the parsers and `read_manifest`.
 
 One row is one image. Columns (all but `prompt` optional; an empty cell means "use the default"):
 
@@ -8,9 +10,9 @@ One row is one image. Columns (all but `prompt` optional; an empty cell means "u
                      width of the row count (at least 5 digits: "00000", "00001", ...)
     prompt           required, not empty
     negative_prompt  default ""
-    seed             0 <= seed < 2**63; default derived from the id (stable, see `manifest_rows.seed_from_id`)
+    seed             0 <= seed < 2**63; default derived from the id (stable, see `rows.seed_from_id`)
     steps            1..1000, default 25
-    cfg_scale        finite, >= 0, default 7.5
+    cfg_scale        finite, 0..100 (request.MAX_CFG_SCALE), default 7.5
     sampler          ddpm, ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras or an A1111 name
                      ("Euler a", "DPM++ 2M Karras", ...), default dpmpp_2m_karras
     width, height    multiples of 8 in 64..2048; default 512, or for img2img the init image's
@@ -18,7 +20,11 @@ One row is one image. Columns (all but `prompt` optional; an empty cell means "u
     init_image       path, relative to the manifest's folder or absolute; makes the row img2img
     strength         0 < strength <= 1, img2img only, default 0.75; int(steps*strength) >= 1
 
-Any other column passes through to the results untouched (CSV cells as the text in the file).
+Any other column passes through to the results untouched: a Parquet column with its Arrow type
+(Manifest.extra_types; timestamps, decimals, binary, lists, structs, uint64, int8 ... as they are),
+a CSV cell as the text in the file (an empty cell as null). A pass-through column may not take the
+name of a column the run adds (schema.RESULT_NAMES: status, error, model, ...): that is a problem
+(rename it, e.g. `src_status`), as it would be replaced by the run's value.
 
 Decisions about numbers:
 - An empty cell is a default: "" or whitespace in a CSV, null in Parquet, and NaN in a Parquet
@@ -30,13 +36,16 @@ Decisions about numbers:
 
 Ids name output files: letters, digits, '.', '_', '-'; at most 200 characters; not starting with
 '.' or '-'; not a Windows device name (CON, NUL.txt, ...); unique ignoring case (case-insensitive
-filesystems), default ids included (manifest_rows.id_problem).
+filesystems), default ids included (rows.id_problem).
 
 Every problem is collected (file-level ones first, then by row and column order); rows with any
 problem are left out of `Manifest.rows`, and the caller refuses to run while `Manifest.problems` is
 non-empty. Scale: the file is read with pyarrow and parsed column by column; columns whose values
 repeat are parsed once per distinct value, integer seeds and plain prompts are checked by Arrow
 (tests/bench/bench_manifest.py: 1,000,000 rows in about 8 s of CPU and 1.1-1.4 GiB peak RSS).
+
+A CSV row longer than pyarrow's read block (1 MiB by default: a 50 MB prompt) is read by retrying
+with a larger block, up to the file's size; a malformed CSV row is reported with its row number.
 """
 from __future__ import annotations
 
@@ -51,22 +60,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from batchsd.job.rows import (SAFE_ID_RE, SEED_LIMIT, JobRow, Manifest, ManifestProblem, default_id, id_problem,
-                            seed_from_id)
+from batchsd.job.rows import SAFE_ID_RE, JobRow, Manifest, ManifestProblem, default_id, id_problem, seed_from_id
+from batchsd.job.schema import RESULT_NAMES
+from batchsd.model.request import (DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_SIZE, DEFAULT_STEPS, DEFAULT_STRENGTH,
+                                   MAX_CFG_SCALE, MAX_SIZE, MAX_STEPS, MIN_SIZE, SEED_LIMIT, SIZE_MULTIPLE,
+                                   img2img_steps)
+from batchsd.model.sampler_names import resolve_sampler
 
 COLUMNS = ("id", "prompt", "negative_prompt", "seed", "steps", "cfg_scale", "sampler",
            "width", "height", "init_image", "strength")
 
-DEFAULT_STEPS = 25
-DEFAULT_CFG_SCALE = 7.5
-DEFAULT_SAMPLER = "dpmpp_2m_karras"
-DEFAULT_SIZE = 512
-DEFAULT_STRENGTH = 0.75
-MIN_SIZE, MAX_SIZE = 64, 2048
-MAX_STEPS = 1000
-
 CSV_SUFFIXES = (".csv",)
 PARQUET_SUFFIXES = (".parquet", ".pq")
+
+CSV_BLOCK_SIZE = 1 << 20            # pyarrow's default read block; a row must fit in one block
+CSV_MAX_BLOCK_SIZE = 2 ** 31 - 1    # the largest block pyarrow takes (an int32)
+_CSV_BLOCK_GROWTH = 8
 
 _EXACT_FLOAT_INT = 2 ** 53
 
@@ -144,7 +153,7 @@ def _float_parser(ok: Callable[[float], bool], fix: str) -> Callable:
 
 
 def _size_parser(name: str) -> Callable:
-    fix = f"use a multiple of 8 from {MIN_SIZE} to {MAX_SIZE}"
+    fix = f"use a multiple of {SIZE_MULTIPLE} from {MIN_SIZE} to {MAX_SIZE}"
     parse_int = _int_parser(-2 ** 62, 2 ** 62, fix)
 
     def parse(v):
@@ -153,9 +162,10 @@ def _size_parser(name: str) -> Callable:
             return x
         if not MIN_SIZE <= x <= MAX_SIZE:
             raise _Bad(f"{name} {x} is out of range; {fix} (e.g. {MIN_SIZE if x < MIN_SIZE else MAX_SIZE})")
-        if x % 8:
-            near = " or ".join(str(s) for s in (x - x % 8, x - x % 8 + 8) if MIN_SIZE <= s <= MAX_SIZE)
-            raise _Bad(f"{name} {x} is not a multiple of 8; use {near}")
+        if x % SIZE_MULTIPLE:
+            low = x - x % SIZE_MULTIPLE
+            near = " or ".join(str(s) for s in (low, low + SIZE_MULTIPLE) if MIN_SIZE <= s <= MAX_SIZE)
+            raise _Bad(f"{name} {x} is not a multiple of {SIZE_MULTIPLE}; use {near}")
         return x
     return parse
 
@@ -335,8 +345,85 @@ def _resolve_ids(arr, n: int, bad: dict[int, list]) -> list:
 
 # ----------------------------------------------------------------------------- reading files
 
+class _BadRows(Exception):
+    """Rows of a CSV file that cannot be parsed: the problems, one per row."""
+
+    def __init__(self, problems: list[ManifestProblem]):
+        super().__init__(problems)
+        self.problems = problems
+
+
+def _read_csv(path: Path) -> pa.Table:
+    """A CSV file with every cell as text (empty cells as ""). A row longer than the read block
+    (pyarrow: "straddling object ... try to increase block size") is read by retrying with a block
+    `_CSV_BLOCK_GROWTH` times larger, up to the file's size (at most CSV_MAX_BLOCK_SIZE). Raises
+    _BadRows for malformed rows, _Bad for the rest."""
+    import pyarrow.csv as pacsv
+
+    parse = pacsv.ParseOptions(newlines_in_values=True)
+    limit = min(path.stat().st_size + 1, CSV_MAX_BLOCK_SIZE)
+    block = min(CSV_BLOCK_SIZE, limit)
+    while True:
+        read = pacsv.ReadOptions(block_size=block)
+        try:
+            names = pacsv.open_csv(path, read_options=read, parse_options=parse).schema.names
+            convert = pacsv.ConvertOptions(column_types={n: pa.string() for n in names},
+                                           strings_can_be_null=False, quoted_strings_can_be_null=False)
+            return pacsv.read_csv(path, read_options=read, parse_options=parse, convert_options=convert)
+        except pa.ArrowInvalid as e:
+            if "straddling" in str(e):
+                if block < limit:
+                    block = min(block * _CSV_BLOCK_GROWTH, limit)
+                    continue
+                raise _Bad(f"data row {_rows_before_failure(path, read, parse) + 1} or one shortly after is "
+                           f"longer than {block:,} bytes, the most the CSV reader takes in one piece; "
+                           "shorten it or write the manifest as Parquet") from None
+            if "CSV parse error" in str(e):
+                problems = _malformed_rows(path, read)
+                if problems:
+                    raise _BadRows(problems) from None
+            raise
+
+
+def _rows_before_failure(path: Path, read, parse) -> int:
+    """How many data rows a streaming read gets through before it fails."""
+    import pyarrow.csv as pacsv
+
+    n = 0
+    try:
+        for batch in pacsv.open_csv(path, read_options=read, parse_options=parse):
+            n += batch.num_rows
+    except pa.ArrowException:
+        pass
+    return n
+
+
+def _malformed_rows(path: Path, read) -> list[ManifestProblem]:
+    """Each row whose field count differs from the header's, with its data row number (a
+    single-threaded read numbers the rows)."""
+    import pyarrow.csv as pacsv
+
+    problems: list[ManifestProblem] = []
+
+    def handler(row) -> str:
+        text = row.text if len(row.text) <= 80 else row.text[:77] + "..."
+        where = row.number - 1 if row.number is not None else None
+        problems.append(ManifestProblem(where, None, f"has {row.actual_columns} field(s) but the header has "
+                                        f"{row.expected_columns} ({text!r}); quote a field that holds a comma, "
+                                        'a quote or a line break ("a, b"; a quote inside as "")'))
+        return "skip"
+
+    try:
+        pacsv.read_csv(path, read_options=pacsv.ReadOptions(block_size=read.block_size, use_threads=False),
+                       parse_options=pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=handler))
+    except pa.ArrowException:
+        pass
+    return problems
+
+
 def _read_table(path: Path) -> pa.Table:
-    """The file as an Arrow table; CSV cells all as text (empty cells as ""). Raises _Bad."""
+    """The file as an Arrow table; CSV cells all as text (empty cells as ""). Raises _Bad (or
+    _BadRows)."""
     suffix = path.suffix.lower()
     if suffix not in CSV_SUFFIXES + PARQUET_SUFFIXES:
         raise _Bad(f"unsupported file type {path.suffix or '(no extension)'!r}; "
@@ -347,12 +434,7 @@ def _read_table(path: Path) -> pa.Table:
         raise _Bad("not a file; give the path of a .csv or .parquet manifest")
     try:
         if suffix in CSV_SUFFIXES:
-            import pyarrow.csv as pacsv
-            parse_options = pacsv.ParseOptions(newlines_in_values=True)
-            names = pacsv.open_csv(path, parse_options=parse_options).schema.names
-            convert = pacsv.ConvertOptions(column_types={n: pa.string() for n in names},
-                                           strings_can_be_null=False, quoted_strings_can_be_null=False)
-            return pacsv.read_csv(path, parse_options=parse_options, convert_options=convert)
+            return _read_csv(path)
         import pyarrow.parquet as pq
         return pq.read_table(path)
     except (pa.ArrowException, OSError, ValueError) as e:
@@ -376,6 +458,10 @@ def _column_problems(names: list[str]) -> list[ManifestProblem]:
                                             "(pandas writes its index this way: use to_csv(index=False))"))
         elif name in seen:
             problems.append(ManifestProblem(None, name, "appears twice in the header; keep one"))
+        elif name in RESULT_NAMES:
+            problems.append(ManifestProblem(None, name, f"is the name of a column batchsd adds to the results, "
+                                            f"so it would be replaced by the run's value; rename it to pass it "
+                                            f"through (e.g. 'src_{name}')"))
         elif name not in COLUMNS and _normalized(name) in _NORMALIZED_COLUMNS:
             known = _NORMALIZED_COLUMNS[_normalized(name)]
             problems.append(ManifestProblem(None, name, f"looks like {known!r} but would be passed through "
@@ -391,21 +477,26 @@ def _column_problems(names: list[str]) -> list[ManifestProblem]:
 
 def read_manifest(path) -> Manifest:
     """Read and validate a manifest. Never raises for bad content: problems are returned."""
-    from batchsd.model.samplers import resolve_sampler  # here, not at the top: it imports torch
-
     path = Path(path)
     try:
         table = _read_table(path)
     except _Bad as e:
         return Manifest(path, [], [ManifestProblem(None, None, str(e))], [], [])
+    except _BadRows as e:
+        return Manifest(path, [], e.problems, [], [])
     names = list(table.column_names)
     extra_columns = [c for c in names if c not in COLUMNS]
+    is_csv = path.suffix.lower() in CSV_SUFFIXES
     problems = _column_problems(names)
     n = table.num_rows
     if n == 0:
         problems.append(ManifestProblem(None, None, "the manifest has no rows; add one row per image"))
     if problems:
         return Manifest(path, [], problems, names, extra_columns, n)
+    # pass-through columns keep their Arrow type (a CSV cell is text; an empty one is null)
+    extra_values = pa.table({c: _empty_as_null(table.column(c)) if is_csv else table.column(c)
+                             for c in extra_columns})
+    extra_types = dict(zip(extra_values.column_names, extra_values.schema.types))
 
     # each Arrow column is dropped once parsed, so that the file and the Python rows are not both
     # held in full at the peak
@@ -421,13 +512,14 @@ def read_manifest(path) -> Manifest:
     ids = _resolve_ids(arrays.pop("id", None), n, bad)
     prompts = _parse_prompts(arrays.pop("prompt"), bad)
     negatives = column("negative_prompt", _text_parser("write the negative prompt as text"), "")
-    seed_parser = _int_parser(0, SEED_LIMIT - 1, "use an integer from 0 to 2**63-1 "
+    seed_parser = _int_parser(0, SEED_LIMIT - 1, f"use an integer from 0 to 2**{SEED_LIMIT.bit_length() - 1}-1 "
                               "(or leave it empty for a seed derived from the id)")
     seeds = _parse_seeds(arrays.pop("seed"), seed_parser, bad) if "seed" in arrays else [None] * n
     steps = column("steps", _int_parser(1, MAX_STEPS, f"use a whole number from 1 to {MAX_STEPS} "
                                         f"(e.g. {DEFAULT_STEPS})"), DEFAULT_STEPS)
-    cfgs = column("cfg_scale", _float_parser(lambda x: x >= 0, f"use a finite number >= 0 (e.g. {DEFAULT_CFG_SCALE})"),
-                  DEFAULT_CFG_SCALE)
+    cfgs = column("cfg_scale", _float_parser(lambda x: 0 <= x <= MAX_CFG_SCALE,
+                                             f"use a finite number >= 0 and <= {MAX_CFG_SCALE:g} "
+                                             f"(e.g. {DEFAULT_CFG_SCALE})"), DEFAULT_CFG_SCALE)
     samplers = column("sampler", _sampler_parser(resolve_sampler), DEFAULT_SAMPLER)
     widths = column("width", _size_parser("width"))
     heights = column("height", _size_parser("height"))
@@ -449,11 +541,13 @@ def read_manifest(path) -> Manifest:
         if strength is None:
             strengths[i] = strength = DEFAULT_STRENGTH
         steps_ok = not any(p.column == "steps" for p in bad.get(i, ()))
-        if steps_ok and int(steps[i] * strength) < 1:
+        if steps_ok and img2img_steps(steps[i], strength) < 1:
             bad.setdefault(i, []).append(ManifestProblem(i + 1, "strength",
                                                          _no_denoise_steps_message(steps[i], strength)))
 
-    extras = [_pylist(arrays.pop(c)) for c in extra_columns]
+    for c in extra_columns:
+        del arrays[c]
+    extras = [_pylist(extra_values.column(c)) for c in extra_columns]
     rows: list[JobRow] = []
     for i, values in enumerate(zip(ids, prompts, negatives, seeds, steps, cfgs, samplers, widths, heights,
                                    strengths, *extras)):
@@ -469,12 +563,17 @@ def read_manifest(path) -> Manifest:
     order = {c: k for k, c in enumerate(COLUMNS)}
     for i in sorted(bad):
         problems.extend(sorted(bad[i], key=lambda p: order[p.column]))
-    return Manifest(path, rows, problems, names, extra_columns, n)
+    return Manifest(path, rows, problems, names, extra_columns, n, extra_types, extra_values)
+
+
+def _empty_as_null(arr):
+    """A CSV text column with its empty cells as nulls."""
+    return pc.if_else(pc.equal(arr, ""), pa.scalar(None, arr.type), arr)
 
 
 def _no_denoise_steps_message(steps: int, strength: float) -> str:
     min_steps = math.ceil(1 / strength)
-    while int(min_steps * strength) < 1:
+    while img2img_steps(min_steps, strength) < 1:
         min_steps += 1
     return (f"steps={steps} with strength={strength:g} runs int({steps}*{strength:g}) = 0 denoising steps; "
             f"raise strength to at least {1 / steps:.4g} or steps to at least {min_steps}")

@@ -16,7 +16,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.text import Text
 
-from batchsd.job.results import RESULTS_FILE, SUMMARY_FILE
+from batchsd.job.layout import RESULTS_FILE, SUMMARY_FILE
 
 
 def format_duration(seconds: float | None) -> str:

@@ -1,67 +1,87 @@
-"""Resume: which of a run's rows are made again and which count as done.
+"""Resume: the one rule that says whether a row is done, to make, or an earlier failure.
 
-The journal (results.py) holds the latest record of every row made. A row is skipped when its
-record is "ok", its params_hash and model are the current ones and its image (and latents with
---save-latents) exist. Rows whose params or model changed are made again; "error" rows only with
---retry-errors; --overwrite makes everything again. Rows are deterministic (a CPU generator per
-row, README "Seeding contract"), so an interrupted and resumed run equals an uninterrupted one up
-to the floating-point rounding of another batch composition (within 1/255 per pixel; the tests
-check it).
+`batchsd run` (which rows to make), its dry run (which it would make) and `batchsd status` (ok /
+missing / failed) all ask `row_states`. Given a row and its latest journaled record, a row is
+
+    done     its record is "ok", for the row's current params_hash, made by the same model (sha256,
+             or the name for the tiny random model), and its image (and latents with
+             --save-latents) are files in the output folder
+    failed   its record is an error for the current params and model (made again with --retry-errors)
+    make     anything else: no record, other params, another model, files gone; or --overwrite
+
+A model that is not known (a dry run before loading, a status without run metadata) is not
+compared. Rows are deterministic (a CPU generator per row, README "Seeding contract"), so an
+interrupted and resumed run equals an uninterrupted one up to the floating-point rounding of
+another batch composition (within 1/255 per pixel; the tests check it).
 
 Rows of a run whose latest record is in another journal of the folder (an earlier unsharded run,
-or shards: sharding.RunLayout) are skipped and their records copied into the run's own journal
+or shards: layout.RunLayout) are skipped and their records copied into the run's own journal
 (`adopt_records`), so its results file covers all its rows.
 """
 from __future__ import annotations
 
 import os
+import stat
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from batchsd.job.journal import Journal, PriorRecord, latest_records
 from batchsd.job.rows import JobRow
-from batchsd.job.results import Journal, latest_records
+
+DONE, MAKE, FAILED = "done", "make", "failed"
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What resume compares: a checkpoint by its sha256; the tiny random model (no file) by name."""
+    name: str
+    sha256: str | None
+
+    def made(self, rec: PriorRecord) -> bool:
+        if self.sha256:
+            return rec.model_sha256 == self.sha256
+        return rec.model == self.name and not rec.model_sha256
+
 
 SCAN_ENTRIES_PER_NAME = 4    # resume lists a folder rather than stat its files, up to this many entries per file
+
+
+def row_states(rows: Sequence[JobRow], prior: dict[str, PriorRecord], out_dir: Path, *,
+               model: ModelIdentity | None, save_latents: bool = False, overwrite: bool = False,
+               retry_errors: bool = False) -> list[str]:
+    """DONE, MAKE or FAILED for each row (module docstring); files are looked up in one pass."""
+    states = [_state(row, prior.get(row.id), model, save_latents, overwrite, retry_errors) for row in rows]
+    present = existing_files(out_dir, [f for s in states if isinstance(s, list) for f in s if f])
+    return [(DONE if all(f and f in present for f in s) else MAKE) if isinstance(s, list) else s for s in states]
 
 
 def decide(rows: Sequence[JobRow], prior: dict, out_dir: Path, *, model: str, model_sha256: str | None,
            save_latents: bool, overwrite: bool, retry_errors: bool) -> tuple[list[JobRow], int, int]:
     """Split rows into (to make, skipped ok, skipped earlier failures)."""
-    states = [_resume_state(row, prior.get(row.id), model=model, model_sha256=model_sha256,
-                            save_latents=save_latents, overwrite=overwrite, retry_errors=retry_errors)
-              for row in rows]
-    present = existing_files(out_dir, [f for s in states if isinstance(s, list) for f in s if f])
-    todo, skipped, prev_failed = [], 0, 0
-    for row, state in zip(rows, states):
-        if isinstance(state, list):   # ok earlier: done if its files are still there
-            state = "skip" if all(f and f in present for f in state) else "make"
-        if state == "make":
-            todo.append(row)
-        elif state == "skip":
-            skipped += 1
-        else:
-            prev_failed += 1
-    return todo, skipped, prev_failed
+    states = row_states(rows, prior, out_dir, model=ModelIdentity(model, model_sha256), save_latents=save_latents,
+                        overwrite=overwrite, retry_errors=retry_errors)
+    todo = [row for row, state in zip(rows, states) if state == MAKE]
+    return todo, states.count(DONE), states.count(FAILED)
 
 
-def _resume_state(row: JobRow, rec, *, model: str, model_sha256: str | None, save_latents: bool,
-                  overwrite: bool, retry_errors: bool) -> str | list:
-    """What resume does with `row` given its latest record `rec` (or None): "make", "failed" (an
-    earlier failure, not retried), or, for an ok record of the current params and model, the
-    files (relative to out_dir; None where the record names none) it needs to count as done."""
+def _state(row: JobRow, rec: PriorRecord | None, model: ModelIdentity | None, save_latents: bool,
+           overwrite: bool, retry_errors: bool) -> str | list:
+    """MAKE, FAILED, or for an ok record of the current params and model the files (relative to
+    out_dir; None where the record names none) it needs to count as DONE."""
     if overwrite or rec is None or rec.params_hash != row.params_hash():
-        return "make"
-    same_model = rec.model_sha256 == model_sha256 if model_sha256 else (rec.model == model and not rec.model_sha256)
-    if not same_model:
-        return "make"
+        return MAKE
+    if model is not None and not model.made(rec):
+        return MAKE
     if rec.status == "ok":
         return [rec.image_path] + ([rec.latents_path] if save_latents else [])
-    return "make" if retry_errors else "failed"
+    return MAKE if retry_errors else FAILED
 
 
 def existing_files(out_dir: Path, paths: Iterable[str]) -> set[str]:
-    """The `paths` (relative to out_dir, as records name them) that are files, as Path.is_file
-    says (a regular file, or a link to one). Names directly under a folder of out_dir
+    """The `paths` (relative to out_dir, as records name them) that are regular files. A link is
+    not: the writer only ever renames regular files into place, so a link there (to another row's
+    image, or outside --out) is not this row's output. Names directly under a folder of out_dir
     (images/<id>.png, latents/<id>.npy) are looked up in one os.scandir listing of that folder
     instead of one stat each, when it holds at most SCAN_ENTRIES_PER_NAME entries per name asked
     (a shard's few rows in a big shared images/ are cheaper to stat); any other path, and a name
@@ -82,7 +102,7 @@ def existing_files(out_dir: Path, paths: Iterable[str]) -> set[str]:
                 found.add(p)
             else:
                 to_stat.append(p)
-    found.update(p for p in to_stat if (out_dir / p).is_file())
+    found.update(p for p in to_stat if _is_regular_file(out_dir / p))
     return found
 
 
@@ -92,7 +112,7 @@ def _plain_name(name: str) -> bool:
 
 
 def _file_names(folder: Path, max_entries: int) -> set[str] | None:
-    """Names of the files (DirEntry.is_file: links followed) in `folder`; None when it holds more
+    """Names of the regular files (links not followed) in `folder`; None when it holds more
     than `max_entries` entries or cannot be listed (the caller then stats)."""
     names = set()
     try:
@@ -100,7 +120,7 @@ def _file_names(folder: Path, max_entries: int) -> set[str] | None:
             for n, entry in enumerate(entries):
                 if n >= max_entries:
                     return None
-                if entry.is_file():
+                if entry.is_file(follow_symlinks=False):
                     names.add(entry.name)
     except OSError:
         return None
@@ -124,3 +144,10 @@ def adopt_records(journal: Journal, rows: Sequence[JobRow], todo: Sequence[JobRo
         journal.append_table(table)
         n += table.num_rows
     return n
+
+
+def _is_regular_file(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False

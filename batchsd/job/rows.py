@@ -1,16 +1,22 @@
 """A manifest's rows and problems: JobRow (one validated row, its params_hash and record),
 ManifestProblem, Manifest (what manifest.read_manifest returns), and the rules a row's id and
 default seed follow (`id_problem`, `default_id`, `seed_from_id`; manifest.py describes them).
+The limits and defaults of a row's parameters live in batchsd/model/request.py.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-SEED_LIMIT = 2 ** 63               # seeds are 0 <= seed < SEED_LIMIT
+from batchsd.model.request import SEED_LIMIT, img2img_steps
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
 MAX_ID_LENGTH = 200                # ids name files: stay well below the 255-byte name limit
 MIN_ID_WIDTH = 5
 
@@ -36,6 +42,7 @@ class JobRow:
     strength: float | None     # None for txt2img rows
     extra: dict[str, object]   # pass-through columns, original names and values
     init_image_given: str | None = None  # init_image as written in the manifest
+    init_image_sha256: str | None = None  # the init image file's content hash (init_images.resolve_image_sizes)
 
     @property
     def is_img2img(self) -> bool:
@@ -43,20 +50,24 @@ class JobRow:
 
     @property
     def denoise_steps(self) -> int | None:
-        """Steps actually run for img2img (int(steps*strength)); None for txt2img."""
-        return None if self.strength is None else int(self.steps * self.strength)
+        """Steps actually run for img2img (request.img2img_steps); None for txt2img."""
+        return None if self.strength is None else img2img_steps(self.steps, self.strength)
 
     def params_hash(self) -> str:
         """sha256 hex of everything in the row that affects the image; the resume key.
 
         Covers prompt, negative_prompt, seed, steps, cfg_scale, sampler, width, height, the init
-        image's absolute path and strength. Not the id, not pass-through columns, not the model,
-        not the init image's bytes. width/height are hashed as the row holds them: hash rows
-        after `planner.resolve_image_sizes` so img2img rows carry their resolved size.
+        image's absolute path and strength, and for img2img rows only the init image's content
+        (`init_image_sha256`: an image replaced in place is made again). Not the id, not
+        pass-through columns, not the model. Text-to-image keys are unchanged since v1, so their
+        outputs are never remade by an upgrade. width/height and the image hash are hashed as the
+        row holds them: hash rows after `init_images.resolve_image_sizes`, which fills both in.
         """
         key = ["batchsd-params-v1", self.prompt, self.negative_prompt, self.seed, self.steps,
                float(self.cfg_scale), self.sampler, self.width, self.height, self.init_image,
                None if self.strength is None else float(self.strength)]
+        if self.init_image is not None:
+            key.append(self.init_image_sha256)
         return hashlib.sha256(json.dumps(key, ensure_ascii=False).encode()).hexdigest()
 
     def to_record(self) -> dict:
@@ -92,10 +103,38 @@ class Manifest:
     columns: list[str]                 # original column order
     extra_columns: list[str]           # pass-through columns, in file order
     num_rows: int = 0                  # data rows in the file, valid or not
+    # pass-through column -> its Arrow type: a Parquet column's own type, string for CSV
+    extra_types: dict[str, pa.DataType] = field(default_factory=dict)
+    # the pass-through values of every data row (valid or not), as read: one column per extra
+    # column, num_rows long; `extras` takes the valid rows' from it
+    extra_values: pa.Table | None = field(default=None, repr=False)
+    _extras: pa.Table | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    @property
+    def extras(self) -> pa.Table:
+        """`id` and the pass-through columns (their own types) of every valid row, in file order:
+        the values the results table shows (journal.Journal overlays them at compaction, so a
+        changed pass-through column shows without remaking its rows). Built once, on first use."""
+        if self._extras is None:
+            import pyarrow as pa
+
+            ids = pa.array([r.id for r in self.rows], pa.string())
+            if self.extra_values is None:             # a Manifest made by hand: from the rows
+                from batchsd.job.schema import extra_types_for, records_to_table, results_schema
+
+                types = self.extra_types or extra_types_for([r.extra for r in self.rows], self.extra_columns)
+                values = records_to_table([r.extra for r in self.rows], results_schema(types))
+                values = values.select([c for c in self.extra_columns if c in values.column_names])
+            elif len(self.rows) == self.extra_values.num_rows:
+                values = self.extra_values
+            else:
+                values = self.extra_values.take(pa.array([r.index for r in self.rows], pa.int64()))
+            self._extras = pa.Table.from_arrays([ids, *values.columns], names=["id", *values.column_names])
+        return self._extras
 
     def format_problems(self, limit: int = 20) -> str:
         """A report for the terminal: the first `limit` problems, then how many more."""

@@ -1,6 +1,6 @@
 """The worker: Pipeline.generate over a batch's rows, with out-of-memory halving and per-row
-failures, and the helpers both engines share (init images, a row's record, the batch size).
-`batchsd run` (runner.py) and the Ray engine's actors (ray_runner.RowMaker) run it.
+failures, and what both engines share about batches (a row's record, the batch size, rows known to
+fail). The local engine (run.py) and the Ray engine's actors (scale/ray_engine.RowMaker) run it.
 
 Batch size: --batch-size N, else on the CPU DEFAULT_CPU_BATCH (4), on CUDA the free memory after
 the model is loaded, minus CUDA_RESERVE_BYTES, divided by an estimate of one image's working
@@ -9,7 +9,9 @@ the job; clamped to 1..MAX_AUTO_BATCH. Out of memory on a batch (torch.cuda.OutO
 RuntimeError saying "out of memory") halves it and retries, down to 1, and the smaller size is
 kept for the rest of the run; only a single row that still does not fit fails. Any other
 exception on a batch of several rows retries its rows one by one, so only the rows that raise
-fail, with the reason in `error`.
+fail, with the reason in `error`. A row whose latents come out NaN or infinite (broken weights, an
+overflowing dtype) fails alone with that reason; the rows beside it in the batch are unaffected
+(every op of the model is per row).
 """
 from __future__ import annotations
 
@@ -19,13 +21,27 @@ from typing import Callable, Sequence
 
 from rich.console import Console
 
-from batchsd.errors import BatchSDError, InputError
+from batchsd.errors import BatchSDError
 from batchsd.job.rows import JobRow
 
 DEFAULT_CPU_BATCH = 4
 MAX_AUTO_BATCH = 32
 CUDA_RESERVE_BYTES = 2 * 1024**3
 CUDA_BYTES_PER_IMAGE_512 = int(1.5 * 1024**3)
+NON_FINITE = ("the row's latents came out NaN or infinite, so its image would be blank: the checkpoint may hold "
+              "NaN/inf weights (`batchsd inspect` it), or the dtype overflows (try --dtype fp32); nothing was saved")
+
+
+def batch_size_for(requested: int | None, pipe=None, rows: Sequence[JobRow] = ()) -> int:
+    """The batch size a run uses: --batch-size when given; else, with a loaded pipe, the default for
+    its device at the largest size among `rows`; else (planning before any model loads, or no rows
+    to make) DEFAULT_CPU_BATCH."""
+    if requested is not None:
+        return requested
+    if pipe is None or not rows:
+        return DEFAULT_CPU_BATCH
+    big = max(rows, key=lambda r: r.width * r.height)   # sizes are resolved by the reader
+    return default_batch_size(pipe, big.width, big.height)
 
 
 def default_batch_size(pipe, width: int, height: int) -> int:
@@ -95,8 +111,11 @@ class Worker:
             self.emit(BatchResult(records=[record(chunk[0])], images=[None], errors=[_error_text(e)]))
             return
         elapsed = time.perf_counter() - t0
-        self.emit(BatchResult(records=[record(r) for r in chunk], images=list(out.images),
-                              latents=out.latents.float().numpy(), errors=[None] * len(chunk),
+        latents = out.latents.float()
+        finite = latents.flatten(1).isfinite().all(dim=1).tolist()   # per row: rows never mix in a batch
+        self.emit(BatchResult(records=[record(r) for r in chunk],
+                              images=[im if ok else None for im, ok in zip(out.images, finite)],
+                              latents=latents.numpy(), errors=[None if ok else NON_FINITE for ok in finite],
                               elapsed_s=elapsed, truncated=list(getattr(out, "prompt_truncated", []) or [])))
 
     @staticmethod
@@ -127,15 +146,9 @@ def record(row: JobRow) -> dict:
     return rec
 
 
-def load_images(rows: Sequence[JobRow]) -> tuple[dict, dict]:
-    from batchsd.job.planner import load_init_image
+def failed_rows(failures: Sequence[tuple[JobRow, str]]):
+    """A BatchResult recording rows that fail without a model call (e.g. an unusable init image)."""
+    from batchsd.job.writer import BatchResult
 
-    images, errors = {}, {}
-    for r in rows:
-        if r.init_image is None:
-            continue
-        try:
-            images[r.id] = load_init_image(r.init_image)
-        except InputError as e:
-            errors[r.id] = str(e)
-    return images, errors
+    return BatchResult(records=[record(r) for r, _ in failures], images=[None] * len(failures),
+                       errors=[why for _, why in failures])

@@ -1,21 +1,18 @@
-"""The writer: PNG encoding with A1111-style metadata, atomic image/latent files, journal appends.
+"""The writer: finished batches -> the output writer's files, then the journal.
 
 It runs in its own thread beside the model (a bounded queue of finished batches between them), so
-PNG compression, hashing and fsyncs never hold up the next UNet forward. Per batch, in order:
+image encoding, hashing and fsyncs never hold up the next UNet forward. Per batch, in order:
 
-    1. for every ok row: encode the PNG (text chunks `parameters` and `batchsd`), write it to a
-       temp file in images/, fsync, os.replace to images/<id>.png; same for latents/<id>.npy
+    1. for every ok row: the output writer (outputs/) writes its files atomically; then `flush`
+       makes the renames durable
     2. append one part file with the batch's records to the journal (fsync + os.replace)
-    3. compact the journal into results.parquet when its interval is due (see results.py)
+    3. compact the journal into the results table when its interval is due (journal.py)
 
 so a record never names an image that is not in place. A failure in the thread (disk full, ...)
 is kept and raised in the main thread at its next `submit` or at `close`.
 """
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import queue
 import threading
 import time
@@ -25,73 +22,12 @@ from typing import Callable
 
 import numpy as np
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 
 from batchsd.errors import InputError
-from batchsd.job.results import Journal, atomic_write_bytes, fsync_dir, now_utc, remove_stale_temps
-
-# canonical sampler name -> the name AUTOMATIC1111's web UI writes in its `parameters` chunk
-A1111_SAMPLER_NAMES = {
-    "ddpm": "DDPM",
-    "ddim": "DDIM",
-    "euler": "Euler",
-    "euler_a": "Euler a",
-    "dpmpp_2m": "DPM++ 2M",
-    "dpmpp_2m_karras": "DPM++ 2M Karras",
-}
-
-
-def _num(x: float) -> str:
-    """Numbers as A1111 infotexts usually read: 7, 7.5, 0.75."""
-    x = float(x)
-    return str(int(x)) if x.is_integer() else repr(x)
-
-
-def a1111_parameters(record: dict, model_name: str, short_hash: str | None) -> str:
-    """The A1111 `parameters` text: prompt, optional `Negative prompt:` line, then the settings line."""
-    lines = [record.get("prompt") or ""]
-    if record.get("negative_prompt"):
-        lines.append(f"Negative prompt: {record['negative_prompt']}")
-    sampler = record.get("sampler") or ""
-    settings = [
-        f"Steps: {record['steps']}",
-        f"Sampler: {A1111_SAMPLER_NAMES.get(sampler, sampler)}",
-        f"CFG scale: {_num(float(record['cfg_scale']))}",
-        f"Seed: {record['seed']}",
-        f"Size: {record['width']}x{record['height']}",
-    ]
-    if short_hash:
-        settings.append(f"Model hash: {short_hash}")
-    settings.append(f"Model: {model_name}")
-    if record.get("init_image") is not None and record.get("strength") is not None:
-        settings.append(f"Denoising strength: {_num(float(record['strength']))}")
-    lines.append(", ".join(settings))
-    return "\n".join(lines)
-
-
-def encode_png(image: Image.Image, parameters: str, record_json: str) -> bytes:
-    info = PngInfo()
-    info.add_text("parameters", parameters)   # tEXt, or iTXt when the text is not latin-1
-    info.add_text("batchsd", record_json)
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=info, compress_level=4)
-    return buf.getvalue()
-
-
-def encode_npy(latent: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(latent, dtype=np.float32), allow_pickle=False)
-    return buf.getvalue()
-
-
-def safe_output_path(out_dir: Path, folder: str, row_id: str, suffix: str) -> Path:
-    """<out>/<folder>/<id><suffix>, refusing any id that would land outside that folder."""
-    base = (out_dir / folder).resolve()
-    path = (base / f"{row_id}{suffix}").resolve()
-    if path.parent != base or not row_id or row_id in (".", "..") or "/" in row_id or "\\" in row_id or "\x00" in row_id:
-        raise InputError(f"id {row_id!r} would write outside {base}: ids must be plain file names "
-                         f"(letters, digits, '-', '_', '.')")
-    return path
+from batchsd.job.journal import Journal
+from batchsd.job.outputs import OutputWriter
+from batchsd.job.outputs.files import LooseFiles
+from batchsd.job.schema import now_utc
 
 
 @dataclass
@@ -110,21 +46,13 @@ class ResultWriter:
 
     def __init__(self, out_dir: Path, journal: Journal, *, model_name: str, model_sha256: str | None,
                  short_hash: str | None, save_latents: bool, on_written: Callable[[int, int], None] | None = None,
-                 queue_size: int = 2, temp_min_age_s: float = 0.0):
+                 queue_size: int = 2, output: OutputWriter | None = None):
         self.out_dir = Path(out_dir)
-        self.images_dir = self.out_dir / "images"
-        self.latents_dir = self.out_dir / "latents"
-        self.images_dir.mkdir(parents=True, exist_ok=True)
-        # temp_min_age_s > 0 where other processes write into the same folders (shards, Ray actors)
-        remove_stale_temps(self.images_dir, min_age_s=temp_min_age_s)
-        if save_latents:
-            self.latents_dir.mkdir(parents=True, exist_ok=True)
-            remove_stale_temps(self.latents_dir, min_age_s=temp_min_age_s)
+        self.output = output if output is not None else LooseFiles(
+            self.out_dir, model_name=model_name, short_hash=short_hash, save_latents=save_latents)
         self.journal = journal
         self.model_name = model_name
         self.model_sha256 = model_sha256
-        self.short_hash = short_hash
-        self.save_latents = save_latents
         self.on_written = on_written
         self.queue: queue.Queue[BatchResult | None] = queue.Queue(maxsize=queue_size)
         self.error: BaseException | None = None
@@ -186,7 +114,6 @@ class ResultWriter:
         per_row_s = batch.elapsed_s / max(1, n)
         out_records = []
         n_ok = n_failed = 0
-        wrote_files = False
         for i, rec in enumerate(batch.records):
             rec = dict(rec)
             image = batch.images[i] if i < len(batch.images) else None
@@ -196,9 +123,8 @@ class ResultWriter:
                        prompt_truncated=batch.truncated[i] if i < len(batch.truncated) else None)
             if image is not None and error is None:
                 try:
-                    self._write_row_files(rec, image, batch.latents[i] if batch.latents is not None else None)
+                    self.output.write_row(rec, image, batch.latents[i] if batch.latents is not None else None)
                     rec.update(status="ok", elapsed_s=per_row_s)
-                    wrote_files = True
                     n_ok += 1
                 except InputError as e:
                     rec.update(status="error", error=str(e), elapsed_s=None)
@@ -208,26 +134,9 @@ class ResultWriter:
                 n_failed += 1
             rec["finished_at"] = now_utc()
             out_records.append(rec)
-        if wrote_files:  # the renames themselves must be durable before the record that names them
-            fsync_dir(self.images_dir)
-            if self.save_latents:
-                fsync_dir(self.latents_dir)
+        self.output.flush()   # the files durable before the record that names them
         self.journal.append(out_records)
         if self.journal.should_compact():
             self.journal.compact()
         return n_ok, n_failed
 
-    def _write_row_files(self, rec: dict, image: Image.Image, latent: np.ndarray | None) -> None:
-        row_id = rec["id"]
-        png_path = safe_output_path(self.out_dir, "images", row_id, ".png")
-        meta = {k: v for k, v in rec.items() if k not in ("image_path", "image_sha256", "latents_path", "error",
-                                                           "finished_at", "elapsed_s", "status")}
-        png = encode_png(image, a1111_parameters(rec, self.model_name, self.short_hash),
-                         json.dumps(meta, sort_keys=True, default=str))
-        if self.save_latents and latent is not None:
-            npy_path = safe_output_path(self.out_dir, "latents", row_id, ".npy")
-            atomic_write_bytes(npy_path, encode_npy(latent), sync_dir=False)
-            rec["latents_path"] = npy_path.relative_to(self.out_dir.resolve()).as_posix()
-        atomic_write_bytes(png_path, png, sync_dir=False)
-        rec["image_path"] = png_path.relative_to(self.out_dir.resolve()).as_posix()
-        rec["image_sha256"] = hashlib.sha256(png).hexdigest()

@@ -17,13 +17,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
-from batchsd.cli import app
-from batchsd.model.pipeline import GenerationRow, Pipeline
-from batchsd.job.planner import load_init_image
-from batchsd.job.run import UsageError, resolve_model
-from cli_support import serve_tiny
+from batchsd.model.pipeline import GenerationRow
+from batchsd.job.init_images import load_init_image
+from batchsd.job.model_choice import resolve_model
+from batchsd.job.options import UsageError
+from cli_support import invoke, serve_tiny
 
 HEADER = "id,prompt,negative_prompt,seed,steps,cfg_scale,sampler,width,height,init_image,strength,tag"
 
@@ -34,14 +33,6 @@ def cached_tiny(monkeypatch, tiny_pipe, tmp_path):
     monkeypatch.delenv("BATCHSD_MODEL", raising=False)
     monkeypatch.chdir(tmp_path)
     return calls
-
-
-def invoke(*args: str):
-    result = CliRunner().invoke(app, list(args))
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    assert "Traceback" not in result.output
-    return result
 
 
 def write_csv(path: Path, rows: list[str], header: str = HEADER) -> Path:
@@ -181,7 +172,8 @@ def test_bad_cli_values_exit_2(tmp_path, args, message):
 
 def test_run_with_a_loaded_pipeline(tmp_path, tiny_pipe, cached_tiny):
     """runner.run(opts, pipe=...) (Python API, benchmarks) makes the job with that pipeline, loads nothing."""
-    from batchsd.job.run import RunOptions, run
+    from batchsd.job.options import RunOptions
+    from batchsd.job.run import run
 
     manifest = write_csv(tmp_path / "jobs.csv", ["a,a cat,,1,2,7.5,euler,64,64,,,", "b,a dog,,2,2,7.5,euler,64,64,,,"])
     summary = run(RunOptions(manifest=manifest, out_dir=tmp_path / "o", model="nowhere/x.safetensors"),

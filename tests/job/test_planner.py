@@ -2,18 +2,20 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections import Counter
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-import batchsd.job.planner as planner
+import batchsd.job.init_images as planner
 from batchsd.errors import InputError
 from batchsd.job.manifest import read_manifest
 from batchsd.job.rows import JobRow
-from batchsd.job.planner import (Batch, batch_key, init_image_size, load_init_image, plan_batches,
-                             resolve_image_sizes, shard_of)
+from batchsd.job.init_images import init_image_size, load_init_image, resolve_image_sizes
+from batchsd.job.plan import Batch, batch_key, plan_batches
+from batchsd.job.shards import shard_of
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
 
@@ -41,7 +43,9 @@ def test_img2img_size_from_image_rounded_down(tmp_path):
     assert failures == {}
     assert [(r.index, r.width, r.height) for r in resolved] == [(0, 128, 96), (1, 256, 96), (2, 128, 72),
                                                                 (3, 192, 256), (4, 64, 64)]
-    assert resolved[3] is rows[3] and resolved[4] is rows[4]          # untouched rows are kept as they are
+    assert resolved[4] is rows[4]                                      # text-to-image rows are kept as they are
+    assert resolved[3] == dataclasses.replace(rows[3], init_image_sha256=resolved[3].init_image_sha256)
+    assert {r.init_image_sha256 for r in resolved[:4]} == {hashlib.sha256(Path(img).read_bytes()).hexdigest()}
 
 
 def test_example_img2img_rows_resolve(tmp_path):
@@ -122,12 +126,12 @@ def test_load_init_image_rgb_and_exif_orientation(tmp_path):
 def test_each_path_opened_once(tmp_path, monkeypatch):
     img = save_image(tmp_path / "a.png")
     calls = Counter()
-    real = planner.init_image_size
+    real = planner.inspect_init_image
 
     def counting(path):
         calls[path] += 1
         return real(path)
-    monkeypatch.setattr(planner, "init_image_size", counting)
+    monkeypatch.setattr(planner, "inspect_init_image", counting)
     missing = str(tmp_path / "missing.png")
     rows = [job(i, None, None, init=img if i % 2 else missing) for i in range(10)]
     resolved, failures = resolve_image_sizes(rows)

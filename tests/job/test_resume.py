@@ -18,14 +18,13 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
-from batchsd.job import results
-from batchsd.cli import app
-from batchsd.job.results import PriorRecord, read_prior
+from batchsd.job.atomic import atomic_write_table
+from batchsd.job.layout import RunLayout
+from batchsd.job.journal import PriorRecord, read_prior
 from batchsd.job.resume import decide
-from batchsd.job.run import EXIT_SIGINT, EXIT_SIGTERM, RunSummary
-from cli_support import serve_tiny
+from batchsd.job.options import EXIT_SIGINT, EXIT_SIGTERM, RunSummary
+from cli_support import invoke, serve_tiny
 
 REPO = Path(__file__).resolve().parents[2]
 HEADER = "id,prompt,negative_prompt,seed,steps,cfg_scale,sampler,width,height,init_image,strength"
@@ -35,13 +34,6 @@ HEADER = "id,prompt,negative_prompt,seed,steps,cfg_scale,sampler,width,height,in
 def cached_tiny(monkeypatch, tiny_pipe, tmp_path):
     serve_tiny(monkeypatch, tiny_pipe)
     monkeypatch.chdir(tmp_path)
-
-
-def invoke(*args: str):
-    result = CliRunner().invoke(app, list(args))
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 def write_csv(path: Path, rows: list[str]) -> Path:
@@ -138,7 +130,7 @@ def test_sigkill_at_several_points_then_resume_equals_uninterrupted_run(tmp_path
         a, b = out / df.loc[rid, "image_path"], ref / ref_df.loc[rid, "image_path"]
         assert np.abs(pixels(a) - pixels(b)).max() <= 1, rid
     assert not list(out.rglob("*.tmp")) and (out / "summary.json").exists()
-    assert len(list((out / results.PARTS_DIR).glob("part-*.parquet"))) == 1
+    assert len(list((RunLayout(out).parts_dir).glob("part-*.parquet"))) == 1
 
 
 def test_crash_windows_are_repaired(tmp_path):
@@ -151,13 +143,13 @@ def test_crash_windows_are_repaired(tmp_path):
     finished = results_df(out)["finished_at"]
 
     # journal without r01 and r04; r04's image is garbage (as if from other params), r01's is right
-    (part,) = (out / results.PARTS_DIR).glob("part-*.parquet")
+    (part,) = (RunLayout(out).parts_dir).glob("part-*.parquet")
     t = pq.read_table(part)
     keep = [i for i, rid in enumerate(t.column("id").to_pylist()) if rid not in ("r01", "r04")]
-    results.atomic_write_table(part, t.take(keep))
+    atomic_write_table(part, t.take(keep))
     (out / "images" / "r04.png").write_bytes(b"not a png")
     (out / "images" / ".r02.png.x1y2z3.tmp").write_bytes(b"half")
-    (out / results.PARTS_DIR / ".part-00000009.parquet.abc.tmp").write_bytes(b"half")
+    (RunLayout(out).parts_dir / ".part-00000009.parquet.abc.tmp").write_bytes(b"half")
     (out / "results.parquet").unlink()
     (out / "summary.json").unlink()
 
@@ -246,10 +238,12 @@ def test_error_rows_retried_only_with_retry_errors(tmp_path):
     first = results_df(out)
     assert first.loc["b", "status"] == "error"
 
-    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "later.png")
     r = invoke("run", str(manifest), "--model", "tiny")
     assert r.exit_code == 1 and "1 failed earlier" in r.stdout and "--retry-errors" in r.stdout
     assert results_df(out).loc["b", "finished_at"] == first.loc["b", "finished_at"]   # not retried
+
+    # (the init image's bytes are part of params_hash: an image that appears would itself be a change)
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "later.png")
 
     r = invoke("run", str(manifest), "--model", "tiny", "--retry-errors")
     assert r.exit_code == 0 and "1 ok, 0 failed, 1 skipped" in r.stdout
@@ -310,7 +304,7 @@ def test_decide_redoes_rows_whose_files_are_missing(tmp_path, monkeypatch, entri
     (tmp_path / "images" / "r4.png").unlink()
     (tmp_path / "images" / "r4.png").symlink_to(tmp_path / "nowhere.png")   # dangling link: redo
     (tmp_path / "images" / "r5.png").unlink()
-    (tmp_path / "images" / "r5.png").symlink_to(tmp_path / "latents" / "r5.npy")  # link to a file: done
+    (tmp_path / "images" / "r5.png").symlink_to(tmp_path / "latents" / "r5.npy")  # a link is not our image: redo
     (tmp_path / "images" / "sub" / "r8.png").unlink()
     prior = {r.id: PriorRecord(status="ok", image_path=paths[r.id][0], latents_path=paths[r.id][1], model="sd",
                                model_sha256=None, params_hash=r.params_hash()) for r in rows}
@@ -323,16 +317,16 @@ def test_decide_redoes_rows_whose_files_are_missing(tmp_path, monkeypatch, entri
         assert skipped + failed + len(made) == len(rows) and failed == 1
         return [r.id for r in made]
 
-    assert todo(False) == ["r1", "r3", "r4", "r6", "r8"]          # in manifest order
-    assert todo(True) == ["r1", "r2", "r3", "r4", "r6", "r8"]
+    assert todo(False) == ["r1", "r3", "r4", "r5", "r6", "r8"]    # in manifest order
+    assert todo(True) == ["r1", "r2", "r3", "r4", "r5", "r6", "r8"]
 
 
 def test_one_run_per_output_folder(tmp_path):
-    from batchsd.job.run import out_dir_lock
+    from batchsd.job.lock import out_dir_lock
 
     manifest = write_csv(tmp_path / "jobs.csv", rows_for(1))
     out = tmp_path / "out"
-    with out_dir_lock(out):
+    with out_dir_lock(out, RunLayout(out).lock_path):
         r = invoke("run", str(manifest), "--model", "tiny", "--out", str(out))
     assert r.exit_code == 2 and "another batchsd run is writing to" in r.output
     assert not (out / "images").exists()

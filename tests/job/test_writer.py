@@ -11,11 +11,15 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from batchsd.job import results
+from batchsd.job import atomic, journal as journal_mod, layout, schema as schema_mod
 from batchsd.errors import InputError
-from batchsd.job.results import Journal, atomic_write_bytes, extra_types_for, read_prior, results_schema
-from batchsd.job.writer import (BatchResult, ResultWriter, a1111_parameters, encode_npy, encode_png,
-                            safe_output_path)
+from batchsd.job.atomic import atomic_write_bytes
+from batchsd.job.journal import Journal, read_prior
+from batchsd.job.schema import extra_types_for, results_schema
+from batchsd.job.layout import safe_output_path
+from batchsd.job.outputs.files import encode_npy
+from batchsd.job.png_metadata import a1111_parameters, encode_png
+from batchsd.job.writer import BatchResult, ResultWriter
 
 
 def record(rid: str, **kw) -> dict:
@@ -28,7 +32,7 @@ def record(rid: str, **kw) -> dict:
 
 def result(rid: str, status="ok", **kw) -> dict:
     rec = record(rid, status=status, error=None if status == "ok" else "boom", image_path=f"images/{rid}.png",
-                 model="m", model_sha256="abc", elapsed_s=0.5, finished_at=results.now_utc())
+                 model="m", model_sha256="abc", elapsed_s=0.5, finished_at=schema_mod.now_utc())
     rec.update(kw)
     return rec
 
@@ -72,10 +76,15 @@ def test_encode_npy_float32(tmp_path):
 
 
 def test_safe_output_path_refuses_escapes(tmp_path):
-    assert safe_output_path(tmp_path, "images", "ok-1.a", ".png") == (tmp_path / "images" / "ok-1.a.png").resolve()
+    (tmp_path / "images").mkdir()
+    assert safe_output_path(tmp_path, "images", "ok-1.a", ".png") == tmp_path / "images" / "ok-1.a.png"
     for bad in ["../x", "..", "a/b", "/etc/passwd", "", ".", "a\\b"]:
         with pytest.raises(InputError):
             safe_output_path(tmp_path, "images", bad, ".png")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "latents").symlink_to(tmp_path / "elsewhere")       # a linked folder is never written into
+    with pytest.raises(InputError, match="not a plain folder"):
+        safe_output_path(tmp_path, "latents", "ok", ".npy")
 
 
 # ----------------------------------------------------------------------------- atomic files
@@ -86,10 +95,10 @@ def test_atomic_write_leaves_no_temp_and_respects_umask(tmp_path):
     atomic_write_bytes(path, b"two")
     assert path.read_bytes() == b"two"
     assert sorted(p.name for p in path.parent.iterdir()) == ["f.bin"]
-    assert (path.stat().st_mode & 0o777) == results.FILE_MODE
+    assert (path.stat().st_mode & 0o777) == atomic.FILE_MODE
     # a stale temp from a killed run is removed by remove_stale_temps, real files are not
     (path.parent / ".g.png.abc123.tmp").write_bytes(b"half")
-    assert results.remove_stale_temps(path.parent) == 1
+    assert atomic.remove_stale_temps(path.parent) == 1
     assert sorted(p.name for p in path.parent.iterdir()) == ["f.bin"]
 
 
@@ -101,7 +110,7 @@ def test_extra_column_types_inferred_over_whole_manifest():
     types = extra_types_for(recs, ["a", "b", "c", "d", "e", "f"])
     assert types == {"a": pa.int64(), "b": pa.float64(), "c": pa.string(), "d": pa.bool_(), "e": pa.string(),
                      "f": pa.string()}
-    table = results.records_to_table([result("x", **recs[0]), result("y", **recs[1])], results_schema(types))
+    table = schema_mod.records_to_table([result("x", **recs[0]), result("y", **recs[1])], results_schema(types))
     assert table.column("c").to_pylist() == ["x", "3"]
     assert table.column("f").to_pylist() == ["[1]", None]
     assert table.column("b").to_pylist() == [1.0, 2.5]
@@ -115,14 +124,14 @@ def test_append_writes_one_file_and_touches_nothing_else(tmp_path):
     j.append([result("b"), result("c")])
     after = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
     new = set(after) - set(before)
-    assert len(new) == 1 and next(iter(new)).parent == tmp_path / results.PARTS_DIR
+    assert len(new) == 1 and next(iter(new)).parent == layout.RunLayout(tmp_path).parts_dir
     assert all(after[p] == t for p, t in before.items())          # old parts untouched
-    assert not (tmp_path / results.RESULTS_FILE).exists()          # not rewritten per batch
+    assert not (tmp_path / layout.RESULTS_FILE).exists()          # not rewritten per batch
     assert set(read_prior(tmp_path)) == {"a", "b", "c"}
 
 
 def test_compaction_interval_doubles(tmp_path, monkeypatch):
-    monkeypatch.setattr(results, "COMPACT_MIN_ROWS", 4)
+    monkeypatch.setattr(journal_mod, "COMPACT_MIN_ROWS", 4)
     ids = [f"r{i}" for i in range(64)]
     j = Journal(tmp_path, results_schema({}), ids)
     compactions = []
@@ -139,7 +148,7 @@ def test_reopened_journal_keeps_the_doubled_interval(tmp_path, monkeypatch, earl
     """A resumed run over 64 earlier rows compacts first after 64 new rows, not after
     COMPACT_MIN_ROWS: also when the earlier run was killed after its last compaction (parts
     appended since, not folded) or an unreadable part older than its compacted one is left."""
-    monkeypatch.setattr(results, "COMPACT_MIN_ROWS", 4)
+    monkeypatch.setattr(journal_mod, "COMPACT_MIN_ROWS", 4)
     ids = [f"r{i}" for i in range(160)]
     first = Journal(tmp_path, results_schema({}), ids)
     first.append([result(i) for i in ids[:32]])
@@ -149,7 +158,7 @@ def test_reopened_journal_keeps_the_doubled_interval(tmp_path, monkeypatch, earl
         first.append([result(i) for i in ids[64:70]])
         first.append([result(i) for i in ids[70:72]])
     elif earlier == "unreadable part":
-        (tmp_path / results.PARTS_DIR / "part-00000000.parquet").write_bytes(b"not parquet")
+        (layout.RunLayout(tmp_path).parts_dir / "part-00000000.parquet").write_bytes(b"not parquet")
     parts_before = len(first.part_files())
     j = Journal(tmp_path, results_schema({}), ids)
     assert j.rows_at_compaction == 64
@@ -172,7 +181,7 @@ def test_latest_record_wins_and_results_follow_manifest_order(tmp_path):
     prior = read_prior(tmp_path)
     assert prior["a"].status == "ok" and prior["a"].params_hash == "new"
     j.compact()
-    t = pq.read_table(tmp_path / results.RESULTS_FILE)
+    t = pq.read_table(tmp_path / layout.RESULTS_FILE)
     assert t.column("id").to_pylist() == ["a", "b"]          # manifest order; unknown id "zz" left out
     assert t.column("params_hash").to_pylist() == ["new", "h-b"]
     assert t.schema.equals(schema)
@@ -191,7 +200,7 @@ def test_compaction_across_runs_with_changed_extra_types(tmp_path):
     j2 = Journal(tmp_path, results_schema({"note": pa.string()}), ["a", "b"])
     j2.append([result("b", note="hello")])
     j2.compact()
-    df = pd.read_parquet(tmp_path / results.RESULTS_FILE)
+    df = pd.read_parquet(tmp_path / layout.RESULTS_FILE)
     assert list(df["id"]) == ["a", "b"] and list(df["note"]) == ["5", "hello"]
     assert "old" not in df.columns
     # int values met by a float column later are cast, not stringified
@@ -200,7 +209,7 @@ def test_compaction_across_runs_with_changed_extra_types(tmp_path):
     j3 = Journal(other, results_schema({"note": pa.float64()}), ["a", "b"])
     j3.append([result("b", note=1.5)])
     j3.compact()
-    t = pq.read_table(other / results.RESULTS_FILE)
+    t = pq.read_table(other / layout.RESULTS_FILE)
     assert t.schema.field("note").type == pa.float64() and t.column("note").to_pylist() == [5.0, 1.5]
 
 
@@ -222,7 +231,7 @@ def test_writer_writes_images_records_and_failures(tmp_path):
     w.close()
     j.compact()
     assert seen == [(2, 0), (0, 1)]
-    df = pd.read_parquet(tmp_path / results.RESULTS_FILE).set_index("id")
+    df = pd.read_parquet(tmp_path / layout.RESULTS_FILE).set_index("id")
     assert list(df["status"]) == ["ok", "ok", "error"]
     assert df.loc["c", "error"] == "init image not found: x.png" and pd.isna(df.loc["c", "image_path"])
     assert df.loc["a", "image_path"] == "images/a.png" and df.loc["a", "latents_path"] == "latents/a.npy"
@@ -283,11 +292,11 @@ def test_progress_plain_lines_and_rich_bar():
 def test_unreadable_part_is_skipped_not_deleted(tmp_path):
     j = Journal(tmp_path, results_schema({}), ["a", "b"])
     j.append([result("a")])
-    bad = tmp_path / results.PARTS_DIR / "part-00000001.parquet"
+    bad = layout.RunLayout(tmp_path).parts_dir / "part-00000001.parquet"
     bad.write_bytes(b"PAR1 not really")
     j2 = Journal(tmp_path, results_schema({}), ["a", "b"])
     j2.append([result("b")])
     assert set(read_prior(tmp_path)) == {"a", "b"}
     j2.compact()
     assert bad.exists()
-    assert list(pd.read_parquet(tmp_path / results.RESULTS_FILE)["id"]) == ["a", "b"]
+    assert list(pd.read_parquet(tmp_path / layout.RESULTS_FILE)["id"]) == ["a", "b"]

@@ -13,7 +13,8 @@ from PIL import Image
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'batchsd[ray]' to test the Ray engine")
 
 from batchsd.scale.ray_engine import run_ray  # noqa: E402
-from batchsd.job.run import RunOptions, run  # noqa: E402
+from batchsd.job.options import RunOptions  # noqa: E402
+from batchsd.job.run import run
 
 HEADER = "id,prompt,negative_prompt,seed,steps,cfg_scale,sampler,width,height,init_image,strength,tag"
 

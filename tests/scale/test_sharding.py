@@ -7,8 +7,8 @@ from collections import Counter
 import pytest
 
 from batchsd.errors import InputError
-from batchsd.job.planner import shard_of
-from batchsd.scale.sharding import ShardSpec, detect_shard, parse_shard, resolve_shard, shard_device
+from batchsd.job.shards import ShardSpec, shard_of
+from batchsd.scale.launchers import detect_shard, parse_shard, resolve_shard, shard_device
 
 
 def spec(env: dict, count: int | None = None) -> tuple[int, int] | None:

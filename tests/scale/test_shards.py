@@ -19,9 +19,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from batchsd.cli import app
-from batchsd.job.planner import shard_of
-from batchsd.job.run import RunOptions, run
-from batchsd.scale.sharding import ShardSpec
+from batchsd.job.shards import ShardSpec, shard_of
+from batchsd.job.options import RunOptions
+from batchsd.job.run import run
 from cli_support import serve_tiny
 
 REPO = Path(__file__).resolve().parents[2]
@@ -233,10 +233,11 @@ def test_engine_options(tmp_path, monkeypatch):
 def test_prior_across_journals_and_shared_temp_cleanup(tmp_path):
     from datetime import datetime, timedelta, timezone
 
-    from batchsd.job import results
-    from batchsd.scale.sharding import RunLayout
+    from batchsd.job import atomic, journal as results
+    from batchsd.job.schema import results_schema
+    from batchsd.job.layout import RunLayout
 
-    schema = results.results_schema({})
+    schema = results_schema({})
     t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
     def record(rid, status, minutes):
@@ -267,5 +268,5 @@ def test_prior_across_journals_and_shared_temp_cleanup(tmp_path):
     young.write_bytes(b"being written")
     old.write_bytes(b"left by a killed run")
     os.utime(old, (time.time() - 7200, time.time() - 7200))
-    assert results.remove_stale_temps(images, min_age_s=3600) == 1
+    assert atomic.remove_stale_temps(images, min_age_s=3600) == 1
     assert young.exists() and not old.exists()

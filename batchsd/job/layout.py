@@ -1,0 +1,166 @@
+"""Every name under --out, in one place: the folders and files a run owns and reads.
+
+    images/<id>.png                     the images (shared by every run and shard of the folder)
+    latents/<id>.npy                    with --save-latents
+    results.parquet                     the whole job's results (compacted journal, or merged shards)
+    summary.json                        written last by a run that finished every row: the done marker
+    results/part-<I>-of-<N>.parquet     a shard's results
+    .batchsd/parts/part-<seq>.parquet   the journal of the whole-manifest run
+    .batchsd/lock, .batchsd/run.json    its lock and run metadata
+    .batchsd/shard-<I>-of-<N>/          a shard's journal (parts/), lock, run.json and summary.json
+
+Nothing else in the package spells these names.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from batchsd.errors import InputError
+from batchsd.job.shards import ShardSpec
+
+JOURNAL_DIR = ".batchsd"
+PARTS_DIR = "parts"
+LOCK_FILE = "lock"
+META_FILE = "run.json"
+RESULTS_FILE = "results.parquet"
+SUMMARY_FILE = "summary.json"
+RESULTS_PARTS_DIR = "results"
+IMAGES_DIR = "images"
+LATENTS_DIR = "latents"
+IMAGE_SUFFIX = ".png"
+LATENTS_SUFFIX = ".npy"
+SHARD_DIR_RE = re.compile(r"^shard-(\d+)-of-(\d+)$")
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The files one run (the whole manifest, or one shard of it) owns under --out.
+
+    whole manifest                          shard 3 of 16
+    .batchsd/parts/ (journal)               .batchsd/shard-00003-of-00016/parts/
+    .batchsd/lock, .batchsd/run.json        .batchsd/shard-00003-of-00016/lock, .../run.json
+    results.parquet                         results/part-00003-of-00016.parquet
+    summary.json                            .batchsd/shard-00003-of-00016/summary.json
+    images/<id>.png, latents/<id>.npy       the same folders; ids are disjoint across shards
+    """
+    out_dir: Path
+    shard: ShardSpec | None = None
+
+    @property
+    def sharded(self) -> bool:
+        return self.shard is not None and not self.shard.is_whole
+
+    @property
+    def journal_dir(self) -> Path:
+        base = self.out_dir / JOURNAL_DIR
+        return base / f"shard-{self.shard.label}" if self.sharded else base
+
+    @property
+    def parts_dir(self) -> Path:
+        return self.journal_dir / PARTS_DIR
+
+    @property
+    def results_path(self) -> Path:
+        if self.sharded:
+            return self.out_dir / RESULTS_PARTS_DIR / f"part-{self.shard.label}.parquet"
+        return self.out_dir / RESULTS_FILE
+
+    @property
+    def summary_path(self) -> Path:
+        return self.journal_dir / SUMMARY_FILE if self.sharded else job_summary_path(self.out_dir)
+
+    @property
+    def lock_path(self) -> Path:
+        return self.journal_dir / LOCK_FILE
+
+    @property
+    def meta_path(self) -> Path:
+        return self.journal_dir / META_FILE
+
+    @property
+    def images_dir(self) -> Path:
+        return self.out_dir / IMAGES_DIR
+
+    @property
+    def latents_dir(self) -> Path:
+        return self.out_dir / LATENTS_DIR
+
+    def resume_parts_dirs(self) -> list[Path] | None:
+        """The journals that can hold records of this run's rows: for a shard, the unsharded run's
+        and its own (other shards' journals hold only their own rows: one count per folder), so a
+        shard's start reads 2 journals, not N; None (every journal) for the whole-manifest run."""
+        if not self.sharded:
+            return None
+        return [RunLayout(self.out_dir).parts_dir, self.parts_dir]
+
+
+def shard_dirs(out_dir: Path) -> dict[tuple[int, int], Path]:
+    """{(index, count): journal folder} of every shard that has run in `out_dir`."""
+    base = Path(out_dir) / JOURNAL_DIR
+    found = {}
+    if base.is_dir():
+        for p in base.iterdir():
+            m = SHARD_DIR_RE.match(p.name)
+            if m and p.is_dir():
+                found[(int(m.group(1)), int(m.group(2)))] = p
+    return found
+
+
+def journal_parts_dirs(out_dir: Path) -> list[Path]:
+    """Every journal in `out_dir`: the whole-manifest one first, then the shards' in name order."""
+    dirs = [RunLayout(Path(out_dir)).parts_dir] + [d / PARTS_DIR for _, d in sorted(shard_dirs(out_dir).items())]
+    return [d for d in dirs if d.is_dir()]
+
+
+def check_shard_count(out_dir: Path, shard: ShardSpec) -> None:
+    """One --out holds shards of one count: refuse a count other than the one already there."""
+    counts = {count for _, count in shard_dirs(out_dir)} - {shard.count}
+    if counts:
+        other = sorted(counts)[0]
+        raise InputError(f"{out_dir} already holds the shards of a {other}-way run ({JOURNAL_DIR}/shard-*-of-{other}); "
+                         f"this is shard {shard.index}/{shard.count}. Use {other} shards again (the same "
+                         f"--array/--nproc-per-node/completions), finish the rest without sharding (`batchsd run` "
+                         "with no shard makes every row still missing and writes results.parquet), or use another --out")
+
+
+def job_results_path(out_dir: Path) -> Path:
+    """The whole job's results table (an unsharded run's own, or the shards' merge)."""
+    return Path(out_dir) / RESULTS_FILE
+
+
+def job_summary_path(out_dir: Path) -> Path:
+    """The whole job's done marker."""
+    return Path(out_dir) / SUMMARY_FILE
+
+
+def check_plain_folders(layout: RunLayout) -> None:
+    """Output paths never leave --out: refuse a folder under it that is a link (or not a folder),
+    whatever it points to. InputError naming the folder and the fix."""
+    for folder in (layout.images_dir, layout.latents_dir, layout.out_dir / JOURNAL_DIR,
+                   layout.out_dir / RESULTS_PARTS_DIR):
+        if folder.is_symlink():
+            raise InputError(f"{folder} is a link ({folder} -> {folder.readlink()}); batchsd writes only inside "
+                             f"--out {layout.out_dir}: replace the link with a plain folder, or use another --out")
+        if folder.exists() and not folder.is_dir():
+            raise InputError(f"{folder} is a file, not a folder: move it away, or use another --out")
+
+
+def safe_output_path(out_dir: Path, folder: str, row_id: str, suffix: str) -> Path:
+    """<out>/<folder>/<id><suffix>, to be written by renaming a regular file onto it.
+
+    The id must be a plain file name, and <folder> a plain folder (not a link) inside --out; a link
+    at the path itself is not followed (the rename replaces the link, never its target). A folder at
+    the path fails the row. InputError with the reason and the fix."""
+    if not row_id or row_id in (".", "..") or any(c in row_id for c in "/\\\x00"):
+        raise InputError(f"id {row_id!r} would write outside {Path(out_dir) / folder}: ids must be plain file names "
+                         f"(letters, digits, '-', '_', '.')")
+    base = Path(out_dir) / folder
+    if base.is_symlink() or not base.is_dir():
+        raise InputError(f"{base} is not a plain folder inside --out (a link, or missing); batchsd writes only "
+                         "inside --out: replace it with a plain folder")
+    path = base / f"{row_id}{suffix}"
+    if path.is_dir() and not path.is_symlink():
+        raise InputError(f"{path} is a folder, so the row's file cannot be written there: remove or rename it")
+    return path

@@ -1,0 +1,71 @@
+"""The whole job's results from its shards: when every shard of a sharded run is done, its
+results parts are merged into <out>/results.parquet (all rows in manifest order, the same table an
+unsharded run writes) and <out>/summary.json (the shards' figures added up).
+
+The shard that finishes last does it (session.finish), or `batchsd status`. Safe to run from
+several shards at once: each writes the same content through an atomic rename.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batchsd.job.atomic import atomic_write_table
+from batchsd.job.layout import RESULTS_PARTS_DIR, RunLayout, job_results_path, job_summary_path
+from batchsd.job.run_meta import read_summary, write_summary
+from batchsd.job.shards import ShardSpec
+
+
+def merged_is_whole(out_dir: Path, ids: Sequence[str]) -> bool:
+    """Whether <out>/results.parquet holds a record of every id."""
+    path = job_results_path(out_dir)
+    if not path.is_file():
+        return False
+    try:
+        have = set(pq.read_table(path, columns=["id"]).column("id").to_pylist())
+    except Exception:  # noqa: BLE001 - unreadable: not merged
+        return False
+    return have.issuperset(ids)
+
+
+def merge_shard_results(out_dir: Path, count: int, manifest_ids: Sequence[str],
+                        required_ids: Sequence[str] | None = None) -> bool:
+    """Write <out>/results.parquet and <out>/summary.json from the `count` shards' parts when every
+    shard is done and the parts hold a record of every row of the job (`required_ids`, default all
+    `manifest_ids`). Returns whether it wrote them."""
+    out_dir = Path(out_dir)
+    layouts = [RunLayout(out_dir, ShardSpec(i, count, "merge")) for i in range(count)]
+    summaries = [read_summary(lay.summary_path) for lay in layouts]
+    if any(s is None for s in summaries):
+        return False  # a shard is not done
+    tables = []
+    for lay in layouts:
+        try:
+            tables.append(pq.read_table(lay.results_path))
+        except Exception:  # noqa: BLE001 - missing or unreadable part: not mergeable now
+            return False
+    table = pa.concat_tables(tables, promote_options="permissive")
+    where = {rid: i for i, rid in enumerate(table.column("id").to_pylist())}
+    if any(rid not in where for rid in (manifest_ids if required_ids is None else required_ids)):
+        return False
+    table = table.take(pa.array([where[rid] for rid in manifest_ids if rid in where], type=pa.int64()))
+    atomic_write_table(job_results_path(out_dir), table)
+    total = {k: sum(int(s.get(k) or 0) for s in summaries)
+             for k in ("rows", "ok", "failed", "skipped", "previously_failed", "pending")}
+    statuses = table.column("status").to_pylist()
+    write_summary(job_summary_path(out_dir), {
+        "complete": True, "shards": count, "out_dir": str(out_dir),
+        "results": str(job_results_path(out_dir)),
+        "results_parts": str(out_dir / RESULTS_PARTS_DIR / "*.parquet"),
+        "manifest": summaries[0].get("manifest"), "model": summaries[0].get("model"),
+        "model_sha256": summaries[0].get("model_sha256"),
+        "rows": table.num_rows, "ok": statuses.count("ok"), "failed": statuses.count("error"),
+        "made_in_last_runs": total["ok"] + total["failed"],
+        "elapsed_s_sum": round(sum(float(s.get("elapsed_s") or 0) for s in summaries), 3),
+        "finished_at": max(str(s.get("finished_at", "")) for s in summaries),
+        "exit_code": 1 if statuses.count("error") else 0,
+    })
+    return True

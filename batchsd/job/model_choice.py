@@ -1,0 +1,73 @@
+"""Which model a run uses, and its identity (name, sha256) known before loading.
+
+--model > $BATCHSD_MODEL > the one checkpoint in ./weights/ > an error saying where to put one.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from batchsd.errors import BatchSDError
+from batchsd.job.options import UsageError
+from batchsd.job.resume import ModelIdentity
+
+MODEL_ENV = "BATCHSD_MODEL"
+WEIGHT_SUFFIXES = (".safetensors", ".ckpt")
+TINY = "tiny"
+TINY_NAME = "tiny-random"    # the name results give the tiny random model (Pipeline.load("tiny").name)
+
+
+def _is_diffusers_folder(path: Path) -> bool:
+    return (path / "model_index.json").is_file() or (path / "unet").is_dir()
+
+
+def _weight_candidates(folder: Path) -> list[Path]:
+    """Checkpoints in weights/: the folder itself if it is a diffusers folder, else its
+    .safetensors/.ckpt files and diffusers subfolders (README.md and the like are not)."""
+    if _is_diffusers_folder(folder):
+        return [folder]
+    return [p for p in sorted(folder.iterdir())
+            if (p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES) or (p.is_dir() and _is_diffusers_folder(p))]
+
+
+def resolve_model(model: str | None, cwd: Path | None = None) -> str:
+    """--model > $BATCHSD_MODEL > the one checkpoint in ./weights/ > UsageError saying where to put one."""
+    if model:
+        choice, source = model, "--model"
+    elif os.environ.get(MODEL_ENV):
+        choice, source = os.environ[MODEL_ENV], f"${MODEL_ENV}"
+    else:
+        weights = (cwd or Path.cwd()) / "weights"
+        found = _weight_candidates(weights) if weights.is_dir() else []
+        if len(found) == 1:
+            return str(found[0])
+        if len(found) > 1:
+            listing = "\n".join(f"  {p}" for p in found)
+            raise UsageError(f"{weights} holds {len(found)} checkpoints; choose one with --model:\n{listing}")
+        raise UsageError(f"no model given and none found: put one SD 1.x checkpoint (.safetensors, .ckpt or a "
+                         f"diffusers folder) in {weights}/, or pass --model PATH (or set ${MODEL_ENV}); "
+                         "--model tiny runs a random tiny model (its images are noise) to try the tool")
+    if choice == TINY:
+        return choice
+    path = Path(choice).expanduser()
+    if not path.exists():
+        raise UsageError(f"model {choice!r} (from {source}) does not exist: give the path of a .safetensors/.ckpt "
+                         "file or a diffusers folder, or --model tiny")
+    return str(path)
+
+
+
+def model_identity(model: str, prediction_type: str | None = None) -> ModelIdentity:
+    """The identity Pipeline.load(model) will report, read from the file (no weights loaded)."""
+    if model == TINY:
+        return ModelIdentity(TINY_NAME, None)
+    from batchsd.model.checkpoint import inspect_checkpoint
+
+    path = Path(model)
+    try:
+        report = inspect_checkpoint(path, prediction_type=prediction_type)
+    except BatchSDError as e:
+        raise UsageError(str(e)) from None
+    if report.get("loadable") is False:
+        raise UsageError(f"model {model} cannot be loaded: {report.get('error')}")
+    return ModelIdentity(path.stem if path.is_file() else path.name, report["sha256"])

@@ -1,0 +1,46 @@
+"""A1111-style PNG metadata: the `parameters` text chunk A1111 and its readers parse, and the full
+row as JSON in a `batchsd` chunk."""
+from __future__ import annotations
+
+import io
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from batchsd.model.sampler_names import a1111_name
+
+def _num(x: float) -> str:
+    """Numbers as A1111 infotexts usually read: 7, 7.5, 0.75."""
+    x = float(x)
+    return str(int(x)) if x.is_integer() else repr(x)
+
+
+def a1111_parameters(record: dict, model_name: str, short_hash: str | None) -> str:
+    """The A1111 `parameters` text: prompt, optional `Negative prompt:` line, then the settings line."""
+    lines = [record.get("prompt") or ""]
+    if record.get("negative_prompt"):
+        lines.append(f"Negative prompt: {record['negative_prompt']}")
+    sampler = record.get("sampler") or ""
+    settings = [
+        f"Steps: {record['steps']}",
+        f"Sampler: {a1111_name(sampler)}",
+        f"CFG scale: {_num(float(record['cfg_scale']))}",
+        f"Seed: {record['seed']}",
+        f"Size: {record['width']}x{record['height']}",
+    ]
+    if short_hash:
+        settings.append(f"Model hash: {short_hash}")
+    settings.append(f"Model: {model_name}")
+    if record.get("init_image") is not None and record.get("strength") is not None:
+        settings.append(f"Denoising strength: {_num(float(record['strength']))}")
+    lines.append(", ".join(settings))
+    return "\n".join(lines)
+
+
+def encode_png(image: Image.Image, parameters: str, record_json: str) -> bytes:
+    info = PngInfo()
+    info.add_text("parameters", parameters)   # tEXt, or iTXt when the text is not latin-1
+    info.add_text("batchsd", record_json)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info, compress_level=4)
+    return buf.getvalue()

@@ -1,0 +1,72 @@
+"""The reader: a manifest file -> the job's rows, validated, with img2img sizes resolved.
+
+Everything here happens before any model loads. A manifest with problems is refused whole
+(ManifestInvalid, exit 2); an init image that cannot be used fails only its row (`row_errors`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from batchsd.job.init_images import resolve_image_sizes
+from batchsd.job.layout import RunLayout
+from batchsd.job.manifest import read_manifest
+from batchsd.job.options import ManifestInvalid, RunOptions, UsageError
+from batchsd.job.rows import JobRow, Manifest
+from batchsd.job.shards import ShardSpec
+
+DEFAULT_OUT_ROOT = Path("outputs")
+
+
+def default_out_dir(manifest: Path) -> Path:
+    return DEFAULT_OUT_ROOT / Path(manifest).stem
+
+
+def read_rows(manifest_path: Path, limit: int | None, shard: ShardSpec | None = None
+              ) -> tuple[Manifest, list[JobRow], dict[str, str]]:
+    """(the manifest, its first `limit` rows (of `shard` only, if given) with img2img sizes resolved,
+    {id: why the row cannot be made}). Rows whose init image is unusable stay in the list, with
+    their reason. Sizes are resolved for the rows returned only (one header read per row made)."""
+    manifest = read_manifest(manifest_path)
+    if manifest.problems:
+        raise ManifestInvalid(manifest)
+    rows = manifest.rows[:limit] if limit is not None else list(manifest.rows)
+    if shard is not None:
+        rows = [r for r in rows if shard.owns(r.id)]
+    resolved, failures = resolve_image_sizes(rows)
+    by_index = {r.index: r for r in resolved}
+    rows = [by_index.get(r.index, r) for r in rows]
+    row_errors = {r.id: str(failures[r.index]) for r in rows if r.index in failures}
+    return manifest, rows, row_errors
+
+
+@dataclass
+class Job:
+    manifest: Manifest
+    rows: list[JobRow]                       # this run's rows (after --limit, this shard's), sizes resolved
+    row_errors: dict[str, str]               # id -> why the row cannot be made (unreadable init image)
+    out_dir: Path
+    layout: RunLayout                        # the files this run owns (a shard's, or the whole run's)
+    job_ids: list[str] = field(default_factory=list)   # every shard's rows after --limit, in manifest order
+
+    @property
+    def shard(self) -> ShardSpec | None:
+        return self.layout.shard if self.layout.sharded else None
+
+    def journal_ids(self) -> list[str]:
+        """The manifest ids this run's results file covers, in manifest order."""
+        shard = self.shard
+        return [r.id for r in self.manifest.rows if shard is None or shard.owns(r.id)]
+
+
+def read_job(opts: RunOptions) -> Job:
+    """The job `opts` asks for; UsageError/ManifestInvalid (exit 2) before anything runs."""
+    if opts.batch_size is not None and opts.batch_size < 1:
+        raise UsageError(f"--batch-size {opts.batch_size}: use a whole number >= 1")
+    if opts.limit is not None and opts.limit < 0:
+        raise UsageError(f"--limit {opts.limit}: use a whole number >= 0")
+    shard = opts.shard if opts.shard is not None and not opts.shard.is_whole else None
+    manifest, rows, row_errors = read_rows(opts.manifest, opts.limit, shard)
+    job_ids = [r.id for r in manifest.rows[: opts.limit]] if opts.limit is not None else [r.id for r in manifest.rows]
+    out_dir = Path(opts.out_dir) if opts.out_dir is not None else default_out_dir(Path(opts.manifest))
+    return Job(manifest, rows, row_errors, out_dir, RunLayout(out_dir, shard), job_ids)

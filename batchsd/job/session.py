@@ -1,0 +1,184 @@
+"""One run of a job in its output folder, whichever engine makes the rows.
+
+The session owns everything a run does around making images, so that an engine (the local loop in
+run.py, the Ray engine in batchsd.scale) only decides how batches reach a Pipeline:
+
+    session = RunSession(opts, job, console, engine="local")
+    with session.locked():                    # the layout's lock; the journal compacted on any exit
+        session.start(model)                  # journal, run.json, resume decision, adopted records
+        ... the engine makes session.runnable, reporting each durable batch via session.count
+            (local: the ResultWriter appends to session.journal) or session.journal_records (Ray) ...
+        return session.finish(interrupted_by)  # compaction, then summary.json last; shards merge
+
+Write order, the invariant resume relies on: an image is renamed into place before the journal
+part that records it; the results table is rewritten from the journal; summary.json (the done
+marker) is written last, only by a run that got through every row.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+
+from batchsd.job.atomic import remove_stale_temps
+from batchsd.job.journal import Journal, read_prior
+from batchsd.job.layout import check_plain_folders, check_shard_count, job_summary_path
+from batchsd.job.lock import out_dir_lock
+from batchsd.job.options import RunOptions, RunSummary, UsageError, summary_record
+from batchsd.job.progress import RunProgress
+from batchsd.job.reader import Job
+from batchsd.job.resume import ModelIdentity, adopt_records, decide
+from batchsd.job.rows import JobRow
+from batchsd.job.run_meta import clear_summary, read_run_metas, write_run_meta, write_summary
+from batchsd.job.schema import now_utc, results_schema
+
+# Temp files younger than this in images/ and latents/ may be another live process's (shards and
+# Ray actors share those folders); older ones are a killed run's and are removed.
+SHARED_TEMP_AGE_S = 3600.0
+
+
+class RunSession:
+    def __init__(self, opts: RunOptions, job: Job, console: Console, *, engine: str):
+        self.opts, self.job, self.console, self.engine = opts, job, console, engine
+        self.layout = job.layout
+        self.summary = RunSummary(out_dir=job.out_dir, total=len(job.rows), shard=job.shard,
+                                  results_path=job.layout.results_path, batch_size=opts.batch_size)
+        self.journal: Journal | None = None
+        self.todo: list[JobRow] = []
+        self.failing: list[tuple[JobRow, str]] = []   # rows known to fail before any model call, with why
+        self.runnable: list[JobRow] = []
+        self.progress: RunProgress | None = None
+        self._t0: float | None = None
+        self._finished = False
+
+    @property
+    def shared_folders(self) -> bool:
+        """Whether other live processes may write into images/ and latents/ now."""
+        return self.job.shard is not None or self.engine != "local"
+
+    @contextmanager
+    def locked(self):
+        """The layout's lock for the block; on any exit the journal is compacted into the results
+        table (a clean interrupt or a failure keeps the table current)."""
+        out_dir = self.job.out_dir
+        if self.job.shard is not None:
+            check_shard_count(out_dir, self.job.shard)
+        check_plain_folders(self.layout)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise UsageError(f"--out {out_dir} is a file, not a folder; nothing was run: choose a folder with --out")
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"cannot create --out {out_dir}: {e.strerror or e}; nothing was run: choose a "
+                             "writable folder with --out") from None
+        with out_dir_lock(out_dir, self.layout.lock_path):
+            try:
+                yield self
+            finally:
+                if self.journal is not None and not self._finished:
+                    self.journal.compact()
+
+    def start(self, model: ModelIdentity) -> None:
+        """Open the journal, record the run, decide what to make (resume.py) and adopt the records of
+        rows other journals of the folder made. Call inside `locked()`."""
+        job, opts, layout = self.job, self.opts, self.layout
+        self._check_same_job()
+        self.summary.model, self.summary.model_sha256 = model.name, model.sha256
+        schema = results_schema(job.manifest.extra_types)
+        self.journal = Journal(job.out_dir, schema, job.journal_ids(), parts_dir=layout.parts_dir,
+                               results_path=layout.results_path, extras=job.manifest.extras)
+        for quarantined in self.journal.quarantined:      # files in the journal folder that are not ours
+            self.console.print(f"[yellow]warning:[/yellow] {escape(str(quarantined))}")
+        clear_summary(layout.summary_path)        # its presence means "the last run finished"
+        if job.shard is not None:
+            clear_summary(job_summary_path(job.out_dir))   # the whole job is not known to be done now
+        self._write_run_meta(model)
+        min_age = SHARED_TEMP_AGE_S if self.shared_folders else 0.0
+        for folder in (layout.images_dir, layout.latents_dir):
+            remove_stale_temps(folder, min_age_s=min_age)
+        prior = read_prior(job.out_dir, layout.resume_parts_dirs())   # rows any run made count
+        self.todo, self.summary.skipped, self.summary.previously_failed = decide(
+            job.rows, prior, job.out_dir, model=model.name, model_sha256=model.sha256,
+            save_latents=opts.save_latents, overwrite=opts.overwrite, retry_errors=opts.retry_errors)
+        adopt_records(self.journal, job.rows, self.todo, prior)
+        self.failing = [(r, job.row_errors[r.id]) for r in self.todo if r.id in job.row_errors]
+        self.runnable = [r for r in self.todo if r.id not in job.row_errors]
+
+    def _check_same_job(self) -> None:
+        """An output folder holds one manifest's job: refuse one that holds another's (two
+        `prompts.csv` in different folders share the default --out), unless --reuse-out."""
+        if self.opts.reuse_out:
+            return
+        mine = Path(self.opts.manifest).resolve()
+        for meta in read_run_metas(self.job.out_dir):
+            other = meta.get("manifest")
+            if isinstance(other, str) and other and Path(other) != mine:
+                raise UsageError(f"{self.job.out_dir} holds the job of another manifest, {other}; this run is {mine}. "
+                                 "Give this job its own --out, or pass --reuse-out to make this folder hold it "
+                                 "(rows with the same id are then shared between the two)")
+
+    def _write_run_meta(self, model: ModelIdentity) -> None:
+        opts, job, shard = self.opts, self.job, self.job.shard
+        write_run_meta(self.layout, {
+            "manifest": str(Path(opts.manifest).resolve()), "limit": opts.limit, "out_dir": str(job.out_dir),
+            "shard_index": shard.index if shard else None, "shard_count": shard.count if shard else 1,
+            "shard_source": shard.source if shard else None, "model": model.name, "model_sha256": model.sha256,
+            "save_latents": opts.save_latents, "engine": self.engine,
+            "rows": len(job.rows), "job_rows": len(job.job_ids or job.rows),
+            "host": socket.gethostname(), "pid": os.getpid(), "started_at": now_utc().isoformat(),
+        })
+
+    def announce(self, how: str) -> None:
+        """The run's opening line: rows to make, done and failed earlier, how they will be made."""
+        s = self.summary
+        self.console.print(f"{len(self.job.rows)} row(s): {len(self.todo)} to make, {s.skipped} already done"
+                           + (f", {s.previously_failed} failed earlier (--retry-errors to retry)"
+                              if s.previously_failed else "")
+                           + f"; {how}; output {escape(str(self.job.out_dir))}/")
+
+    def start_progress(self, rich_bar: bool | None) -> RunProgress:
+        """The progress display (use it as a context manager); the run's clock starts now."""
+        self.progress = RunProgress(len(self.todo), self.console, rich_bar=rich_bar)
+        self._t0 = time.monotonic()
+        return self.progress
+
+    def count(self, n_ok: int, n_failed: int) -> None:
+        """A batch's records are durable in the journal (called by the thread that wrote them)."""
+        self.summary.ok += n_ok
+        self.summary.failed += n_failed
+        if self.progress is not None:
+            self.progress.update(n_ok, n_failed)
+
+    def journal_records(self, records: list[dict]) -> None:
+        """Make records written elsewhere (Ray actors) durable here, then count them."""
+        if not records:
+            return
+        self.journal.append(records)
+        if self.journal.should_compact():
+            self.journal.compact()
+        n_ok = sum(r["status"] == "ok" for r in records)
+        self.count(n_ok, len(records) - n_ok)
+
+    def finish(self, interrupted_by: str | None = None) -> RunSummary:
+        """Compact the journal, then write the done marker if every row was got through (a signal
+        that came after the last batch does not count as an interruption); a shard that completes
+        the job merges the shards' results."""
+        s = self.summary
+        s.elapsed_s = time.monotonic() - self._t0 if self._t0 is not None else 0.0
+        s.pending = len(self.todo) - s.ok - s.failed
+        s.interrupted_by = interrupted_by if (interrupted_by and s.pending) else None
+        self.journal.compact()
+        self._finished = True
+        if s.interrupted_by is None:
+            write_summary(self.layout.summary_path, summary_record(self.opts, s))
+            if self.job.shard is not None:
+                from batchsd.job.merge import merge_shard_results
+
+                s.merged = merge_shard_results(self.job.out_dir, self.job.shard.count,
+                                               [r.id for r in self.job.manifest.rows], self.job.job_ids)
+        return s
