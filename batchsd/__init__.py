@@ -1,4 +1,4 @@
-"""batchsd: Stable Diffusion 1.x inference from scratch, run as a batch job processor.
+"""batchsd: Stable Diffusion (SD 1.x, SD 2.x) inference from scratch, run as a batch job processor.
 
     from batchsd import Pipeline, GenerationRow
     pipe = Pipeline.load("weights/v1-5-pruned-emaonly.safetensors")   # or "tiny"

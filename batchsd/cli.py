@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.markup import escape
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Stable Diffusion 1.x batch jobs: a manifest in, images and results.parquet out.")
+                  help="Stable Diffusion (SD 1.x, 2.x) batch jobs: a manifest in, images and results.parquet out.")
 
 
 class Winograd(str, enum.Enum):
