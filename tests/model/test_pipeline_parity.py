@@ -86,6 +86,11 @@ def reference_run(models, sampler: str, row: GenerationRow) -> tuple[np.ndarray,
     parts = dict(vae=models["vae"], text_encoder=models["clip"], tokenizer=models["tokenizer"],
                  unet=models["unet"], scheduler=reference_scheduler(sampler), safety_checker=None,
                  feature_extractor=None, requires_safety_checker=False)
+    return diffusers_run(parts, row)
+
+
+def diffusers_run(parts: dict, row: GenerationRow) -> tuple[np.ndarray, torch.Tensor]:
+    """`row` through diffusers' StableDiffusion(Img2Img)Pipeline built from `parts`: (uint8 HWC image, latents)."""
     common = dict(prompt=row.prompt, negative_prompt=row.negative_prompt, num_inference_steps=row.steps,
                   guidance_scale=row.cfg_scale, generator=torch.Generator("cpu").manual_seed(row.seed),
                   output_type="latent")
@@ -98,7 +103,7 @@ def reference_run(models, sampler: str, row: GenerationRow) -> tuple[np.ndarray,
         pipe.set_progress_bar_config(disable=True)
         latents = pipe(image=row.init_image, strength=row.strength, **common).images
     with torch.no_grad():
-        pixels = models["vae"].decode(latents / models["vae"].config.scaling_factor).sample
+        pixels = parts["vae"].decode(latents / parts["vae"].config.scaling_factor).sample
     image = pipe.image_processor.postprocess(pixels, output_type="np")[0]
     return (image * 255).round().astype("uint8"), latents
 

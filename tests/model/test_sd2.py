@@ -29,7 +29,6 @@ from diffusers import (  # noqa: E402
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
-    StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
 )
 
@@ -42,7 +41,7 @@ from batchsd.model.tokenizer import SD2_PAD_TOKEN, tokenize  # noqa: E402
 
 from ref_sd2 import (SD2_TEST, build_reference_sd2, reference_scheduler, sd2_tokenizer,  # noqa: E402
                      write_ldm_yaml, write_sd2_folder, write_sd2_single_file)
-from test_pipeline_parity import init_image  # noqa: E402
+from test_pipeline_parity import diffusers_run, init_image  # noqa: E402
 
 PIXEL_TOL = 1
 PIXEL_SHARE = 0.999
@@ -94,25 +93,7 @@ def reference_run(ref: dict, prediction: str, sampler: str, row: GenerationRow) 
     parts = dict(vae=ref["vae"], text_encoder=ref["text_encoder"], tokenizer=ref["tokenizer"], unet=ref["unet"],
                  scheduler=reference_scheduler(cls, prediction, **extra), safety_checker=None,
                  feature_extractor=None, requires_safety_checker=False)
-    return _diffusers_run(parts, row)
-
-
-def _diffusers_run(parts: dict, row: GenerationRow) -> tuple[np.ndarray, torch.Tensor]:
-    common = dict(prompt=row.prompt, negative_prompt=row.negative_prompt, num_inference_steps=row.steps,
-                  guidance_scale=row.cfg_scale, generator=torch.Generator("cpu").manual_seed(row.seed),
-                  output_type="latent")
-    if row.init_image is None:
-        pipe = StableDiffusionPipeline(**parts)
-        pipe.set_progress_bar_config(disable=True)
-        latents = pipe(width=row.width, height=row.height, **common).images
-    else:
-        pipe = StableDiffusionImg2ImgPipeline(**parts)
-        pipe.set_progress_bar_config(disable=True)
-        latents = pipe(image=row.init_image, strength=row.strength, **common).images
-    with torch.no_grad():
-        pixels = parts["vae"].decode(latents / parts["vae"].config.scaling_factor).sample
-    image = pipe.image_processor.postprocess(pixels, output_type="np")[0]
-    return (image * 255).round().astype("uint8"), latents
+    return diffusers_run(parts, row)
 
 
 def assert_close(name: str, out, image_ref: np.ndarray, latents_ref: torch.Tensor) -> None:
@@ -294,7 +275,7 @@ def test_diffusers_folder_matches_diffusers(models, prediction, tmp_path):
     parts = dict(vae=reference.vae.eval(), text_encoder=reference.text_encoder.eval(), tokenizer=reference.tokenizer,
                  unet=reference.unet.eval(), scheduler=reference.scheduler, safety_checker=None,
                  feature_extractor=None, requires_safety_checker=False)
-    assert_close(f"folder {prediction} ddim 64x96", out, *_diffusers_run(parts, row))
+    assert_close(f"folder {prediction} ddim 64x96", out, *diffusers_run(parts, row))
 
 
 def test_sharded_fp16_folder_loads_the_same_tensors(models, tmp_path):
