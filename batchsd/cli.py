@@ -111,11 +111,11 @@ def run(
     compile: Compile = typer.Option(Compile.none, "--compile", case_sensitive=False,
                                     help="torch.compile the UNet: default, reduce-overhead (CUDA graphs on CUDA) "
                                          "or max-autotune. Compiles once per image size (minutes); the time is "
-                                         "reported. Pays off on long CUDA jobs; slower on the CPU (tests/bench)."),
+                                         "reported. Meant for long CUDA jobs; no gain on the CPU (docs/performance.md)."),
     winograd: Winograd = typer.Option(Winograd.auto, "--winograd", case_sensitive=False,
-                                      help="CPU: the wide 3x3 convolutions by Winograd F(2x2,3x3): ~1.1x faster "
-                                           "UNet steps for +1.5 GiB memory in fp32 (+0.76 in bf16). auto: on for "
-                                           "bf16/fp16, off for fp32."),
+                                      help="CPU: the wide 3x3 convolutions by Winograd F(2x2,3x3): fewer multiply-adds "
+                                           "for a transformed copy of their weights (16/9 of their size). auto: on for "
+                                           "bf16/fp16, off for fp32. Figures: docs/performance.md."),
     shard: Optional[str] = typer.Option(None, "--shard", metavar="I/N",
                                         help="Make only shard I of N (numbered from 0): the rows with "
                                              "shard_of(id, N) == I. Default: from the launcher's environment "

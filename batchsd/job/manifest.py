@@ -42,7 +42,7 @@ Every problem is collected (file-level ones first, then by row and column order)
 problem are left out of `Manifest.rows`, and the caller refuses to run while `Manifest.problems` is
 non-empty. Scale: the file is read with pyarrow and parsed column by column; columns whose values
 repeat are parsed once per distinct value, integer seeds and plain prompts are checked by Arrow
-(tests/bench/bench_manifest.py: 1,000,000 rows in about 8 s of CPU and 1.1-1.4 GiB peak RSS).
+(tests/bench/bench_manifest.py measures a 1,000,000-row manifest; figures: docs/performance.md).
 
 A CSV row longer than pyarrow's read block (1 MiB by default: a 50 MB prompt) is read by retrying
 with a larger block, up to the file's size; a malformed CSV row is reported with its row number.
