@@ -24,4 +24,4 @@ def cmp(a, b):
         return "="
     return f"{diff(a, b):.2e}"
 
-CKPT = __import__("os").environ.get("BATCHSD_REPRO_CKPT", "/tmp/golden/sd15.safetensors")   # a random full-width SD 1.5 file: tests/model/ref_checkpoint.random_sd15_checkpoint
+CKPT = os.environ.get("BATCHSD_REPRO_CKPT", "/tmp/golden/sd15.safetensors")   # a random full-width SD 1.5 file: tests/model/ref_checkpoint.random_sd15_checkpoint
