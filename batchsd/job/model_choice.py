@@ -10,11 +10,10 @@ from pathlib import Path
 from batchsd.errors import BatchSDError
 from batchsd.job.options import UsageError
 from batchsd.job.resume import ModelIdentity
+from batchsd.model.config import TINY_MODEL as TINY, TINY_MODEL_NAME
 
 MODEL_ENV = "BATCHSD_MODEL"
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt")
-TINY = "tiny"
-TINY_NAME = "tiny-random"    # the name results give the tiny random model (Pipeline.load("tiny").name)
 
 
 def _is_diffusers_folder(path: Path) -> bool:
@@ -60,7 +59,7 @@ def resolve_model(model: str | None, cwd: Path | None = None) -> str:
 def model_identity(model: str, prediction_type: str | None = None) -> ModelIdentity:
     """The identity Pipeline.load(model) will report, read from the file (no weights loaded)."""
     if model == TINY:
-        return ModelIdentity(TINY_NAME, None)
+        return ModelIdentity(TINY_MODEL_NAME, None)
     from batchsd.model.checkpoint import inspect_checkpoint
 
     path = Path(model)

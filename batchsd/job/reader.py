@@ -67,6 +67,6 @@ def read_job(opts: RunOptions) -> Job:
         raise UsageError(f"--limit {opts.limit}: use a whole number >= 0")
     shard = opts.shard if opts.shard is not None and not opts.shard.is_whole else None
     manifest, rows, row_errors = read_rows(opts.manifest, opts.limit, shard)
-    job_ids = [r.id for r in manifest.rows[: opts.limit]] if opts.limit is not None else [r.id for r in manifest.rows]
+    job_ids = [r.id for r in manifest.rows[: opts.limit]]   # every shard's rows (a None limit slices all)
     out_dir = Path(opts.out_dir) if opts.out_dir is not None else default_out_dir(Path(opts.manifest))
     return Job(manifest, rows, row_errors, out_dir, RunLayout(out_dir, shard), job_ids)

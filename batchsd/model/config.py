@@ -94,5 +94,8 @@ SD21 = SDConfig(
     UNetConfig(context_dim=1024, head_channels=64, linear_proj=True),
 )
 
+TINY_MODEL = "tiny"              # what Pipeline.load and --model take for the TINY preset (no file)
+TINY_MODEL_NAME = "tiny-random"  # the name it gets in results and PNG metadata
+
 PRESETS = {"sd15": SD15, "tiny": TINY}       # SD 1.x presets (config_inference.infer_sd1_config)
 SD2_PRESETS = {"sd21": SD21}                 # SD 2.x presets (2.0 and 2.1, base and 768-v share shapes)

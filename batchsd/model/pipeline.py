@@ -35,7 +35,7 @@ from PIL import Image
 
 from batchsd.errors import InputError
 from batchsd.model import samplers
-from batchsd.model.config import TINY
+from batchsd.model.config import TINY, TINY_MODEL, TINY_MODEL_NAME
 from batchsd.model.devices import resolve_device, resolve_dtype
 from batchsd.model.family import SD1, ModelFamily
 from batchsd.model.fast.compiled_unet import CompiledUNet
@@ -118,8 +118,8 @@ class Pipeline:
         preload_tokenizer()          # importing transformers overlaps with building the model and the load
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
-        if str(model) == "tiny":
-            return cls(SD1.model_class.random(TINY, seed=0), dev, dt, name="tiny-random",
+        if str(model) == TINY_MODEL:
+            return cls(SD1.model_class.random(TINY, seed=0), dev, dt, name=TINY_MODEL_NAME,
                        low_memory=low_memory, compile=compile, winograd=winograd, family=SD1)
         from batchsd.model.checkpoint import load_model
 
