@@ -39,8 +39,8 @@ from torch.overrides import TorchFunctionMode
 from batchsd.errors import CheckpointError
 from batchsd.model.checkpoint_files import SourceTensor, materialize, open_checkpoint
 from batchsd.model.config import SDConfig
-from batchsd.model.family import (SD1, AmbiguousPredictionType, CheckpointHints, ModelFamily, check_prediction_type,
-                                  detect_family, resolve_family)
+from batchsd.model.family import (SD1, SUPPORTED, AmbiguousPredictionType, CheckpointHints, ModelFamily,
+                                  check_prediction_type, detect_family, resolve_family)
 from batchsd.model.stable_diffusion import CLIP_PREFIX
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ def check_keys(tensors: Mapping[str, SourceTensor], cfg: SDConfig | None,
     elif cfg is not None and cfg.unet.in_channels != cfg.vae.latent_channels:
         r.problem = (f"the UNet takes {cfg.unet.in_channels} input channels, not the {cfg.vae.latent_channels} "
                      f"latent channels: this is an inpainting (9) or depth (5) or other variant model; "
-                     f"batchsd runs SD 1.x and SD 2.x text-to-image models")
+                     f"batchsd runs {SUPPORTED} text-to-image models")
     return r
 
 
@@ -246,7 +246,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
             raise CheckpointError(f"{source.path}: {report.problem}")
         if report.extra:
             log.warning("%s: ignoring unknown tensors %s", source.path, _listing(report.extra))
-        sha256 = pool.submit(checkpoint_sha256, source.files)
+        sha256 = pool.submit(checkpoint_sha256, source.identity_files)
 
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # copies are memory-bound; extra threads only contend (page faults)
@@ -316,7 +316,7 @@ def inspect_checkpoint(path: str | Path, hash: bool = True, prediction_type: str
             "mis_shaped": {k: [list(a), list(b)] for k, (a, b) in report.mis_shaped.items()},
             "not_float": report.not_float, "non_tensor_entries": source.skipped,
         }
-        files = source.files
+        files = source.identity_files
     if hash:
         out["sha256"] = checkpoint_sha256(files)
         out["short_hash"] = out["sha256"][:10]

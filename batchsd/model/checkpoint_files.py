@@ -40,18 +40,23 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from batchsd.errors import CheckpointError
-from batchsd.model.diffusers_layout import KEY_MAPS, fused_groups, original_shape
-from batchsd.model.stable_diffusion import CLIP_PREFIX, ORIGINAL_PREFIX, SD2_PREFIX
+from batchsd.model.diffusers_layout import KEY_MAPS, fused_groups, is_transposed, original_shape
+from batchsd.model.stable_diffusion import CLIP_PREFIX, ORIGINAL_PREFIX, SD2_PREFIX, SDXL_PREFIX
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
-DIFFUSERS_WEIGHTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+# a diffusers folder's weight files, component -> file stems in order of preference (transformers
+# saves text encoders as model.safetensors, older versions as pytorch_model.bin); text_encoder_2: SDXL
+DIFFUSERS_WEIGHTS = {"unet": ("diffusion_pytorch_model",), "vae": ("diffusion_pytorch_model",),
+                     "text_encoder": ("model", "pytorch_model"), "text_encoder_2": ("model", "pytorch_model")}
+DIFFUSERS_REQUIRED = ("unet", "vae", "text_encoder")   # every folder's; text_encoder_2 makes it SDXL
 # the config files of a diffusers folder that are read (when present): component -> file
 DIFFUSERS_CONFIGS = {"unet": "unet/config.json", "vae": "vae/config.json",
-                     "text_encoder": "text_encoder/config.json", "scheduler": "scheduler/scheduler_config.json"}
+                     "text_encoder": "text_encoder/config.json", "text_encoder_2": "text_encoder_2/config.json",
+                     "scheduler": "scheduler/scheduler_config.json"}
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,7 @@ class SourceTensor:
     raw: tuple[int, int] | None = None                # safetensors: (fd, byte offset) of its contiguous bytes
     read: Callable[[], torch.Tensor] | None = None    # .ckpt: a view of the file mapping, of `shape`
     parts: tuple["SourceTensor", ...] = ()            # a fused tensor: its row blocks, concatenated on dim 0
+    transposed: bool = False                          # stored as the transpose of `shape` (2-D)
 
 
 def _pread_into(out: torch.Tensor, fd: int, offset: int) -> torch.Tensor:
@@ -124,25 +130,35 @@ class Source:
         self.yaml_prediction_type: str | None = None  # what that yaml says ("epsilon" | "v_prediction")
         self.skipped: list[str] = []  # non-tensor entries of a pickled state dict
         self.fds: list[int] = []
+        self.identity_files: list[Path] = files      # what the model's sha256 is computed over
         self._scratch = torch.empty(0, dtype=torch.uint8)
         self.drop_pages: Callable[[torch.Tensor], None] = lambda t: None
 
-    def add_file(self, path: Path, rename: Callable[[list[str]], dict[str, str]], component: str | None) -> None:
-        """Add one file's tensors; `component` names the diffusers component whose layout it has (or None)."""
-        fix_shape = (lambda key, shape: shape) if component is None else \
-            (lambda key, shape: original_shape(component, key.removeprefix(ORIGINAL_PREFIX[component]), shape))
+    def add_file(self, path: Path, rename: Callable[[list[str]], dict[str, str]], layout: str | None) -> None:
+        """Add one file's tensors; `layout` names the diffusers_layout KEY_MAPS layout its keys have (or
+        None: the original layout)."""
+        fix_shape = (lambda key, shape: shape) if layout is None else \
+            (lambda key, shape: original_shape(layout, key, shape))
+        transposed = (lambda key: False) if layout is None else (lambda key: is_transposed(layout, key))
         if _sniff(path) == "safetensors":
             fd = os.open(path, os.O_RDONLY)
             self.fds.append(fd)
             for old, new, shape, dtype, offset in _safetensors_index(path, rename):
-                # a renamed diffusers tensor has the same bytes, only (maybe) another shape
-                self.tensors[new] = SourceTensor(fix_shape(new, shape), dtype, raw=(fd, offset))
+                # a renamed diffusers tensor has the same bytes, only (maybe) another shape or transposed
+                if transposed(new):
+                    self.tensors[new] = SourceTensor(tuple(reversed(shape)), dtype, raw=(fd, offset), transposed=True)
+                else:
+                    self.tensors[new] = SourceTensor(fix_shape(new, shape), dtype, raw=(fd, offset))
         else:
             tensors, skipped = _flat_tensors(_torch_load(path), path)
             self.skipped += skipped
             for old, new in rename(list(tensors)).items():
-                t, shape = tensors[old], fix_shape(new, tuple(tensors[old].shape))
-                self.tensors[new] = SourceTensor(shape, t.dtype, read=lambda t=t, s=shape: t.view(s))
+                t = tensors[old]
+                if transposed(new):
+                    self.tensors[new] = SourceTensor(tuple(reversed(t.shape)), t.dtype, read=lambda t=t: t.t())
+                else:
+                    shape = fix_shape(new, tuple(t.shape))
+                    self.tensors[new] = SourceTensor(shape, t.dtype, read=lambda t=t, s=shape: t.view(s))
 
     def fuse_parts(self) -> None:
         """Keys `<key>::<i>` (diffusers_layout.FUSED_PART) -> one tensor `<key>` of those row blocks."""
@@ -277,9 +293,18 @@ def _single_file_rename(keys: list[str]) -> dict[str, str]:
     return {k: CLIP_PREFIX + k[len(old_clip):] if k.startswith(old_clip) else k for k in keys}
 
 
-def _diffusers_weight_files(folder: Path, stem: str) -> tuple[list[Path], list[str] | None]:
-    """A component's weight files (full precision first, then the fp16 variant) and, for a sharded
-    component, all its keys from the index (the UNet mapping needs every key to count blocks)."""
+def _diffusers_weight_files(folder: Path, stems: Iterable[str]) -> tuple[list[Path], list[str] | None]:
+    """A component's weight files (the first stem that has any: full precision first, then the fp16
+    variant) and, for a sharded component, all its keys from the index (the UNet mapping needs every
+    key to count blocks)."""
+    for stem in stems:
+        files, keys = _diffusers_stem_files(folder, stem)
+        if files:
+            return files, keys
+    return [], None
+
+
+def _diffusers_stem_files(folder: Path, stem: str) -> tuple[list[Path], list[str] | None]:
     for name, index_name in ((f"{stem}.safetensors", f"{stem}.safetensors.index.json"),
                              (f"{stem}.fp16.safetensors", f"{stem}.safetensors.index.fp16.json"),
                              (f"{stem}.bin", f"{stem}.bin.index.json"),
@@ -337,20 +362,26 @@ def is_sd2_folder(configs: Mapping[str, dict]) -> bool:
 
 
 def _diffusers_plan(folder: Path, configs: Mapping[str, dict]) -> list[tuple[Path, Callable, str]]:
-    """(file, rename, component) for each weight file of a diffusers folder."""
-    if not all((folder / component).is_dir() for component in DIFFUSERS_WEIGHTS):
+    """(file, rename, layout) for each weight file of a diffusers folder: an SDXL folder (with
+    text_encoder_2/) has its encoders renamed to sgm's layout (CLIP ViT-L as is, OpenCLIP ViT-bigG to
+    OpenCLIP names), an SD 2.x folder its encoder to OpenCLIP names, an SD 1.x folder to CLIP's."""
+    if not all((folder / component).is_dir() for component in DIFFUSERS_REQUIRED):
         raise CheckpointError(f"{folder}: a folder must be a diffusers model folder with "
-                              f"{', '.join(c + '/' for c in DIFFUSERS_WEIGHTS)} subfolders")
-    sd2 = is_sd2_folder(configs)
+                              f"{', '.join(c + '/' for c in DIFFUSERS_REQUIRED)} subfolders")
+    sdxl = (folder / "text_encoder_2").is_dir()
+    sd2 = not sdxl and is_sd2_folder(configs)
+    prefixes = SDXL_PREFIX if sdxl else SD2_PREFIX if sd2 else ORIGINAL_PREFIX
     plan = []
-    for component, stem in DIFFUSERS_WEIGHTS.items():
-        files, all_keys = _diffusers_weight_files(folder / component, stem)
+    for component, prefix in prefixes.items():
+        stems = DIFFUSERS_WEIGHTS[component]
+        files, all_keys = _diffusers_weight_files(folder / component, stems)
         if not files:
-            raise CheckpointError(f"{folder / component}: no {stem}.safetensors (or .fp16.safetensors) weights")
-        layout = "text_encoder_openclip" if sd2 and component == "text_encoder" else component
-        prefix = (SD2_PREFIX if sd2 else ORIGINAL_PREFIX)[component]
+            raise CheckpointError(f"{folder / component}: no {stems[0]}.safetensors (or .fp16.safetensors, "
+                                  f"{stems[-1]}.bin) weights")
+        layout = ("text_encoder_openclip" if (sd2 and component == "text_encoder") or component == "text_encoder_2"
+                  else component)
         key_map = KEY_MAPS[layout](all_keys) if all_keys else None
-        plan += [(f, partial(_diffusers_rename, layout=layout, prefix=prefix, key_map=key_map), component)
+        plan += [(f, partial(_diffusers_rename, layout=layout, prefix=prefix, key_map=key_map), layout)
                  for f in files]
     return plan
 
@@ -404,6 +435,10 @@ def open_checkpoint(path: str | Path) -> Source:
         files = sorted((f for f, _, _ in plan), key=lambda f: str(f.relative_to(path)))
         source = Source(path, "diffusers", "diffusers", files)
         source.configs = configs
+        # the model's identity (its sha256) covers the config files read, which change what loads
+        source.identity_files = sorted([*files, *(path / name for name in DIFFUSERS_CONFIGS.values()
+                                                  if (path / name).is_file())],
+                                       key=lambda f: str(f.relative_to(path)))
     else:
         plan = [(path, _single_file_rename, None)]
         source = Source(path, "safetensors" if _sniff(path) == "safetensors" else "ckpt", "single-file", [path])
@@ -439,6 +474,8 @@ def _read_into(source: Source, t: SourceTensor, out: torch.Tensor) -> None:
         for part in t.parts:
             _read_into(source, part, out[row:row + part.shape[0]])
             row += part.shape[0]
+    elif t.transposed and t.raw is not None:   # read as stored, then written transposed
+        out.copy_(_pread_into(source.scratch(t.shape[::-1], t.dtype), *t.raw).t())
     elif t.raw is None:  # .ckpt: a view of the file mapping
         view = t.read()
         out.copy_(view)

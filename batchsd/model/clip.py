@@ -2,7 +2,8 @@
 
 A GPT-style stack: token + learned position embeddings, `layers` pre-LayerNorm transformer
 blocks with causal self-attention and a QuickGELU MLP, a final LayerNorm. Stable Diffusion 1.x
-conditions on the last hidden state ([B, 77, 768]); there is no pooling or projection here.
+conditions on the last hidden state ([B, 77, 768]), SDXL on the penultimate block's raw output;
+there is no pooling or projection here.
 
 Attribute paths equal the original checkpoint keys below `cond_stage_model.transformer.text_model.`
 (`embeddings.token_embedding.weight`, `encoder.layers.0.self_attn.q_proj.weight`, ...,
@@ -95,16 +96,19 @@ class CLIPEncoder(nn.Module):
 
 
 class CLIPTextModel(nn.Module):
-    """input_ids [B, T<=77] -> last hidden state after final_layer_norm [B, T, width]."""
+    """input_ids [B, T<=77] -> hidden state after the cfg.layers blocks [B, T, width], through
+    final_layer_norm when cfg.final_norm (SD 1.x: all 12 blocks, normed; SDXL: the first 11 blocks'
+    raw output, transformers' hidden_states[-2])."""
 
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
         self.cfg = cfg
         self.embeddings = CLIPTextEmbeddings(cfg)
         self.encoder = CLIPEncoder(cfg)
-        self.final_layer_norm = nn.LayerNorm(cfg.width, eps=cfg.eps)
+        if cfg.final_norm:
+            self.final_layer_norm = nn.LayerNorm(cfg.width, eps=cfg.eps)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embeddings(input_ids)      # [B, T, D]
         x = self.encoder(x)                 # [B, T, D]
-        return self.final_layer_norm(x)     # [B, T, D]
+        return self.final_layer_norm(x) if self.cfg.final_norm else x

@@ -1,4 +1,4 @@
-"""Frozen model configurations: the SD 1.x and SD 2.x shapes and a tiny preset with the SD 1.x topology.
+"""Frozen model configurations: the SD 1.x, SD 2.x and SDXL shapes and a tiny preset with the SD 1.x topology.
 
 Every model module takes its config dataclass whole; nothing about widths is hard-coded in the
 modules. `tiny` keeps the SD 1.x topology (4 UNet levels, 2 res blocks, attention on the first
@@ -23,6 +23,10 @@ class CLIPTextConfig:
     mlp_width: int = 3072      # MLP hidden width
     eps: float = 1e-5          # LayerNorm eps
     act: str = "quick_gelu"    # MLP activation: "quick_gelu" (CLIP ViT-L, SD 1.x) or "gelu" (OpenCLIP, SD 2.x)
+    # the model's output is final_layer_norm/ln_final of the last block run (SD 1.x, SD 2.x); False: the
+    # last block's raw output (SDXL reads both encoders' penultimate hidden states, before any final norm)
+    final_norm: bool = True
+    projection_dim: int = 0    # > 0: a pooled, projected output too (SDXL's OpenCLIP ViT-bigG `text_projection`)
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,9 @@ class VAEConfig:
     groups: int = 32
     eps: float = 1e-6          # GroupNorm eps (the VAE uses 1e-6, the UNet 1e-5)
     scaling_factor: float = 0.18215
+    # fp16 overflows in this VAE (SDXL's): it runs in fp32 when the model's dtype is fp16 (diffusers'
+    # `force_upcast`; a fixed fp16 VAE's folder config says false)
+    force_upcast: bool = False
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,12 @@ class UNetConfig:
     channel_mult: tuple[int, ...] = (1, 2, 4, 4)
     res_blocks: int = 2
     attention_levels: tuple[int, ...] = (0, 1, 2)  # levels with a spatial transformer (+ middle)
+    # transformer blocks in each spatial transformer, per level (empty: 1 on every attention level;
+    # SDXL: (0, 2, 10)), and in the middle block's
+    transformer_depth: tuple[int, ...] = ()
+    middle_transformer_depth: int = 1
+    adm_in_channels: int = 0   # > 0: `label_emb` adds a projection of a [B, adm_in_channels] vector y to the
+                               # time embedding (SDXL: pooled text + size/crop embeddings, 2816)
     heads: int = 8             # attention heads of every spatial transformer (when head_channels is 0)
     head_channels: int = 0     # > 0: heads of width head_channels instead, channels // head_channels (SD 2.x: 64)
     linear_proj: bool = False  # proj_in/proj_out are Linear [C, C] (SD 2.x) instead of 1x1 convolutions
@@ -56,6 +69,12 @@ class UNetConfig:
     @property
     def time_embed_dim(self) -> int:
         return self.model_channels * 4
+
+    def depth_at(self, level: int) -> int:
+        """Transformer blocks of each spatial transformer at `level` (0: none there)."""
+        if level not in self.attention_levels:
+            return 0
+        return self.transformer_depth[level] if self.transformer_depth else 1
 
     def heads_at(self, channels: int) -> int:
         """Attention heads of a spatial transformer of `channels` channels."""
@@ -72,6 +91,7 @@ class SDConfig:
     clip: CLIPTextConfig
     vae: VAEConfig
     unet: UNetConfig
+    clip2: CLIPTextConfig | None = None   # the second text encoder (SDXL's OpenCLIP ViT-bigG), if any
 
     @property
     def latent_factor(self) -> int:
@@ -87,6 +107,22 @@ TINY = SDConfig(
     UNetConfig(model_channels=32, channel_mult=(1, 2, 4, 4), heads=8, context_dim=64),
 )
 
+# SDXL base 1.0: CLIP ViT-L (12 layers, penultimate) + OpenCLIP ViT-bigG (32 layers, penultimate and
+# pooled/projected) -> a 2048-wide context; 3 UNet levels, no attention on the first, 2 and 10
+# transformer blocks per spatial transformer on the others and 10 in the middle; 64-wide heads, linear
+# projections, `label_emb` for pooled text + size/crop; the VAE's scaling 0.13025, fp32 under fp16.
+SDXL_CLIP_L = CLIPTextConfig(layers=11, final_norm=False)
+SDXL_OPENCLIP_G = CLIPTextConfig(width=1280, layers=32, heads=20, mlp_width=5120, act="gelu", projection_dim=1280)
+SDXL = SDConfig(
+    "sdxl",
+    SDXL_CLIP_L,
+    VAEConfig(scaling_factor=0.13025, force_upcast=True),
+    UNetConfig(channel_mult=(1, 2, 4), attention_levels=(1, 2), transformer_depth=(0, 2, 10),
+               middle_transformer_depth=10, head_channels=64, linear_proj=True, context_dim=2048,
+               adm_in_channels=2816),
+    clip2=SDXL_OPENCLIP_G,
+)
+
 SD21 = SDConfig(
     "sd21",
     CLIPTextConfig(width=1024, layers=23, heads=16, mlp_width=4096, act="gelu"),
@@ -99,3 +135,4 @@ TINY_MODEL_NAME = "tiny-random"  # the name it gets in results and PNG metadata
 
 PRESETS = {"sd15": SD15, "tiny": TINY}       # SD 1.x presets (config_inference.infer_sd1_config)
 SD2_PRESETS = {"sd21": SD21}                 # SD 2.x presets (2.0 and 2.1, base and 768-v share shapes)
+SDXL_PRESETS = {"sdxl": SDXL}                # SDXL presets

@@ -24,8 +24,10 @@ from dataclasses import replace
 from typing import Iterable, Mapping
 
 from batchsd.errors import CheckpointError
-from batchsd.model.config import PRESETS, SD2_PRESETS, CLIPTextConfig, SDConfig, UNetConfig, VAEConfig
-from batchsd.model.stable_diffusion import (CLIP_PREFIX, OPENCLIP_PREFIX, ORIGINAL_PREFIX, SD2_PREFIX, UNET_PREFIX,
+from batchsd.model.config import (PRESETS, SD2_PRESETS, SDXL_PRESETS, CLIPTextConfig, SDConfig, UNetConfig,
+                                  VAEConfig)
+from batchsd.model.stable_diffusion import (CLIP_PREFIX, OPENCLIP_PREFIX, ORIGINAL_PREFIX, SD2_PREFIX,
+                                            SDXL_CLIP_PREFIX, SDXL_OPENCLIP_PREFIX, SDXL_PREFIX, UNET_PREFIX,
                                             VAE_PREFIX)
 
 OPENCLIP_H_WIDTH = 1024    # OpenCLIP ViT-H/14: 24 blocks, SD 2.x runs the first 23
@@ -67,7 +69,17 @@ def _infer_unet(s: Mapping[str, tuple[int, ...]]) -> UNetConfig:
                               f"of {model_channels}")
     context = [v for k, v in s.items() if k.endswith(".attn2.to_k.weight")]  # [inner, context_dim]
     proj_in = [v for k, v in s.items() if k.endswith(".proj_in.weight")]   # conv [C, C, 1, 1] or linear [C, C]
+    # transformer blocks per spatial transformer: each attention level's first one, and the middle's
+    depths = []
+    for level in range(len(level_channels)):
+        first = 1 + level * (res_blocks + 1)
+        depths.append(len(_indices(s, rf"input_blocks\.{first}\.1\.transformer_blocks\.(\d+)\.")))
+    middle_depth = len(_indices(s, r"middle_block\.1\.transformer_blocks\.(\d+)\.")) or 1
+    plain = all(d == 1 for lv, d in enumerate(depths) if lv in attention_levels) and middle_depth == 1
+    label_emb = s.get("label_emb.0.0.weight")                                # [time_embed_dim, adm_in]
     return UNetConfig(
+        transformer_depth=() if plain else tuple(depths), middle_transformer_depth=middle_depth,
+        adm_in_channels=label_emb[1] if label_emb else 0,
         linear_proj=bool(proj_in) and len(proj_in[0]) == 2,
         in_channels=in_channels, out_channels=out_channels, model_channels=model_channels,
         channel_mult=tuple(ch[0] // model_channels for ch in level_channels), res_blocks=res_blocks,
@@ -94,8 +106,8 @@ def _infer_vae(s: Mapping[str, tuple[int, ...]]) -> VAEConfig:
     )
 
 
-def _infer_clip(s: Mapping[str, tuple[int, ...]]) -> CLIPTextConfig:
-    need = lambda key: _need(s, CLIP_PREFIX, key, "CLIP text encoder")  # noqa: E731
+def _infer_clip(s: Mapping[str, tuple[int, ...]], prefix: str = CLIP_PREFIX) -> CLIPTextConfig:
+    need = lambda key: _need(s, prefix, key, "CLIP text encoder")  # noqa: E731
     vocab_size, width = need("embeddings.token_embedding.weight")
     return CLIPTextConfig(
         vocab_size=vocab_size, width=width, max_positions=need("embeddings.position_embedding.weight")[0],
@@ -106,6 +118,9 @@ def _infer_clip(s: Mapping[str, tuple[int, ...]]) -> CLIPTextConfig:
 
 def _component(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> dict[str, tuple[int, ...]]:
     return {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
+
+
+COMPONENT_NAMES["text_encoder_2"] = "second (OpenCLIP) text encoder"
 
 
 def _need_all(shapes: Mapping[str, tuple[int, ...]], prefixes: Mapping[str, str], family: str) -> None:
@@ -147,8 +162,8 @@ def infer_sd1_config(shapes: Mapping[str, tuple[int, ...]], configs: Mapping[str
     return cfg
 
 
-def _infer_openclip(s: Mapping[str, tuple[int, ...]], layout: str) -> CLIPTextConfig:
-    need = lambda key: _need(s, OPENCLIP_PREFIX, key, "OpenCLIP text encoder")  # noqa: E731
+def _infer_openclip(s: Mapping[str, tuple[int, ...]], layout: str, prefix: str = OPENCLIP_PREFIX) -> CLIPTextConfig:
+    need = lambda key: _need(s, prefix, key, "OpenCLIP text encoder")  # noqa: E731
     vocab_size, width = need("token_embedding.weight")
     blocks = len(_indices(s, r"transformer\.resblocks\.(\d+)\."))
     if layout == "diffusers":
@@ -185,6 +200,35 @@ def infer_sd2_config(shapes: Mapping[str, tuple[int, ...]], layout: str = "singl
     return _finish(cfg, SD2_PRESETS, configs or {})
 
 
+def infer_sdxl_config(shapes: Mapping[str, tuple[int, ...]], configs: Mapping[str, Mapping] | None = None) -> SDConfig:
+    """SDXL SDConfig from tensor shapes (original keys, the encoders under `conditioner.embedders.{0,1}.`)
+    and a diffusers folder's `configs` (authoritative). Both encoders are read at their penultimate
+    layer: the CLIP ViT-L runs all but its last block and no final norm (the file's last block and
+    final_layer_norm are left unused, in a single file and in a folder alike: diffusers reads
+    hidden_states[-2]); the OpenCLIP ViT-bigG runs every block (the last one feeds the pooled output)."""
+    _need_all(shapes, SDXL_PREFIX, "SDXL")
+    clip = _infer_clip(_component(shapes, SDXL_CLIP_PREFIX), SDXL_CLIP_PREFIX)
+    if clip.layers < 2:
+        raise CheckpointError(f"unsupported SDXL CLIP text encoder: {clip.layers} layers (SDXL reads the penultimate)")
+    second = _component(shapes, SDXL_OPENCLIP_PREFIX)
+    clip2 = _infer_openclip(second, "diffusers", SDXL_OPENCLIP_PREFIX)   # every block is run
+    projection = _need(second, SDXL_OPENCLIP_PREFIX, "text_projection", "OpenCLIP text encoder")
+    if projection[0] != clip2.width:
+        raise CheckpointError(f"{SDXL_OPENCLIP_PREFIX}text_projection has shape {list(projection)}: the "
+                              f"first dimension must be the encoder's width {clip2.width}")
+    unet = _infer_unet(_component(shapes, UNET_PREFIX))
+    if not unet.adm_in_channels:
+        raise CheckpointError(f"an SDXL UNet needs the size/crop conditioning tensors {UNET_PREFIX}label_emb.0.0.*")
+    cfg = SDConfig(
+        "custom",
+        clip=replace(clip, layers=clip.layers - 1, final_norm=False),
+        clip2=replace(clip2, projection_dim=projection[1]),
+        vae=replace(_infer_vae(_component(shapes, VAE_PREFIX)), scaling_factor=0.13025, force_upcast=True),
+        unet=replace(unet, head_channels=64),     # SDXL: 64-wide heads (sgm num_head_channels 64)
+    )
+    return _finish(cfg, SDXL_PRESETS, configs or {})
+
+
 def _unet_heads(unet: UNetConfig, config: Mapping) -> UNetConfig:
     """Head counts from a diffusers UNet config (`num_attention_heads`, else `attention_head_dim`, which
     diffusers' SD configs use for the head COUNT: one for all levels or one per level) as UNetConfig's
@@ -209,19 +253,31 @@ def _unet_heads(unet: UNetConfig, config: Mapping) -> UNetConfig:
 
 def apply_diffusers_configs(cfg: SDConfig, configs: Mapping[str, Mapping]) -> SDConfig:
     """`cfg` with what a diffusers folder's config.json files say (those present) put in."""
-    clip, unet, vae = cfg.clip, cfg.unet, cfg.vae
+    clip, clip2, unet, vae = cfg.clip, cfg.clip2, cfg.unet, cfg.vae
     if text := configs.get("text_encoder"):
-        act = text.get("hidden_act", clip.act)
-        if act not in ("gelu", "quick_gelu"):
-            raise CheckpointError(f"text_encoder/config.json: hidden_act {act!r} is not supported (gelu, quick_gelu)")
-        clip = replace(clip, heads=int(text.get("num_attention_heads", clip.heads)), act=act,
-                       eps=float(text.get("layer_norm_eps", clip.eps)),
-                       layers=int(text.get("num_hidden_layers", clip.layers)))
+        clip = _text_config(clip, text, "text_encoder")
+    if clip2 is not None and (text := configs.get("text_encoder_2")):
+        clip2 = _text_config(clip2, text, "text_encoder_2")
     if unet_config := configs.get("unet"):
         unet = _unet_heads(unet, unet_config)
         unet = replace(unet, linear_proj=bool(unet_config.get("use_linear_projection", unet.linear_proj)),
                        eps=float(unet_config.get("norm_eps", unet.eps)),
                        groups=int(unet_config.get("norm_num_groups", unet.groups)))
     if vae_config := configs.get("vae"):
-        vae = replace(vae, scaling_factor=float(vae_config.get("scaling_factor", vae.scaling_factor)))
-    return replace(cfg, clip=clip, unet=unet, vae=vae)
+        # force_upcast: only a family whose VAE upcasts (SDXL's; diffusers' SD 1.x/2.x pipelines never
+        # do, whatever the config says) reads it, and a false there (a fixed fp16 VAE) turns it off
+        vae = replace(vae, scaling_factor=float(vae_config.get("scaling_factor", vae.scaling_factor)),
+                      force_upcast=vae.force_upcast and bool(vae_config.get("force_upcast", True)))
+    return replace(cfg, clip=clip, clip2=clip2, unet=unet, vae=vae)
+
+
+def _text_config(clip: CLIPTextConfig, text: Mapping, name: str) -> CLIPTextConfig:
+    """A text encoder's config.json over `clip`: heads, activation, LayerNorm eps; the layer count when
+    the model runs them all (an encoder read at its penultimate layer without a final norm, SDXL's
+    CLIP ViT-L, runs one fewer than the folder's model has)."""
+    act = text.get("hidden_act", clip.act)
+    if act not in ("gelu", "quick_gelu"):
+        raise CheckpointError(f"{name}/config.json: hidden_act {act!r} is not supported (gelu, quick_gelu)")
+    layers = int(text.get("num_hidden_layers", clip.layers + (not clip.final_norm)))
+    return replace(clip, heads=int(text.get("num_attention_heads", clip.heads)), act=act,
+                   eps=float(text.get("layer_norm_eps", clip.eps)), layers=layers - (not clip.final_norm))

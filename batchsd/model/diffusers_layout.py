@@ -8,6 +8,7 @@ relative to the original component prefixes (`stable_diffusion.ORIGINAL_PREFIX`)
     vae           diffusers AutoencoderKL         -> below `first_stage_model.`
     text_encoder  transformers CLIPTextModel      -> below `cond_stage_model.transformer.text_model.` (SD 1.x)
     text_encoder_openclip  the same, of SD 2.x    -> OpenCLIP names below `cond_stage_model.model.` (SD 2.x)
+                  and SDXL's text_encoder_2 (CLIPTextModelWithProjection) -> below `conditioner.embedders.1.model.`
 
 The correspondence is the inverse of diffusers' `convert_ldm_unet_checkpoint` /
 `convert_ldm_vae_checkpoint` (loaders/single_file_utils.py). It is rule-based: the number of
@@ -41,6 +42,8 @@ _UNET_RESNET = {
 _UNET_TOP = {
     "time_embedding.linear_1": "time_embed.0",
     "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",    # SDXL's size/crop + pooled text conditioning
+    "add_embedding.linear_2": "label_emb.0.2",
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
@@ -152,7 +155,7 @@ def openclip_text_encoder_key_map(keys: Iterable[str]) -> dict[str, str]:
     """transformers CLIPTextModel key (with or without `text_model.`) -> OpenCLIP key below
     `cond_stage_model.model.` (SD 2.x); q/k/v projections -> `attn.in_proj_*::<0|1|2>`.
     `embeddings.position_ids` -> `position_ids` and `text_projection.weight` -> `text_projection`
-    (the SD 2.x family ignores both)."""
+    (transposed, `is_transposed`; SD 2.x ignores both, SDXL's ViT-bigG uses the projection)."""
     out = {}
     for key in keys:
         k = key[len("text_model."):] if key.startswith("text_model.") else key
@@ -194,6 +197,12 @@ KEY_MAPS = {"unet": unet_key_map, "vae": vae_key_map, "text_encoder": text_encod
             "text_encoder_openclip": openclip_text_encoder_key_map}
 
 
+def is_transposed(layout: str, original_key: str) -> bool:
+    """Whether the original tensor is the transpose of the diffusers one: OpenCLIP's `text_projection`
+    (applied as x @ P) is transformers' `text_projection.weight` (a Linear, x @ W.T)."""
+    return layout == "text_encoder_openclip" and original_key.endswith("text_projection")
+
+
 def original_shape(component: str, original_key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     """Shape of a renamed tensor: VAE attention Linear [C, C] (or old conv1d [C, C, 1]) -> 1x1 conv [C, C, 1, 1]."""
     shape = tuple(shape)
@@ -219,7 +228,8 @@ def diffusers_to_original(component: str, state_dict: Mapping[str, torch.Tensor]
     for old, new in key_map.items():
         if new in out:
             raise ValueError(f"{component}: two diffusers keys map to {new!r} (one is {old!r})")
-        out[new] = to_original_tensor(component, new, state_dict[old])
+        tensor = state_dict[old]
+        out[new] = tensor.t() if is_transposed(component, new) else to_original_tensor(component, new, tensor)
     for base, parts in fused_groups(list(out)).items():
         if base in out:
             raise ValueError(f"{component}: {base!r} is both whole and in parts")

@@ -16,6 +16,12 @@ Families:
                            64-wide heads and a 1024-wide context; SD 1.5's scheduler values,
                            epsilon prediction, 512x512
     sd2-v    "SD 2.x-v"    SD 2.0/2.1 (768-v): the same model, v-prediction, 768x768
+    sdxl     "SDXL"        SDXL base 1.0: CLIP ViT-L and OpenCLIP ViT-bigG read at their penultimate
+                           layers (context 768 + 1280), ViT-bigG's pooled projection and the size/crop
+                           numbers as the UNet's vector y (`sdxl_vector`), 3-level UNet, VAE scaled by
+                           0.13025 and run in fp32 under fp16; SDXL's scheduler config ("leading"
+                           timesteps for every sampler), epsilon, 1024x1024; an empty negative prompt
+                           is zero conditioning
 
 The two SD 2.x families have the same keys and shapes: the prediction type is not in a single
 file. `resolve_family` picks it by this rule (never a silent guess):
@@ -38,23 +44,32 @@ and changes its scheduler's prediction type.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, NamedTuple
 
 import torch
 from torch import nn
 
 from batchsd.errors import CheckpointError
 from batchsd.model.config import SDConfig
-from batchsd.model.config_inference import infer_sd1_config, infer_sd2_config
+from batchsd.model.config_inference import infer_sd1_config, infer_sd2_config, infer_sdxl_config
 from batchsd.model.request import DEFAULT_SIZE
 from batchsd.model.samplers import PREDICTION_TYPES, SchedulerConfig
-from batchsd.model.stable_diffusion import (CLIP_PREFIX, OPENCLIP_PREFIX, ORIGINAL_PREFIX, SD2_PREFIX, UNET_PREFIX,
-                                            VAE_PREFIX, StableDiffusion2Model, StableDiffusionModel)
+from batchsd.model.stable_diffusion import (CLIP_PREFIX, OPENCLIP_PREFIX, ORIGINAL_PREFIX, SD2_PREFIX,
+                                            SDXL_CLIP_PREFIX, SDXL_OPENCLIP_PREFIX, SDXL_PREFIX, UNET_PREFIX,
+                                            VAE_PREFIX, StableDiffusion2Model, StableDiffusionModel,
+                                            StableDiffusionXLModel)
 from batchsd.model.tokenizer import SD2_PAD_TOKEN, tokenize
 
 Shapes = Mapping[str, tuple[int, ...]]   # checkpoint key (original layout) -> tensor shape
 
-SUPPORTED = "SD 1.x and SD 2.x"          # what messages say batchsd runs
+SUPPORTED = "SD 1.x, SD 2.x and SDXL base"   # what messages say batchsd runs
+
+
+class TextConditioning(NamedTuple):
+    """What a family's text encoders make of a batch of prompts."""
+    context: torch.Tensor                   # [B, 77, D] the UNet's cross-attention context
+    truncated: list[bool]                   # whether each prompt was cut at 77 tokens
+    pooled: torch.Tensor | None = None      # [B, P] a pooled text embedding (SDXL), else None
 
 
 @dataclass(frozen=True)
@@ -77,13 +92,19 @@ class ModelFamily:
     infer_config: Callable[..., SDConfig]
     # model_class(cfg) builds the model (.cfg, .unet, .vae, .text_encoder); .random(cfg, seed): random weights
     model_class: type[nn.Module]
-    # text conditioning: (model, prompts, device) -> (UNet context [B, T, D], whether each prompt was truncated)
-    encode_text: Callable[[nn.Module, list[str], torch.device], tuple[torch.Tensor, list[bool]]]
+    # text conditioning: (model, prompts, device) -> TextConditioning
+    encode_text: Callable[[nn.Module, list[str], torch.device], TextConditioning]
     latent_scale: Callable[[SDConfig], float]  # VAE latents x this = the latents the UNet works on
     scheduler: SchedulerConfig             # the training noise schedule the samplers rebuild (prediction type too)
     default_size: int                      # text-to-image width and height when a row gives none
     # file tensors under its prefixes that the family knows and does not load (key, config) -> bool
     ignored: Callable[[str, SDConfig], bool] = lambda key, cfg: False
+    # an empty negative prompt is all-zero conditioning (context and pooled), not the encoding of ""
+    # (SDXL: diffusers' force_zeros_for_empty_prompt, A1111's zeroed empty negative prompt)
+    zero_empty_negative: bool = False
+    # the UNet's vector input y (cfg.unet.adm_in_channels) from the pooled text embeddings [B, P], the
+    # rows and their (width, height): SDXL's `sdxl_unet_vector`; None: the UNet takes no vector
+    unet_vector: Callable[[torch.Tensor, list, int, int], torch.Tensor] | None = None
 
     @property
     def generation(self) -> str:
@@ -107,10 +128,10 @@ def _sd1_infer_config(shapes: Shapes, hints: CheckpointHints = CheckpointHints()
     return infer_sd1_config(shapes, hints.configs)
 
 
-def _sd1_encode_text(model: nn.Module, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, list[bool]]:
+def _sd1_encode_text(model: nn.Module, prompts: list[str], device: torch.device) -> TextConditioning:
     """CLIP token ids (77, padded with <|endoftext|>) -> the text encoder's last hidden state."""
     ids, truncated = tokenize(prompts)
-    return model.text_encoder(ids.to(device)), truncated
+    return TextConditioning(model.text_encoder(ids.to(device)), truncated)
 
 
 SD15_SCHEDULER = SchedulerConfig(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, steps_offset=1)
@@ -142,11 +163,11 @@ def _sd2_infer_config(shapes: Shapes, hints: CheckpointHints = CheckpointHints()
     return infer_sd2_config(shapes, hints.layout, hints.configs)
 
 
-def _sd2_encode_text(model: nn.Module, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, list[bool]]:
+def _sd2_encode_text(model: nn.Module, prompts: list[str], device: torch.device) -> TextConditioning:
     """Token ids (77, padded with "!", id 0, as diffusers' SD 2.x tokenizer) -> ln_final of the OpenCLIP
     encoder's penultimate layer."""
     ids, truncated = tokenize(prompts, pad_token=SD2_PAD_TOKEN)
-    return model.text_encoder(ids.to(device)), truncated
+    return TextConditioning(model.text_encoder(ids.to(device)), truncated)
 
 
 # non-model tensors of released SD 2.x files under the text encoder's prefix: CLIP's projection to the
@@ -188,7 +209,107 @@ def _sd2_family(name: str, label: str, prediction_type: str, default_size: int) 
 SD2_EPS = _sd2_family("sd2-eps", "SD 2.x-eps", "epsilon", 512)
 SD2_V = _sd2_family("sd2-v", "SD 2.x-v", "v_prediction", 768)
 
-FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SD1, SD2_EPS, SD2_V)}
+# ----------------------------------------------------------------------------- SDXL
+
+def _sdxl_detect(shapes: Shapes) -> bool:
+    """An SDXL base checkpoint has CLIP ViT-L under `conditioner.embedders.0.transformer.` and OpenCLIP
+    ViT-bigG under `conditioner.embedders.1.model.` (the refiner has only the latter, as embedders.0)."""
+    return (any(k.startswith(SDXL_CLIP_PREFIX) for k in shapes)
+            and any(k.startswith(SDXL_OPENCLIP_PREFIX) for k in shapes))
+
+
+ADD_TIME_EMBED_DIM = 256   # SDXL: each size/crop number's sinusoidal embedding width (addition_time_embed_dim)
+
+
+def _sdxl_infer_config(shapes: Shapes, hints: CheckpointHints = CheckpointHints()) -> SDConfig:
+    unet = hints.configs.get("unet", {})
+    for key, want in (("addition_embed_type", "text_time"), ("addition_time_embed_dim", ADD_TIME_EMBED_DIM)):
+        if key in unet and unet[key] != want:
+            raise CheckpointError(f"unet/config.json: {key} {unet[key]!r} is not supported (SDXL base: {want!r})")
+    cfg = infer_sdxl_config(shapes, hints.configs)
+    want = cfg.clip2.projection_dim + 6 * ADD_TIME_EMBED_DIM
+    if cfg.unet.adm_in_channels != want:
+        raise CheckpointError(f"the UNet's size/crop conditioning takes {cfg.unet.adm_in_channels} values, not "
+                              f"{want} (pooled text {cfg.clip2.projection_dim} + 6 x {ADD_TIME_EMBED_DIM}): "
+                              f"not an SDXL base model (the refiner takes 2560)")
+    return cfg
+
+
+def _sdxl_encode_text(model: nn.Module, prompts: list[str], device: torch.device) -> TextConditioning:
+    """CLIP ViT-L's penultimate hidden state (tokens padded with <|endoftext|>) and OpenCLIP ViT-bigG's
+    (tokens padded with "!", id 0, as diffusers' tokenizer_2), concatenated to the context [B, 77, 768 +
+    1280]; ViT-bigG's pooled projection as `pooled`."""
+    ids, truncated = tokenize(prompts)
+    ids_2, _ = tokenize(prompts, pad_token=SD2_PAD_TOKEN)         # the same BPE: the same cuts
+    first = model.text_encoder(ids.to(device))
+    second, pooled = model.text_encoder_2.forward_with_pooled(ids_2.to(device))
+    return TextConditioning(torch.cat([first, second], dim=-1), truncated, pooled)
+
+
+def sdxl_time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int],
+                  target_size: tuple[int, int]) -> list[float]:
+    """SDXL's six micro-conditioning numbers, in diffusers' add_time_ids order: original (height, width),
+    crop (top, left), target (height, width)."""
+    return [float(v) for v in (*original_size, *crop_top_left, *target_size)]
+
+
+def sdxl_vector(pooled: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
+    """The UNet's y [B, P + 6 * 256]: the pooled text embedding, then the sinusoidal embedding of each
+    micro-conditioning number (time_ids [B, 6], float32), as sgm's ConcatTimestepEmbedderND and
+    diffusers' add_time_proj + add_embeds."""
+    from batchsd.model.unet import timestep_embedding
+
+    B = time_ids.shape[0]
+    times = timestep_embedding(time_ids.flatten(), ADD_TIME_EMBED_DIM).reshape(B, -1)   # [B, 6 * 256] float32
+    return torch.cat([pooled.float(), times.to(pooled.device)], dim=-1)
+
+
+def sdxl_unet_vector(pooled: torch.Tensor, rows: list, width: int, height: int) -> torch.Tensor:
+    """y for each row: its pooled text embedding and its size/crop numbers (GenerationRow's
+    original_width/height, default the row's size; crop_top/left, default 0), the target size being
+    the row's (width, height)."""
+    ids = [sdxl_time_ids((r.original_height or height, r.original_width or width),
+                         (r.crop_top or 0, r.crop_left or 0), (height, width)) for r in rows]
+    return sdxl_vector(pooled, torch.tensor(ids, dtype=torch.float32))
+
+
+# non-model tensors of SDXL files under the text encoders' prefixes: position ids, ViT-bigG's logit
+# scale and causal mask buffer
+_SDXL_TEXT_IGNORED = frozenset([SDXL_CLIP_PREFIX + "embeddings.position_ids", SDXL_OPENCLIP_PREFIX + "logit_scale",
+                                SDXL_OPENCLIP_PREFIX + "attn_mask", SDXL_OPENCLIP_PREFIX + "position_ids"])
+
+
+def _sdxl_ignored(key: str, cfg: SDConfig) -> bool:
+    """_SDXL_TEXT_IGNORED, and what CLIP ViT-L has after the penultimate layer SDXL reads: its last block
+    and final_layer_norm."""
+    if key in _SDXL_TEXT_IGNORED or key.startswith(SDXL_CLIP_PREFIX + "final_layer_norm."):
+        return True
+    prefix = SDXL_CLIP_PREFIX + "encoder.layers."
+    if key.startswith(prefix):
+        index = key[len(prefix):].split(".", 1)[0]
+        return index.isdigit() and int(index) == cfg.clip.layers
+    return False
+
+
+SDXL = ModelFamily(
+    name="sdxl",
+    label="SDXL",
+    prefixes=SDXL_PREFIX,
+    detect=_sdxl_detect,
+    infer_config=_sdxl_infer_config,
+    model_class=StableDiffusionXLModel,
+    encode_text=_sdxl_encode_text,
+    latent_scale=_vae_latent_scale,
+    # stabilityai/stable-diffusion-xl-base-1.0 scheduler_config.json: SD 1.5's betas and steps_offset,
+    # timestep_spacing "leading" for every sampler (SD 1.x/2.x leave each sampler's class default)
+    scheduler=replace(SD15_SCHEDULER, timestep_spacing="leading"),
+    default_size=1024,
+    ignored=_sdxl_ignored,
+    zero_empty_negative=True,
+    unet_vector=sdxl_unet_vector,
+)
+
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SD1, SD2_EPS, SD2_V, SDXL)}
 
 
 # ----------------------------------------------------------------------------- detection and resolution
@@ -203,8 +324,10 @@ def _unsupported_hint(keys: Iterable[str]) -> str:
     def any_has(*parts: str) -> bool:
         return any(p in k for k in keys for p in parts)
 
+    if any_start("conditioner.embedders.0.model."):
+        return "this is an SDXL refiner (batchsd runs the SDXL base model)"
     if any_start("conditioner.embedders."):
-        return "this is an SDXL checkpoint"
+        return "this is an SDXL checkpoint without both of SDXL base's text encoders"
     if any_has("joint_blocks.") or any_start("text_encoders."):
         return "this is a Stable Diffusion 3 checkpoint"
     if any_has("double_blocks.", "single_blocks.") or any_start("img_in.", "time_in."):

@@ -1,4 +1,4 @@
-"""OpenCLIP ViT-H/14 text encoder, the text conditioning of Stable Diffusion 2.x.
+"""OpenCLIP text encoders: ViT-H/14, the text conditioning of Stable Diffusion 2.x, and SDXL's ViT-bigG/14.
 
 The same computation as CLIP's text transformer (clip.py) in OpenCLIP's module layout: token +
 learned position embeddings, pre-LayerNorm residual blocks with causal self-attention (one fused
@@ -9,10 +9,14 @@ blocks it runs (`cfg.layers`); the unused last block of a released file is left 
 (family.SD2 ignores its tensors), so diffusers' conversion (a 23-layer transformers
 CLIPTextModel with hidden_act "gelu", last_hidden_state after final_layer_norm) computes the same.
 
+SDXL's second encoder, OpenCLIP ViT-bigG/14 (width 1280, 32 blocks), is this module with a
+`text_projection`: SDXL conditions on its penultimate block's raw output (no ln_final) and on the
+pooled, projected end-token state (`forward_with_pooled`).
+
 Attribute paths equal the original checkpoint keys below `cond_stage_model.model.`
 (`token_embedding.weight`, `positional_embedding`, `transformer.resblocks.0.attn.in_proj_weight`,
 ..., `ln_final.bias`), so a released file loads by prefix split + strict key/shape check. There is
-no pooling and no `text_projection` here (SD 2.x does not use them).
+no pooling and no `text_projection` in SD 2.x's (it does not use them).
 """
 from __future__ import annotations
 
@@ -84,7 +88,9 @@ class Transformer(nn.Module):
 
 
 class OpenCLIPTextModel(nn.Module):
-    """input_ids [B, T<=77] -> ln_final(output of the cfg.layers blocks) [B, T, width]."""
+    """input_ids [B, T<=77] -> ln_final(output of the cfg.layers blocks) [B, T, width] (`forward`, SD 2.x),
+    or (penultimate block's raw output [B, T, width], pooled projection [B, projection_dim])
+    (`forward_with_pooled`, SDXL's ViT-bigG: cfg.projection_dim > 0)."""
 
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
@@ -94,10 +100,32 @@ class OpenCLIPTextModel(nn.Module):
         nn.init.normal_(self.positional_embedding, std=0.01)
         self.transformer = Transformer(cfg)
         self.ln_final = nn.LayerNorm(cfg.width, eps=cfg.eps)
+        if cfg.projection_dim:
+            # applied as x @ text_projection (OpenCLIP's orientation: [width, projection_dim])
+            self.text_projection = nn.Parameter(torch.empty(cfg.width, cfg.projection_dim))
+            nn.init.normal_(self.text_projection, std=cfg.width ** -0.5)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         seq_len = input_ids.shape[1]
         if seq_len > self.positional_embedding.shape[0]:
             raise ValueError(f"{seq_len} tokens > {self.positional_embedding.shape[0]} positions")
-        x = self.token_embedding(input_ids) + self.positional_embedding[:seq_len]   # [B, T, D]
-        return self.ln_final(self.transformer(x))
+        return self.token_embedding(input_ids) + self.positional_embedding[:seq_len]   # [B, T, D]
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.ln_final(self.transformer(self._embed(input_ids)))
+
+    def forward_with_pooled(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDXL's use (sgm FrozenOpenCLIPEmbedder2, layer "penultimate", diffusers'
+        CLIPTextModelWithProjection hidden_states[-2] and text_embeds): the input of the last block, and
+        ln_final of the last block's output at each prompt's end token (the largest id, <|endoftext|>)
+        times text_projection."""
+        if not self.cfg.projection_dim:
+            raise ValueError("this text encoder has no text_projection (cfg.projection_dim is 0)")
+        x = self._embed(input_ids)
+        blocks = self.transformer.resblocks
+        for block in blocks[:-1]:
+            x = block(x)
+        penultimate = x                                                        # [B, T, D]
+        last = self.ln_final(blocks[-1](x))                                    # [B, T, D]
+        end = last[torch.arange(last.shape[0], device=last.device), input_ids.argmax(dim=-1)]   # [B, D]
+        return penultimate, end @ self.text_projection                         # [B, T, D], [B, P]

@@ -37,12 +37,12 @@ from batchsd.errors import InputError
 from batchsd.model import samplers
 from batchsd.model.config import TINY, TINY_MODEL, TINY_MODEL_NAME
 from batchsd.model.devices import resolve_device, resolve_dtype
-from batchsd.model.family import SD1, ModelFamily
+from batchsd.model.family import SD1, ModelFamily, TextConditioning
 from batchsd.model.fast.compiled_unet import CompiledUNet
 from batchsd.model.fast.host_copy import host_array, to_host
 from batchsd.model.fast.packed_conv import pack_convolutions, pack_now
 from batchsd.model.fast.winograd import use_winograd_in_model
-from batchsd.model.request import GenerationRow, check_row, row_batch_key
+from batchsd.model.request import SIZE_CONDITIONING, GenerationRow, check_row, row_batch_key
 from batchsd.model.tokenizer import preload_tokenizer
 
 TEXT_CACHE_SIZE = 256
@@ -85,6 +85,10 @@ class Pipeline:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self._text_cache: OrderedDict[str, tuple[torch.Tensor, bool]] = OrderedDict()
         self.model.to(dtype=dtype, memory_format=self.memory_format)
+        # a VAE that overflows in fp16 (cfg.vae.force_upcast, SDXL's) runs in fp32 under fp16, as
+        # diffusers upcasts it (its fp16-rounded weights, converted)
+        self.vae_dtype = torch.float32 if dtype == torch.float16 and self.cfg.vae.force_upcast else dtype
+        self.model.vae.to(dtype=self.vae_dtype)
         self.model.to(torch.device("cpu") if self.low_memory else device)
         # CPU, not under torch.compile (whose graphs take the plain modules): the wide 3x3 convs by
         # Winograd F(2x2,3x3) (fast/winograd.py), faster but with 16/9 of their weights more memory:
@@ -102,6 +106,9 @@ class Pipeline:
             pack_now(self.model.unet, self.model.vae.decoder)
         # the UNet forward as called by the sampler: eager, or torch.compile'd (compiled_unet.CompiledUNet)
         self.unet = CompiledUNet(self.model.unet, compile, device) if compile else self.model.unet
+        # the family's text encoders (SDXL has two), moved together in low-memory mode
+        self.text_encoders = torch.nn.ModuleList(
+            [m for m in (self.model.text_encoder, getattr(self.model, "text_encoder_2", None)) if m is not None])
 
     @classmethod
     def load(cls, model: str | Path, device: str = "auto", dtype: str = "auto",
@@ -151,6 +158,10 @@ class Pipeline:
             raise InputError("generate() needs at least one row")
         for i, row in enumerate(rows):
             check_row(row, i)
+            given = [name for name in SIZE_CONDITIONING if getattr(row, name) is not None]
+            if given and self.family.unet_vector is None:
+                raise InputError(f"row {i}, {given[0]}: size/crop conditioning is SDXL's; this {self.family.label} "
+                                 f"model does not take it: leave {', '.join(given)} empty")
         keys = {row_batch_key(r, self.family.default_size) for r in rows}
         if len(keys) > 1:
             raise InputError(f"rows in one generate() call must share size, steps, sampler and img2img steps; "
@@ -161,9 +172,13 @@ class Pipeline:
         generators = [torch.Generator("cpu").manual_seed(r.seed) for r in rows]
         schedule = samplers.make_schedule(sampler, steps, self.family.scheduler)
 
-        # 2. text: [B, 77, D] conditional and unconditional states
-        cond, cut_pos = self._encode_text([r.prompt for r in rows])
-        uncond, cut_neg = self._encode_text([r.negative_prompt for r in rows])
+        # 2. text: [B, 77, D] conditional and unconditional states (+ the UNet's vector y, SDXL's)
+        cond = self._encode_text([r.prompt for r in rows])
+        uncond = self._encode_text([r.negative_prompt for r in rows], negative=True)
+        y_cond = y_uncond = None
+        if self.family.unet_vector is not None:
+            y_cond = self.family.unet_vector(cond.pooled, rows, width, height).to(self.device)
+            y_uncond = self.family.unet_vector(uncond.pooled, rows, width, height).to(self.device)
 
         # 3. initial latents, float32, one generator per row
         if img2img_steps is None:
@@ -177,31 +192,39 @@ class Pipeline:
             latents = samplers.add_noise(schedule, clean, noise.to(self.device), start)
 
         # 4. denoise
-        eps_model = self._guided_eps_model(cond, uncond, [float(r.cfg_scale) for r in rows])
+        eps_model = self._guided_eps_model(cond.context, uncond.context, [float(r.cfg_scale) for r in rows],
+                                           y_cond, y_uncond)
         with self._on_device(self.model.unet):
             latents = samplers.sample(sampler, eps_model, latents, schedule, generators, start=start)
 
         # 5-6. decode and convert
         images = self._decode(latents)
         return GenerationOutput(images=images, latents=latents.float().cpu(),
-                                prompt_truncated=[a or b for a, b in zip(cut_pos, cut_neg)])
+                                prompt_truncated=[a or b for a, b in zip(cond.truncated, uncond.truncated)])
 
     # ---------------------------------------------------------------- stages
-    def _encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, list[bool]]:
-        """Each distinct prompt is encoded once; results are kept in a small LRU cache."""
+    def _encode_text(self, prompts: list[str], negative: bool = False) -> TextConditioning:
+        """Each distinct prompt is encoded once; results are kept in a small LRU cache. Negative prompts
+        that are empty are zeros where the family says so (family.zero_empty_negative)."""
+        zero = negative and self.family.zero_empty_negative
         missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
         if missing:
-            with self._on_device(self.model.text_encoder):
-                states, truncated = self.family.encode_text(self.model, missing, self.device)
-            for p, s, cut in zip(missing, states, truncated):
-                self._text_cache[p] = (s, cut)
+            with self._on_device(self.text_encoders):
+                encoded = self.family.encode_text(self.model, missing, self.device)
+            pooled = encoded.pooled if encoded.pooled is not None else [None] * len(missing)
+            for p, s, cut, pool in zip(missing, encoded.context, encoded.truncated, pooled):
+                self._text_cache[p] = (s, cut, pool)
         for p in prompts:
             self._text_cache.move_to_end(p)
-        out = torch.stack([self._text_cache[p][0] for p in prompts])
-        cut = [self._text_cache[p][1] for p in prompts]
+        entries = [self._text_cache[p] for p in prompts]
         while len(self._text_cache) > TEXT_CACHE_SIZE:
             self._text_cache.popitem(last=False)
-        return out, cut
+        context = torch.stack([torch.zeros_like(s) if zero and p == "" else s for p, (s, _, _) in zip(prompts, entries)])
+        pooled = None
+        if entries[0][2] is not None:
+            pooled = torch.stack([torch.zeros_like(q) if zero and p == "" else q
+                                  for p, (_, _, q) in zip(prompts, entries)])
+        return TextConditioning(context, [cut for _, cut, _ in entries], pooled)
 
     def _encode_images(self, rows: list[GenerationRow], width: int, height: int,
                        generators: list[torch.Generator]) -> torch.Tensor:
@@ -210,7 +233,7 @@ class Pipeline:
         clean = []
         with self._on_device(self.model.vae):
             for chunk in range(0, len(rows), self.vae_chunk):
-                batch = pixels[chunk:chunk + self.vae_chunk].to(self.device, self.dtype)
+                batch = pixels[chunk:chunk + self.vae_chunk].to(self.device, self.vae_dtype)
                 batch = batch.contiguous(memory_format=self.memory_format)
                 mean, logvar = self.model.vae.encode(batch)
                 for i in range(mean.shape[0]):
@@ -220,11 +243,15 @@ class Pipeline:
                     clean.append(m + torch.exp(0.5 * lv) * sample)
         return torch.cat(clean) * self.latent_scale
 
-    def _guided_eps_model(self, cond: torch.Tensor, uncond: torch.Tensor, scales: list[float]):
-        """eps(x, t) with CFG: uncond + s * (cond - uncond) for rows with s != 1, in one UNet forward."""
+    def _guided_eps_model(self, cond: torch.Tensor, uncond: torch.Tensor, scales: list[float],
+                          y_cond: torch.Tensor | None = None, y_uncond: torch.Tensor | None = None):
+        """eps(x, t) with CFG: uncond + s * (cond - uncond) for rows with s != 1, in one UNet forward.
+        y_cond/y_uncond: the UNet's vector input per row (SDXL), or None."""
         guided = [i for i, s in enumerate(scales) if s != 1.0]
         idx = torch.tensor(guided, dtype=torch.long, device=self.device)
         context = torch.cat([uncond[idx], cond]) if guided else cond
+        vector = None if y_cond is None else torch.cat([y_uncond[idx], y_cond]) if guided else y_cond
+        extra = () if vector is None else (vector,)
         scale = torch.tensor([scales[i] for i in guided], dtype=torch.float32, device=self.device).view(-1, 1, 1, 1)
         unet, dtype, n = self.unet, self.dtype, len(guided)
 
@@ -232,7 +259,7 @@ class Pipeline:
             x_in = torch.cat([x[idx], x]) if guided else x
             timesteps = torch.full((x_in.shape[0],), float(t), dtype=torch.float32, device=x.device)
             x_in = x_in.to(dtype).contiguous(memory_format=self.memory_format)
-            out = unet(x_in, timesteps, context).float()
+            out = unet(x_in, timesteps, context, *extra).float()
             if not guided:
                 return out
             eps_uncond, eps = out[:n], out[n:].clone()
@@ -248,7 +275,7 @@ class Pipeline:
         with self._on_device(self.model.vae):
             for chunk in range(0, latents.shape[0], self.vae_chunk):
                 z = latents[chunk:chunk + self.vae_chunk] / self.latent_scale
-                z = z.to(self.dtype).contiguous(memory_format=self.memory_format)
+                z = z.to(self.vae_dtype).contiguous(memory_format=self.memory_format)
                 copy = to_host(pixels_to_uint8(self.model.vae.decode(z)))
                 if pending is not None:
                     images.extend(arrays_to_images(host_array(pending)))

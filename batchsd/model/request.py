@@ -20,9 +20,10 @@ if TYPE_CHECKING:
 MIN_SIZE = 64                  # width and height, pixels
 MAX_SIZE = 2048
 SIZE_MULTIPLE = 8              # the VAE's downscale factor: latents are (H/8, W/8)
-MAX_STEPS = 1000
+MAX_STEPS = 999               # the schedules take 1..num_train_timesteps - 1 (1000 - 1) steps
 SEED_LIMIT = 2 ** 63           # seeds are 0 <= seed < SEED_LIMIT (a CPU generator takes any int64)
 MAX_CFG_SCALE = 100.0          # far above useful guidance; unbounded scales overflow into NaN (black) images
+MAX_CONDITIONING_SIZE = 16384  # SDXL's original_width/height and crop_top/left (pixels)
 
 # defaults
 DEFAULT_STEPS = 25
@@ -44,7 +45,15 @@ class GenerationRow:
     height: int | None = None
     init_image: Image.Image | None = None
     strength: float = DEFAULT_STRENGTH  # image-to-image only: the share of the schedule that is run
+    # SDXL's size/crop micro-conditioning (other families refuse them): the size the model is told the
+    # training image had (default: the row's own size) and its crop's top-left corner (default 0, 0)
+    original_width: int | None = None
+    original_height: int | None = None
+    crop_top: int | None = None
+    crop_left: int | None = None
 
+
+SIZE_CONDITIONING = ("original_width", "original_height", "crop_top", "crop_left")  # GenerationRow fields
 
 def img2img_steps(steps: int, strength: float) -> int:
     """Steps an image-to-image row runs: the last int(steps * strength) of its `steps`-step schedule
@@ -98,6 +107,12 @@ def check_row(row: GenerationRow, position: int = 0) -> None:
     for name, value in (("width", width), ("height", height)):
         if value % SIZE_MULTIPLE or not MIN_SIZE <= value <= MAX_SIZE:
             raise bad(name, f"{value} must be a multiple of {SIZE_MULTIPLE} in {MIN_SIZE}..{MAX_SIZE}")
+    for name in SIZE_CONDITIONING:
+        value, low = getattr(row, name), 0 if name.startswith("crop") else 1
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or not low <= value <= MAX_CONDITIONING_SIZE):
+            raise bad(name, f"{value!r} must be an integer in {low}..{MAX_CONDITIONING_SIZE} (pixels), or empty "
+                      f"for the default")
     if row.init_image is not None:
         if not 0 < row.strength <= 1:
             raise bad("strength", f"{row.strength!r} must be in (0, 1]")

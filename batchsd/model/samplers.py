@@ -3,7 +3,7 @@
 Each sampler reproduces a diffusers scheduler built from a model family's `SchedulerConfig` (train
 timesteps, scaled_linear beta range, steps_offset, prediction type; SD 1.x: family.SD1.scheduler,
 the values of SD 1.5's scheduler_config.json) with set_alpha_to_one False, clip_sample False, and
-that class's default timestep spacing:
+that class's default timestep spacing (or "leading" for all when the config says so, as SDXL's does):
 
     ddpm             DDPMScheduler                   leading spacing, fixed_small variance
     ddim             DDIMScheduler (eta 0)           leading spacing
@@ -43,6 +43,7 @@ from batchsd.model.sampler_names import SAMPLERS, resolve_sampler
 
 STOCHASTIC = ("ddpm", "euler_a")  # samplers that draw fresh noise at every step
 PREDICTION_TYPES = ("epsilon", "v_prediction")  # what the denoiser outputs (diffusers' prediction_type)
+TIMESTEP_SPACINGS = (None, "leading")            # SchedulerConfig.timestep_spacing values supported
 
 EpsModel = Callable[[torch.Tensor, float], torch.Tensor]
 
@@ -56,10 +57,14 @@ class SchedulerConfig:
     beta_end: float
     steps_offset: int             # added to the "leading" timesteps (DDPM, DDIM)
     prediction_type: str = "epsilon"  # PREDICTION_TYPES: what the UNet outputs
+    # None: each sampler's class default (above); "leading" for every sampler (SDXL's config)
+    timestep_spacing: str | None = None
 
     def __post_init__(self):
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
+        if self.timestep_spacing not in TIMESTEP_SPACINGS:
+            raise ValueError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {self.timestep_spacing!r}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -117,15 +122,25 @@ def make_schedule(sampler: str, steps: int, config: SchedulerConfig) -> Schedule
         sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
         return Schedule(name, ts, sigmas, alphas_cumprod, 1.0, config.prediction_type)
 
+    leading = config.timestep_spacing == "leading"
     if name in ("euler", "euler_a"):
-        # "linspace" spacing over float32 timesteps, sigmas interpolated in float64
-        timesteps = np.linspace(0, train_steps - 1, steps, dtype=np.float32)[::-1].copy()
+        # "linspace" (or "leading") spacing over float32 timesteps, sigmas interpolated in float64
+        if leading:
+            timesteps = (np.arange(0, steps) * (train_steps // steps)).round()[::-1].copy().astype(np.float32)
+            timesteps += config.steps_offset
+        else:
+            timesteps = np.linspace(0, train_steps - 1, steps, dtype=np.float32)[::-1].copy()
         sig = np.interp(timesteps, np.arange(0, len(train_sigmas)), train_sigmas)
         sigmas = torch.from_numpy(np.concatenate([sig, [0.0]]).astype(np.float32))
-        init_noise_sigma = float(sigmas.max())
+        # diffusers: the largest sigma for "linspace", sqrt(sigma_max^2 + 1) for "leading"
+        init_noise_sigma = float((sigmas.max() ** 2 + 1) ** 0.5) if leading else float(sigmas.max())
         ts = torch.from_numpy(timesteps.astype(np.float32))
-    else:  # dpmpp_2m, dpmpp_2m_karras: "linspace" spacing over integer timesteps
-        timesteps = np.linspace(0, train_steps - 1, steps + 1).round()[::-1][:-1].copy().astype(np.int64)
+    else:  # dpmpp_2m, dpmpp_2m_karras: "linspace" (or "leading") spacing over integer timesteps
+        if leading:
+            timesteps = (np.arange(0, steps + 1) * (train_steps // (steps + 1))).round()[::-1][:-1].copy()
+            timesteps = timesteps.astype(np.int64) + config.steps_offset
+        else:
+            timesteps = np.linspace(0, train_steps - 1, steps + 1).round()[::-1][:-1].copy().astype(np.int64)
         if name == "dpmpp_2m_karras":
             sigma_max, sigma_min = train_sigmas[-1].item(), train_sigmas[0].item()
             ramp = np.linspace(0, 1, steps)

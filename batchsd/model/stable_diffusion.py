@@ -1,14 +1,16 @@
-"""The whole Stable Diffusion 1.x / 2.x model in the original single-file (CompVis) attribute layout.
+"""The whole Stable Diffusion 1.x / 2.x / XL model in the original single-file (CompVis / sgm) attribute layout.
 
     model.diffusion_model.*                       UNetModel
     first_stage_model.*                           AutoencoderKL
     cond_stage_model.transformer.text_model.*     CLIPTextModel          (SD 1.x: StableDiffusionModel)
     cond_stage_model.model.*                      OpenCLIPTextModel      (SD 2.x: StableDiffusion2Model)
+    conditioner.embedders.0.transformer.text_model.*  CLIPTextModel      (SDXL: StableDiffusionXLModel,
+    conditioner.embedders.1.model.*               OpenCLIPTextModel       CLIP ViT-L and OpenCLIP ViT-bigG)
 
 so `StableDiffusionModel(cfg).state_dict()` has exactly the model keys of a released checkpoint and
 loading one is a strict `load_state_dict` after dropping the non-model tensors. The prefixes are
-written once, here (`UNET_PREFIX`, `VAE_PREFIX`, `CLIP_PREFIX`, `OPENCLIP_PREFIX`, `ORIGINAL_PREFIX`,
-`SD2_PREFIX`): checkpoint reading and the diffusers renaming import them.
+written once, here (`UNET_PREFIX`, `VAE_PREFIX`, `CLIP_PREFIX`, `OPENCLIP_PREFIX`, `SDXL_CLIP_PREFIX`,
+`SDXL_OPENCLIP_PREFIX`, `ORIGINAL_PREFIX`, `SD2_PREFIX`, `SDXL_PREFIX`): checkpoint reading and the diffusers renaming import them.
 """
 from __future__ import annotations
 
@@ -28,6 +30,10 @@ CLIP_PREFIX = "cond_stage_model.transformer.text_model."
 OPENCLIP_PREFIX = "cond_stage_model.model."
 ORIGINAL_PREFIX = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": CLIP_PREFIX}  # by diffusers component
 SD2_PREFIX = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": OPENCLIP_PREFIX}   # the same for SD 2.x
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
+SDXL_PREFIX = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": SDXL_CLIP_PREFIX,
+               "text_encoder_2": SDXL_OPENCLIP_PREFIX}
 
 
 class _Holder(nn.Module):
@@ -82,3 +88,27 @@ class StableDiffusion2Model(StableDiffusionModel):
     @property
     def text_encoder(self) -> OpenCLIPTextModel:
         return self.cond_stage_model.model
+
+
+class StableDiffusionXLModel(StableDiffusionModel):
+    """SDXL: the UNet and VAE modules (SDXL config), two text encoders under sgm's
+    `conditioner.embedders.{0,1}.` (`text_encoder`: CLIP ViT-L, `text_encoder_2`: OpenCLIP ViT-bigG)."""
+
+    def _add_text_encoder(self, cfg: SDConfig) -> None:
+        del self.cond_stage_model
+        if cfg.clip2 is None:
+            raise ValueError("an SDXL model needs cfg.clip2 (the OpenCLIP ViT-bigG text encoder's config)")
+        first, second = _Holder(), _Holder()
+        first.transformer = _Holder()
+        first.transformer.text_model = CLIPTextModel(cfg.clip)
+        second.model = OpenCLIPTextModel(cfg.clip2)
+        self.conditioner = _Holder()
+        self.conditioner.embedders = nn.ModuleList([first, second])
+
+    @property
+    def text_encoder(self) -> CLIPTextModel:
+        return self.conditioner.embedders[0].transformer.text_model
+
+    @property
+    def text_encoder_2(self) -> OpenCLIPTextModel:
+        return self.conditioner.embedders[1].model

@@ -5,13 +5,17 @@ Module attribute paths equal the original CompVis checkpoint keys below `model.d
 loads by prefix strip + strict `load_state_dict`. The topology comes from `UNetConfig` alone:
 one level per entry of `channel_mult`, `res_blocks` res blocks per level on the way down
 (`res_blocks + 1` on the way up, each joining one skip connection), a spatial transformer after each
-res block on `attention_levels` and in the middle block, a stride-2 downsample after every level but
-the last and a nearest-neighbour upsample after every level but the first on the way up.
+res block on `attention_levels` and in the middle block (`depth_at(level)` transformer blocks each),
+a stride-2 downsample after every level but the last and a nearest-neighbour upsample after every level but the first on the way up.
 
 Layout notes: every op here works on NCHW tensors of either memory format. The transformer moves
 to token layout with permute + reshape (a free view for channels_last inputs) and applies its 1x1
 `proj_in`/`proj_out` convolutions as matmuls on the [B, h*w, C] tokens; its output goes back as a
 channels_last-strided view, so no `.contiguous()` is needed anywhere.
+
+SDXL is the same network with 3 levels, deeper transformers (0/2/10 blocks per level, 10 in the
+middle) and `label_emb`: an MLP of a conditioning vector y (pooled text + size/crop embeddings, built
+by the family) added to the time embedding.
 
 SD 2.x is the same network under other `UNetConfig` fields: `linear_proj` (Linear [C, C] proj_in /
 proj_out, CompVis `use_linear_in_transformer`; the same matmul on the same tokens), `head_channels`
@@ -156,7 +160,7 @@ class SpatialTransformer(nn.Module):
     proj_out are 1x1 convolutions (SD 1.x) or Linear layers (cfg.linear_proj, SD 2.x): either way one
     matmul over the tokens, applied after the GroupNorm's move to token layout."""
 
-    def __init__(self, cfg: UNetConfig, channels: int, depth: int = 1):
+    def __init__(self, cfg: UNetConfig, channels: int, depth: int):
         super().__init__()
         self.norm = nn.GroupNorm(cfg.groups, channels, eps=TRANSFORMER_GROUPNORM_EPS)
         proj = (lambda: nn.Linear(channels, channels)) if cfg.linear_proj else (lambda: nn.Conv2d(channels, channels, 1))
@@ -219,6 +223,11 @@ class UNetModel(nn.Module):
         self.time_embed = nn.Sequential(
             nn.Linear(mc, cfg.time_embed_dim), nn.SiLU(), nn.Linear(cfg.time_embed_dim, cfg.time_embed_dim)
         )
+        if cfg.adm_in_channels:
+            # CompVis num_classes="sequential": label_emb.0 is the MLP (keys label_emb.0.0, label_emb.0.2)
+            self.label_emb = nn.Sequential(nn.Sequential(
+                nn.Linear(cfg.adm_in_channels, cfg.time_embed_dim), nn.SiLU(),
+                nn.Linear(cfg.time_embed_dim, cfg.time_embed_dim)))
 
         # down path; skip_channels records the channels of every skip connection, in push order
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
@@ -229,8 +238,8 @@ class UNetModel(nn.Module):
             for _ in range(cfg.res_blocks):
                 layers = [ResBlock(cfg, ch, mc * mult)]
                 ch = mc * mult
-                if level in cfg.attention_levels:
-                    layers.append(SpatialTransformer(cfg, ch))
+                if cfg.depth_at(level):
+                    layers.append(SpatialTransformer(cfg, ch, cfg.depth_at(level)))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 self.input_levels.append(level)
                 skip_channels.append(ch)
@@ -240,7 +249,7 @@ class UNetModel(nn.Module):
                 skip_channels.append(ch)
 
         self.middle_block = TimestepEmbedSequential(
-            ResBlock(cfg, ch, ch), SpatialTransformer(cfg, ch), ResBlock(cfg, ch, ch)
+            ResBlock(cfg, ch, ch), SpatialTransformer(cfg, ch, cfg.middle_transformer_depth), ResBlock(cfg, ch, ch)
         )
 
         # up path: each block concatenates one skip connection (popped in reverse order)
@@ -250,8 +259,8 @@ class UNetModel(nn.Module):
             for i in range(cfg.res_blocks + 1):
                 layers = [ResBlock(cfg, ch + skip_channels.pop(), mc * mult)]
                 ch = mc * mult
-                if level in cfg.attention_levels:
-                    layers.append(SpatialTransformer(cfg, ch))
+                if cfg.depth_at(level):
+                    layers.append(SpatialTransformer(cfg, ch, cfg.depth_at(level)))
                 if level != 0 and i == cfg.res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
@@ -267,14 +276,21 @@ class UNetModel(nn.Module):
         return (list(zip(self.input_levels, self.input_blocks)) + [(len(self.cfg.channel_mult) - 1, self.middle_block)]
                 + list(zip(self.output_levels, self.output_blocks)))
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                y: torch.Tensor | None = None) -> torch.Tensor:
         # x: [B, in_channels, h, w] (any h, w >= 1), timesteps: float [B] (or a scalar),
-        # context: [B, M, context_dim] -> eps: [B, out_channels, h, w]
+        # context: [B, M, context_dim], y: [B, adm_in_channels] when cfg.adm_in_channels
+        # -> eps: [B, out_channels, h, w]
         timesteps = torch.as_tensor(timesteps, device=x.device)
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
         t_emb = timestep_embedding(timesteps, self.cfg.model_channels).to(x.dtype)  # [B, mc]
         emb = self.time_embed(t_emb)                                               # [B, 4*mc]
+        if self.cfg.adm_in_channels:
+            if y is None or y.shape != (x.shape[0], self.cfg.adm_in_channels):
+                raise ValueError(f"this UNet needs y [{x.shape[0]}, {self.cfg.adm_in_channels}], got "
+                                 f"{None if y is None else tuple(y.shape)}")
+            emb = emb + self.label_emb(y.to(emb.dtype))                            # [B, 4*mc]
 
         skips = []
         h = x

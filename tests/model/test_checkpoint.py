@@ -167,7 +167,8 @@ def test_missing_mis_shaped_and_unexpected_keys_are_named(tmp_path):
     sd = compose_original(*random_components(TINY, 4).values(), torch.float16)
     dropped = VAE_PREFIX + "decoder.up.0.block.1.conv2.weight"
     reshaped = UNET_PREFIX + "output_blocks.4.1.proj_out.weight"
-    added = UNET_PREFIX + "input_blocks.1.1.transformer_blocks.1.norm1.weight"
+    # (not in the first spatial transformer of a level: those say the depth the config is inferred with)
+    added = UNET_PREFIX + "input_blocks.2.1.transformer_blocks.1.norm1.weight"
     del sd[dropped]
     sd[reshaped] = sd[reshaped].reshape(sd[reshaped].shape[0], -1)  # a Linear where a 1x1 conv is expected
     sd[added] = torch.ones(32)
@@ -325,7 +326,10 @@ def test_diffusers_folders_load_like_the_single_file(tiny_reference):
         assert_model_equals(model, expected, torch.float32)
         weight_files = sorted(folder.glob("*/*.safetensors"), key=lambda f: str(f.relative_to(folder)))
         assert [f.parent.name for f in weight_files] == ["text_encoder", "unet", "vae"]
-        assert info.sha256 == sha256_of(*weight_files), name
+        # the identity covers the weight files and the config files read, in path order
+        identity = sorted([*weight_files, *(f for f in folder.glob("*/*.json") if f.name in (
+            "config.json", "scheduler_config.json"))], key=lambda f: str(f.relative_to(folder)))
+        assert info.sha256 == sha256_of(*identity), name
 
 
 def test_diffusers_fp16_variant_folder(tiny_reference, tmp_path):

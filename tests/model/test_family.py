@@ -9,7 +9,7 @@ import pytest
 from batchsd.errors import CheckpointError
 from batchsd.model.checkpoint import infer_config
 from batchsd.model.config import SD15, SD21
-from batchsd.model.family import (FAMILIES, SD1, SD2_EPS, SD2_V, AmbiguousPredictionType, CheckpointHints,
+from batchsd.model.family import (FAMILIES, SD1, SD2_EPS, SD2_V, SDXL, AmbiguousPredictionType, CheckpointHints,
                                   detect_family, resolve_family)
 from batchsd.model.stable_diffusion import (ORIGINAL_PREFIX, SD2_PREFIX, UNET_PREFIX, StableDiffusion2Model,
                                             StableDiffusionModel)
@@ -29,7 +29,7 @@ def sd21_shapes() -> dict[str, tuple[int, ...]]:
 
 
 def test_sd1_is_registered_with_its_layout():
-    assert FAMILIES == {"sd1": SD1, "sd2-eps": SD2_EPS, "sd2-v": SD2_V} and SD1.label == "SD 1.x"
+    assert FAMILIES == {"sd1": SD1, "sd2-eps": SD2_EPS, "sd2-v": SD2_V, "sdxl": SDXL} and SD1.label == "SD 1.x"
     assert SD1.scheduler.prediction_type == "epsilon"
     assert SD1.prefixes is ORIGINAL_PREFIX and SD1.model_class is StableDiffusionModel
     assert SD1.default_size == 512 and SD1.latent_scale(SD15) == SD15.vae.scaling_factor
@@ -83,6 +83,8 @@ def test_other_families_are_named(sd15_shapes):
     cases = {
         "SDXL": {"conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": (49408, 768),
                  UNET_PREFIX + "input_blocks.0.0.weight": (320, 4, 3, 3)},
+        "SDXL refiner": {"conditioner.embedders.0.model.token_embedding.weight": (49408, 1280),
+                         UNET_PREFIX + "label_emb.0.0.weight": (1536, 2560)},
         "Stable Diffusion 3": {UNET_PREFIX + "joint_blocks.0.x_block.attn.qkv.weight": (4608, 1536),
                                "text_encoders.clip_l.transformer.text_model.final_layer_norm.weight": (768,)},
         "Flux": {"double_blocks.0.img_attn.qkv.weight": (9216, 3072), "img_in.weight": (3072, 64)},
@@ -94,7 +96,7 @@ def test_other_families_are_named(sd15_shapes):
     }
     for what, shapes in cases.items():
         with pytest.raises(CheckpointError, match=rf"not a checkpoint batchsd supports: this is an? {what}.*"
-                                                  rf"batchsd runs SD 1\.x and SD 2\.x"):
+                                                  rf"batchsd runs SD 1\.x, SD 2\.x and SDXL base"):
             detect_family(shapes)
     with pytest.raises(CheckpointError, match="textual inversion"):   # an A1111 .pt: no top-level tensors
         detect_family({}, other_names=["string_to_token", "string_to_param", "name", "step"])

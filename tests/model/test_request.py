@@ -90,7 +90,7 @@ def test_check_row_limits():
             check_row(GenerationRow("a", cfg_scale=cfg), position=3)
     with pytest.raises(InputError, match=r"seed: .* \[0, 2\*\*63\)"):
         check_row(GenerationRow("a", seed=2**63))
-    with pytest.raises(InputError, match=r"steps: .* 1\.\.1000"):
+    with pytest.raises(InputError, match=r"steps: .* 1\.\.999"):
         check_row(GenerationRow("a", steps=MAX_STEPS + 1))
     with pytest.raises(InputError, match=r"width: 60 must be a multiple of 8 in 64\.\.2048"):
         check_row(GenerationRow("a", width=60))

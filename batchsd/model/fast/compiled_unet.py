@@ -19,7 +19,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
 class CompiledUNet:
-    """The UNet's forward through torch.compile; called like the UNet: (x, timesteps, context) -> eps."""
+    """The UNet's forward through torch.compile; called like the UNet: (x, timesteps, context[, y]) -> eps."""
 
     def __init__(self, unet: torch.nn.Module, mode: str, device: torch.device):
         if mode not in COMPILE_MODES:
@@ -30,13 +30,14 @@ class CompiledUNet:
         self.cudagraphs = mode == "reduce-overhead" and device.type == "cuda"
         self.compile_seconds: dict[tuple, float] = {}   # (x shape, context shape, dtype) -> first call's s
 
-    def __call__(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                 *y: torch.Tensor) -> torch.Tensor:
         key = (tuple(x.shape), tuple(context.shape), x.dtype)
         first = key not in self.compile_seconds
         t0 = time.perf_counter()
         if self.cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
-        out = self.forward(x, timesteps, context)
+        out = self.forward(x, timesteps, context, *y)
         if self.cudagraphs:
             out = out.clone()
         if first:
