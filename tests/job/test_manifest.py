@@ -260,8 +260,8 @@ def test_params_hash():
 @pytest.mark.parametrize("cell, column, words", [
     ("steps=25.5", "steps", "whole number"),
     ("steps=abc", "steps", "not a number"),
-    ("steps=0", "steps", "1 to 1000"),
-    ("steps=1001", "steps", "1 to 1000"),
+    ("steps=0", "steps", "1 to 999"),
+    ("steps=1000", "steps", "1 to 999"),
     ("steps=nan", "steps", "not a number"),
     ("steps=inf", "steps", "not finite"),
     ("seed=-1", "seed", "2**63-1"),
@@ -375,7 +375,7 @@ def test_duplicate_and_unnamed_columns(tmp_path):
 
 
 @pytest.mark.parametrize("name, content, words", [
-    ("m.txt", b"prompt\na\n", "unsupported file type '.txt'"),
+    ("m.tsv", b"prompt\na\n", "unsupported file type '.tsv'"),
     ("m", b"prompt\na\n", "(no extension)"),
     ("m.csv", b"", "cannot read"),
     ("m.csv", b"prompt,steps\n", "no rows"),
