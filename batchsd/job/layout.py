@@ -1,12 +1,18 @@
 """Every name under --out, in one place: the folders and files a run owns and reads.
 
-    images/<id>.png                     the images (shared by every run and shard of the folder)
+    images/<id>.<png|jpg|webp>          --format files: the images (shared by every run and shard of the
+                                        folder); images/<id>.txt, the prompt, with --captions
+    webdataset/<stem>.tar, <stem>.parquet, <stem>_stats.json, sizes.json      --format webdataset
+    data/train-<k>-of-<K>.parquet       --format parquet (Hugging Face layout)
+    train/<id>.<ext>, train/metadata.jsonl                                    --format imagefolder
     latents/<id>.npy                    with --save-latents
     results.parquet                     the whole job's results (compacted journal, or merged shards)
     summary.json                        written last by a run that finished every row: the done marker
     results/part-<I>-of-<N>.parquet     a shard's results
     .batchsd/parts/part-<seq>.parquet   the journal of the whole-manifest run
     .batchsd/lock, .batchsd/run.json    its lock and run metadata
+    .batchsd/output.json                its output format and dataset-shard plan (outputs/claim.py)
+    .batchsd/staging/<id>.<ext>         shard formats: finished images whose dataset shard is not written yet
     .batchsd/shard-<I>-of-<N>/          a shard's journal (parts/), lock, run.json and summary.json
 
 Nothing else in the package spells these names.
@@ -31,6 +37,18 @@ IMAGES_DIR = "images"
 LATENTS_DIR = "latents"
 IMAGE_SUFFIX = ".png"
 LATENTS_SUFFIX = ".npy"
+CAPTION_SUFFIX = ".txt"
+OUTPUT_FILE = "output.json"
+STAGING_DIR = "staging"
+WEBDATASET_DIR = "webdataset"
+WEBDATASET_SIZES_FILE = "sizes.json"
+WEBDATASET_TAR_SUFFIX = ".tar"
+WEBDATASET_STATS_SUFFIX = "_stats.json"     # a webdataset shard's done marker
+HF_PARQUET_DIR = "data"
+HF_SPLIT = "train"
+IMAGEFOLDER_DIR = "train"
+IMAGEFOLDER_METADATA_FILE = "metadata.jsonl"
+MIN_DATASET_SHARD_WIDTH = 5
 SHARD_DIR_RE = re.compile(r"^shard-(\d+)-of-(\d+)$")
 
 
@@ -87,6 +105,50 @@ class RunLayout:
     def latents_dir(self) -> Path:
         return self.out_dir / LATENTS_DIR
 
+    @property
+    def output_meta_path(self) -> Path:
+        return self.journal_dir / OUTPUT_FILE
+
+    @property
+    def staging_dir(self) -> Path:
+        return self.journal_dir / STAGING_DIR
+
+    @property
+    def webdataset_dir(self) -> Path:
+        return self.out_dir / WEBDATASET_DIR
+
+    @property
+    def hf_parquet_dir(self) -> Path:
+        return self.out_dir / HF_PARQUET_DIR
+
+    @property
+    def imagefolder_dir(self) -> Path:
+        """train/ for the whole-manifest run; train/<shard label>/ for a shard (its own metadata.jsonl)."""
+        base = self.out_dir / IMAGEFOLDER_DIR
+        return base / self.shard.label if self.sharded else base
+
+    def webdataset_stem(self, k: int, count: int) -> str:
+        """Dataset shard k (of `count`) of this run: `00007` (img2dataset's names), or for process
+        shard 3 of 16 `00003-of-00016-00007`, so no two processes ever write one file."""
+        stem = f"{k:0{dataset_shard_width(count)}d}"
+        return f"{self.shard.label}-{stem}" if self.sharded else stem
+
+    def hf_parquet_name(self, k: int, count: int) -> str:
+        """`train-00007-of-00012.parquet`, or for process shard 3 of 16
+        `train-00003-of-00016-00007-of-00012.parquet` (Hugging Face reads the split from `train-`)."""
+        w = dataset_shard_width(count)
+        tail = f"{k:0{w}d}-of-{count:0{w}d}"
+        return f"{HF_SPLIT}-{self.shard.label}-{tail}.parquet" if self.sharded else f"{HF_SPLIT}-{tail}.parquet"
+
+    def dataset_shard_marker(self, output_format: str, k: int, count: int) -> Path:
+        """The file whose presence says dataset shard k of `count` is written: webdataset's
+        <stem>_stats.json (written last), or the parquet shard itself (renamed into place whole)."""
+        if output_format == "webdataset":
+            return self.webdataset_dir / f"{self.webdataset_stem(k, count)}{WEBDATASET_STATS_SUFFIX}"
+        if output_format == "parquet":
+            return self.hf_parquet_dir / self.hf_parquet_name(k, count)
+        raise ValueError(f"--format {output_format} has no dataset shards")
+
     def resume_parts_dirs(self) -> list[Path] | None:
         """The journals that can hold records of this run's rows: for a shard, the unsharded run's
         and its own (other shards' journals hold only their own rows: one count per folder), so a
@@ -94,6 +156,10 @@ class RunLayout:
         if not self.sharded:
             return None
         return [RunLayout(self.out_dir).parts_dir, self.parts_dir]
+
+
+def dataset_shard_width(count: int) -> int:
+    return max(MIN_DATASET_SHARD_WIDTH, len(str(max(0, count - 1))))
 
 
 def shard_dirs(out_dir: Path) -> dict[tuple[int, int], Path]:
@@ -139,7 +205,8 @@ def check_plain_folders(layout: RunLayout) -> None:
     """Output paths never leave --out: refuse a folder under it that is a link (or not a folder),
     whatever it points to. InputError naming the folder and the fix."""
     for folder in (layout.images_dir, layout.latents_dir, layout.out_dir / JOURNAL_DIR,
-                   layout.out_dir / RESULTS_PARTS_DIR):
+                   layout.out_dir / RESULTS_PARTS_DIR, layout.webdataset_dir, layout.hf_parquet_dir,
+                   layout.out_dir / IMAGEFOLDER_DIR):
         if folder.is_symlink():
             raise InputError(f"{folder} is a link ({folder} -> {folder.readlink()}); batchsd writes only inside "
                              f"--out {layout.out_dir}: replace the link with a plain folder, or use another --out")

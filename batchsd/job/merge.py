@@ -2,19 +2,24 @@
 results parts are merged into <out>/results.parquet (all rows in manifest order, the same table an
 unsharded run writes) and <out>/summary.json (the shards' figures added up).
 
+With --format webdataset it also writes webdataset/sizes.json, open_clip's {tar name: samples}
+file, over every process shard's tars (a process shard writes only its own files while it runs).
+
 The shard that finishes last does it (session.finish), or `batchsd status`. Safe to run from
 several shards at once: each writes the same content through an atomic rename.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchsd.job.atomic import atomic_write_table
-from batchsd.job.layout import RESULTS_PARTS_DIR, RunLayout, job_results_path, job_summary_path
+from batchsd.job.atomic import atomic_write_bytes, atomic_write_table
+from batchsd.job.layout import (RESULTS_PARTS_DIR, WEBDATASET_SIZES_FILE, WEBDATASET_STATS_SUFFIX, RunLayout,
+                                job_results_path, job_summary_path)
 from batchsd.job.run_meta import read_summary, write_summary
 from batchsd.job.shards import ShardSpec
 
@@ -53,6 +58,11 @@ def merge_shard_results(out_dir: Path, count: int, manifest_ids: Sequence[str],
         return False
     table = table.take(pa.array([where[rid] for rid in manifest_ids if rid in where], type=pa.int64()))
     atomic_write_table(job_results_path(out_dir), table)
+    from batchsd.job.outputs.claim import output_settings
+
+    settings = output_settings(out_dir) or {}
+    if settings.get("format") == "webdataset":
+        write_webdataset_sizes(RunLayout(out_dir).webdataset_dir)
     total = {k: sum(int(s.get(k) or 0) for s in summaries)
              for k in ("rows", "ok", "failed", "skipped", "previously_failed", "pending")}
     statuses = table.column("status").to_pylist()
@@ -69,3 +79,17 @@ def merge_shard_results(out_dir: Path, count: int, manifest_ids: Sequence[str],
         "exit_code": 1 if statuses.count("error") else 0,
     })
     return True
+
+
+def write_webdataset_sizes(folder: Path) -> dict[str, int]:
+    """<folder>/sizes.json = {tar name: samples} over every shard in `folder` whose done marker
+    (<stem>_stats.json) is there."""
+    sizes = {}
+    for stats_path in sorted(Path(folder).glob(f"*{WEBDATASET_STATS_SUFFIX}")):
+        try:
+            stats = json.loads(stats_path.read_text())
+            sizes[stats["tar"]] = int(stats["successes"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    atomic_write_bytes(Path(folder) / WEBDATASET_SIZES_FILE, (json.dumps(sizes, indent=2) + "\n").encode())
+    return sizes

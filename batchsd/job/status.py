@@ -20,6 +20,10 @@ Shards are those of the count found in OUT; a folder never sharded is one shard.
 
 Exit status: 0 every row ok; 1 every row made, some failed; 3 some rows missing; 2 usage errors.
 
+With --format webdataset or parquet, each process shard's dataset shards are counted too:
+written (their done marker is there: layout.RunLayout.dataset_shard_marker) of planned
+(ceil(its rows / --shard-size)).
+
 When every shard of a sharded run is done, the shard that finished last (or `batchsd status`)
 writes the whole job's results table (merge.py).
 """
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from math import ceil
 from pathlib import Path
 
 from batchsd.errors import InputError
@@ -46,6 +51,8 @@ class Tally:
     missing: int = 0
     state: str = ""         # running | done | started | not started ("" overall)
     last_write: float | None = None   # unix time of the newest journal file
+    dataset_shards: int | None = None           # --format webdataset/parquet: dataset shards planned
+    dataset_shards_written: int | None = None   # ... and written (done marker in place)
 
     def add(self, status: str) -> None:
         self.rows += 1
@@ -61,6 +68,7 @@ class StatusReport:
     shards: list[Tally] = field(default_factory=list)
     models: dict[str, int] = field(default_factory=dict)
     merged: bool = False     # results.parquet holds every row (written now or before)
+    output_format: str = "files"   # --format of the folder (outputs/claim.py)
 
     @property
     def exit_code(self) -> int:
@@ -99,6 +107,7 @@ def collect_status(out_dir: Path, manifest: Path | None = None, limit: int | Non
     from batchsd.job.reader import read_rows
     from batchsd.job.resume import ModelIdentity, row_states
     from batchsd.job.run_meta import read_run_metas
+    from batchsd.job.rows import ManifestOptions
     from batchsd.job.shards import shard_of
 
     out_dir = Path(out_dir)
@@ -118,7 +127,9 @@ def collect_status(out_dir: Path, manifest: Path | None = None, limit: int | Non
         if not manifest.is_file():
             raise InputError(f"the manifest of this run, {manifest}, is not here: pass --manifest MANIFEST")
     try:
-        _, rows, _ = read_rows(Path(manifest), limit)
+        # the rows as the run read them (its --map and --wildcards, recorded in run.json)
+        options = ManifestOptions.from_json(newest.get("manifest_options"))
+        _, rows, _ = read_rows(Path(manifest), limit, options=options)
     except InputError as e:
         raise InputError(f"the manifest {manifest} cannot be read as a job now:\n{e}") from None
     count = _shard_count(out_dir)
@@ -147,6 +158,7 @@ def collect_status(out_dir: Path, manifest: Path | None = None, limit: int | Non
         else:
             t.state = "started" if journal_exists else "not started"
     report = StatusReport(str(out_dir), str(manifest), count, overall, shards, models)
+    _count_dataset_shards(report, out_dir)
     report.merged = job_results_path(out_dir).is_file() and count == 1
     if count > 1:
         ids = [r.id for r in rows]
@@ -154,6 +166,25 @@ def collect_status(out_dir: Path, manifest: Path | None = None, limit: int | Non
         if merge and not report.merged and all(t.state == "done" for t in shards):
             report.merged = merge_shard_results(out_dir, count, ids)
     return report
+
+
+def _count_dataset_shards(report: StatusReport, out_dir: Path) -> None:
+    """Each process shard's dataset shards, planned and written (module docstring)."""
+    from batchsd.job.outputs.claim import output_settings
+    from batchsd.job.outputs.spec import SHARD_FORMATS
+
+    settings = output_settings(out_dir) or {}
+    report.output_format = str(settings.get("format") or "files")
+    if report.output_format not in SHARD_FORMATS:
+        return
+    size = int(settings.get("shard_size") or 1)
+    for t in report.shards:
+        layout = RunLayout(out_dir, ShardSpec(t.index, report.shard_count, "status") if report.shard_count > 1 else None)
+        t.dataset_shards = ceil(t.rows / size)
+        t.dataset_shards_written = sum(layout.dataset_shard_marker(report.output_format, k, t.dataset_shards).is_file()
+                                       for k in range(t.dataset_shards))
+    report.overall.dataset_shards = sum(t.dataset_shards for t in report.shards)
+    report.overall.dataset_shards_written = sum(t.dataset_shards_written for t in report.shards)
 
 
 def _newest_mtime(folder: Path) -> float | None:
@@ -182,15 +213,22 @@ def print_status(console, report: StatusReport) -> None:
                   + (f", {report.shard_count} shards" if report.shard_count > 1 else ""))
     if report.shard_count > 1:
         table = Table(show_edge=False, pad_edge=False, box=None)
-        for col in ("shard", "rows", "ok", "failed", "missing", "state", "last write"):
+        datasets = o.dataset_shards is not None
+        for col in ("shard", "rows", "ok", "failed", "missing", "state", "last write") + (("dataset shards",) * datasets):
             table.add_column(col, justify="right" if col in ("rows", "ok", "failed", "missing") else "left")
         for t in report.shards:
             style = "green" if t.state == "done" and not t.missing else ("yellow" if t.missing else None)
-            table.add_row(f"{t.index}/{report.shard_count}", str(t.rows), str(t.ok), str(t.failed), str(t.missing),
-                          t.state, _ago(t.last_write), style=style)
+            cells = [f"{t.index}/{report.shard_count}", str(t.rows), str(t.ok), str(t.failed), str(t.missing),
+                     t.state, _ago(t.last_write)]
+            if datasets:
+                cells.append(f"{t.dataset_shards_written}/{t.dataset_shards} written")
+            table.add_row(*cells, style=style)
         console.print(table)
     console.print(f"overall: {o.ok} ok, {o.failed} failed, {o.missing} missing of {o.rows}"
                   + (f" ({100.0 * o.ok / o.rows:.1f}% ok)" if o.rows else ""))
+    if o.dataset_shards is not None:
+        console.print(f"--format {report.output_format}: {o.dataset_shards_written} of {o.dataset_shards} dataset "
+                      "shard(s) written")
     if report.models:
         console.print("models: " + ", ".join(f"{escape(m)} ({n})" for m, n in report.models.items()))
     if o.missing:

@@ -6,7 +6,10 @@ image encoding, hashing and fsyncs never hold up the next UNet forward. Per batc
     1. for every ok row: the output writer (outputs/) writes its files atomically; then `flush`
        makes the renames durable
     2. append one part file with the batch's records to the journal (fsync + os.replace)
-    3. compact the journal into the results table when its interval is due (journal.py)
+    3. the output writer's `journaled`: a shard format writes the dataset shards the batch
+       completed (and journals their rows' new place: outputs/dataset_shards.py)
+    4. compact the journal into the results table when its interval is due (journal.py), then the
+       output writer's `checkpoint` (imagefolder rewrites metadata.jsonl)
 
 so a record never names an image that is not in place. A failure in the thread (disk full, ...)
 is kept and raised in the main thread at its next `submit` or at `close`.
@@ -73,7 +76,8 @@ class ResultWriter:
                 self._raise_if_failed()
 
     def close(self) -> None:
-        """Wait until everything submitted is durable, then stop the thread."""
+        """Wait until everything submitted is durable, stop the thread, then close the output writer
+        (unless the thread failed: the error is raised instead)."""
         if self._thread.is_alive():
             while True:
                 try:
@@ -84,6 +88,7 @@ class ResultWriter:
                         break
             self._thread.join()
         self._raise_if_failed()
+        self.output.close()
 
     def _raise_if_failed(self) -> None:
         if self.error is not None:
@@ -136,7 +141,9 @@ class ResultWriter:
             out_records.append(rec)
         self.output.flush()   # the files durable before the record that names them
         self.journal.append(out_records)
+        self.output.journaled(out_records)
         if self.journal.should_compact():
             self.journal.compact()
+            self.output.checkpoint()
         return n_ok, n_failed
 
