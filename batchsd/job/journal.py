@@ -64,6 +64,10 @@ class PriorRecord:
     params_hash: str | None
     finished_at: datetime | None = None
     parts_dir: str | None = None     # the journal it came from (a run's own, or another shard's)
+    torch_version: str | None = None  # the numerics it was made with (resume.Numerics); None: not recorded
+    device_type: str | None = None
+    dtype: str | None = None
+    exact: bool | None = None
 
 
 @dataclass(frozen=True)

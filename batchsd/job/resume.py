@@ -4,15 +4,20 @@
 missing / failed) all ask `row_states`. Given a row and its latest journaled record, a row is
 
     done     its record is "ok", for the row's current params_hash, made by the same model (sha256,
-             or the name for the tiny random model), and its image (and latents with
+             or the name for the tiny random model) with the same numerics (`Numerics`: torch
+             version, device type, dtype, exact mode), and its image (and latents with
              --save-latents) are files in the output folder
-    failed   its record is an error for the current params and model (made again with --retry-errors)
-    make     anything else: no record, other params, another model, files gone; or --overwrite
+    failed   its record is an error for the current params, model and numerics (made again with
+             --retry-errors)
+    make     anything else: no record, other params, another model or numerics, files gone; or
+             --overwrite
 
-A model that is not known (a dry run before loading, a status without run metadata) is not
-compared. Rows are deterministic (a CPU generator per row, README "Seeding contract"), so an
-interrupted and resumed run equals an uninterrupted one up to the floating-point rounding of
-another batch composition (within 1/255 per pixel; the tests check it).
+A model or numerics that are not known (a dry run before loading, a status without run metadata)
+are not compared, nor are the numerics of a record that carries none (written before they were
+recorded, or a row that failed before any model call). Rows are deterministic (a CPU generator
+per row, README "Seeding contract"); in exact mode (model/fast/exact.py) a resumed run's rows are
+bit-identical to an uninterrupted run's, otherwise equal up to the floating-point rounding of
+another batch composition (within 1/255 per pixel; the tests check both).
 
 Rows of a run whose latest record is in another journal of the folder (an earlier unsharded run,
 or shards: layout.RunLayout) are skipped and their records copied into the run's own journal
@@ -44,34 +49,84 @@ class ModelIdentity:
         return rec.model == self.name and not rec.model_sha256
 
 
+@dataclass(frozen=True)
+class Numerics:
+    """What a row's bits depend on besides the row and the model: recorded with every result (the
+    NUMERICS_COLUMNS of schema.py) and in run.json. A change of any of them makes a row again, as a
+    model change does; in exact mode they (with the row and the model) fix the row's bytes."""
+    torch_version: str
+    device_type: str        # "cpu" | "cuda": not the CPU or GPU model, whose kernels also differ
+    dtype: str              # "float32" | "bfloat16" | "float16"
+    exact: bool
+
+    @classmethod
+    def of(cls, pipe) -> "Numerics":
+        """Those of a loaded Pipeline, in this process's torch."""
+        import torch
+
+        return cls(torch.__version__, pipe.device.type, str(pipe.dtype).removeprefix("torch."), bool(pipe.exact))
+
+    @classmethod
+    def planned(cls, device_type: str, dtype: str, exact: bool | None, compile: str | None = None) -> "Numerics":
+        """Those a Pipeline.load(device=<device_type>, dtype=dtype, exact=exact, compile=compile) in this
+        environment will have (the Ray driver plans with them before its actors load)."""
+        import torch
+
+        from batchsd.model.devices import resolve_dtype
+        from batchsd.model.fast.exact import resolve_exact
+
+        dt = resolve_dtype(dtype, torch.device(device_type))
+        return cls(torch.__version__, device_type, str(dt).removeprefix("torch."),
+                   resolve_exact(exact, device_type, compile))
+
+    def columns(self) -> dict:
+        return {"torch_version": self.torch_version, "device_type": self.device_type, "dtype": self.dtype,
+                "exact": self.exact}
+
+    def made(self, rec: PriorRecord) -> bool:
+        """Whether `rec` was made with these numerics; a record that carries none is not compared."""
+        if rec.torch_version is None:
+            return True
+        return (rec.torch_version, rec.device_type, rec.dtype, rec.exact) == \
+            (self.torch_version, self.device_type, self.dtype, self.exact)
+
+    def __str__(self) -> str:
+        return (f"torch {self.torch_version}, {self.device_type}, {self.dtype}, "
+                f"exact mode {'on' if self.exact else 'off'}")
+
+
 SCAN_ENTRIES_PER_NAME = 4    # resume lists a folder rather than stat its files, up to this many entries per file
 
 
 def row_states(rows: Sequence[JobRow], prior: dict[str, PriorRecord], out_dir: Path, *,
-               model: ModelIdentity | None, save_latents: bool = False, overwrite: bool = False,
-               retry_errors: bool = False) -> list[str]:
+               model: ModelIdentity | None, numerics: Numerics | None = None, save_latents: bool = False,
+               overwrite: bool = False, retry_errors: bool = False) -> list[str]:
     """DONE, MAKE or FAILED for each row (module docstring); files are looked up in one pass."""
-    states = [_state(row, prior.get(row.id), model, save_latents, overwrite, retry_errors) for row in rows]
+    states = [_state(row, prior.get(row.id), model, numerics, save_latents, overwrite, retry_errors)
+              for row in rows]
     present = existing_files(out_dir, [f for s in states if isinstance(s, list) for f in s if f])
     return [(DONE if all(f and f in present for f in s) else MAKE) if isinstance(s, list) else s for s in states]
 
 
 def decide(rows: Sequence[JobRow], prior: dict, out_dir: Path, *, model: str, model_sha256: str | None,
-           save_latents: bool, overwrite: bool, retry_errors: bool) -> tuple[list[JobRow], int, int]:
+           save_latents: bool, overwrite: bool, retry_errors: bool,
+           numerics: Numerics | None = None) -> tuple[list[JobRow], int, int]:
     """Split rows into (to make, skipped ok, skipped earlier failures)."""
-    states = row_states(rows, prior, out_dir, model=ModelIdentity(model, model_sha256), save_latents=save_latents,
-                        overwrite=overwrite, retry_errors=retry_errors)
+    states = row_states(rows, prior, out_dir, model=ModelIdentity(model, model_sha256), numerics=numerics,
+                        save_latents=save_latents, overwrite=overwrite, retry_errors=retry_errors)
     todo = [row for row, state in zip(rows, states) if state == MAKE]
     return todo, states.count(DONE), states.count(FAILED)
 
 
-def _state(row: JobRow, rec: PriorRecord | None, model: ModelIdentity | None, save_latents: bool,
-           overwrite: bool, retry_errors: bool) -> str | list:
+def _state(row: JobRow, rec: PriorRecord | None, model: ModelIdentity | None, numerics: Numerics | None,
+           save_latents: bool, overwrite: bool, retry_errors: bool) -> str | list:
     """MAKE, FAILED, or for an ok record of the current params and model the files (relative to
     out_dir; None where the record names none) it needs to count as DONE."""
     if overwrite or rec is None or rec.params_hash != row.params_hash():
         return MAKE
     if model is not None and not model.made(rec):
+        return MAKE
+    if numerics is not None and not numerics.made(rec):
         return MAKE
     if rec.status == "ok":
         return [rec.image_path] + ([rec.latents_path] if save_latents else [])
