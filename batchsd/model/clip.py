@@ -26,12 +26,14 @@ class CLIPTextEmbeddings(nn.Module):
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)        # [V, D]
         self.position_embedding = nn.Embedding(cfg.max_positions, cfg.width)  # [77, D]
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        # input_ids: [B, T] -> [B, T, D]
+    def forward(self, input_ids: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        # input_ids: [B, T] -> [B, T, D]; token_embeds [B, T, D]: used instead of token_embedding(input_ids)
+        # (textual inversion vectors in place: batchsd/model/embeddings.py)
         seq_len = input_ids.shape[1]
         if seq_len > self.position_embedding.num_embeddings:
             raise ValueError(f"{seq_len} tokens > {self.position_embedding.num_embeddings} positions")
-        return self.token_embedding(input_ids) + self.position_embedding.weight[:seq_len]
+        tokens = self.token_embedding(input_ids) if token_embeds is None else token_embeds
+        return tokens + self.position_embedding.weight[:seq_len]
 
 
 class CLIPAttention(nn.Module):
@@ -108,7 +110,13 @@ class CLIPTextModel(nn.Module):
         if cfg.final_norm:
             self.final_layer_norm = nn.LayerNorm(cfg.width, eps=cfg.eps)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        x = self.embeddings(input_ids)      # [B, T, D]
-        x = self.encoder(x)                 # [B, T, D]
+    def forward(self, input_ids: torch.Tensor, skip: int = 0, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """`skip`: leave out the last `skip` blocks (A1111's clip skip minus 1; diffusers' clip_skip);
+        the final norm, if any, is applied to the last block run. `token_embeds` [B, T, D]: the token
+        embeddings to use instead of looking input_ids up (embeddings.embed_tokens)."""
+        if not 0 <= skip < len(self.encoder.layers):
+            raise ValueError(f"cannot skip {skip} of {len(self.encoder.layers)} text encoder layers")
+        x = self.embeddings(input_ids, token_embeds)   # [B, T, D]
+        for layer in self.encoder.layers[:len(self.encoder.layers) - skip]:
+            x = layer(x)                    # [B, T, D]
         return self.final_layer_norm(x) if self.cfg.final_norm else x

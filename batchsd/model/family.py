@@ -92,8 +92,12 @@ class ModelFamily:
     infer_config: Callable[..., SDConfig]
     # model_class(cfg) builds the model (.cfg, .unet, .vae, .text_encoder); .random(cfg, seed): random weights
     model_class: type[nn.Module]
-    # text conditioning: (model, prompts, device) -> TextConditioning
-    encode_text: Callable[[nn.Module, list[str], torch.device], TextConditioning]
+    # text conditioning: (model, prompts, device, skip) -> TextConditioning; skip: the text encoder's last
+    # layers left out (clip skip - 1; only families with `clip_skip` take skip > 0)
+    encode_text: Callable[..., TextConditioning]
+    # A1111-syntax chunks: (model, ids [N, 77] padded with <|endoftext|>, device, skip) -> (each text
+    # encoder's hidden states [N, 77, D_i], pooled [N, P] or None), before emphasis (text_conditioning.py)
+    encode_chunks: Callable[..., tuple[list[torch.Tensor], torch.Tensor | None]]
     latent_scale: Callable[[SDConfig], float]  # VAE latents x this = the latents the UNet works on
     scheduler: SchedulerConfig             # the training noise schedule the samplers rebuild (prediction type too)
     default_size: int                      # text-to-image width and height when a row gives none
@@ -102,6 +106,7 @@ class ModelFamily:
     # an empty negative prompt is all-zero conditioning (context and pooled), not the encoding of ""
     # (SDXL: diffusers' force_zeros_for_empty_prompt, A1111's zeroed empty negative prompt)
     zero_empty_negative: bool = False
+    clip_skip: bool = False   # whether rows may skip text encoder layers (A1111 applies clip skip to SD 1.x only)
     # the UNet's vector input y (cfg.unet.adm_in_channels) from the pooled text embeddings [B, P], the
     # rows and their (width, height): SDXL's `sdxl_unet_vector`; None: the UNet takes no vector
     unet_vector: Callable[[torch.Tensor, list, int, int], torch.Tensor] | None = None
@@ -128,10 +133,25 @@ def _sd1_infer_config(shapes: Shapes, hints: CheckpointHints = CheckpointHints()
     return infer_sd1_config(shapes, hints.configs)
 
 
-def _sd1_encode_text(model: nn.Module, prompts: list[str], device: torch.device) -> TextConditioning:
-    """CLIP token ids (77, padded with <|endoftext|>) -> the text encoder's last hidden state."""
+def _sd1_encode_text(model: nn.Module, prompts: list[str], device: torch.device, skip: int = 0) -> TextConditioning:
+    """CLIP token ids (77, padded with <|endoftext|>) -> the text encoder's last hidden state (or,
+    skipping `skip` layers, an earlier one through the final norm)."""
     ids, truncated = tokenize(prompts)
-    return TextConditioning(model.text_encoder(ids.to(device)), truncated)
+    return TextConditioning(model.text_encoder(ids.to(device), skip), truncated)
+
+
+def _sd1_encode_chunks(model: nn.Module, ids: torch.Tensor, device: torch.device, skip: int = 0):
+    return [model.text_encoder(ids.to(device), skip)], None
+
+
+def pad_after_end(ids: torch.Tensor) -> torch.Tensor:
+    """<|endoftext|>-padded ids [N, 77] with every id after the first <|endoftext|> set to 0 ("!"): the
+    OpenCLIP encoders' padding (A1111's id_pad for them)."""
+    from batchsd.model.tokenizer import EOS_ID
+
+    after = (ids == EOS_ID).int().cumsum(dim=1) > 0
+    first = after & ~torch.nn.functional.pad(after[:, :-1], (1, 0))
+    return torch.where(after & ~first, torch.zeros_like(ids), ids)
 
 
 SD15_SCHEDULER = SchedulerConfig(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, steps_offset=1)
@@ -144,6 +164,8 @@ SD1 = ModelFamily(
     infer_config=_sd1_infer_config,
     model_class=StableDiffusionModel,
     encode_text=_sd1_encode_text,
+    encode_chunks=_sd1_encode_chunks,
+    clip_skip=True,
     latent_scale=_vae_latent_scale,
     scheduler=SD15_SCHEDULER,
     default_size=DEFAULT_SIZE,
@@ -163,11 +185,15 @@ def _sd2_infer_config(shapes: Shapes, hints: CheckpointHints = CheckpointHints()
     return infer_sd2_config(shapes, hints.layout, hints.configs)
 
 
-def _sd2_encode_text(model: nn.Module, prompts: list[str], device: torch.device) -> TextConditioning:
+def _sd2_encode_text(model: nn.Module, prompts: list[str], device: torch.device, skip: int = 0) -> TextConditioning:
     """Token ids (77, padded with "!", id 0, as diffusers' SD 2.x tokenizer) -> ln_final of the OpenCLIP
     encoder's penultimate layer."""
     ids, truncated = tokenize(prompts, pad_token=SD2_PAD_TOKEN)
     return TextConditioning(model.text_encoder(ids.to(device)), truncated)
+
+
+def _sd2_encode_chunks(model: nn.Module, ids: torch.Tensor, device: torch.device, skip: int = 0):
+    return [model.text_encoder(pad_after_end(ids).to(device))], None
 
 
 # non-model tensors of released SD 2.x files under the text encoder's prefix: CLIP's projection to the
@@ -197,6 +223,7 @@ def _sd2_family(name: str, label: str, prediction_type: str, default_size: int) 
         infer_config=_sd2_infer_config,
         model_class=StableDiffusion2Model,
         encode_text=_sd2_encode_text,
+        encode_chunks=_sd2_encode_chunks,
         latent_scale=_vae_latent_scale,
         # stabilityai/stable-diffusion-2-1(-base) scheduler_config.json: SD 1.5's betas and steps_offset,
         # no timestep_spacing (each sampler's class default, as for SD 1.x)
@@ -235,7 +262,7 @@ def _sdxl_infer_config(shapes: Shapes, hints: CheckpointHints = CheckpointHints(
     return cfg
 
 
-def _sdxl_encode_text(model: nn.Module, prompts: list[str], device: torch.device) -> TextConditioning:
+def _sdxl_encode_text(model: nn.Module, prompts: list[str], device: torch.device, skip: int = 0) -> TextConditioning:
     """CLIP ViT-L's penultimate hidden state (tokens padded with <|endoftext|>) and OpenCLIP ViT-bigG's
     (tokens padded with "!", id 0, as diffusers' tokenizer_2), concatenated to the context [B, 77, 768 +
     1280]; ViT-bigG's pooled projection as `pooled`."""
@@ -244,6 +271,11 @@ def _sdxl_encode_text(model: nn.Module, prompts: list[str], device: torch.device
     first = model.text_encoder(ids.to(device))
     second, pooled = model.text_encoder_2.forward_with_pooled(ids_2.to(device))
     return TextConditioning(torch.cat([first, second], dim=-1), truncated, pooled)
+
+
+def _sdxl_encode_chunks(model: nn.Module, ids: torch.Tensor, device: torch.device, skip: int = 0):
+    second, pooled = model.text_encoder_2.forward_with_pooled(pad_after_end(ids).to(device))
+    return [model.text_encoder(ids.to(device)), second], pooled
 
 
 def sdxl_time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int],
@@ -299,6 +331,7 @@ SDXL = ModelFamily(
     infer_config=_sdxl_infer_config,
     model_class=StableDiffusionXLModel,
     encode_text=_sdxl_encode_text,
+    encode_chunks=_sdxl_encode_chunks,
     latent_scale=_vae_latent_scale,
     # stabilityai/stable-diffusion-xl-base-1.0 scheduler_config.json: SD 1.5's betas and steps_offset,
     # timestep_spacing "leading" for every sampler (SD 1.x/2.x leave each sampler's class default)

@@ -105,23 +105,26 @@ class OpenCLIPTextModel(nn.Module):
             self.text_projection = nn.Parameter(torch.empty(cfg.width, cfg.projection_dim))
             nn.init.normal_(self.text_projection, std=cfg.width ** -0.5)
 
-    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def _embed(self, input_ids: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """token_embeds [B, T, D]: used instead of token_embedding(input_ids) (embeddings.embed_tokens)."""
         seq_len = input_ids.shape[1]
         if seq_len > self.positional_embedding.shape[0]:
             raise ValueError(f"{seq_len} tokens > {self.positional_embedding.shape[0]} positions")
-        return self.token_embedding(input_ids) + self.positional_embedding[:seq_len]   # [B, T, D]
+        tokens = self.token_embedding(input_ids) if token_embeds is None else token_embeds
+        return tokens + self.positional_embedding[:seq_len]   # [B, T, D]
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.ln_final(self.transformer(self._embed(input_ids)))
+    def forward(self, input_ids: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        return self.ln_final(self.transformer(self._embed(input_ids, token_embeds)))
 
-    def forward_with_pooled(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_with_pooled(self, input_ids: torch.Tensor,
+                            token_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """SDXL's use (sgm FrozenOpenCLIPEmbedder2, layer "penultimate", diffusers'
         CLIPTextModelWithProjection hidden_states[-2] and text_embeds): the input of the last block, and
         ln_final of the last block's output at each prompt's end token (the largest id, <|endoftext|>)
         times text_projection."""
         if not self.cfg.projection_dim:
             raise ValueError("this text encoder has no text_projection (cfg.projection_dim is 0)")
-        x = self._embed(input_ids)
+        x = self._embed(input_ids, token_embeds)
         blocks = self.transformer.resblocks
         for block in blocks[:-1]:
             x = block(x)

@@ -89,11 +89,12 @@ def reference_run(models, sampler: str, row: GenerationRow) -> tuple[np.ndarray,
     return diffusers_run(parts, row)
 
 
-def diffusers_run(parts: dict, row: GenerationRow) -> tuple[np.ndarray, torch.Tensor]:
-    """`row` through diffusers' StableDiffusion(Img2Img)Pipeline built from `parts`: (uint8 HWC image, latents)."""
+def diffusers_run(parts: dict, row: GenerationRow, **extra) -> tuple[np.ndarray, torch.Tensor]:
+    """`row` through diffusers' StableDiffusion(Img2Img)Pipeline built from `parts`: (uint8 HWC image, latents).
+    `extra`: more pipeline call arguments (e.g. clip_skip)."""
     common = dict(prompt=row.prompt, negative_prompt=row.negative_prompt, num_inference_steps=row.steps,
                   guidance_scale=row.cfg_scale, generator=torch.Generator("cpu").manual_seed(row.seed),
-                  output_type="latent")
+                  output_type="latent", **extra)
     if row.init_image is None:
         pipe = StableDiffusionPipeline(**parts)
         pipe.set_progress_bar_config(disable=True)

@@ -202,9 +202,9 @@ def test_tolerances_catch_real_bugs(model):
     ours, ref = model["ours"], model["ref"]
     row = GenerationRow("a red cube", seed=3, steps=3, cfg_scale=7.5, sampler="euler", width=64, height=64)
     image_ref, latents_ref = reference_run(ref, "euler", row)
-    zero = ours._encode_text([""], negative=True)
+    zero = ours._encode_text([GenerationRow("a", negative_prompt="")], 1, negative=True)
     assert zero.context.abs().max() == 0 and zero.pooled.abs().max() == 0
-    encoded = ours._encode_text([""])
+    encoded = ours._encode_text([GenerationRow("")], 1)
     assert encoded.context.abs().max() > 0
     try:
         ours.family = type(ours.family)(**{**ours.family.__dict__, "zero_empty_negative": False})
@@ -272,3 +272,26 @@ def test_fp16_runs_the_vae_in_fp32():
     bf16 = Pipeline(StableDiffusionXLModel.random(SDXL_TEST), torch.device("cpu"), torch.bfloat16, name="x",
                     family=SDXL, pack_weights=False)
     assert bf16.vae_dtype == torch.bfloat16
+
+
+@torch.no_grad()
+def test_a1111_syntax_on_sdxl(model):
+    """A1111 syntax reads both encoders (the OpenCLIP one padded with 0 after the end token): a short
+    plain prompt gives the plain syntax's bits, context and pooled; a long prompt is 3 chunks, its
+    pooled embedding the first chunk's; emphasis changes both encoders' states."""
+    from batchsd.model.text_conditioning import encode_prompts
+
+    sdxl, cpu = model["ours"].model, torch.device("cpu")
+    plain = encode_prompts(SDXL, sdxl, ["a photo of a cat"], cpu, "plain")[0]
+    a1111 = encode_prompts(SDXL, sdxl, ["a photo of a cat", LONG_PROMPT, "a photo of a (cat:1.4)"], cpu, "a1111")
+    assert torch.equal(plain.context, a1111[0].context) and torch.equal(plain.pooled, a1111[0].pooled)
+    assert a1111[1].context.shape == (77 * 2, 128)
+    from batchsd.model.prompt_syntax import chunk_prompt, fragment_tokenizer
+    chunks = chunk_prompt(LONG_PROMPT, fragment_tokenizer())
+    _, first_pooled = SDXL.encode_chunks(sdxl, torch.tensor([chunks[0].ids]), cpu)
+    assert torch.equal(a1111[1].pooled, first_pooled[0])
+    changed = (a1111[2].context - a1111[0].context).abs().amax(dim=0)
+    assert changed[:64].max() > 1e-3 and changed[64:].max() > 1e-3
+    row = GenerationRow(LONG_PROMPT, negative_prompt="blurry", seed=1, steps=2, width=64, height=64,
+                        prompt_syntax="a1111")
+    assert model["ours"].generate([row]).latents.isfinite().all()
