@@ -4,7 +4,12 @@
                          [--dtype auto|fp32|fp16|bf16] [--save-latents] [--limit N] [--dry-run]
                          [--overwrite] [--retry-errors] [--low-memory] [--compile MODE] [--winograd auto|on|off]
                          [--shard I/N] [--shard-count N] [--engine local|ray] [--workers K]
-    batchsd validate MANIFEST [--batch-size N]
+                         [--format files|webdataset|parquet|imagefolder] [--image-format png|jpg|webp]
+                         [--quality Q] [--shard-size N] [--captions]
+                         [--map SOURCE=TARGET,...] [--wildcards DIR] [--prompt-syntax plain|a1111] [--lora-dir DIR]
+                         [--prediction-type epsilon|v_prediction] [--exact/--no-exact] [--reuse-out]
+    batchsd validate MANIFEST [--batch-size N] [--map SOURCE=TARGET,...] [--wildcards DIR]
+                              [--prompt-syntax plain|a1111] [--expanded OUT.parquet]
     batchsd inspect MODEL [--json]
     batchsd status OUT [--manifest MANIFEST] [--json]
 
@@ -52,6 +57,24 @@ class PredictionType(str, enum.Enum):
     v_prediction = "v_prediction"
 
 
+class PromptSyntax(str, enum.Enum):
+    plain = "plain"
+    a1111 = "a1111"
+
+
+class OutputFormat(str, enum.Enum):
+    files = "files"
+    webdataset = "webdataset"
+    parquet = "parquet"
+    imagefolder = "imagefolder"
+
+
+class ImageFormat(str, enum.Enum):
+    png = "png"
+    jpg = "jpg"
+    webp = "webp"
+
+
 class Engine(str, enum.Enum):
     local = "local"
     ray = "ray"
@@ -76,6 +99,41 @@ def _check_device(value: str) -> str:
     return value
 
 
+def _column_map(value: Optional[str]) -> Optional[str]:
+    """--map is checked when parsed: SOURCE=TARGET pairs (whether they fit the file: the manifest's problems)."""
+    from batchsd.errors import InputError
+    from batchsd.job.column_map import parse_column_map
+
+    try:
+        parse_column_map(value)
+    except InputError as e:
+        raise typer.BadParameter(str(e)) from None
+    return value
+
+
+_MAP_HELP = ("Rename manifest columns before reading them, e.g. DiffusionDB's: --map step=steps,cfg=cfg_scale. "
+             "Each target is a column batchsd reads (README 'Manifest').")
+_WILDCARDS_HELP = ("Folder of wildcard files: __name__ in a prompt is one line of DIR/name.txt, drawn per row "
+                   "from its id (prompt templates: README 'Expansion').")
+
+
+_SYNTAX_HELP = ("How prompts are read where the manifest has no prompt_syntax cell: plain (as written, cut at 77 "
+                "tokens: diffusers' reading) or a1111 ((word:1.2) emphasis, BREAK, prompts of any length in "
+                "75-token chunks: README 'Prompt syntax').")
+
+
+_LORA_DIR_HELP = ("Folder of LoRA files: a name in the loras column or a <lora:name:0.8> tag is "
+                  "DIR/**/name.safetensors (or .pt, .ckpt, .bin). Default: weights/lora.")
+
+
+def _manifest_options(column_map: Optional[str], wildcards: Optional[Path], prompt_syntax: "PromptSyntax",
+                      lora_dir: Optional[Path] = None):
+    from batchsd.job.column_map import parse_column_map
+    from batchsd.job.rows import ManifestOptions
+
+    return ManifestOptions(parse_column_map(column_map), wildcards, prompt_syntax.value, lora_dir=lora_dir)
+
+
 def _err_console() -> Console:
     return Console(stderr=True, soft_wrap=True, highlight=False)
 
@@ -91,7 +149,8 @@ def _fail(console: Console, message: str, code: int) -> "typer.Exit":
 
 @app.command()
 def run(
-    manifest: Path = typer.Argument(..., help="Job manifest (.csv or .parquet), one row per image."),
+    manifest: Path = typer.Argument(..., help="Job manifest (.csv, .parquet, .txt or .jsonl), a row per image "
+                                              "or per n_images."),
     model: Optional[str] = typer.Option(None, "--model", "-m",
                                         help="Checkpoint file or diffusers folder, or 'tiny' (random weights, noise "
                                              "images). Default: $BATCHSD_MODEL, else the one checkpoint in ./weights/."),
@@ -115,7 +174,13 @@ def run(
     winograd: Winograd = typer.Option(Winograd.auto, "--winograd", case_sensitive=False,
                                       help="CPU: the wide 3x3 convolutions by Winograd F(2x2,3x3): fewer multiply-adds "
                                            "for a transformed copy of their weights (16/9 of their size). auto: on for "
-                                           "bf16/fp16, off for fp32. Figures: docs/performance.md."),
+                                           "bf16/fp16 on CPUs without AMX, off with AMX and for fp32 (keyed on the "
+                                           "CPU's kind, recorded in summary.json). Figures: docs/performance.md."),
+    exact: Optional[bool] = typer.Option(None, "--exact/--no-exact",
+                                         help="Exact mode: a row's image and latents are the same bytes whatever its "
+                                              "batch, shard, engine or thread count (for one model, dtype, device "
+                                              "type, CPU kind and torch version). Default: on for the CPU, off on "
+                                              "CUDA and with --compile. README 'Reproducibility'."),
     shard: Optional[str] = typer.Option(None, "--shard", metavar="I/N",
                                         help="Make only shard I of N (numbered from 0): the rows with "
                                              "shard_of(id, N) == I. Default: from the launcher's environment "
@@ -134,6 +199,27 @@ def run(
     reuse_out: bool = typer.Option(False, "--reuse-out",
                                    help="Let this job use an --out folder that holds another manifest's job "
                                         "(refused otherwise: two manifests of one name share the default --out)."),
+    output_format: OutputFormat = typer.Option(
+        OutputFormat.files, "--format", case_sensitive=False,
+        help="files: images/<id>.<ext>. webdataset: tar shards in img2dataset's layout (webdataset/, with "
+             "sizes.json). parquet: Hugging Face parquet shards with embedded images (data/train-*.parquet). "
+             "imagefolder: train/<id>.<ext> + train/metadata.jsonl. README 'Output formats'."),
+    image_format: ImageFormat = typer.Option(ImageFormat.png, "--image-format", case_sensitive=False,
+                                             help="png (A1111 metadata chunks), jpg or webp (A1111 parameters "
+                                                  "in EXIF UserComment)."),
+    quality: Optional[int] = typer.Option(None, "--quality", min=1, max=100,
+                                          help="jpg/webp quality. Default: 95 for jpg, 90 for webp."),
+    shard_size: int = typer.Option(10_000, "--shard-size", min=1,
+                                   help="webdataset/parquet: rows per dataset shard (shard k holds rows "
+                                        "k*N..(k+1)*N-1 of this run, in manifest order)."),
+    captions: bool = typer.Option(False, "--captions", help="--format files: also images/<id>.txt (the prompt)."),
+    column_map: Optional[str] = typer.Option(None, "--map", metavar="SOURCE=TARGET,...", callback=_column_map,
+                                             help=_MAP_HELP),
+    wildcards: Optional[Path] = typer.Option(None, "--wildcards", metavar="DIR", exists=True, file_okay=False,
+                                             dir_okay=True, help=_WILDCARDS_HELP),
+    prompt_syntax: PromptSyntax = typer.Option(PromptSyntax.plain, "--prompt-syntax", case_sensitive=False,
+                                               help=_SYNTAX_HELP),
+    lora_dir: Optional[Path] = typer.Option(None, "--lora-dir", metavar="DIR", file_okay=False, help=_LORA_DIR_HELP),
     workers: int = typer.Option(1, "--workers", min=1,
                                 help="--engine ray: actors, each with its own model (one GPU each where the "
                                      "cluster has GPUs)."),
@@ -142,6 +228,7 @@ def run(
     from batchsd.errors import BatchSDError
     from batchsd.job.progress import print_summary
     from batchsd.job.options import ManifestInvalid, RunOptions
+    from batchsd.job.outputs.spec import OutputSpec
     from batchsd.job.run import run as run_job
 
     import os
@@ -150,6 +237,14 @@ def run(
 
     err = _err_console()
     spec = None
+    try:
+        output = OutputSpec(format=output_format.value, image_format=image_format.value, quality=quality,
+                            shard_size=shard_size, captions=captions)
+    except BatchSDError as e:
+        raise _fail(err, str(e), 2)
+    if engine is Engine.ray and output != OutputSpec():
+        raise _fail(err, "--engine ray writes --format files with PNG images only: drop --format/--image-format/"
+                         "--quality/--captions, or run with --engine local (or --shard I/N processes)", 2)
     if engine is Engine.ray:
         if shard is not None or shard_count:
             raise _fail(err, "--engine ray spreads the rows over its workers itself: drop --shard/--shard-count", 2)
@@ -169,9 +264,10 @@ def run(
                       dtype=dtype.value, save_latents=save_latents, limit=limit, dry_run=dry_run,
                       overwrite=overwrite, retry_errors=retry_errors, low_memory=low_memory,
                       compile=None if compile is Compile.none else compile.value,
-                      winograd={"auto": None, "on": True, "off": False}[winograd.value],
+                      winograd={"auto": None, "on": True, "off": False}[winograd.value], exact=exact,
                       shard=None if spec is None or spec.is_whole else spec, reuse_out=reuse_out,
-                      prediction_type=prediction_type.value if prediction_type else None)
+                      prediction_type=prediction_type.value if prediction_type else None, output=output,
+                      manifest_options=_manifest_options(column_map, wildcards, prompt_syntax, lora_dir))
     try:
         if engine is Engine.ray and not dry_run:
             from batchsd.scale.ray_engine import run_ray
@@ -180,6 +276,10 @@ def run(
         else:
             summary = run_job(opts, err, out_console=_out_console())
     except ManifestInvalid as e:
+        from batchsd.job.reader import warning_lines
+
+        for line in warning_lines(e.manifest):
+            err.print(line, style="yellow", markup=False)
         err.print(escape(e.manifest.format_problems()))
         err.print("nothing was run: fix the manifest (`batchsd validate` lists every problem) and run again")
         raise typer.Exit(2)
@@ -196,8 +296,20 @@ def run(
 
 @app.command()
 def validate(
-    manifest: Path = typer.Argument(..., help="Job manifest (.csv or .parquet)."),
+    manifest: Path = typer.Argument(..., help="Job manifest (.csv, .parquet, .txt or .jsonl)."),
     batch_size: int = typer.Option(4, "--batch-size", "-b", min=1, help="Batch size for the plan shown."),
+    column_map: Optional[str] = typer.Option(None, "--map", metavar="SOURCE=TARGET,...", callback=_column_map,
+                                             help=_MAP_HELP),
+    wildcards: Optional[Path] = typer.Option(None, "--wildcards", metavar="DIR", exists=True, file_okay=False,
+                                             dir_okay=True, help=_WILDCARDS_HELP),
+    prompt_syntax: PromptSyntax = typer.Option(PromptSyntax.plain, "--prompt-syntax", case_sensitive=False,
+                                               help=_SYNTAX_HELP),
+    lora_dir: Optional[Path] = typer.Option(None, "--lora-dir", metavar="DIR", file_okay=False, help=_LORA_DIR_HELP),
+    expanded: Optional[Path] = typer.Option(None, "--expanded", metavar="OUT.parquet",
+                                            help="Write the job's rows (after n_images, seed ranges and prompt "
+                                                 "templates; defaults resolved) as a Parquet manifest: exactly what "
+                                                 "`batchsd run` will make, and `batchsd run OUT.parquet` makes the "
+                                                 "same images."),
 ) -> None:
     """List every problem in MANIFEST and print the batch plan; loads no model.
 
@@ -209,18 +321,32 @@ def validate(
     from batchsd.job.plan import plan_batches
     from batchsd.job.progress import print_plan
 
+    from batchsd.job.reader import warning_lines
+
     out = _out_console()
-    m = read_manifest(manifest)
+    m = read_manifest(manifest, _manifest_options(column_map, wildcards, prompt_syntax, lora_dir))
+    for line in warning_lines(m):
+        out.print(line, style="yellow", markup=False)
     if m.problems:
         out.print(escape(m.format_problems(limit=len(m.problems))))
         raise typer.Exit(2)
     rows, failures = resolve_image_sizes(list(m.rows))
     by_index = {r.index: r for r in m.rows}
-    out.print(f"{escape(str(manifest))}: {len(m.rows)} row(s), columns: {escape(', '.join(m.columns))}"
+    made = f" from {m.num_rows} data row(s)" if m.rows and m.rows[0].source_row is not None else ""   # expand.py
+    out.print(f"{escape(str(manifest))}: {len(m.rows)} row(s){made}, columns: {escape(', '.join(m.columns))}"
               + (f" (passed through: {escape(', '.join(m.extra_columns))})" if m.extra_columns else ""))
+    if expanded is not None:
+        from batchsd.job.expand import write_expanded
+
+        try:
+            write_expanded(m, expanded)
+        except OSError as e:
+            raise _fail(_err_console(), f"cannot write {expanded}: {e}", 2)
+        out.print(f"expanded manifest: {escape(str(expanded))} ({len(m.rows)} row(s), one image each)")
     for index, reason in failures.items():
         row = by_index[index]
-        out.print(f"[red]data row {index + 1} (id {escape(repr(row.id))}), column 'init_image':[/red] {escape(str(reason))}")
+        out.print(f"[red]data row {row.data_row} (id {escape(repr(row.id))}), column 'init_image':[/red] "
+                  f"{escape(str(reason))}")
     print_plan(out, plan_batches(rows, batch_size), batch_size)
     if failures:
         out.print(f"{len(failures)} row(s) will fail and be recorded as errors; the others can run")

@@ -1,10 +1,13 @@
-"""Manifest: read a CSV or Parquet job list and validate every row before any model loads.
+"""Manifest: read a job list (CSV, Parquet, or .txt/.jsonl: manifest_formats.py) and validate every
+row before any model loads.
 What it returns (Manifest, JobRow, ManifestProblem) and the id and default-seed rules are in
 rows.py; the limits and defaults of every parameter are in batchsd/model/request.py and the
 sampler names in batchsd/model/sampler_names.py (one home for each rule: the Pipeline checks the
 same ones); this module holds the column spec, the parsers and `read_manifest`.
 
-One row is one image. Columns (all but `prompt` optional; an empty cell means "use the default"):
+A row asks for one image, or several (`n_images`, a seed range, prompt templates: expand.py makes
+the job's rows from the file's rows). `--map` renames columns first (column_map.py). Columns (all but
+`prompt` optional; an empty cell means "use the default"):
 
     id               output file name stem; default: the 0-based row number, zero-padded to the
                      width of the row count (at least 5 digits: "00000", "00001", ...)
@@ -19,6 +22,8 @@ One row is one image. Columns (all but `prompt` optional; an empty cell means "u
                      size rounded down to a multiple of 8 (resolved later by the planner)
     init_image       path, relative to the manifest's folder or absolute; makes the row img2img
     strength         0 < strength <= 1, img2img only, default 0.75; int(steps*strength) >= 1
+    n_images         1..expand.MAX_N_IMAGES images from the row, default 1 (seed may also be a range
+                     `100-199`; the prompt may be a template `{a|b}` / `__name__`: expand.py)
 
 Any other column passes through to the results untouched: a Parquet column with its Arrow type
 (Manifest.extra_types; timestamps, decimals, binary, lists, structs, uint64, int8 ... as they are),
@@ -38,9 +43,9 @@ Ids name output files: letters, digits, '.', '_', '-'; at most 200 characters; n
 '.' or '-'; not a Windows device name (CON, NUL.txt, ...); unique ignoring case (case-insensitive
 filesystems), default ids included (rows.id_problem).
 
-Every problem is collected (file-level ones first, then by row and column order); rows with any
-problem are left out of `Manifest.rows`, and the caller refuses to run while `Manifest.problems` is
-non-empty. Scale: the file is read with pyarrow and parsed column by column; columns whose values
+Every problem is collected (file-level ones first, then by data row and column order); a data row
+with any problem gives no rows to `Manifest.rows`, and the caller refuses to run while
+`Manifest.problems` is non-empty. Scale: the file is read with pyarrow and parsed column by column; columns whose values
 repeat are parsed once per distinct value, integer seeds and plain prompts are checked by Arrow
 (tests/bench/bench_manifest.py measures a 1,000,000-row manifest; figures: docs/performance.md).
 
@@ -51,7 +56,7 @@ from __future__ import annotations
 
 import math
 import os
-import re
+from dataclasses import replace
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Callable
@@ -60,7 +65,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from batchsd.job.rows import SAFE_ID_RE, JobRow, Manifest, ManifestProblem, default_id, id_problem, seed_from_id
+from batchsd.job.column_map import apply_column_map, lookalike_warnings, normalized
+from batchsd.job.conditioning_columns import (CONDITIONING_COLUMNS, parse_conditioning, plain_syntax_warning,
+                                              resolve_loras, syntax_problems)
+from batchsd.job.expand import (MAX_N_IMAGES, N_IMAGES, TEMPLATE_COLUMN, SeedRange, compile_templates, expand_rows,
+                                expanded_extras, image_counts, may_hold_templates, needs_expansion,
+                                parse_seed_range)
+from batchsd.job.manifest_formats import JSONL_SUFFIXES, TXT_SUFFIXES, FormatProblems, read_jsonl, read_txt
+from batchsd.job.prompt_template import PromptTemplates
+from batchsd.job.rows import (SAFE_ID_RE, JobRow, Manifest, ManifestOptions, ManifestProblem, default_id, id_problem,
+                              seed_from_id)
 from batchsd.job.schema import RESULT_NAMES
 from batchsd.model.request import (DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_SIZE, DEFAULT_STEPS, DEFAULT_STRENGTH,
                                    MAX_CFG_SCALE, MAX_SIZE, MAX_STEPS, MIN_SIZE, SEED_LIMIT, SIZE_MULTIPLE,
@@ -68,7 +82,7 @@ from batchsd.model.request import (DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_S
 from batchsd.model.sampler_names import resolve_sampler
 
 COLUMNS = ("id", "prompt", "negative_prompt", "seed", "steps", "cfg_scale", "sampler",
-           "width", "height", "init_image", "strength")
+           "width", "height", "init_image", "strength", N_IMAGES, *CONDITIONING_COLUMNS)
 
 CSV_SUFFIXES = (".csv",)
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -421,32 +435,33 @@ def _malformed_rows(path: Path, read) -> list[ManifestProblem]:
     return problems
 
 
-def _read_table(path: Path) -> pa.Table:
-    """The file as an Arrow table; CSV cells all as text (empty cells as ""). Raises _Bad (or
-    _BadRows)."""
+def _read_table(path: Path) -> tuple[pa.Table, list[int] | None]:
+    """The file as an Arrow table, and for .txt/.jsonl each row's line; CSV cells all as text (empty
+    cells as ""). Raises _Bad (or _BadRows, FormatProblems)."""
     suffix = path.suffix.lower()
-    if suffix not in CSV_SUFFIXES + PARQUET_SUFFIXES:
+    if suffix not in CSV_SUFFIXES + PARQUET_SUFFIXES + TXT_SUFFIXES + JSONL_SUFFIXES:
         raise _Bad(f"unsupported file type {path.suffix or '(no extension)'!r}; "
-                   "write the manifest as .csv or .parquet")
+                   "write the manifest as .csv, .parquet, .txt (a prompt a line, or A1111 --prompt lines) or .jsonl")
     if not path.exists():
         raise _Bad("file not found; check the path")
     if not path.is_file():
-        raise _Bad("not a file; give the path of a .csv or .parquet manifest")
+        raise _Bad("not a file; give the path of a .csv, .parquet, .txt or .jsonl manifest")
     try:
+        if suffix in TXT_SUFFIXES:
+            return read_txt(path)
+        if suffix in JSONL_SUFFIXES:
+            return read_jsonl(path)
         if suffix in CSV_SUFFIXES:
-            return _read_csv(path)
+            return _read_csv(path), None
         import pyarrow.parquet as pq
-        return pq.read_table(path)
+        return pq.read_table(path), None
     except (pa.ArrowException, OSError, ValueError) as e:
-        kind = "CSV (UTF-8, comma-separated, one header line)" if suffix in CSV_SUFFIXES else "Parquet"
+        kind = {".csv": "CSV (UTF-8, comma-separated, one header line)", ".txt": "text", ".jsonl": "JSON lines",
+                ".ndjson": "JSON lines"}.get(suffix, "Parquet")
         raise _Bad(f"cannot read the file as {kind}: {e}") from None
 
 
-def _normalized(name: str) -> str:
-    return re.sub(r"[\s_\-]+", "", name).lower()
-
-
-_NORMALIZED_COLUMNS = {_normalized(c): c for c in COLUMNS}
+_NORMALIZED_COLUMNS = {normalized(c): c for c in COLUMNS}
 
 
 def _column_problems(names: list[str]) -> list[ManifestProblem]:
@@ -462,8 +477,8 @@ def _column_problems(names: list[str]) -> list[ManifestProblem]:
             problems.append(ManifestProblem(None, name, f"is the name of a column batchsd adds to the results, "
                                             f"so it would be replaced by the run's value; rename it to pass it "
                                             f"through (e.g. 'src_{name}')"))
-        elif name not in COLUMNS and _normalized(name) in _NORMALIZED_COLUMNS:
-            known = _NORMALIZED_COLUMNS[_normalized(name)]
+        elif name not in COLUMNS and normalized(name) in _NORMALIZED_COLUMNS:
+            known = _NORMALIZED_COLUMNS[normalized(name)]
             problems.append(ManifestProblem(None, name, f"looks like {known!r} but would be passed through "
                                             f"unused (names are exact and lower-case); rename it to {known!r}"))
         seen.add(name)
@@ -475,24 +490,28 @@ def _column_problems(names: list[str]) -> list[ManifestProblem]:
 
 # ----------------------------------------------------------------------------- read_manifest
 
-def read_manifest(path) -> Manifest:
-    """Read and validate a manifest. Never raises for bad content: problems are returned."""
+def read_manifest(path, options: ManifestOptions | None = None) -> Manifest:
+    """Read and validate a manifest (with `options`' column renames and wildcards folder), and make
+    the job's rows from it (expand.py). Never raises for bad content: problems are returned."""
     path = Path(path)
+    options = options or ManifestOptions()
     try:
-        table = _read_table(path)
+        table, lines = _read_table(path)
     except _Bad as e:
         return Manifest(path, [], [ManifestProblem(None, None, str(e))], [], [])
-    except _BadRows as e:
+    except (_BadRows, FormatProblems) as e:
         return Manifest(path, [], e.problems, [], [])
+    table, problems = apply_column_map(table, options.column_map, COLUMNS)
     names = list(table.column_names)
     extra_columns = [c for c in names if c not in COLUMNS]
     is_csv = path.suffix.lower() in CSV_SUFFIXES
-    problems = _column_problems(names)
+    problems += _column_problems(names)
+    warnings = lookalike_warnings(extra_columns, names, COLUMNS)
     n = table.num_rows
     if n == 0:
         problems.append(ManifestProblem(None, None, "the manifest has no rows; add one row per image"))
     if problems:
-        return Manifest(path, [], problems, names, extra_columns, n)
+        return Manifest(path, [], problems, names, extra_columns, n, warnings=warnings)
     # pass-through columns keep their Arrow type (a CSV cell is text; an empty one is null)
     extra_values = pa.table({c: _empty_as_null(table.column(c)) if is_csv else table.column(c)
                              for c in extra_columns})
@@ -510,11 +529,24 @@ def read_manifest(path) -> Manifest:
 
     bad: dict[int, list[ManifestProblem]] = {}
     ids = _resolve_ids(arrays.pop("id", None), n, bad)
-    prompts = _parse_prompts(arrays.pop("prompt"), bad)
+    prompt_column = arrays.pop("prompt")
+    # a manifest with a prompt_template column is already expanded: its prompts are used as written
+    templates = (PromptTemplates(options.wildcards)
+                 if TEMPLATE_COLUMN not in names and may_hold_templates(prompt_column) else None)
+    prompts = _parse_prompts(prompt_column, bad)
+    del prompt_column
     negatives = column("negative_prompt", _text_parser("write the negative prompt as text"), "")
     seed_parser = _int_parser(0, SEED_LIMIT - 1, f"use an integer from 0 to 2**{SEED_LIMIT.bit_length() - 1}-1 "
                               "(or leave it empty for a seed derived from the id)")
-    seeds = _parse_seeds(arrays.pop("seed"), seed_parser, bad) if "seed" in arrays else [None] * n
+
+    def parse_seed(v):
+        try:
+            seed_range = parse_seed_range(v)
+        except ValueError as e:
+            raise _Bad(str(e)) from None
+        return seed_parser(v) if seed_range is None else seed_range
+
+    seeds = _parse_seeds(arrays.pop("seed"), parse_seed, bad) if "seed" in arrays else [None] * n
     steps = column("steps", _int_parser(1, MAX_STEPS, f"use a whole number from 1 to {MAX_STEPS} "
                                         f"(e.g. {DEFAULT_STEPS})"), DEFAULT_STEPS)
     cfgs = column("cfg_scale", _float_parser(lambda x: 0 <= x <= MAX_CFG_SCALE,
@@ -526,6 +558,16 @@ def read_manifest(path) -> Manifest:
     inits = column("init_image", _text_parser("write the init image's path as text", blank_is_empty=True))
     strengths = column("strength", _float_parser(lambda x: 0 < x <= 1,
                                                  "use a number with 0 < strength <= 1 (e.g. 0.75)"))
+    counts = column(N_IMAGES, _int_parser(1, MAX_N_IMAGES, f"use a whole number from 1 to {MAX_N_IMAGES:,} "
+                                          "(or leave it empty for 1)"))
+
+    conditioning = parse_conditioning(column, _int_parser, _text_parser, _Bad, options.prompt_syntax)
+    for found_problems in (syntax_problems(conditioning, prompts, negatives),
+                           resolve_loras(conditioning, prompts, options.lora_dir)):
+        for i, found in found_problems.items():
+            bad.setdefault(i, []).extend(ManifestProblem(i + 1, name, why) for name, why in found)
+    if warning := plain_syntax_warning(conditioning, prompts, negatives):
+        warnings.append(warning)
 
     # img2img: strength only with an init image; at least one denoising step
     base = os.path.abspath(path.parent)
@@ -545,10 +587,18 @@ def read_manifest(path) -> Manifest:
             bad.setdefault(i, []).append(ManifestProblem(i + 1, "strength",
                                                          _no_denoise_steps_message(steps[i], strength)))
 
+    # expansion (expand.py): its problems are found before the rows are made
+    expanding = needs_expansion(counts, seeds, templates)
+    if expanding:
+        n_per_row = image_counts(counts, seeds, bad)
+        compiled = compile_templates(prompts, templates, bad)
+        expanding = bool(compiled) or any(n != 1 for n in n_per_row)
+
     for c in extra_columns:
         del arrays[c]
     extras = [_pylist(extra_values.column(c)) for c in extra_columns]
     rows: list[JobRow] = []
+    default_size = options.default_size or DEFAULT_SIZE
     for i, values in enumerate(zip(ids, prompts, negatives, seeds, steps, cfgs, samplers, widths, heights,
                                    strengths, *extras)):
         if i in bad:
@@ -556,14 +606,25 @@ def read_manifest(path) -> Manifest:
         row_id, prompt, negative, seed, n_steps, cfg, sampler, width, height, strength = values[:10]
         init = init_paths.get(i)
         if init is None:
-            width, height = width or DEFAULT_SIZE, height or DEFAULT_SIZE
+            width, height = width or default_size, height or default_size
+        if isinstance(seed, SeedRange):
+            seed = seed.first
         rows.append(JobRow(i, row_id, prompt, negative, seed_from_id(row_id) if seed is None else seed,
                            n_steps, cfg, sampler, width, height, init, strength,
-                           dict(zip(extra_columns, values[10:])), inits[i]))
+                           dict(zip(extra_columns, values[10:])), inits[i], conditioning=conditioning[i]))
+    if expanding:
+        rows, more = expand_rows(rows, n_per_row, [s is not None for s in seeds], compiled, templates)
+        for i, found in more.items():
+            bad.setdefault(i, []).extend(found)
+        extra_values = expanded_extras(extra_values, rows, with_template=bool(compiled))
+        if compiled:
+            extra_columns = [TEMPLATE_COLUMN, *extra_columns]
+            extra_types = {TEMPLATE_COLUMN: pa.string(), **extra_types}
     order = {c: k for k, c in enumerate(COLUMNS)}
     for i in sorted(bad):
-        problems.extend(sorted(bad[i], key=lambda p: order[p.column]))
-    return Manifest(path, rows, problems, names, extra_columns, n, extra_types, extra_values)
+        found = sorted(bad[i], key=lambda p: order[p.column])
+        problems.extend(found if lines is None else [replace(p, line=lines[i]) for p in found])
+    return Manifest(path, rows, problems, names, extra_columns, n, extra_types, extra_values, warnings=warnings)
 
 
 def _empty_as_null(arr):

@@ -56,6 +56,40 @@ def resolve_model(model: str | None, cwd: Path | None = None) -> str:
 
 
 
+def model_default_size(model: str, prediction_type: str | None = None) -> int | None:
+    """Width and height of the model's unsized text-to-image rows (its family's: 512 SD 1.x and
+    2.x-base, 768 SD 2.x-v, 1024 SDXL; a diffusers folder's sample_size), read from the file without
+    loading it; None for the tiny model (request.DEFAULT_SIZE) and for a file that does not load as
+    given (the load then says why)."""
+    if model == TINY:
+        return None
+    from batchsd.model.checkpoint import inspect_checkpoint
+
+    try:
+        report = inspect_checkpoint(Path(model), hash=False, prediction_type=prediction_type)
+    except BatchSDError:
+        return None
+    return report.get("default_size") if report.get("loadable") else None
+
+
+def with_model_default_size(opts, model: str | None = None, pipe=None):
+    """`opts` with its manifest options' default_size set to the model's (model_default_size; a
+    loaded `pipe`'s own). A dry run without a model to read plans unsized rows at request.DEFAULT_SIZE."""
+    from dataclasses import replace
+
+    if pipe is not None:
+        size = pipe.default_size
+    else:
+        try:
+            model = model or resolve_model(opts.model)
+        except UsageError:
+            if not opts.dry_run:
+                raise
+            return opts
+        size = model_default_size(model, opts.prediction_type)
+    return replace(opts, manifest_options=replace(opts.manifest_options, default_size=size))
+
+
 def model_identity(model: str, prediction_type: str | None = None) -> ModelIdentity:
     """The identity Pipeline.load(model) will report, read from the file (no weights loaded)."""
     if model == TINY:

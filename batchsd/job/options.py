@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from batchsd.errors import InputError
-from batchsd.job.rows import Manifest
+from batchsd.job.outputs.spec import OutputSpec
+from batchsd.job.rows import Manifest, ManifestOptions
 from batchsd.job.shards import ShardSpec
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
@@ -46,6 +47,9 @@ class RunOptions:
     shard: ShardSpec | None = None   # make only this shard's rows (shards.py); None or count 1: all rows
     prediction_type: str | None = None  # what the UNet predicts when the checkpoint does not say (SD 2.x)
     reuse_out: bool = False          # let --out hold this job though it holds another manifest's
+    exact: bool | None = None        # exact mode (model/fast/exact.py); None: the device's default (on for the CPU)
+    manifest_options: ManifestOptions = ManifestOptions()  # --map, --wildcards (rows.ManifestOptions)
+    output: OutputSpec = OutputSpec()  # --format, --image-format, --quality, --shard-size, --captions (outputs/spec.py)
 
 
 @dataclass
@@ -68,6 +72,7 @@ class RunSummary:
     merged: bool = False                 # a shard that completed the whole job wrote results.parquet
     compile_s: float = 0.0               # --compile: seconds spent compiling the UNet (first call per shape)
     winograd: bool = False               # the wide CPU convolutions ran as Winograd (--winograd; rounding differs)
+    cpu: str | None = None               # the CPU's kind the speed choices were keyed on (devices.cpu_kind)
 
     @property
     def images_per_s(self) -> float:
@@ -94,6 +99,6 @@ def summary_record(opts: RunOptions, s: RunSummary) -> dict:
         "rows": s.total, "ok": s.ok, "failed": s.failed, "skipped": s.skipped,
         "previously_failed": s.previously_failed, "pending": s.pending, "batch_size": s.batch_size,
         "elapsed_s": round(s.elapsed_s, 3), "images_per_s": round(s.images_per_s, 4),
-        "compile_s": round(s.compile_s, 3), "winograd": s.winograd,
+        "compile_s": round(s.compile_s, 3), "winograd": s.winograd, "cpu": s.cpu,
         "finished_at": now_utc().isoformat(), "exit_code": s.exit_code,
     }

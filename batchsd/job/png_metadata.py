@@ -1,13 +1,28 @@
 """A1111-style PNG metadata: the `parameters` text chunk A1111 and its readers parse, and the full
-row as JSON in a `batchsd` chunk."""
+row as JSON in a `batchsd` chunk.
+
+A setting's value that holds ',' ':' '"' or a line break is written as a JSON string, as A1111 writes
+it (modules/infotext_utils.quote: json.dumps, ensure_ascii=False), so that A1111's parser
+(`re_param` with `unquote`) reads it back whole: `Model: "anime, v2: final"`.
+"""
 from __future__ import annotations
 
 import io
+import json
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from batchsd.model.sampler_names import a1111_name
+
+_NEEDS_QUOTES = (",", ":", '"', "\n")
+
+
+def quote(value) -> str:
+    """A setting's value as A1111 writes it: as is, or a JSON string when it holds , : " or a line break."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in _NEEDS_QUOTES) else text
+
 
 def _num(x: float) -> str:
     """Numbers as A1111 infotexts usually read: 7, 7.5, 0.75."""
@@ -23,16 +38,21 @@ def a1111_parameters(record: dict, model_name: str, short_hash: str | None) -> s
     sampler = record.get("sampler") or ""
     settings = [
         f"Steps: {record['steps']}",
-        f"Sampler: {a1111_name(sampler)}",
+        f"Sampler: {quote(a1111_name(sampler))}",
         f"CFG scale: {_num(float(record['cfg_scale']))}",
         f"Seed: {record['seed']}",
         f"Size: {record['width']}x{record['height']}",
     ]
     if short_hash:
-        settings.append(f"Model hash: {short_hash}")
-    settings.append(f"Model: {model_name}")
+        settings.append(f"Model hash: {quote(short_hash)}")
+    settings.append(f"Model: {quote(model_name)}")
     if record.get("init_image") is not None and record.get("strength") is not None:
         settings.append(f"Denoising strength: {_num(float(record['strength']))}")
+    if record.get("clip_skip") is not None:
+        settings.append(f"Clip skip: {record['clip_skip']}")
+    if record.get("loras"):   # job/loras.lora_record: name:multiplier:hash12;...
+        hashes = ", ".join(f"{e.split(':')[0]}: {e.rsplit(':', 1)[-1]}" for e in record["loras"].split(";"))
+        settings.append(f"Lora hashes: {quote(hashes)}")
     lines.append(", ".join(settings))
     return "\n".join(lines)
 

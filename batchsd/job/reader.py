@@ -12,7 +12,7 @@ from batchsd.job.init_images import resolve_image_sizes
 from batchsd.job.layout import RunLayout
 from batchsd.job.manifest import read_manifest
 from batchsd.job.options import ManifestInvalid, RunOptions, UsageError
-from batchsd.job.rows import JobRow, Manifest
+from batchsd.job.rows import JobRow, Manifest, ManifestOptions
 from batchsd.job.shards import ShardSpec
 
 DEFAULT_OUT_ROOT = Path("outputs")
@@ -22,12 +22,13 @@ def default_out_dir(manifest: Path) -> Path:
     return DEFAULT_OUT_ROOT / Path(manifest).stem
 
 
-def read_rows(manifest_path: Path, limit: int | None, shard: ShardSpec | None = None
-              ) -> tuple[Manifest, list[JobRow], dict[str, str]]:
-    """(the manifest, its first `limit` rows (of `shard` only, if given) with img2img sizes resolved,
-    {id: why the row cannot be made}). Rows whose init image is unusable stay in the list, with
-    their reason. Sizes are resolved for the rows returned only (one header read per row made)."""
-    manifest = read_manifest(manifest_path)
+def read_rows(manifest_path: Path, limit: int | None, shard: ShardSpec | None = None,
+              options: ManifestOptions | None = None) -> tuple[Manifest, list[JobRow], dict[str, str]]:
+    """(the manifest read with `options`, its first `limit` rows (after expansion; of `shard` only, if
+    given) with img2img sizes resolved, {id: why the row cannot be made}). Rows whose init image is
+    unusable stay in the list, with their reason. Sizes are resolved for the rows returned only (one
+    header read per row made)."""
+    manifest = read_manifest(manifest_path, options)
     if manifest.problems:
         raise ManifestInvalid(manifest)
     rows = manifest.rows[:limit] if limit is not None else list(manifest.rows)
@@ -59,6 +60,11 @@ class Job:
         return [r.id for r in self.manifest.rows if shard is None or shard.owns(r.id)]
 
 
+def warning_lines(manifest: Manifest) -> list[str]:
+    """The manifest's warnings (columns that look like unused parameters), one line each."""
+    return [f"warning: {manifest.path}: {w}" for w in manifest.warnings]
+
+
 def read_job(opts: RunOptions) -> Job:
     """The job `opts` asks for; UsageError/ManifestInvalid (exit 2) before anything runs."""
     if opts.batch_size is not None and opts.batch_size < 1:
@@ -66,7 +72,7 @@ def read_job(opts: RunOptions) -> Job:
     if opts.limit is not None and opts.limit < 0:
         raise UsageError(f"--limit {opts.limit}: use a whole number >= 0")
     shard = opts.shard if opts.shard is not None and not opts.shard.is_whole else None
-    manifest, rows, row_errors = read_rows(opts.manifest, opts.limit, shard)
+    manifest, rows, row_errors = read_rows(opts.manifest, opts.limit, shard, opts.manifest_options)
     job_ids = [r.id for r in manifest.rows[: opts.limit]]   # every shard's rows (a None limit slices all)
     out_dir = Path(opts.out_dir) if opts.out_dir is not None else default_out_dir(Path(opts.manifest))
     return Job(manifest, rows, row_errors, out_dir, RunLayout(out_dir, shard), job_ids)

@@ -1,6 +1,7 @@
 """A manifest's rows and problems: JobRow (one validated row, its params_hash and record),
-ManifestProblem, Manifest (what manifest.read_manifest returns), and the rules a row's id and
-default seed follow (`id_problem`, `default_id`, `seed_from_id`; manifest.py describes them).
+ManifestProblem, Manifest (what manifest.read_manifest returns), ManifestOptions (how to read it:
+column renames, the wildcards folder), and the rules a row's id and default seed follow
+(`id_problem`, `default_id`, `seed_from_id`; manifest.py describes them).
 The limits and defaults of a row's parameters live in batchsd/model/request.py.
 """
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from typing import TYPE_CHECKING
 
 from batchsd.model.request import SEED_LIMIT, img2img_steps
@@ -28,7 +30,7 @@ _ID_BAD_CHAR_RE = re.compile(r"[^A-Za-z0-9._-]")
 
 @dataclass(frozen=True, slots=True)
 class JobRow:
-    index: int                 # 0-based position in the manifest
+    index: int                 # 0-based position in the job's rows (after expansion; expand.py)
     id: str
     prompt: str
     negative_prompt: str
@@ -43,6 +45,15 @@ class JobRow:
     extra: dict[str, object]   # pass-through columns, original names and values
     init_image_given: str | None = None  # init_image as written in the manifest
     init_image_sha256: str | None = None  # the init image file's content hash (init_images.resolve_image_sizes)
+    source_row: int | None = None  # 0-based data row of the file this row was expanded from; None: `index`
+    # conditioning_columns.CONDITIONING_COLUMNS given for this row (SDXL size/crop, clip_skip,
+    # prompt_syntax when not plain); empty for most rows
+    conditioning: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def data_row(self) -> int:
+        """The 1-based data row of the manifest file this row comes from (what problems name)."""
+        return (self.index if self.source_row is None else self.source_row) + 1
 
     @property
     def is_img2img(self) -> bool:
@@ -68,6 +79,8 @@ class JobRow:
                None if self.strength is None else float(self.strength)]
         if self.init_image is not None:
             key.append(self.init_image_sha256)
+        if self.conditioning:   # only when given: rows without them keep their v1 keys
+            key.append(sorted(self.conditioning.items()))
         return hashlib.sha256(json.dumps(key, ensure_ascii=False).encode()).hexdigest()
 
     def to_record(self) -> dict:
@@ -76,6 +89,12 @@ class JobRow:
                   "seed": self.seed, "steps": self.steps, "cfg_scale": self.cfg_scale,
                   "sampler": self.sampler, "width": self.width, "height": self.height,
                   "init_image": self.init_image_given, "strength": self.strength}
+        for name in ("original_width", "original_height", "crop_top", "crop_left", "clip_skip"):
+            record[name] = self.conditioning.get(name)
+        record["prompt_syntax"] = self.conditioning.get("prompt_syntax", "plain")
+        from batchsd.job.loras import lora_record
+
+        record["loras"] = lora_record(self.conditioning.get("loras"))
         record.update(self.extra)
         return record
 
@@ -85,10 +104,13 @@ class ManifestProblem:
     row: int | None            # 1-based data row (header not counted); None for file-level problems
     column: str | None
     message: str               # reason and fix
+    line: int | None = None    # the row's line in a .txt/.jsonl file (blank lines are not rows)
 
     def __str__(self) -> str:
         where = []
-        if self.row is not None:
+        if self.line is not None:
+            where.append(f"line {self.line}" + (f" (data row {self.row})" if self.row not in (None, self.line) else ""))
+        elif self.row is not None:
             where.append(f"data row {self.row}")
         if self.column is not None:
             where.append(f"column {self.column!r}")
@@ -106,8 +128,11 @@ class Manifest:
     # pass-through column -> its Arrow type: a Parquet column's own type, string for CSV
     extra_types: dict[str, pa.DataType] = field(default_factory=dict)
     # the pass-through values of every data row (valid or not), as read: one column per extra
-    # column, num_rows long; `extras` takes the valid rows' from it
+    # column, num_rows long; `extras` takes the valid rows' from it. When the file's rows were
+    # expanded (expand.py) it holds one row per job row instead (and `prompt_template`)
     extra_values: pa.Table | None = field(default=None, repr=False)
+    # columns that look like parameters but are passed through unused (column_map.lookalike_warnings)
+    warnings: list[ManifestProblem] = field(default_factory=list)
     _extras: pa.Table | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -139,12 +164,48 @@ class Manifest:
     def format_problems(self, limit: int = 20) -> str:
         """A report for the terminal: the first `limit` problems, then how many more."""
         n = len(self.problems)
-        lines = [f"{self.path}: {n} problem{'s' if n != 1 else ''} found before loading any model"
-                 " (rows are data rows counted from 1; the header line is not counted):"]
+        how = (" (lines are the file's lines; data rows are its non-blank lines, counted from 1):"
+               if any(p.line is not None for p in self.problems) else
+               " (rows are data rows counted from 1; the header line is not counted):")
+        lines = [f"{self.path}: {n} problem{'s' if n != 1 else ''} found before loading any model{how}"]
         lines += [f"  {p}" for p in self.problems[:limit]]
         if n > limit:
             lines.append(f"  ... and {n - limit} more problem{'s' if n - limit != 1 else ''}")
         return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class ManifestOptions:
+    """How to read a manifest besides its path: `--map` column renames (source -> target, applied
+    before anything else) and the `--wildcards` folder (prompt_template.py). Recorded in run.json
+    so that `batchsd status` reads the job the same way."""
+    column_map: tuple[tuple[str, str], ...] = ()
+    wildcards: Path | None = None
+    prompt_syntax: str = "plain"     # rows without a prompt_syntax cell (--prompt-syntax)
+    lora_dir: Path | None = None     # where LoRA names are looked up (--lora-dir; None: loras.DEFAULT_LORA_DIR)
+    default_size: int | None = None  # unsized text-to-image rows (the model family's; None: request.DEFAULT_SIZE)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"column_map": [list(pair) for pair in self.column_map],
+                "wildcards": None if self.wildcards is None else str(Path(self.wildcards).resolve()),
+                "prompt_syntax": self.prompt_syntax, "default_size": self.default_size,
+                "lora_dir": None if self.lora_dir is None else str(Path(self.lora_dir).resolve())}
+
+    @classmethod
+    def from_json(cls, data: Any) -> ManifestOptions:
+        """From `to_json`'s dict; a missing or malformed value reads as no options."""
+        if not isinstance(data, dict):
+            return cls()
+        pairs = data.get("column_map") or []
+        column_map = tuple((str(p[0]), str(p[1])) for p in pairs if isinstance(p, list) and len(p) == 2)
+        wildcards = data.get("wildcards")
+        syntax = data.get("prompt_syntax")
+        size = data.get("default_size")
+        lora_dir = data.get("lora_dir")
+        return cls(column_map, Path(wildcards) if isinstance(wildcards, str) and wildcards else None,
+                   prompt_syntax=syntax if syntax in ("plain", "a1111") else "plain",
+                   default_size=size if isinstance(size, int) and not isinstance(size, bool) else None,
+                   lora_dir=Path(lora_dir) if isinstance(lora_dir, str) and lora_dir else None)
 
 
 def seed_from_id(row_id: str) -> int:

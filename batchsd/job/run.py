@@ -25,11 +25,11 @@ from rich.markup import escape
 
 from batchsd.errors import BatchSDError
 from batchsd.job.init_images import load_images
-from batchsd.job.model_choice import resolve_model
+from batchsd.job.model_choice import resolve_model, with_model_default_size
 from batchsd.job.options import RunOptions, RunSummary, UsageError
 from batchsd.job.plan import plan_batches
-from batchsd.job.reader import read_job
-from batchsd.job.resume import ModelIdentity
+from batchsd.job.reader import read_job, warning_lines
+from batchsd.job.resume import ModelIdentity, Numerics
 from batchsd.job.session import RunSession
 from batchsd.job.signals import StopRequested
 from batchsd.job.worker import Worker, batch_size_for, failed_rows
@@ -41,7 +41,10 @@ def run(opts: RunOptions, console: Console | None = None, *, rich_bar: bool | No
     `console` takes progress and log lines, `out_console` the dry-run plan. `pipe`: an already
     loaded Pipeline to run the job with (Python API, benchmarks); opts.model/device/dtype then go unused."""
     console = console or Console(stderr=True)
+    opts = with_model_default_size(opts, pipe=pipe)   # unsized rows at the model family's size
     job = read_job(opts)
+    for line in warning_lines(job.manifest):
+        console.print(line, style="yellow", markup=False)
     if opts.dry_run:
         from batchsd.job.dry_run import dry_run
 
@@ -64,7 +67,7 @@ def run(opts: RunOptions, console: Console | None = None, *, rich_bar: bool | No
             try:
                 pipe = Pipeline.load(model, device=opts.device, dtype=opts.dtype, low_memory=opts.low_memory,
                                      compile=opts.compile, winograd=opts.winograd,
-                                     prediction_type=opts.prediction_type)
+                                     prediction_type=opts.prediction_type, exact=opts.exact)
             except BatchSDError as e:
                 raise UsageError(str(e)) from None
             except OSError as e:
@@ -74,12 +77,13 @@ def run(opts: RunOptions, console: Console | None = None, *, rich_bar: bool | No
         if pipe.sha256 is None:
             console.print("[bold yellow]model 'tiny' has random weights: its images are noise. "
                           "It is for trying the tool and for tests; pass a real SD 1.x checkpoint for pictures.[/bold yellow]")
-        session.start(ModelIdentity(pipe.name, pipe.sha256))
+        session.start(ModelIdentity(pipe.name, pipe.sha256), Numerics.of(pipe))
         return _make_rows(session, pipe, rich_bar)
 
 
 def _make_rows(session: RunSession, pipe, rich_bar: bool | None) -> RunSummary:
     """The local engine's loop: batches in plan order, init images read one batch ahead."""
+    from batchsd.job.outputs import open_output
     from batchsd.job.writer import ResultWriter
 
     opts, console = session.opts, session.console
@@ -88,8 +92,12 @@ def _make_rows(session: RunSession, pipe, rich_bar: bool | None) -> RunSummary:
     batches = plan_batches(session.runnable, batch_size)
     session.announce(f"{len(batches)} batch(es) of at most {batch_size}")
     progress = session.start_progress(rich_bar)
+    output = open_output(opts.output, session.layout, rows=session.job.rows, todo=session.todo,
+                         journal=session.journal, model_name=pipe.name, short_hash=pipe.short_hash,
+                         save_latents=opts.save_latents)
     writer = ResultWriter(session.job.out_dir, session.journal, model_name=pipe.name, model_sha256=pipe.sha256,
-                          short_hash=pipe.short_hash, save_latents=opts.save_latents, on_written=session.count)
+                          short_hash=pipe.short_hash, save_latents=opts.save_latents, on_written=session.count,
+                          output=output)
     worker = Worker(pipe, batch_size, writer.submit, console)
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchsd-reader")
 
@@ -120,4 +128,6 @@ def _make_rows(session: RunSession, pipe, rich_bar: bool | None) -> RunSummary:
             writer.close()
         session.summary.compile_s = sum(getattr(pipe.unet, "compile_seconds", {}).values())
         session.summary.winograd = bool(getattr(pipe, "winograd", False))
+        kind = getattr(pipe, "cpu_kind", None)
+        session.summary.cpu = None if kind is None else str(kind)
         return session.finish(stop.signal_name)

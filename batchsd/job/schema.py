@@ -27,6 +27,14 @@ MANIFEST_FIELDS: list[pa.Field] = [
     pa.field("height", pa.int64()),
     pa.field("init_image", pa.string()),
     pa.field("strength", pa.float64()),
+    # conditioning_columns.CONDITIONING_COLUMNS (null where not given; prompt_syntax "plain" by default)
+    pa.field("original_width", pa.int64()),
+    pa.field("original_height", pa.int64()),
+    pa.field("crop_top", pa.int64()),
+    pa.field("crop_left", pa.int64()),
+    pa.field("clip_skip", pa.int64()),
+    pa.field("prompt_syntax", pa.string()),
+    pa.field("loras", pa.string()),                       # name:multiplier:hash12;... (job/loras.py)
 ]
 MANIFEST_NAMES = [f.name for f in MANIFEST_FIELDS]
 
@@ -39,13 +47,20 @@ RESULT_FIELDS: list[pa.Field] = [
     pa.field("latents_path", pa.string()),                 # relative to --out, with --save-latents
     pa.field("model", pa.string()),
     pa.field("model_sha256", pa.string()),
+    # what the row's bits depend on besides the row and the model (resume.Numerics)
+    pa.field("torch_version", pa.string()),
+    pa.field("device_type", pa.string()),                 # "cpu" | "cuda"
+    pa.field("dtype", pa.string()),                       # "float32" | "bfloat16" | "float16"
+    pa.field("exact", pa.bool_()),                        # exact mode (model/fast/exact.py)
     pa.field("elapsed_s", pa.float64()),
     pa.field("finished_at", pa.timestamp("us", tz="UTC")),
     pa.field("params_hash", pa.string()),
     pa.field("prompt_truncated", pa.bool_()),             # prompt or negative prompt cut at 77 tokens
 ]
 RESULT_NAMES = [f.name for f in RESULT_FIELDS]
-RESUME_COLUMNS = ["id", "status", "image_path", "latents_path", "model", "model_sha256", "params_hash", "finished_at"]
+NUMERICS_COLUMNS = ["torch_version", "device_type", "dtype", "exact"]
+RESUME_COLUMNS = ["id", "status", "image_path", "latents_path", "model", "model_sha256", "params_hash", "finished_at",
+                  *NUMERICS_COLUMNS]
 
 
 # ----------------------------------------------------------------------------- schema

@@ -5,7 +5,7 @@ run.py, the Ray engine in batchsd.scale) only decides how batches reach a Pipeli
 
     session = RunSession(opts, job, console, engine="local")
     with session.locked():                    # the layout's lock; the journal compacted on any exit
-        session.start(model)                  # journal, run.json, resume decision, adopted records
+        session.start(model, numerics)        # journal, run.json, resume decision, adopted records
         ... the engine makes session.runnable, reporting each durable batch via session.count
             (local: the ResultWriter appends to session.journal) or session.journal_records (Ray) ...
         return session.finish(interrupted_by)  # compaction, then summary.json last; shards merge
@@ -30,9 +30,10 @@ from batchsd.job.journal import Journal, read_prior
 from batchsd.job.layout import check_plain_folders, check_shard_count, job_summary_path
 from batchsd.job.lock import out_dir_lock
 from batchsd.job.options import RunOptions, RunSummary, UsageError, summary_record
+from batchsd.job.outputs.claim import claim_output
 from batchsd.job.progress import RunProgress
 from batchsd.job.reader import Job
-from batchsd.job.resume import ModelIdentity, adopt_records, decide
+from batchsd.job.resume import ModelIdentity, Numerics, adopt_records, decide
 from batchsd.job.rows import JobRow
 from batchsd.job.run_meta import clear_summary, read_run_metas, write_run_meta, write_summary
 from batchsd.job.schema import now_utc, results_schema
@@ -55,6 +56,7 @@ class RunSession:
         self.progress: RunProgress | None = None
         self._t0: float | None = None
         self._finished = False
+        self.numerics: Numerics | None = None
 
     @property
     def shared_folders(self) -> bool:
@@ -83,11 +85,13 @@ class RunSession:
                 if self.journal is not None and not self._finished:
                     self.journal.compact()
 
-    def start(self, model: ModelIdentity) -> None:
-        """Open the journal, record the run, decide what to make (resume.py) and adopt the records of
-        rows other journals of the folder made. Call inside `locked()`."""
+    def start(self, model: ModelIdentity, numerics: Numerics) -> None:
+        """Open the journal, record the run, decide what to make (resume.py: rows made by another
+        model or with other numerics are made again) and adopt the records of rows other journals of
+        the folder made. Call inside `locked()`."""
         job, opts, layout = self.job, self.opts, self.layout
         self._check_same_job()
+        claim_output(layout, opts.output, [r.id for r in job.rows])   # one output format per --out
         self.summary.model, self.summary.model_sha256 = model.name, model.sha256
         schema = results_schema(job.manifest.extra_types)
         self.journal = Journal(job.out_dir, schema, job.journal_ids(), parts_dir=layout.parts_dir,
@@ -97,13 +101,14 @@ class RunSession:
         clear_summary(layout.summary_path)        # its presence means "the last run finished"
         if job.shard is not None:
             clear_summary(job_summary_path(job.out_dir))   # the whole job is not known to be done now
-        self._write_run_meta(model)
+        self.numerics = numerics
+        self._write_run_meta(model, numerics)
         min_age = SHARED_TEMP_AGE_S if self.shared_folders else 0.0
         for folder in (layout.images_dir, layout.latents_dir):
             remove_stale_temps(folder, min_age_s=min_age)
         prior = read_prior(job.out_dir, layout.resume_parts_dirs())   # rows any run made count
         self.todo, self.summary.skipped, self.summary.previously_failed = decide(
-            job.rows, prior, job.out_dir, model=model.name, model_sha256=model.sha256,
+            job.rows, prior, job.out_dir, model=model.name, model_sha256=model.sha256, numerics=numerics,
             save_latents=opts.save_latents, overwrite=opts.overwrite, retry_errors=opts.retry_errors)
         adopt_records(self.journal, job.rows, self.todo, prior)
         self.failing = [(r, job.row_errors[r.id]) for r in self.todo if r.id in job.row_errors]
@@ -122,13 +127,14 @@ class RunSession:
                                  "Give this job its own --out, or pass --reuse-out to make this folder hold it "
                                  "(rows with the same id are then shared between the two)")
 
-    def _write_run_meta(self, model: ModelIdentity) -> None:
+    def _write_run_meta(self, model: ModelIdentity, numerics: Numerics) -> None:
         opts, job, shard = self.opts, self.job, self.job.shard
         write_run_meta(self.layout, {
             "manifest": str(Path(opts.manifest).resolve()), "limit": opts.limit, "out_dir": str(job.out_dir),
+            "manifest_options": opts.manifest_options.to_json(),   # --map, --wildcards: status reads the same rows
             "shard_index": shard.index if shard else None, "shard_count": shard.count if shard else 1,
             "shard_source": shard.source if shard else None, "model": model.name, "model_sha256": model.sha256,
-            "save_latents": opts.save_latents, "engine": self.engine,
+            "save_latents": opts.save_latents, "engine": self.engine, **numerics.columns(),
             "rows": len(job.rows), "job_rows": len(job.job_ids or job.rows),
             "host": socket.gethostname(), "pid": os.getpid(), "started_at": now_utc().isoformat(),
         })
@@ -140,6 +146,9 @@ class RunSession:
                            + (f", {s.previously_failed} failed earlier (--retry-errors to retry)"
                               if s.previously_failed else "")
                            + f"; {how}; output {escape(str(self.job.out_dir))}/")
+        if self.numerics is not None:
+            self.console.print(f"numerics: {escape(str(self.numerics))} (recorded with every row; resume remakes "
+                               "rows made with other numerics)")
 
     def start_progress(self, rich_bar: bool | None) -> RunProgress:
         """The progress display (use it as a context manager); the run's clock starts now."""

@@ -11,7 +11,8 @@ kept for the rest of the run; only a single row that still does not fit fails. A
 exception on a batch of several rows retries its rows one by one, so only the rows that raise
 fail, with the reason in `error`. A row whose latents come out NaN or infinite (broken weights, an
 overflowing dtype) fails alone with that reason; the rows beside it in the batch are unaffected
-(every op of the model is per row).
+(every op of the model is per row). Every record the worker makes carries the pipe's numerics
+(resume.Numerics: torch version, device type, dtype, exact mode), which resume compares.
 """
 from __future__ import annotations
 
@@ -71,6 +72,11 @@ class Worker:
     emit: Callable                           # emit(BatchResult)
     console: Console
 
+    def __post_init__(self):
+        from batchsd.job.resume import Numerics
+
+        self.numerics = Numerics.of(self.pipe)
+
     def run_rows(self, rows: list[JobRow], images: dict[str, object]) -> None:
         """Generate `rows` (one batch key) in chunks of at most self.batch_size."""
         i = 0
@@ -80,13 +86,15 @@ class Worker:
             i += len(chunk)
 
     def _run_chunk(self, chunk: list[JobRow], images: dict) -> None:
+        from batchsd.job.conditioning_columns import generation_fields
         from batchsd.model.pipeline import GenerationRow
         from batchsd.job.writer import BatchResult
 
         gen_rows = [GenerationRow(prompt=r.prompt, negative_prompt=r.negative_prompt, seed=r.seed, steps=r.steps,
                                   cfg_scale=r.cfg_scale, sampler=r.sampler, width=r.width, height=r.height,
                                   init_image=images.get(r.id),
-                                  strength=r.strength if r.strength is not None else 0.75)
+                                  strength=r.strength if r.strength is not None else 0.75,
+                                  **generation_fields(r.conditioning))
                     for r in chunk]
         t0 = time.perf_counter()
         try:
@@ -95,7 +103,7 @@ class Worker:
             if is_out_of_memory(e):
                 self._free_memory()
                 if len(chunk) == 1:
-                    self.emit(BatchResult(records=[record(chunk[0])], images=[None],
+                    self.emit(BatchResult(records=[record(chunk[0], self.numerics)], images=[None],
                                           errors=[f"out of memory at batch size 1 ({_first_line(e)}); "
                                                   "use a smaller size, --low-memory or --dtype fp16"]))
                     return
@@ -108,12 +116,13 @@ class Worker:
                 for r in chunk:
                     self._run_chunk([r], images)
                 return
-            self.emit(BatchResult(records=[record(chunk[0])], images=[None], errors=[_error_text(e)]))
+            self.emit(BatchResult(records=[record(chunk[0], self.numerics)], images=[None],
+                                  errors=[_error_text(e)]))
             return
         elapsed = time.perf_counter() - t0
         latents = out.latents.float()
         finite = latents.flatten(1).isfinite().all(dim=1).tolist()   # per row: rows never mix in a batch
-        self.emit(BatchResult(records=[record(r) for r in chunk],
+        self.emit(BatchResult(records=[record(r, self.numerics) for r in chunk],
                               images=[im if ok else None for im, ok in zip(out.images, finite)],
                               latents=latents.numpy(), errors=[None if ok else NON_FINITE for ok in finite],
                               elapsed_s=elapsed, truncated=list(getattr(out, "prompt_truncated", []) or [])))
@@ -140,9 +149,13 @@ def _error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {_first_line(e)}"
 
 
-def record(row: JobRow) -> dict:
+def record(row: JobRow, numerics=None) -> dict:
+    """The row's manifest record, its params_hash and, for a row the model made or tried, the
+    numerics (resume.Numerics) it was made with."""
     rec = row.to_record()
     rec["params_hash"] = row.params_hash()
+    if numerics is not None:
+        rec.update(numerics.columns())
     return rec
 
 

@@ -1,7 +1,19 @@
-"""Device and dtype choice: `auto|cpu|cuda[:N]` and `auto|fp32|fp16|bf16`, checked with clear errors."""
+"""Device and dtype choice: `auto|cpu|cuda[:N]` and `auto|fp32|fp16|bf16`, checked with clear errors;
+the CPU's kind (`cpu_kind`) and the speed choices keyed on it.
+
+Every speed choice on the CPU is a function of what the CPU has (its ISA level and AMX tiles), never
+of timings taken at start-up, so that one machine makes the same choices, and so the same bits,
+on every run (docs/performance.md has the measurements behind each rule):
+
+    choice              no AMX                                 AMX
+    --dtype auto        fp32                                   fp32 (bf16 is ~3x faster there but its
+                                                               images differ from fp32's: ask for it)
+    --winograd auto     on for bf16/fp16, off for fp32         off (oneDNN's AMX convolutions beat it)
+"""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -29,6 +41,28 @@ def resolve_device(name: str = "auto") -> torch.device:
     elif device.type != "cpu":
         raise InputError(f"device {name!r} is not supported: use auto, cpu, cuda or cuda:N")
     return device
+
+
+@dataclass(frozen=True)
+class CpuKind:
+    capability: str   # torch.backends.cpu.get_cpu_capability(): "AVX512", "AVX2", "DEFAULT", ...
+    amx: bool         # AMX tiles usable (torch.cpu._is_amx_tile_supported())
+
+    def __str__(self) -> str:
+        return f"{self.capability}, AMX {'yes' if self.amx else 'no'}"
+
+
+def cpu_kind() -> CpuKind:
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return CpuKind(torch.backends.cpu.get_cpu_capability(), bool(amx))
+
+
+def default_winograd(device: torch.device, dtype: torch.dtype, kind: CpuKind | None = None) -> bool:
+    """`--winograd auto`: on the CPU for bf16/fp16 without AMX; off with AMX and for fp32 (the table
+    above)."""
+    if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    return not (kind or cpu_kind()).amx
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -36,13 +36,15 @@ from PIL import Image
 from batchsd.errors import InputError
 from batchsd.model import samplers
 from batchsd.model.config import TINY, TINY_MODEL, TINY_MODEL_NAME
-from batchsd.model.devices import resolve_device, resolve_dtype
+from batchsd.model.devices import cpu_kind, default_winograd, resolve_device, resolve_dtype
 from batchsd.model.family import SD1, ModelFamily, TextConditioning
 from batchsd.model.fast.compiled_unet import CompiledUNet
+from batchsd.model.fast.exact import exact_numerics, resolve_exact, rowwise_guided_eps
 from batchsd.model.fast.host_copy import host_array, to_host
 from batchsd.model.fast.packed_conv import pack_convolutions, pack_now
 from batchsd.model.fast.winograd import use_winograd_in_model
 from batchsd.model.request import SIZE_CONDITIONING, GenerationRow, check_row, row_batch_key
+from batchsd.model.text_conditioning import EncodedPrompt, clip_skip_layers, encode_prompts, pad_to_chunks
 from batchsd.model.tokenizer import preload_tokenizer
 
 TEXT_CACHE_SIZE = 256
@@ -66,7 +68,7 @@ class Pipeline:
     def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype, *,
                  name: str, sha256: str | None = None, low_memory: bool = False, vae_chunk: int | None = None,
                  channels_last: bool = True, compile: str | None = None, pack_weights: bool = True,
-                 winograd: bool | None = None, family: ModelFamily = SD1):
+                 winograd: bool | None = None, family: ModelFamily = SD1, exact: bool | None = None):
         self.model = model.eval().requires_grad_(False)   # family.model_class: .cfg, .unet, .vae, .text_encoder
         self.family = family
         self.cfg = model.cfg
@@ -77,13 +79,22 @@ class Pipeline:
         self.sha256 = sha256
         self.short_hash = sha256[:10] if sha256 else None
         self.low_memory = low_memory and device.type == "cuda"
+        # exact mode (fast/exact.py): a row's bits depend on the row alone, not on its batch or the
+        # thread count; None = the device's default (exact.default_exact: on for the CPU), off where
+        # a VAE chunk other than 1 is asked for (exact mode decodes one image per call)
+        chunked = vae_chunk not in (None, 1)
+        self.exact = resolve_exact(False if exact is None and chunked else exact, device.type, compile)
+        if self.exact and chunked:
+            raise InputError(f"exact mode decodes one image per VAE call: vae_chunk={vae_chunk} needs exact=False")
         if vae_chunk is None:
-            vae_chunk = CUDA_VAE_CHUNK if device.type == "cuda" else CPU_VAE_CHUNK
+            vae_chunk = 1 if self.exact else CUDA_VAE_CHUNK if device.type == "cuda" else CPU_VAE_CHUNK
         self.vae_chunk = vae_chunk
         # channels_last (NHWC) convolutions and GroupNorms are the fast oneDNN/cuDNN paths (figures:
         # docs/performance.md). Same arithmetic, other summation order: parity tests run with it on.
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self._text_cache: OrderedDict[str, tuple[torch.Tensor, bool]] = OrderedDict()
+        self._text_cache: OrderedDict[tuple, EncodedPrompt] = OrderedDict()   # (text, syntax, skip) -> states
+        self.loras: tuple[tuple[str, float], ...] = ()   # the adapter set applied now (_use_loras)
+        self._applied_loras = None
         self.model.to(dtype=dtype, memory_format=self.memory_format)
         # a VAE that overflows in fp16 (cfg.vae.force_upcast, SDXL's) runs in fp32 under fp16, as
         # diffusers upcasts it (its fp16-rounded weights, converted)
@@ -92,12 +103,13 @@ class Pipeline:
         self.model.to(torch.device("cpu") if self.low_memory else device)
         # CPU, not under torch.compile (whose graphs take the plain modules): the wide 3x3 convs by
         # Winograd F(2x2,3x3) (fast/winograd.py), faster but with 16/9 of their weights more memory:
-        # None (auto) = on for 16-bit dtypes, off for fp32, whose weights are twice as large (figures:
-        # docs/performance.md); the other convolution weights reordered once for oneDNN, not on every
-        # call (packed_conv.PackedConv2d)
+        # None (auto) = devices.default_winograd, keyed on the CPU's kind (off with AMX, off for fp32,
+        # whose weights are twice as large); the other convolution weights reordered once for oneDNN,
+        # not on every call (packed_conv.PackedConv2d)
+        self.cpu_kind = cpu_kind() if device.type == "cpu" else None
         self.winograd = False
         if pack_weights and device.type == "cpu" and not compile:
-            if winograd or (winograd is None and dtype in (torch.bfloat16, torch.float16)):
+            if winograd or (winograd is None and default_winograd(device, dtype, self.cpu_kind)):
                 self.winograd = use_winograd_in_model(self.model) > 0
             pack_convolutions(self.model.unet)
             pack_convolutions(self.model.vae)
@@ -113,7 +125,7 @@ class Pipeline:
     @classmethod
     def load(cls, model: str | Path, device: str = "auto", dtype: str = "auto",
              low_memory: bool = False, compile: str | None = None, winograd: bool | None = None,
-             prediction_type: str | None = None) -> "Pipeline":
+             prediction_type: str | None = None, exact: bool | None = None) -> "Pipeline":
         """`model`: "tiny" (deterministic random SD 1.x TINY preset, no file) or a checkpoint path
         (single-file .safetensors/.ckpt or a diffusers folder) of a family in family.FAMILIES.
         `prediction_type`: "epsilon" | "v_prediction" | None: what the UNet predicts, when the checkpoint
@@ -121,13 +133,17 @@ class Pipeline:
         (the rule: family.py).
         `compile`: None (eager) or a torch.compile mode for the UNet (compiled_unet.COMPILE_MODES;
         "reduce-overhead" = CUDA graphs).
-        `winograd` (CPU): True/False, or None for the default (on for bf16/fp16, off for fp32)."""
+        `winograd` (CPU): True/False, or None for the default (devices.default_winograd: on for
+        bf16/fp16 on CPUs without AMX, else off).
+        `exact`: exact mode (fast/exact.py) on/off, or None for the default (on for the CPU unless
+        compiled, off on CUDA)."""
         preload_tokenizer()          # importing transformers overlaps with building the model and the load
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
+        exact = resolve_exact(exact, dev.type, compile)     # its InputError before the weights are read
         if str(model) == TINY_MODEL:
             return cls(SD1.model_class.random(TINY, seed=0), dev, dt, name=TINY_MODEL_NAME,
-                       low_memory=low_memory, compile=compile, winograd=winograd, family=SD1)
+                       low_memory=low_memory, compile=compile, winograd=winograd, family=SD1, exact=exact)
         from batchsd.model.checkpoint import load_model
 
         # convolution weights land in channels_last, the layout Pipeline keeps them in (no second copy)
@@ -135,7 +151,7 @@ class Pipeline:
                                     memory_format=torch.channels_last, prediction_type=prediction_type)
         return cls(sd_model, dev, dt, name=Path(model).stem if Path(model).is_file() else Path(model).name,
                    sha256=info.sha256, low_memory=low_memory, compile=compile, winograd=winograd,
-                   family=info.model_family)
+                   family=info.model_family, exact=exact)
 
     @staticmethod
     def batch_key(row: GenerationRow) -> tuple:
@@ -166,15 +182,16 @@ class Pipeline:
         if len(keys) > 1:
             raise InputError(f"rows in one generate() call must share size, steps, sampler and img2img steps; "
                              f"got {sorted(keys, key=str)}: split them with Pipeline.batch_key")
-        width, height, steps, sampler, img2img_steps = keys.pop()
+        width, height, steps, sampler, img2img_steps, chunks, loras = keys.pop()
+        self._use_loras(loras)
         factor = self.cfg.latent_factor
         latent_shape = (1, self.cfg.unet.in_channels, height // factor, width // factor)
         generators = [torch.Generator("cpu").manual_seed(r.seed) for r in rows]
         schedule = samplers.make_schedule(sampler, steps, self.family.scheduler)
 
-        # 2. text: [B, 77, D] conditional and unconditional states (+ the UNet's vector y, SDXL's)
-        cond = self._encode_text([r.prompt for r in rows])
-        uncond = self._encode_text([r.negative_prompt for r in rows], negative=True)
+        # 2. text: [B, 77 * chunks, D] conditional and unconditional states (+ the UNet's vector y, SDXL's)
+        cond = self._encode_text(rows, chunks)
+        uncond = self._encode_text(rows, chunks, negative=True)
         y_cond = y_uncond = None
         if self.family.unet_vector is not None:
             y_cond = self.family.unet_vector(cond.pooled, rows, width, height).to(self.device)
@@ -203,35 +220,53 @@ class Pipeline:
                                 prompt_truncated=[a or b for a, b in zip(cond.truncated, uncond.truncated)])
 
     # ---------------------------------------------------------------- stages
-    def _encode_text(self, prompts: list[str], negative: bool = False) -> TextConditioning:
-        """Each distinct prompt is encoded once; results are kept in a small LRU cache. Negative prompts
-        that are empty are zeros where the family says so (family.zero_empty_negative)."""
+    def _encode_text(self, rows: list[GenerationRow], chunks: int, negative: bool = False) -> TextConditioning:
+        """The rows' prompts (or negative prompts) under each row's prompt syntax and clip skip, padded to
+        `chunks` x 77 tokens (text_conditioning.py). Each distinct (text, syntax, skip) is encoded once;
+        results are kept in a small LRU cache. An empty negative prompt is zeros where the family says so
+        (family.zero_empty_negative)."""
         zero = negative and self.family.zero_empty_negative
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
-        if missing:
-            with self._on_device(self.text_encoders):
-                encoded = self.family.encode_text(self.model, missing, self.device)
-            pooled = encoded.pooled if encoded.pooled is not None else [None] * len(missing)
-            for p, s, cut, pool in zip(missing, encoded.context, encoded.truncated, pooled):
-                self._text_cache[p] = (s, cut, pool)
-        for p in prompts:
-            self._text_cache.move_to_end(p)
-        entries = [self._text_cache[p] for p in prompts]
+        try:
+            skips = [clip_skip_layers(self.family, r.clip_skip) for r in rows]
+        except ValueError as e:
+            raise InputError(f"clip_skip: {e}") from None
+        keys = [(r.negative_prompt if negative else r.prompt, r.prompt_syntax, skip) for r, skip in zip(rows, skips)]
+        fillers = [("", r.prompt_syntax, skip) for r, skip in zip(rows, skips)]   # the empty prompt pads chunks
+        needed = keys + (fillers if chunks > 1 else [])
+        missing = list(dict.fromkeys(k for k in needed if k not in self._text_cache))
+        # exact mode: each prompt alone (batch 1), so its states do not depend on the prompts it met
+        groups: dict[tuple, list[str]] = {}
+        for text, syntax, skip in missing:
+            groups.setdefault((syntax, skip), []).append(text)
+        for (syntax, skip), texts in groups.items():
+            for group in ([[t] for t in texts] if self.exact else [texts]):
+                with self._on_device(self.text_encoders), exact_numerics(self.exact, self.device):
+                    encoded = encode_prompts(self.family, self.model, group, self.device, syntax, skip)
+                for text, entry in zip(group, encoded):
+                    self._text_cache[(text, syntax, skip)] = entry
+        for key in needed:
+            self._text_cache.move_to_end(key)
+        entries = [self._text_cache[k] for k in keys]
+        padded = []
+        for (text, _, _), entry, filler in zip(keys, entries, fillers):
+            context = torch.zeros_like(entry.context) if zero and text == "" else entry.context
+            fill = self._text_cache[filler].context if chunks > 1 else None
+            padded.append(context if fill is None else
+                          pad_to_chunks(context, chunks, torch.zeros_like(fill) if zero and text == "" else fill))
         while len(self._text_cache) > TEXT_CACHE_SIZE:
             self._text_cache.popitem(last=False)
-        context = torch.stack([torch.zeros_like(s) if zero and p == "" else s for p, (s, _, _) in zip(prompts, entries)])
         pooled = None
-        if entries[0][2] is not None:
-            pooled = torch.stack([torch.zeros_like(q) if zero and p == "" else q
-                                  for p, (_, _, q) in zip(prompts, entries)])
-        return TextConditioning(context, [cut for _, cut, _ in entries], pooled)
+        if entries[0].pooled is not None:
+            pooled = torch.stack([torch.zeros_like(e.pooled) if zero and k[0] == "" else e.pooled
+                                  for k, e in zip(keys, entries)])
+        return TextConditioning(torch.stack(padded), [e.truncated for e in entries], pooled)
 
     def _encode_images(self, rows: list[GenerationRow], width: int, height: int,
                        generators: list[torch.Generator]) -> torch.Tensor:
         """Init images -> scaled clean latents: posterior mean + std * randn from each row's generator."""
         pixels = torch.cat([image_to_tensor(r.init_image, width, height) for r in rows])
         clean = []
-        with self._on_device(self.model.vae):
+        with self._on_device(self.model.vae), exact_numerics(self.exact, self.device):
             for chunk in range(0, len(rows), self.vae_chunk):
                 batch = pixels[chunk:chunk + self.vae_chunk].to(self.device, self.vae_dtype)
                 batch = batch.contiguous(memory_format=self.memory_format)
@@ -246,7 +281,11 @@ class Pipeline:
     def _guided_eps_model(self, cond: torch.Tensor, uncond: torch.Tensor, scales: list[float],
                           y_cond: torch.Tensor | None = None, y_uncond: torch.Tensor | None = None):
         """eps(x, t) with CFG: uncond + s * (cond - uncond) for rows with s != 1, in one UNet forward.
-        y_cond/y_uncond: the UNet's vector input per row (SDXL), or None."""
+        y_cond/y_uncond: the UNet's vector input per row (SDXL), or None. Exact mode: one forward per
+        row instead, of a shape the row fixes (exact.rowwise_guided_eps)."""
+        if self.exact:
+            return rowwise_guided_eps(self.unet, cond, uncond, scales, y_cond, y_uncond, dtype=self.dtype,
+                                      memory_format=self.memory_format, device=self.device)
         guided = [i for i, s in enumerate(scales) if s != 1.0]
         idx = torch.tensor(guided, dtype=torch.long, device=self.device)
         context = torch.cat([uncond[idx], cond]) if guided else cond
@@ -272,7 +311,7 @@ class Pipeline:
         """Latents -> images, `vae_chunk` at a time; on CUDA a chunk's pixels travel to the host (uint8,
         pinned, non-blocking) and become PIL images while the GPU decodes the next chunk."""
         images, pending = [], None
-        with self._on_device(self.model.vae):
+        with self._on_device(self.model.vae), exact_numerics(self.exact, self.device):
             for chunk in range(0, latents.shape[0], self.vae_chunk):
                 z = latents[chunk:chunk + self.vae_chunk] / self.latent_scale
                 z = z.to(self.vae_dtype).contiguous(memory_format=self.memory_format)
@@ -283,6 +322,24 @@ class Pipeline:
         if pending is not None:
             images.extend(arrays_to_images(host_array(pending)))
         return images
+
+    def _use_loras(self, loras: tuple[tuple[str, float], ...]) -> None:
+        """Make `loras` the model's adapter set (model/lora.py side paths: the base weights are never
+        written, so removing a set restores the model exactly); kept until another set is asked for, so a
+        job whose batches are grouped by set applies each set once. Text encodings made under another
+        set are dropped."""
+        if loras == self.loras:
+            return
+        from batchsd.model.lora import apply_loras
+
+        if self._applied_loras is not None:
+            self._applied_loras.remove()
+            self._applied_loras, self.loras = None, ()
+            self._text_cache.clear()
+        if loras:
+            self._applied_loras = apply_loras(self.model, [(path, multiplier) for path, multiplier in loras])
+            self.loras = tuple(loras)
+            self._text_cache.clear()
 
     @contextlib.contextmanager
     def _on_device(self, module: torch.nn.Module):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from batchsd.errors import InputError
+from batchsd.model.prompt_syntax import PROMPT_SYNTAXES, chunk_count, unsupported_a1111
 from batchsd.model.sampler_names import resolve_sampler
 
 if TYPE_CHECKING:
@@ -24,6 +25,7 @@ MAX_STEPS = 999               # the schedules take 1..num_train_timesteps - 1 (1
 SEED_LIMIT = 2 ** 63           # seeds are 0 <= seed < SEED_LIMIT (a CPU generator takes any int64)
 MAX_CFG_SCALE = 100.0          # far above useful guidance; unbounded scales overflow into NaN (black) images
 MAX_CONDITIONING_SIZE = 16384  # SDXL's original_width/height and crop_top/left (pixels)
+MAX_CLIP_SKIP = 12             # A1111's range (1 = the text encoder's last layer)
 
 # defaults
 DEFAULT_STEPS = 25
@@ -51,6 +53,11 @@ class GenerationRow:
     original_height: int | None = None
     crop_top: int | None = None
     crop_left: int | None = None
+    prompt_syntax: str = "plain"   # prompt_syntax.PROMPT_SYNTAXES: how prompt and negative_prompt are read
+    clip_skip: int | None = None   # A1111's clip skip (1 = last layer, 2 = penultimate, ...); None = the model's
+    # LoRA adapter set: (file path, multiplier) pairs, applied in this order (model/lora.py); rows of one
+    # generate() call share it
+    loras: tuple[tuple[str, float], ...] = ()
 
 
 SIZE_CONDITIONING = ("original_width", "original_height", "crop_top", "crop_left")  # GenerationRow fields
@@ -61,11 +68,22 @@ def img2img_steps(steps: int, strength: float) -> int:
     return min(int(steps * strength), steps)
 
 
-def batch_key(width: int, height: int, steps: int, sampler: str, img2img_steps: int | None) -> tuple:
+def batch_key(width: int, height: int, steps: int, sampler: str, img2img_steps: int | None,
+              context_chunks: int = 1, loras: tuple = ()) -> tuple:
     """Rows with equal keys can share UNet forwards (one `Pipeline.generate` call): same latent size,
-    same schedule (`sampler`: its canonical name), and the same steps run (`img2img_steps`: that
-    count for image-to-image rows, None for text-to-image). Prompts, seeds and cfg_scale may differ."""
-    return (width, height, steps, sampler, img2img_steps)
+    same schedule (`sampler`: its canonical name), the same steps run (`img2img_steps`: that
+    count for image-to-image rows, None for text-to-image), the same text context length
+    (`context_chunks` of 77 tokens: `prompt_chunks`) and the same LoRA set (`loras`: (path,
+    multiplier) pairs). Prompts, seeds and cfg_scale may differ."""
+    return (width, height, steps, sampler, img2img_steps, context_chunks, tuple(loras))
+
+
+def prompt_chunks(prompt_syntax: str, prompt: str, negative_prompt: str) -> int:
+    """77-token chunks of a row's text context: 1 for plain prompts, else the longer of its prompt's
+    and negative prompt's A1111 chunk counts (loads the tokenizer)."""
+    if prompt_syntax == "plain":
+        return 1
+    return max(chunk_count(prompt), chunk_count(negative_prompt))
 
 
 def resolve_size(row: GenerationRow, default_size: int = DEFAULT_SIZE) -> tuple[int, int]:
@@ -81,7 +99,8 @@ def row_batch_key(row: GenerationRow, default_size: int = DEFAULT_SIZE) -> tuple
     """`batch_key` of a GenerationRow (unsized text-to-image rows at `default_size`)."""
     width, height = resolve_size(row, default_size)
     run = img2img_steps(row.steps, row.strength) if row.init_image is not None else None
-    return batch_key(width, height, row.steps, resolve_sampler(row.sampler), run)
+    return batch_key(width, height, row.steps, resolve_sampler(row.sampler), run,
+                     prompt_chunks(row.prompt_syntax, row.prompt, row.negative_prompt), row.loras)
 
 
 def check_row(row: GenerationRow, position: int = 0) -> None:
@@ -93,6 +112,16 @@ def check_row(row: GenerationRow, position: int = 0) -> None:
 
     if not isinstance(row.prompt, str) or not isinstance(row.negative_prompt, str):
         raise bad("prompt", "prompt and negative_prompt must be strings")
+    if row.prompt_syntax not in PROMPT_SYNTAXES:
+        raise bad("prompt_syntax", f"{row.prompt_syntax!r} is not one of {', '.join(PROMPT_SYNTAXES)}")
+    if row.prompt_syntax == "a1111":
+        for name in ("prompt", "negative_prompt"):
+            if why := unsupported_a1111(getattr(row, name)):
+                raise bad(name, why)
+    if row.clip_skip is not None and (isinstance(row.clip_skip, bool) or not isinstance(row.clip_skip, int)
+                                      or not 1 <= row.clip_skip <= MAX_CLIP_SKIP):
+        raise bad("clip_skip", f"{row.clip_skip!r} must be an integer in 1..{MAX_CLIP_SKIP} (1 = the last layer), "
+                  f"or empty")
     if not isinstance(row.seed, int) or not 0 <= row.seed < SEED_LIMIT:
         raise bad("seed", f"{row.seed!r} is not an integer in [0, 2**{SEED_LIMIT.bit_length() - 1})")
     if not isinstance(row.steps, int) or not 1 <= row.steps <= MAX_STEPS:

@@ -5,7 +5,7 @@
 
 The driver (this process) reads and validates the manifest exactly as `batchsd run` does, reads
 the journal and leaves out the rows already made (the same resume rule: params_hash, model,
-files in place), then hands the rest to Ray Data:
+numerics, files in place), then hands the rest to Ray Data:
 
     ray.data.from_items(rows, in batch-plan order)        one item per row: the pickled JobRow and
                                                           the reason it fails, if already known
@@ -46,9 +46,11 @@ from typing import Any
 
 from rich.console import Console
 
-from batchsd.job.model_choice import TINY, model_identity, resolve_model
+from batchsd.errors import InputError
+from batchsd.job.model_choice import TINY, model_identity, resolve_model, with_model_default_size
 from batchsd.job.options import RunOptions, RunSummary, UsageError
-from batchsd.job.reader import read_job
+from batchsd.job.reader import read_job, warning_lines
+from batchsd.job.resume import Numerics
 from batchsd.job.session import RunSession
 
 RAY_EXTRA_HINT = "the Ray engine needs Ray: pip install 'batchsd[ray]' (or pip install 'ray[data]>=2.9')"
@@ -91,6 +93,8 @@ class MakerConfig:
     compile: str | None
     winograd: bool | None
     prediction_type: str | None
+    exact: bool | None     # as asked (None: the device's default)
+    numerics: Numerics     # what the driver planned the resume decision with
     out_dir: str
     save_latents: bool
     batch_size: int | None
@@ -114,11 +118,16 @@ class RowMaker:
                 torch.set_num_threads(cfg.threads)
         self.cfg = cfg
         self.pipe = Pipeline.load(cfg.model, device=cfg.device, dtype=cfg.dtype, low_memory=cfg.low_memory,
-                                  compile=cfg.compile, winograd=cfg.winograd, prediction_type=cfg.prediction_type)
+                                  compile=cfg.compile, winograd=cfg.winograd, prediction_type=cfg.prediction_type,
+                                  exact=cfg.exact)
         if (self.pipe.name, self.pipe.sha256) != (cfg.model_name, cfg.model_sha256):
             raise RuntimeError(f"the model on this Ray node is {self.pipe.name} ({self.pipe.sha256}), but the driver "
                                f"planned the run for {cfg.model_name} ({cfg.model_sha256}): every node must see "
                                "the same model file")
+        here = Numerics.of(self.pipe)
+        if here != cfg.numerics:
+            raise RuntimeError(f"this Ray node makes rows with {here}, but the driver planned the run for "
+                               f"{cfg.numerics}: every node needs the same torch version and device type")
         self.console = Console(stderr=True, highlight=False)
         self.batch_size: int | None = cfg.batch_size   # kept across calls once OOM halving lowered it
 
@@ -170,7 +179,10 @@ def run_ray(opts: RunOptions, *, workers: int = 1, console: Console | None = Non
     if workers < 1:
         raise UsageError(f"--workers {workers}: use a whole number >= 1")
     ray = import_ray()
+    opts = with_model_default_size(opts)   # unsized rows at the model family's size
     job = read_job(opts)
+    for line in warning_lines(job.manifest):
+        console.print(line, style="yellow", markup=False)
     model = resolve_model(opts.model)
     if model != TINY:
         model = str(Path(model).resolve())   # actors may run in another folder
@@ -178,11 +190,6 @@ def run_ray(opts: RunOptions, *, workers: int = 1, console: Console | None = Non
     session = RunSession(opts, job, console, engine="ray")
     interrupted = None
     with session.locked():
-        session.start(identity)
-        # batch-plan order, so that an actor's call holds rows that share UNet forwards
-        planned = [r for b in plan_batches(session.runnable, batch_size_for(opts.batch_size)) for r in b.rows]
-        items = [{"job_row": pickle.dumps(r), "error": why} for r, why in session.failing] + \
-                [{"job_row": pickle.dumps(r), "error": None} for r in planned]
         started_ray = not ray.is_initialized()
         if started_ray:
             ray.init(address=address, logging_level="warning", log_to_driver=True)
@@ -191,6 +198,16 @@ def run_ray(opts: RunOptions, *, workers: int = 1, console: Console | None = Non
             use_gpu = gpus >= 1 and opts.device != "cpu"
             if opts.device.startswith("cuda") and not use_gpu:
                 raise UsageError(f"--device {opts.device}: the Ray cluster has no GPUs; use --device cpu or auto")
+            # the numerics the actors' pipelines will have (each actor checks its own against them)
+            try:
+                numerics = Numerics.planned("cuda" if use_gpu else "cpu", opts.dtype, opts.exact, opts.compile)
+            except InputError as e:
+                raise UsageError(str(e)) from None
+            session.start(identity, numerics)
+            # batch-plan order, so that an actor's call holds rows that share UNet forwards
+            planned = [r for b in plan_batches(session.runnable, batch_size_for(opts.batch_size)) for r in b.rows]
+            items = [{"job_row": pickle.dumps(r), "error": why} for r, why in session.failing] + \
+                    [{"job_row": pickle.dumps(r), "error": None} for r in planned]
             per_call = rows_per_call or (opts.batch_size * 4 if opts.batch_size else DEFAULT_ROWS_PER_CALL)
             session.announce(f"Ray: {workers} worker(s) on {'GPU' if use_gpu else 'CPU'}, {per_call} rows per call")
             progress = session.start_progress(rich_bar)
@@ -199,7 +216,8 @@ def run_ray(opts: RunOptions, *, workers: int = 1, console: Console | None = Non
                 cfg = MakerConfig(model=model, model_name=identity.name, model_sha256=identity.sha256,
                                   device="cuda" if use_gpu else "cpu", dtype=opts.dtype, low_memory=opts.low_memory,
                                   compile=opts.compile, winograd=opts.winograd, prediction_type=opts.prediction_type,
-                                  out_dir=str(job.out_dir.resolve()), save_latents=opts.save_latents, batch_size=opts.batch_size,
+                                  exact=opts.exact, numerics=numerics, out_dir=str(job.out_dir.resolve()),
+                                  save_latents=opts.save_latents, batch_size=opts.batch_size,
                                   schema=session.journal.schema, threads=int(cpus) if cpus else None)
                 _quiet_ray_data(ray)
                 remote = {"num_gpus": 1} if use_gpu else {"num_cpus": cpus}

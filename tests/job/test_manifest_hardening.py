@@ -255,9 +255,12 @@ def test_overlay_is_by_id_for_a_shard_and_new_rows(tmp_path):
     table = pq.read_table(tmp_path / "results.parquet")
     assert table.column("id").to_pylist() == ["a", "b"]
     assert by_id(table, "tag") == {"a": "A", "b": "B"} and by_id(table, "n") == {"a": 1, "b": 2}
+    from batchsd.job.schema import MANIFEST_NAMES
     assert table.column_names[:11] == ["id", "prompt", "negative_prompt", "seed", "steps", "cfg_scale", "sampler",
                                        "width", "height", "init_image", "strength"]
-    assert table.column_names[11:13] == ["tag", "n"] and table.column_names[-1] == "prompt_truncated"
+    m = len(MANIFEST_NAMES)
+    assert table.column_names[:m] == MANIFEST_NAMES
+    assert table.column_names[m:m + 2] == ["tag", "n"] and table.column_names[-1] == "prompt_truncated"
 
 
 def test_manifest_extras_are_the_valid_rows(tmp_path):

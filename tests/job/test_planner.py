@@ -145,8 +145,8 @@ def test_grouping_ignores_file_order_and_varying_fields():
             job(3, 64, 64, steps=20), job(4, 128, 64), job(5, 64, 64, sampler="ddim"), job(6, 64, 64)]
     batches = plan_batches(rows, batch_size=8)
     assert [[r.index for r in b.rows] for b in batches] == [[0, 2, 6], [1, 4], [3], [5]]
-    assert [b.key for b in batches] == [(64, 64, 10, "euler", None), (128, 64, 10, "euler", None),
-                                        (64, 64, 20, "euler", None), (64, 64, 10, "ddim", None)]
+    assert [b.key for b in batches] == [(64, 64, 10, "euler", None, 1, ()), (128, 64, 10, "euler", None, 1, ()),
+                                        (64, 64, 20, "euler", None, 1, ()), (64, 64, 10, "ddim", None, 1, ())]
 
 
 def test_batch_size_split_keeps_order():

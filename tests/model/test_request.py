@@ -70,16 +70,21 @@ def test_img2img_steps_is_diffusers_get_timesteps():
 
 
 def test_batch_key_and_row_batch_key():
-    assert batch_key(64, 96, 20, "euler_a", None) == (64, 96, 20, "euler_a", None)
+    assert batch_key(64, 96, 20, "euler_a", None) == (64, 96, 20, "euler_a", None, 1, ())
     row = GenerationRow("a", steps=20, sampler="Euler a", width=64, height=96)
     assert row_batch_key(row) == batch_key(64, 96, 20, "euler_a", None)
     unsized = GenerationRow("a", steps=20)
     assert row_batch_key(unsized)[:2] == (DEFAULT_SIZE, DEFAULT_SIZE)
     assert row_batch_key(unsized, default_size=1024)[:2] == (1024, 1024)
+    # A1111 syntax: rows of one batch share their text context length (77-token chunks)
+    long = "a photo of a cat, " * 30
+    assert row_batch_key(GenerationRow(long, prompt_syntax="a1111"))[5] == 3
+    assert row_batch_key(GenerationRow("a", negative_prompt=long, prompt_syntax="a1111"))[5] == 3
+    assert row_batch_key(GenerationRow(long))[5] == 1      # plain: one window, cut
     init = Image.new("RGB", (100, 77))
     img2img = GenerationRow("a", steps=10, init_image=init, strength=0.55)
     assert resolve_size(img2img) == (96, 72)
-    assert row_batch_key(img2img) == (96, 72, 10, "dpmpp_2m_karras", 5)
+    assert row_batch_key(img2img) == (96, 72, 10, "dpmpp_2m_karras", 5, 1, ())
 
 
 def test_check_row_limits():

@@ -144,3 +144,21 @@ def test_pipeline_with_winograd_matches_without():
     assert (out.latents - ref.latents).abs().max().item() <= 1e-5 * scale
     import numpy as np
     assert np.abs(np.asarray(out.images[0], np.int16) - np.asarray(ref.images[0], np.int16)).max() <= 1
+
+
+def test_auto_winograd_is_keyed_on_the_cpu_kind(monkeypatch):
+    """--winograd auto: on for 16-bit dtypes on CPUs without AMX, off with AMX and for fp32 (devices.py's
+    table); the Pipeline asks the CPU, never a timing."""
+    from batchsd.model import pipeline as pipeline_module
+    from batchsd.model.devices import CpuKind, default_winograd
+
+    cpu, amx, plain = torch.device("cpu"), CpuKind("AVX512", True), CpuKind("AVX512", False)
+    assert default_winograd(cpu, torch.bfloat16, plain) and default_winograd(cpu, torch.float16, plain)
+    assert not default_winograd(cpu, torch.bfloat16, amx) and not default_winograd(cpu, torch.float32, plain)
+    assert not default_winograd(torch.device("cuda"), torch.float16, plain)
+    assert str(amx) == "AVX512, AMX yes"
+    monkeypatch.setattr(pipeline_module, "use_winograd_in_model", lambda model: 1)   # the tiny model has no wide convs
+    for kind, expected in ((plain, True), (amx, False)):
+        monkeypatch.setattr(pipeline_module, "cpu_kind", lambda kind=kind: kind)
+        pipe = pipeline_module.Pipeline.load("tiny", device="cpu", dtype="bf16")
+        assert pipe.cpu_kind == kind and pipe.winograd is expected

@@ -1,0 +1,104 @@
+"""Per-row LoRA sets in a job (job/loras.py): the `loras` column and <lora:...> tags under the a1111
+syntax, found in --lora-dir, problems before any model loads, rows grouped by set, results and PNG
+metadata naming the set, and the base model restored for rows without one."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from batchsd.job.loras import LoraProblem, parse_lora_list, prompt_loras
+from batchsd.job.manifest import read_manifest
+from batchsd.job.plan import plan_batches
+from batchsd.job.rows import ManifestOptions
+from batchsd.model.config import TINY
+
+from cli_support import invoke, serve_tiny
+
+pytest.importorskip("diffusers")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
+from ref_clip import build_reference_clip  # noqa: E402
+from ref_lora import write_kohya_lora  # noqa: E402
+from ref_unet import build_reference_unet  # noqa: E402
+
+
+@pytest.fixture
+def lora_dir(tmp_path) -> Path:
+    folder = tmp_path / "lora"
+    (folder / "sub").mkdir(parents=True)
+    unet, clip = build_reference_unet(TINY.unet, 1), build_reference_clip(TINY.clip, 2)
+    write_kohya_lora(folder / "style.safetensors", unet, {"te": clip}, seed=3)
+    write_kohya_lora(folder / "sub" / "detail.safetensors", unet, {"te": clip}, seed=4)
+    return folder
+
+
+def test_parsing():
+    assert parse_lora_list("style:0.8; detail ;x:-1") == [("style", 0.8), ("detail", 1.0), ("x", -1.0)]
+    assert prompt_loras("a cat <lora:style:0.5> in <LORA:detail>") == [("style", 0.5), ("detail", 1.0)]
+    for bad in ("style:abc", "style:nan", ":0.5"):
+        with pytest.raises(LoraProblem):
+            parse_lora_list(bad)
+
+
+def test_manifest_resolves_and_groups(tmp_path, lora_dir):
+    path = tmp_path / "m.parquet"
+    pd.DataFrame([dict(id="a", prompt="a cat", seed=1), dict(id="b", prompt="a cat", loras="style:0.8", seed=1),
+                  dict(id="c", prompt="a cat <lora:detail:0.5>", prompt_syntax="a1111", seed=1),
+                  dict(id="d", prompt="a cat", loras="style:0.8", seed=1),
+                  dict(id="e", prompt="a cat", loras="missing"),
+                  dict(id="f", prompt="a cat <lora:missing>", prompt_syntax="a1111")]).to_parquet(path)
+    m = read_manifest(path, ManifestOptions(lora_dir=lora_dir))
+    assert {(p.row, p.column) for p in m.problems} == {(5, "loras"), (6, "prompt")}
+    assert all("no LoRA named 'missing'" in p.message and "--lora-dir" in p.message for p in m.problems)
+    fixed = path.with_name("ok.parquet")
+    pd.read_parquet(path).iloc[:4].to_parquet(fixed)
+    rows = read_manifest(fixed, ManifestOptions(lora_dir=lora_dir)).rows
+    a, b, c, d = rows
+    assert a.conditioning == {} and b.conditioning["loras"][0][:2] == (str((lora_dir / "style.safetensors").resolve()), 0.8)
+    assert c.conditioning["loras"][0][0].endswith("sub/detail.safetensors")
+    assert len({a.params_hash(), b.params_hash(), c.params_hash()}) == 3 and b.params_hash() == d.params_hash()
+    batches = plan_batches(rows, 8)
+    assert [[r.id for r in batch.rows] for batch in batches] == [["a"], ["b", "d"], ["c"]]
+    assert b.to_record()["loras"].startswith("style:0.8:")
+
+
+def test_run_applies_each_set_and_restores_the_base(monkeypatch, tiny_pipe, tmp_path, lora_dir):
+    serve_tiny(monkeypatch, tiny_pipe)
+    monkeypatch.delenv("BATCHSD_MODEL", raising=False)
+    path = tmp_path / "m.parquet"
+    common = dict(seed=1, steps=2, width=64, height=64)
+    pd.DataFrame([dict(id="base", prompt="a cat", **common), dict(id="styled", prompt="a cat", loras="style", **common),
+                  dict(id="base2", prompt="a cat", **common)]).to_parquet(path)
+    result = invoke("run", str(path), "--model", "tiny", "--out", str(tmp_path / "out"), "--lora-dir", str(lora_dir))
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(tmp_path / "out" / "results.parquet").to_pandas().set_index("id")
+    assert table.loc["base", "image_sha256"] != table.loc["styled", "image_sha256"]
+    assert (table["status"] == "ok").all()
+    assert table.loc["styled", "loras"].startswith("style:1:") and pd.isna(table.loc["base", "loras"])
+    parameters = Image.open(tmp_path / "out" / "images" / "styled.png").text["parameters"]
+    assert 'Lora hashes: "style: ' in parameters
+    # the next rows without a set run on the exact base model again
+    from batchsd import GenerationRow
+    before = tiny_pipe.generate([GenerationRow("a dog", seed=2, steps=1, width=64, height=64)]).latents
+    tiny_pipe._use_loras(((str(lora_dir / "style.safetensors"), 1.0),))
+    assert tiny_pipe.generate([GenerationRow("a dog", seed=2, steps=1, width=64, height=64)]).latents.equal(before)
+
+
+def test_results_format_reads_back_and_checks_the_hash(tmp_path, lora_dir):
+    """`name:multiplier:hash12` (results, expanded manifests) reads back; a hash that is not the file's is
+    a problem naming the row."""
+    from batchsd.job.loras import LoraFolder
+
+    digest = LoraFolder(lora_dir).sha256((lora_dir / "style.safetensors").resolve())
+    path = tmp_path / "m.parquet"
+    pd.DataFrame([dict(id="a", prompt="x", loras=f"style:0.8:{digest[:12]}"),
+                  dict(id="b", prompt="x", loras="style:0.8:0123456789ab")]).to_parquet(path)
+    m = read_manifest(path, ManifestOptions(lora_dir=lora_dir))
+    assert [(p.row, p.column) for p in m.problems] == [(2, "loras")] and "file changed" in m.problems[0].message
+    pd.read_parquet(path).iloc[:1].to_parquet(path)
+    (row,) = read_manifest(path, ManifestOptions(lora_dir=lora_dir)).rows
+    assert row.conditioning["loras"][0][1:] == (0.8, digest) and row.to_record()["loras"] == f"style:0.8:{digest[:12]}"
