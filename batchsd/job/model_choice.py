@@ -43,7 +43,7 @@ def resolve_model(model: str | None, cwd: Path | None = None) -> str:
         if len(found) > 1:
             listing = "\n".join(f"  {p}" for p in found)
             raise UsageError(f"{weights} holds {len(found)} checkpoints; choose one with --model:\n{listing}")
-        raise UsageError(f"no model given and none found: put one SD 1.x checkpoint (.safetensors, .ckpt or a "
+        raise UsageError(f"no model given and none found: put one checkpoint (SD 1.x, SD 2.x or SDXL: .safetensors, .ckpt or a "
                          f"diffusers folder) in {weights}/, or pass --model PATH (or set ${MODEL_ENV}); "
                          "--model tiny runs a random tiny model (its images are noise) to try the tool")
     if choice == TINY:

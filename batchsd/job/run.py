@@ -76,7 +76,7 @@ def run(opts: RunOptions, console: Console | None = None, *, rich_bar: bool | No
         console.print(f"model {escape(pipe.name)}{hash_note} on {pipe.device} ({str(pipe.dtype).removeprefix('torch.')})")
         if pipe.sha256 is None:
             console.print("[bold yellow]model 'tiny' has random weights: its images are noise. "
-                          "It is for trying the tool and for tests; pass a real SD 1.x checkpoint for pictures.[/bold yellow]")
+                          "It is for trying the tool and for tests; pass a real checkpoint (SD 1.x, 2.x or SDXL) for pictures.[/bold yellow]")
         session.start(ModelIdentity(pipe.name, pipe.sha256), Numerics.of(pipe))
         return _make_rows(session, pipe, rich_bar)
 
