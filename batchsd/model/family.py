@@ -205,13 +205,15 @@ _SD2_TEXT_IGNORED = frozenset(OPENCLIP_PREFIX + k for k in ("text_projection", "
 def _sd2_ignored(key: str, cfg: SDConfig) -> bool:
     """The known tensors SD 2.x does not use: _SD2_TEXT_IGNORED, and the blocks of the text encoder
     after those it runs (the last of ViT-H's 24: SD 2.x reads the penultimate layer)."""
-    if key in _SD2_TEXT_IGNORED:
-        return True
-    prefix = OPENCLIP_PREFIX + "transformer.resblocks."
-    if key.startswith(prefix):
-        index = key[len(prefix):].split(".", 1)[0]
-        return index.isdigit() and int(index) == cfg.clip.layers
-    return False
+    return key in _SD2_TEXT_IGNORED or _block_index(key, OPENCLIP_PREFIX + "transformer.resblocks.") == cfg.clip.layers
+
+
+def _block_index(key: str, prefix: str) -> int | None:
+    """n of a key `<prefix><n>.<rest>` (a text encoder block's number), else None."""
+    if not key.startswith(prefix):
+        return None
+    index = key[len(prefix):].split(".", 1)[0]
+    return int(index) if index.isdigit() else None
 
 
 def _sd2_family(name: str, label: str, prediction_type: str, default_size: int) -> ModelFamily:
@@ -314,13 +316,8 @@ _SDXL_TEXT_IGNORED = frozenset([SDXL_CLIP_PREFIX + "embeddings.position_ids", SD
 def _sdxl_ignored(key: str, cfg: SDConfig) -> bool:
     """_SDXL_TEXT_IGNORED, and what CLIP ViT-L has after the penultimate layer SDXL reads: its last block
     and final_layer_norm."""
-    if key in _SDXL_TEXT_IGNORED or key.startswith(SDXL_CLIP_PREFIX + "final_layer_norm."):
-        return True
-    prefix = SDXL_CLIP_PREFIX + "encoder.layers."
-    if key.startswith(prefix):
-        index = key[len(prefix):].split(".", 1)[0]
-        return index.isdigit() and int(index) == cfg.clip.layers
-    return False
+    return (key in _SDXL_TEXT_IGNORED or key.startswith(SDXL_CLIP_PREFIX + "final_layer_norm.")
+            or _block_index(key, SDXL_CLIP_PREFIX + "encoder.layers.") == cfg.clip.layers)
 
 
 SDXL = ModelFamily(

@@ -21,14 +21,6 @@ import pytest
 import torch
 
 pytest.importorskip("diffusers")
-from diffusers import (  # noqa: E402
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-)
-
 from batchsd import GenerationRow, Pipeline  # noqa: E402
 from batchsd.errors import CheckpointError, InputError  # noqa: E402
 from batchsd.model.checkpoint import inspect_checkpoint, load_model  # noqa: E402
@@ -39,20 +31,12 @@ from batchsd.model.tokenizer import SD2_PAD_TOKEN, tokenize  # noqa: E402
 
 from ref_sdxl import (SDXL_TEST, build_reference_sdxl, reference_scheduler, sdxl_run,  # noqa: E402
                       write_sdxl_folder, write_sdxl_single_file)
-from test_pipeline_parity import init_image  # noqa: E402
+from test_pipeline_parity import REFERENCE_SCHEDULERS, init_image  # noqa: E402   (sampler -> diffusers class)
 
 PIXEL_TOL = 1
 PIXEL_SHARE = 0.999
 LATENT_REL_TOL = 2e-3
 TEXT_TOL = 1e-4
-REFERENCE_SCHEDULERS = {
-    "ddpm": (DDPMScheduler, {}),
-    "ddim": (DDIMScheduler, {}),
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler_a": (EulerAncestralDiscreteScheduler, {}),
-    "dpmpp_2m": (DPMSolverMultistepScheduler, {}),
-    "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
-}
 LONG_PROMPT = "a very detailed painting of a lighthouse on a cliff at dusk, " * 8   # > 77 tokens
 KEYS_FILE = Path(__file__).resolve().parents[3] / "shared" / "reference" / "sdxl_base_keys.json"
 FIGURES: list[str] = []
