@@ -101,6 +101,11 @@ class RunLayout:
     def images_dir(self) -> Path:
         return self.out_dir / IMAGES_DIR
 
+    def output_dir(self, output_format: str) -> Path:
+        """Where a run's images go for an --format (outputs/spec.FORMATS)."""
+        return {"webdataset": self.webdataset_dir, "parquet": self.hf_parquet_dir,
+                "imagefolder": self.out_dir / IMAGEFOLDER_DIR}.get(output_format, self.images_dir)
+
     @property
     def latents_dir(self) -> Path:
         return self.out_dir / LATENTS_DIR

@@ -73,6 +73,7 @@ class RunSummary:
     compile_s: float = 0.0               # --compile: seconds spent compiling the UNet (first call per shape)
     winograd: bool = False               # the wide CPU convolutions ran as Winograd (--winograd; rounding differs)
     cpu: str | None = None               # the CPU's kind the speed choices were keyed on (devices.cpu_kind)
+    images_dir: Path | None = None       # where the images went (--format's folder; None: images/)
 
     @property
     def images_per_s(self) -> float:

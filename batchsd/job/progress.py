@@ -144,11 +144,11 @@ def print_summary(console: Console, s) -> None:
     out = Path(s.out_dir)
     shard = getattr(s, "shard", None)
     if shard is not None:  # a shard: its own part and done marker; the whole table once all are done
-        console.print(escape(f"{shard}: results {s.results_path}  images: {out / 'images'}/"))
+        console.print(escape(f"{shard}: results {s.results_path}  images: {s.images_dir or out / 'images'}/"))
         if getattr(s, "merged", False):
             console.print(escape(f"every shard is done: {out / RESULTS_FILE} and {out / SUMMARY_FILE} hold the whole job"))
         else:
             console.print(escape(f"`batchsd status {out}` shows every shard's progress"))
         return
-    console.print(escape(f"results: {out / RESULTS_FILE}  images: {out / 'images'}/"
+    console.print(escape(f"results: {out / RESULTS_FILE}  images: {s.images_dir or out / 'images'}/"
                          + (f"  summary: {out / SUMMARY_FILE}" if s.interrupted_by is None else "")))

@@ -130,4 +130,5 @@ def _make_rows(session: RunSession, pipe, rich_bar: bool | None) -> RunSummary:
         session.summary.winograd = bool(getattr(pipe, "winograd", False))
         kind = getattr(pipe, "cpu_kind", None)
         session.summary.cpu = None if kind is None else str(kind)
+        session.summary.images_dir = session.job.layout.output_dir(opts.output.format)
         return session.finish(stop.signal_name)
