@@ -35,6 +35,9 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from batchsd.job.outputs.spec import DEFAULT_SHARD_SIZE, FORMATS, IMAGE_FORMATS
+from batchsd.model.prompt_syntax import PROMPT_SYNTAXES
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Stable Diffusion (SD 1.x, 2.x) batch jobs: a manifest in, images and results.parquet out.")
 
@@ -57,22 +60,14 @@ class PredictionType(str, enum.Enum):
     v_prediction = "v_prediction"
 
 
-class PromptSyntax(str, enum.Enum):
-    plain = "plain"
-    a1111 = "a1111"
+def _choices(name: str, values: tuple[str, ...]) -> type[enum.Enum]:
+    """A typer choice type over names whose one home is elsewhere."""
+    return enum.Enum(name, {v: v for v in values}, type=str)
 
 
-class OutputFormat(str, enum.Enum):
-    files = "files"
-    webdataset = "webdataset"
-    parquet = "parquet"
-    imagefolder = "imagefolder"
-
-
-class ImageFormat(str, enum.Enum):
-    png = "png"
-    jpg = "jpg"
-    webp = "webp"
+PromptSyntax = _choices("PromptSyntax", PROMPT_SYNTAXES)
+OutputFormat = _choices("OutputFormat", FORMATS)
+ImageFormat = _choices("ImageFormat", IMAGE_FORMATS)
 
 
 class Engine(str, enum.Enum):
@@ -209,7 +204,7 @@ def run(
                                                   "in EXIF UserComment)."),
     quality: Optional[int] = typer.Option(None, "--quality", min=1, max=100,
                                           help="jpg/webp quality. Default: 95 for jpg, 90 for webp."),
-    shard_size: int = typer.Option(10_000, "--shard-size", min=1,
+    shard_size: int = typer.Option(DEFAULT_SHARD_SIZE, "--shard-size", min=1,
                                    help="webdataset/parquet: rows per dataset shard (shard k holds rows "
                                         "k*N..(k+1)*N-1 of this run, in manifest order)."),
     captions: bool = typer.Option(False, "--captions", help="--format files: also images/<id>.txt (the prompt)."),

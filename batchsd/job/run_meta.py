@@ -21,20 +21,25 @@ def write_run_meta(layout: RunLayout, meta: dict) -> None:
     _write_json(layout.meta_path, meta)
 
 
-def read_run_metas(out_dir: Path) -> list[dict]:
-    """Every readable run.json in OUT (the whole-manifest run's and each shard's), newest first.
-    A file that is not a JSON object (hand-edited, truncated) is skipped."""
-    out_dir = Path(out_dir)
-    paths = [RunLayout(out_dir).meta_path] + [d / RunLayout(out_dir).meta_path.name for d in shard_dirs(out_dir).values()]
-    metas = []
+def read_json_objects(paths) -> dict[Path, dict]:
+    """{path: content} of each path that holds a readable JSON object; a missing file, or one that is
+    not a JSON object (hand-edited, truncated), is skipped."""
+    found = {}
     for p in paths:
         try:
-            meta = json.loads(p.read_text())
+            meta = json.loads(Path(p).read_text())
         except (OSError, ValueError):
             continue
         if isinstance(meta, dict):
-            metas.append(meta)
-    return sorted(metas, key=lambda m: str(m.get("started_at", "")), reverse=True)
+            found[Path(p)] = meta
+    return found
+
+
+def read_run_metas(out_dir: Path) -> list[dict]:
+    """Every readable run.json in OUT (the whole-manifest run's and each shard's), newest first."""
+    out_dir = Path(out_dir)
+    paths = [RunLayout(out_dir).meta_path] + [d / RunLayout(out_dir).meta_path.name for d in shard_dirs(out_dir).values()]
+    return sorted(read_json_objects(paths).values(), key=lambda m: str(m.get("started_at", "")), reverse=True)
 
 
 def write_summary(path: Path, summary: dict) -> None:

@@ -23,6 +23,7 @@ from batchsd.job.journal import part_files
 from batchsd.job.layout import OUTPUT_FILE, RunLayout, journal_parts_dirs, shard_dirs
 from batchsd.job.options import UsageError
 from batchsd.job.outputs.spec import OutputSpec
+from batchsd.job.run_meta import read_json_objects
 
 SETTINGS = ("format", "image_format", "quality", "captions", "shard_size")
 LEGACY = OutputSpec().to_json()
@@ -43,15 +44,7 @@ def read_output_metas(out_dir: Path) -> dict[Path, dict]:
     """{path: content} of every readable output.json in the folder."""
     out_dir = Path(out_dir)
     paths = [RunLayout(out_dir).output_meta_path] + [d / OUTPUT_FILE for _, d in sorted(shard_dirs(out_dir).items())]
-    found = {}
-    for p in paths:
-        try:
-            meta = json.loads(p.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(meta, dict):
-            found[p] = meta
-    return found
+    return read_json_objects(paths)
 
 
 def output_settings(out_dir: Path) -> dict | None:
