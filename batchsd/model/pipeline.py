@@ -180,7 +180,8 @@ class Pipeline:
                                  f"model does not take it: leave {', '.join(given)} empty")
         keys = {row_batch_key(r, self.family.default_size) for r in rows}
         if len(keys) > 1:
-            raise InputError(f"rows in one generate() call must share size, steps, sampler and img2img steps; "
+            raise InputError(f"rows in one generate() call must share size, steps, sampler, img2img steps, text "
+                             "chunks (A1111 syntax) and LoRA set; "
                              f"got {sorted(keys, key=str)}: split them with Pipeline.batch_key")
         width, height, steps, sampler, img2img_steps, chunks, loras = keys.pop()
         self._use_loras(loras)
