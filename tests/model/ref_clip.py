@@ -71,11 +71,16 @@ def build_reference_clip(cfg: CLIPTextConfig, seed: int,
                          attn_implementation: str = "eager") -> transformers.CLIPTextModel:
     """transformers.CLIPTextModel (fp32, eval) with seeded random weights; eager attention by default.
 
-    Built on the meta device and materialized uninitialized (transformers' own init of the full
-    123M-parameter model costs seconds), then every parameter is drawn by `randomize_clip_`.
     """
+    return random_text_model(transformers.CLIPTextModel, reference_clip_config(cfg), seed, attn_implementation)
+
+
+def random_text_model(model_class, config: transformers.CLIPTextConfig, seed: int, attn_implementation: str = "eager"):
+    """`model_class(config)` (a transformers CLIP text model, with or without projection; fp32, eval)
+    built on the meta device and materialized uninitialized (transformers' own init of a full-size
+    encoder costs seconds), its position ids filled in, every parameter drawn by `randomize_clip_`."""
     with torch.device("meta"):
-        model = transformers.CLIPTextModel(reference_clip_config(cfg))
+        model = model_class(config)
     model.to_empty(device="cpu")
     with torch.no_grad():
         for name, buf in model.named_buffers():

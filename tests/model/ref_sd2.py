@@ -34,7 +34,7 @@ from batchsd.model.diffusers_layout import diffusers_to_original
 from batchsd.model.stable_diffusion import SD2_PREFIX
 
 from ref_checkpoint import TOKENIZER_DATA, ddpm_buffers
-from ref_clip import randomize_clip_
+from ref_clip import random_text_model
 from ref_unet import diffusers_unet_config, randomize_
 from ref_vae import build_reference_vae
 
@@ -73,15 +73,7 @@ def reference_text_config(cfg: CLIPTextConfig, layers: int | None = None) -> tra
 
 def build_reference_text_encoder(cfg: CLIPTextConfig, seed: int, layers: int | None = None) -> transformers.CLIPTextModel:
     """transformers CLIPTextModel (gelu, eager attention, fp32, eval) with seeded random weights."""
-    with torch.device("meta"):
-        model = transformers.CLIPTextModel(reference_text_config(cfg, layers))
-    model.to_empty(device="cpu")
-    with torch.no_grad():
-        for name, buf in model.named_buffers():
-            buf.copy_(torch.arange(buf.shape[-1]).expand_as(buf))
-    model.set_attn_implementation("eager")
-    randomize_clip_(model, seed)
-    return model.eval()
+    return random_text_model(transformers.CLIPTextModel, reference_text_config(cfg, layers), seed)
 
 
 def sd2_unet_config(cfg: UNetConfig, prediction_type: str) -> dict:

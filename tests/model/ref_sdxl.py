@@ -31,7 +31,7 @@ from batchsd.model.diffusers_layout import diffusers_to_original
 from batchsd.model.stable_diffusion import SDXL_PREFIX
 
 from ref_checkpoint import TOKENIZER_DATA, ddpm_buffers
-from ref_clip import randomize_clip_, reference_clip_config
+from ref_clip import random_text_model, reference_clip_config
 from ref_sd2 import SD2_SCHEDULER, openclip_state_dict, reference_text_config, sd2_tokenizer
 from ref_unet import randomize_
 from ref_vae import build_reference_vae
@@ -82,30 +82,15 @@ def build_reference_unet(cfg: UNetConfig, seed: int):
 
 def _clip_l(cfg: CLIPTextConfig, seed: int) -> transformers.CLIPTextModel:
     """diffusers' text_encoder: every layer of the file (one more than SDXL reads from)."""
-    with torch.device("meta"):
-        model = transformers.CLIPTextModel(reference_clip_config(replace(cfg, layers=cfg.layers + 1)))
-    model.to_empty(device="cpu")
-    with torch.no_grad():
-        for _, buf in model.named_buffers():
-            buf.copy_(torch.arange(buf.shape[-1]).expand_as(buf))
-    model.set_attn_implementation("eager")
-    randomize_clip_(model, seed)
-    return model.eval()
+    return random_text_model(transformers.CLIPTextModel, reference_clip_config(replace(cfg, layers=cfg.layers + 1)),
+                             seed)
 
 
 def _clip_g(cfg: CLIPTextConfig, seed: int) -> transformers.CLIPTextModelWithProjection:
     """diffusers' text_encoder_2: OpenCLIP ViT-bigG converted (GELU, a text projection without bias)."""
     config = reference_text_config(cfg)
     config.projection_dim = cfg.projection_dim
-    with torch.device("meta"):
-        model = transformers.CLIPTextModelWithProjection(config)
-    model.to_empty(device="cpu")
-    with torch.no_grad():
-        for _, buf in model.named_buffers():
-            buf.copy_(torch.arange(buf.shape[-1]).expand_as(buf))
-    model.set_attn_implementation("eager")
-    randomize_clip_(model, seed)
-    return model.eval()
+    return random_text_model(transformers.CLIPTextModelWithProjection, config, seed)
 
 
 def sdxl_tokenizers() -> tuple[transformers.CLIPTokenizer, transformers.CLIPTokenizer]:
