@@ -13,26 +13,24 @@ by the n vectors before the position embeddings are added (the encoders' `token_
 clip.CLIPTextModel.forward, openclip.OpenCLIPTextModel.forward / forward_with_pooled). This is what A1111
 does (its "fixes") and what diffusers' load_textual_inversion computes with added tokens.
 
-The API, for the prompt encoders:
+The API, for the prompt encoders (GenerationRow.embeddings gives a row's files; job/embeddings.py
+finds which files of a folder a row's prompts name):
 
-    library = EmbeddingLibrary(folder)                 # name -> file, read on first use, cached
-    names = library.names_in(prompt)                   # which embeddings a prompt names (no tensors read)
-    embeddings = library.for_model(names, model)       # read and checked against the model's encoders
+    embedding = load_embedding(path)                   # read once per file version, cached
+    check_fits(embedding, model)                       # one table per text encoder, of its width
+    embeddings = {embedding.name: embedding, ...}
     pieces = tokenize_text(text, embeddings, pad_token)   # BPE ids without BOS/EOS + the vector slots
     ids, slots, truncated = tokenize_prompts(prompts, embeddings, pad_token)   # [B, 77], as tokenize()
     x = embed_tokens(encoder, ids, slots, "clip_l")    # [B, 77, D] for encoder(ids, token_embeds=x)
 
-`tokenize_text` is the piece for A1111-style chunking: ids and slots of one text fragment, which a
-chunker lays out in 75-token chunks (keeping each embedding's n positions in one chunk, as A1111 does),
-then hands `embed_tokens` the slots at their final positions. Matching: a name matches case-insensitively
-where no letter is right before or after it, longest name first. That is A1111's rule (it looks for the
-name's BPE ids in the prompt's, and CLIP's BPE splits words from digits and punctuation, so "style2" and
-"(style:1.2)" name "style", "styles" does not); diffusers' load_textual_inversion replaces substrings,
+`tokenize_text` and `tokenize_prompts` are the plain syntax's reading (one 77-token window, cut);
+the a1111 syntax chunks with prompt_syntax.chunk_prompt, which keeps each embedding's n positions in one
+chunk, and `slots_at` turns a chunk's embedding positions into slots. Which names match where is
+prompt_syntax.embedding_pattern's rule; diffusers' load_textual_inversion replaces substrings instead,
 so there "styles" is "style" + "s".
 """
 from __future__ import annotations
 
-import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,12 +40,11 @@ import torch
 from torch import nn
 
 from batchsd.errors import InputError
-from batchsd.model.tokenizer import BOS_ID, EOS_ID, MAX_LENGTH, SD2_PAD_ID, SD2_PAD_TOKEN, load_tokenizer
+from batchsd.model.prompt_syntax import CHUNK_TOKENS, PLACEHOLDER_ID, EmbeddingRef, fragment_tokenizer
+from batchsd.model.tokenizer import BOS_ID, EOS_ID, MAX_LENGTH, SD2_PAD_ID, SD2_PAD_TOKEN
 
-EMBEDDING_SUFFIXES = (".pt", ".safetensors", ".bin")
-# The id under each embedding vector. Any id below <|endoftext|> will do (OpenCLIP pools at the largest
-# id, which must stay the end token); its own embedding is always replaced. "!" (id 0).
-PLACEHOLDER_ID = 0
+# PLACEHOLDER_ID (prompt_syntax): any id below <|endoftext|> will do (OpenCLIP pools at the largest id,
+# which must stay the end token); its own embedding is always replaced. "!" (id 0), as A1111's.
 SINGLE = "single"              # the key of a one-encoder (SD 1.x / 2.x) file's table
 SDXL_KEYS = ("clip_l", "clip_g")   # SDXL's tables: text_encoder (CLIP ViT-L), text_encoder_2 (OpenCLIP ViT-bigG)
 
@@ -107,7 +104,34 @@ def read_embedding(path: str | Path) -> Embedding:
     if len({t.shape[0] for t in out.values()}) != 1:
         raise EmbeddingError(f"embedding {path}: its tables have different vector counts "
                              f"{[tuple(t.shape) for t in out.values()]}")
+    vectors = next(iter(out.values())).shape[0]
+    if not 1 <= vectors <= CHUNK_TOKENS:
+        raise EmbeddingError(f"embedding {path} has {vectors} vectors: a prompt chunk holds 1..{CHUNK_TOKENS}")
     return Embedding(path.stem, path, out)
+
+
+_read_cache: dict[tuple[str, int, int], Embedding] = {}
+_read_lock = threading.Lock()
+
+
+def load_embedding(path: str | Path) -> Embedding:
+    """`read_embedding`, kept per (file, modification time, size): a run reads each file once, and a
+    file replaced in place is read again."""
+    path = Path(path)
+    try:
+        stat = path.stat()
+    except OSError:
+        raise EmbeddingError(f"embedding file {path} does not exist") from None
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    with _read_lock:
+        if key not in _read_cache:
+            _read_cache[key] = read_embedding(path)
+        return _read_cache[key]
+
+
+def embedding_vectors(paths: Iterable[str | Path]) -> dict[str, int]:
+    """Each embedding file's name (stem) -> its vector count (what A1111 chunking needs to know)."""
+    return {Path(p).stem: load_embedding(p).vectors for p in paths}
 
 
 def encoder_tables(model: nn.Module) -> dict[str, int]:
@@ -124,23 +148,17 @@ def check_fits(embedding: Embedding, model: nn.Module, label: str = "the model")
     if set(have) != set(want):
         kind = "SD 1.x/2.x (one table)" if SINGLE in want else "SDXL (clip_l + clip_g)"
         got = "SDXL (clip_l + clip_g)" if SINGLE not in have else f"SD 1.x/2.x (one {have[SINGLE]}-wide table)"
-        raise EmbeddingError(f"embedding {embedding.name} ({embedding.path}) is for {got}; {label} needs {kind}")
+        raise EmbeddingError(f"embedding {embedding.name} ({embedding.path}) is for {got}; {label} needs {kind}: "
+                             f"use one made for this model, or move it out of the embeddings folder")
     bad = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
     if bad:
         detail = ", ".join(f"{k}: {h}-wide vectors, the encoder is {w}-wide" for k, (h, w) in bad.items())
         raise EmbeddingError(f"embedding {embedding.name} ({embedding.path}) does not fit {label} ({detail}): "
-                             f"it was trained for another model family")
+                             f"it was trained for another model family: use one made for this model, or move it "
+                             f"out of the embeddings folder")
 
 
 # ----------------------------------------------------------------------------- prompts -> ids and slots
-
-def _name_pattern(names: Iterable[str]) -> re.Pattern | None:
-    names = sorted(set(names), key=len, reverse=True)     # longest first: "style-v2" before "style"
-    if not names:
-        return None
-    alternatives = "|".join(re.escape(n) for n in names)
-    return re.compile(rf"(?<![^\W\d_])(?:{alternatives})(?![^\W\d_])", re.IGNORECASE)   # no letter beside
-
 
 class Slot(NamedTuple):
     """One embedding vector's place: position in the id sequence, the embedding, which of its vectors."""
@@ -156,24 +174,25 @@ class TextTokens:
     slots: list[Slot]
 
 
+def slots_at(fixes: Iterable[tuple[int, str]], embeddings: Mapping[str, Embedding]) -> list[Slot]:
+    """(position of an embedding's first vector, its name) pairs -> the Slot of each of its vectors."""
+    return [Slot(position + k, embeddings[name], k) for position, name in fixes
+            for k in range(embeddings[name].vectors)]
+
+
 def tokenize_text(text: str, embeddings: Mapping[str, Embedding], pad_token: str | None = None) -> TextTokens:
     """`text` -> TextTokens: the text between embedding names tokenized as `tokenizer.tokenize` does (with
     the same pad token: SD 2.x splits "!" out), each name as its embedding's n placeholder positions."""
-    tokenizer = load_tokenizer(pad_token)
-    by_lower = {name.lower(): e for name, e in embeddings.items()}
-    pattern = _name_pattern(embeddings)
-    pieces = pattern.split(text) if pattern else [text]
-    found = pattern.findall(text) if pattern else []
+    tokenize = fragment_tokenizer({name: e.vectors for name, e in embeddings.items()}, pad_token)
     ids: list[int] = []
-    slots: list[Slot] = []
-    for i, piece in enumerate(pieces):
-        if piece.strip():
-            ids += tokenizer(piece, add_special_tokens=False, verbose=False).input_ids
-        if i < len(found):
-            embedding = by_lower[found[i].lower()]
-            slots += [Slot(len(ids) + k, embedding, k) for k in range(embedding.vectors)]
-            ids += [PLACEHOLDER_ID] * embedding.vectors
-    return TextTokens(ids, slots)
+    fixes: list[tuple[int, str]] = []
+    for token in tokenize([text])[0]:
+        if isinstance(token, EmbeddingRef):
+            fixes.append((len(ids), token.name))
+            ids += [PLACEHOLDER_ID] * token.vectors
+        else:
+            ids.append(token)
+    return TextTokens(ids, slots_at(fixes, embeddings))
 
 
 def tokenize_prompts(prompts: list[str], embeddings: Mapping[str, Embedding], pad_token: str | None = None
@@ -210,47 +229,3 @@ def embed_tokens(encoder: nn.Module, ids: torch.Tensor, slots: list[list[Slot]],
         for slot in row_slots:
             x[row, slot.position] = slot.embedding.tables[table][slot.index].to(x.device, x.dtype)
     return x
-
-
-# ----------------------------------------------------------------------------- a folder of embeddings
-
-class EmbeddingLibrary:
-    """The embedding files in a folder (not recursive), by stem; each read on first use and kept."""
-
-    def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
-        self.files: dict[str, Path] = {}
-        if self.folder.is_dir():
-            for path in sorted(self.folder.iterdir()):
-                if path.suffix in EMBEDDING_SUFFIXES and path.is_file():
-                    if path.stem in self.files:
-                        raise EmbeddingError(f"two embedding files are named {path.stem!r} in {self.folder} "
-                                             f"({self.files[path.stem].name}, {path.name}): rename one")
-                    self.files[path.stem] = path
-        self._loaded: dict[str, Embedding] = {}
-        self._lock = threading.Lock()
-        self._pattern = _name_pattern(self.files)
-        self._by_lower = {name.lower(): name for name in self.files}
-
-    def names_in(self, text: str) -> list[str]:
-        """The embeddings `text` names, in order of first use (no file is read)."""
-        if self._pattern is None:
-            return []
-        return list(dict.fromkeys(self._by_lower[m.lower()] for m in self._pattern.findall(text)))
-
-    def get(self, name: str) -> Embedding:
-        with self._lock:
-            if name not in self._loaded:
-                if name not in self.files:
-                    raise EmbeddingError(f"no embedding {name!r} in {self.folder}")
-                self._loaded[name] = read_embedding(self.files[name])
-            return self._loaded[name]
-
-    def for_model(self, names: Iterable[str], model: nn.Module, label: str = "the model") -> dict[str, Embedding]:
-        """The named embeddings, read and checked against `model`'s text encoders (check_fits)."""
-        out = {}
-        for name in names:
-            embedding = self.get(name)
-            check_fits(embedding, model, label)
-            out[name] = embedding
-        return out

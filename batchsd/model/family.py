@@ -92,11 +92,13 @@ class ModelFamily:
     infer_config: Callable[..., SDConfig]
     # model_class(cfg) builds the model (.cfg, .unet, .vae, .text_encoder); .random(cfg, seed): random weights
     model_class: type[nn.Module]
-    # text conditioning: (model, prompts, device, skip) -> TextConditioning; skip: the text encoder's last
-    # layers left out (clip skip - 1; only families with `clip_skip` take skip > 0)
+    # text conditioning: (model, prompts, device, skip, embeddings) -> TextConditioning; skip: the text
+    # encoder's last layers left out (clip skip - 1; only families with `clip_skip` take skip > 0);
+    # embeddings: name -> embeddings.Embedding, the textual inversions the prompts may name
     encode_text: Callable[..., TextConditioning]
-    # A1111-syntax chunks: (model, ids [N, 77] padded with <|endoftext|>, device, skip) -> (each text
-    # encoder's hidden states [N, 77, D_i], pooled [N, P] or None), before emphasis (text_conditioning.py)
+    # A1111-syntax chunks: (model, ids [N, 77] padded with <|endoftext|>, device, skip, slots) -> (each
+    # text encoder's hidden states [N, 77, D_i], pooled [N, P] or None), before emphasis
+    # (text_conditioning.py); slots: each chunk's embedding vectors (embeddings.Slot), or None
     encode_chunks: Callable[..., tuple[list[torch.Tensor], torch.Tensor | None]]
     latent_scale: Callable[[SDConfig], float]  # VAE latents x this = the latents the UNet works on
     scheduler: SchedulerConfig             # the training noise schedule the samplers rebuild (prediction type too)
@@ -133,15 +135,38 @@ def _sd1_infer_config(shapes: Shapes, hints: CheckpointHints = CheckpointHints()
     return infer_sd1_config(shapes, hints.configs)
 
 
-def _sd1_encode_text(model: nn.Module, prompts: list[str], device: torch.device, skip: int = 0) -> TextConditioning:
+def _tokens(prompts: list[str], embeddings: Mapping | None, pad_token: str | None = None):
+    """(ids [B, 77], each row's embedding slots or None, truncated): tokenizer.tokenize's reading, with
+    the embeddings named in the prompts (embeddings.tokenize_prompts) when there are any."""
+    if not embeddings:
+        ids, truncated = tokenize(prompts, pad_token=pad_token)
+        return ids, None, truncated
+    from batchsd.model.embeddings import tokenize_prompts
+
+    return tokenize_prompts(prompts, embeddings, pad_token)
+
+
+def _token_embeds(encoder: nn.Module, ids: torch.Tensor, slots, table: str | None = None):
+    """The `token_embeds` argument for `encoder`: None without embedding slots (its own lookup)."""
+    if not slots or not any(slots):
+        return None
+    from batchsd.model.embeddings import SINGLE, embed_tokens
+
+    return embed_tokens(encoder, ids, slots, table or SINGLE)
+
+
+def _sd1_encode_text(model: nn.Module, prompts: list[str], device: torch.device, skip: int = 0,
+                     embeddings: Mapping | None = None) -> TextConditioning:
     """CLIP token ids (77, padded with <|endoftext|>) -> the text encoder's last hidden state (or,
     skipping `skip` layers, an earlier one through the final norm)."""
-    ids, truncated = tokenize(prompts)
-    return TextConditioning(model.text_encoder(ids.to(device), skip), truncated)
+    ids, slots, truncated = _tokens(prompts, embeddings)
+    (context,), _ = _sd1_encode_chunks(model, ids, device, skip, slots)
+    return TextConditioning(context, truncated)
 
 
-def _sd1_encode_chunks(model: nn.Module, ids: torch.Tensor, device: torch.device, skip: int = 0):
-    return [model.text_encoder(ids.to(device), skip)], None
+def _sd1_encode_chunks(model: nn.Module, ids: torch.Tensor, device: torch.device, skip: int = 0, slots=None):
+    ids = ids.to(device)
+    return [model.text_encoder(ids, skip, token_embeds=_token_embeds(model.text_encoder, ids, slots))], None
 
 
 def pad_after_end(ids: torch.Tensor) -> torch.Tensor:
@@ -185,15 +210,18 @@ def _sd2_infer_config(shapes: Shapes, hints: CheckpointHints = CheckpointHints()
     return infer_sd2_config(shapes, hints.layout, hints.configs)
 
 
-def _sd2_encode_text(model: nn.Module, prompts: list[str], device: torch.device, skip: int = 0) -> TextConditioning:
+def _sd2_encode_text(model: nn.Module, prompts: list[str], device: torch.device, skip: int = 0,
+                     embeddings: Mapping | None = None) -> TextConditioning:
     """Token ids (77, padded with "!", id 0, as diffusers' SD 2.x tokenizer) -> ln_final of the OpenCLIP
     encoder's penultimate layer."""
-    ids, truncated = tokenize(prompts, pad_token=SD2_PAD_TOKEN)
-    return TextConditioning(model.text_encoder(ids.to(device)), truncated)
+    ids, slots, truncated = _tokens(prompts, embeddings, SD2_PAD_TOKEN)
+    ids = ids.to(device)
+    return TextConditioning(model.text_encoder(ids, _token_embeds(model.text_encoder, ids, slots)), truncated)
 
 
-def _sd2_encode_chunks(model: nn.Module, ids: torch.Tensor, device: torch.device, skip: int = 0):
-    return [model.text_encoder(pad_after_end(ids).to(device))], None
+def _sd2_encode_chunks(model: nn.Module, ids: torch.Tensor, device: torch.device, skip: int = 0, slots=None):
+    ids = pad_after_end(ids).to(device)
+    return [model.text_encoder(ids, _token_embeds(model.text_encoder, ids, slots))], None
 
 
 # non-model tensors of released SD 2.x files under the text encoder's prefix: CLIP's projection to the
@@ -264,20 +292,25 @@ def _sdxl_infer_config(shapes: Shapes, hints: CheckpointHints = CheckpointHints(
     return cfg
 
 
-def _sdxl_encode_text(model: nn.Module, prompts: list[str], device: torch.device, skip: int = 0) -> TextConditioning:
+def _sdxl_encode_text(model: nn.Module, prompts: list[str], device: torch.device, skip: int = 0,
+                      embeddings: Mapping | None = None) -> TextConditioning:
     """CLIP ViT-L's penultimate hidden state (tokens padded with <|endoftext|>) and OpenCLIP ViT-bigG's
     (tokens padded with "!", id 0, as diffusers' tokenizer_2), concatenated to the context [B, 77, 768 +
     1280]; ViT-bigG's pooled projection as `pooled`."""
-    ids, truncated = tokenize(prompts)
-    ids_2, _ = tokenize(prompts, pad_token=SD2_PAD_TOKEN)         # the same BPE: the same cuts
-    first = model.text_encoder(ids.to(device))
-    second, pooled = model.text_encoder_2.forward_with_pooled(ids_2.to(device))
+    ids, slots, truncated = _tokens(prompts, embeddings)
+    ids_2, slots_2, _ = _tokens(prompts, embeddings, SD2_PAD_TOKEN)   # the same BPE: the same cuts
+    ids, ids_2 = ids.to(device), ids_2.to(device)
+    first = model.text_encoder(ids, token_embeds=_token_embeds(model.text_encoder, ids, slots, "clip_l"))
+    second, pooled = model.text_encoder_2.forward_with_pooled(
+        ids_2, _token_embeds(model.text_encoder_2, ids_2, slots_2, "clip_g"))
     return TextConditioning(torch.cat([first, second], dim=-1), truncated, pooled)
 
 
-def _sdxl_encode_chunks(model: nn.Module, ids: torch.Tensor, device: torch.device, skip: int = 0):
-    second, pooled = model.text_encoder_2.forward_with_pooled(pad_after_end(ids).to(device))
-    return [model.text_encoder(ids.to(device)), second], pooled
+def _sdxl_encode_chunks(model: nn.Module, ids: torch.Tensor, device: torch.device, skip: int = 0, slots=None):
+    ids, ids_2 = ids.to(device), pad_after_end(ids).to(device)
+    second, pooled = model.text_encoder_2.forward_with_pooled(
+        ids_2, _token_embeds(model.text_encoder_2, ids_2, slots, "clip_g"))
+    return [model.text_encoder(ids, token_embeds=_token_embeds(model.text_encoder, ids, slots, "clip_l")), second], pooled
 
 
 def sdxl_time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int],

@@ -92,7 +92,7 @@ class Pipeline:
         # channels_last (NHWC) convolutions and GroupNorms are the fast oneDNN/cuDNN paths (figures:
         # docs/performance.md). Same arithmetic, other summation order: parity tests run with it on.
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self._text_cache: OrderedDict[tuple, EncodedPrompt] = OrderedDict()   # (text, syntax, skip) -> states
+        self._text_cache: OrderedDict[tuple, EncodedPrompt] = OrderedDict()   # _encode_text's keys -> states
         self.loras: tuple[tuple[str, float], ...] = ()   # the adapter set applied now (_use_loras)
         self._applied_loras = None
         self.model.to(dtype=dtype, memory_format=self.memory_format)
@@ -223,33 +223,37 @@ class Pipeline:
     # ---------------------------------------------------------------- stages
     def _encode_text(self, rows: list[GenerationRow], chunks: int, negative: bool = False) -> TextConditioning:
         """The rows' prompts (or negative prompts) under each row's prompt syntax and clip skip, padded to
-        `chunks` x 77 tokens (text_conditioning.py). Each distinct (text, syntax, skip) is encoded once;
-        results are kept in a small LRU cache. An empty negative prompt is zeros where the family says so
-        (family.zero_empty_negative)."""
+        `chunks` x 77 tokens (text_conditioning.py), with the textual-inversion embeddings each row gives.
+        Each distinct (text, syntax, skip, embedding files) is encoded once; results are kept in a small
+        LRU cache. An empty negative prompt is zeros where the family says so (family.zero_empty_negative)."""
         zero = negative and self.family.zero_empty_negative
         try:
             skips = [clip_skip_layers(self.family, r.clip_skip) for r in rows]
         except ValueError as e:
             raise InputError(f"clip_skip: {e}") from None
-        keys = [(r.negative_prompt if negative else r.prompt, r.prompt_syntax, skip) for r, skip in zip(rows, skips)]
-        fillers = [("", r.prompt_syntax, skip) for r, skip in zip(rows, skips)]   # the empty prompt pads chunks
+        # (text, syntax, skip, embedding files): an embedding file's content is its path's while a run
+        # lasts (embeddings.load_embedding reads a replaced file again; the job hashes the files)
+        keys = [(r.negative_prompt if negative else r.prompt, r.prompt_syntax, skip, r.embeddings)
+                for r, skip in zip(rows, skips)]
+        fillers = [("", r.prompt_syntax, skip, ()) for r, skip in zip(rows, skips)]   # the empty prompt pads chunks
         needed = keys + (fillers if chunks > 1 else [])
         missing = list(dict.fromkeys(k for k in needed if k not in self._text_cache))
         # exact mode: each prompt alone (batch 1), so its states do not depend on the prompts it met
         groups: dict[tuple, list[str]] = {}
-        for text, syntax, skip in missing:
-            groups.setdefault((syntax, skip), []).append(text)
-        for (syntax, skip), texts in groups.items():
+        for text, syntax, skip, files in missing:
+            groups.setdefault((syntax, skip, files), []).append(text)
+        for (syntax, skip, files), texts in groups.items():
+            embeddings = self._embeddings(files, rows)
             for group in ([[t] for t in texts] if self.exact else [texts]):
                 with self._on_device(self.text_encoders), exact_numerics(self.exact, self.device):
-                    encoded = encode_prompts(self.family, self.model, group, self.device, syntax, skip)
+                    encoded = encode_prompts(self.family, self.model, group, self.device, syntax, skip, embeddings)
                 for text, entry in zip(group, encoded):
-                    self._text_cache[(text, syntax, skip)] = entry
+                    self._text_cache[(text, syntax, skip, files)] = entry
         for key in needed:
             self._text_cache.move_to_end(key)
         entries = [self._text_cache[k] for k in keys]
         padded = []
-        for (text, _, _), entry, filler in zip(keys, entries, fillers):
+        for (text, *_), entry, filler in zip(keys, entries, fillers):
             context = torch.zeros_like(entry.context) if zero and text == "" else entry.context
             fill = self._text_cache[filler].context if chunks > 1 else None
             padded.append(context if fill is None else
@@ -261,6 +265,22 @@ class Pipeline:
             pooled = torch.stack([torch.zeros_like(e.pooled) if zero and k[0] == "" else e.pooled
                                   for k, e in zip(keys, entries)])
         return TextConditioning(torch.stack(padded), [e.truncated for e in entries], pooled)
+
+    def _embeddings(self, files: tuple[str, ...], rows: list[GenerationRow]) -> dict:
+        """The embedding files -> {name: Embedding}, each checked against this model's text encoders;
+        InputError naming the first row that gives the file otherwise."""
+        from batchsd.model.embeddings import EmbeddingError, check_fits, load_embedding
+
+        out = {}
+        for path in files:
+            try:
+                embedding = load_embedding(path)
+                check_fits(embedding, self.model, f"this {self.family.label} model")
+            except EmbeddingError as e:
+                where = next(i for i, r in enumerate(rows) if path in r.embeddings)
+                raise InputError(f"row {where}, embeddings: {e}") from None
+            out[embedding.name] = embedding
+        return out
 
     def _encode_images(self, rows: list[GenerationRow], width: int, height: int,
                        generators: list[torch.Generator]) -> torch.Tensor:

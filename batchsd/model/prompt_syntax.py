@@ -17,6 +17,13 @@ A row's `prompt_syntax` says how its prompt and negative prompt are read:
             Refused, with the row and column named: prompt editing `[from:to:when]` and alternation
             `[a|b]` (they change the conditioning during sampling; batchsd does not do that).
 
+Textual-inversion embeddings (model/embeddings.py) are named in a prompt by their file stem, under
+either syntax: `embedding_pattern` is the matching rule (case-insensitive, no letter right before or
+after the name, longest name first: A1111 matches the name's BPE ids, and CLIP's BPE splits words
+from digits and punctuation, so "style2" and "(style:1.2)" name "style", "styles" does not). A name
+becomes its n vectors' positions (`EmbeddingRef`); a chunk that cannot hold all n starts a new chunk,
+as A1111 keeps an embedding in one chunk.
+
 Pure functions over text and a fragment tokenizer; no torch. `chunk_prompt` is what the Pipeline
 encodes (family.encode_chunks); `chunk_count` is what makes rows batchable (request.batch_key:
 rows of one batch share their context length).
@@ -25,7 +32,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
 
 PROMPT_SYNTAXES = ("plain", "a1111")
 CHUNK_TOKENS = 75            # prompt tokens per chunk (77 ids with the start and end tokens)
@@ -120,29 +127,42 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
     return [(t, w) for t, w in merged]
 
 
+class EmbeddingRef(NamedTuple):
+    """A textual-inversion embedding named in a prompt: its name (the file stem) and vector count."""
+    name: str
+    vectors: int
+
+
+PLACEHOLDER_ID = 0   # the id under each embedding vector (model/embeddings.py replaces its embedding)
+Token = int | EmbeddingRef   # what a fragment tokenizer yields: a BPE id, or an embedding's n positions
+
+
 @dataclass(frozen=True)
 class PromptChunk:
-    ids: tuple[int, ...]        # 77: <start>, 75 tokens (padded with <end>), <end>
+    ids: tuple[int, ...]        # 77: <start>, 75 tokens (padded with <end>), <end>; PLACEHOLDER_ID under embeddings
     weights: tuple[float, ...]  # 77: each token's emphasis (1.0 for start, end and padding)
+    embeddings: tuple[tuple[int, str], ...] = ()   # (position of its first vector in ids, embedding name)
 
 
-def chunk_prompt(text: str, tokenize: Callable[[Sequence[str]], list[list[int]]]) -> list[PromptChunk]:
+def chunk_prompt(text: str, tokenize: Callable[[Sequence[str]], list[list[Token]]]) -> list[PromptChunk]:
     """A1111's tokenize_line: the prompt's runs (`parse_attention`) tokenized without start/end tokens
-    by `tokenize` (texts -> ids each), cut into 75-token chunks (BREAK and the comma backtrack as in
-    the module docstring). At least one chunk."""
+    by `tokenize` (texts -> Tokens each), cut into 75-token chunks (BREAK, the comma backtrack and
+    embeddings kept whole as in the module docstring). At least one chunk."""
     runs = parse_attention(text)
     pieces = tokenize([t for t, _ in runs])
     chunks: list[PromptChunk] = []
     ids: list[int] = []
     weights: list[float] = []
+    fixes: list[tuple[int, str]] = []        # (position in ids, embedding name), as A1111's chunk.fixes
     last_comma = -1
 
     def close_chunk() -> None:
-        nonlocal ids, weights, last_comma
+        nonlocal ids, weights, fixes, last_comma
         pad = CHUNK_TOKENS - len(ids)
         chunks.append(PromptChunk(tuple([BOS_ID, *ids, *[EOS_ID] * pad, EOS_ID]),
-                                  tuple([1.0, *weights, *[1.0] * pad, 1.0])))
-        ids, weights, last_comma = [], [], -1
+                                  tuple([1.0, *weights, *[1.0] * pad, 1.0]),
+                                  tuple((position + 1, name) for position, name in fixes)))
+        ids, weights, fixes, last_comma = [], [], [], -1
 
     for tokens, (run_text, weight) in zip(pieces, runs):
         if weight == BREAK_WEIGHT and run_text == "BREAK":
@@ -152,14 +172,21 @@ def chunk_prompt(text: str, tokenize: Callable[[Sequence[str]], list[list[int]]]
             if token == COMMA_ID:
                 last_comma = len(ids)
             elif len(ids) == CHUNK_TOKENS and last_comma != -1 and len(ids) - last_comma <= COMMA_BACKTRACK:
-                # the text after the chunk's last comma moves to the next chunk
+                # the text after the chunk's last comma moves to the next chunk (its embeddings with it)
                 cut = last_comma + 1
-                moved_ids, moved_weights = ids[cut:], weights[cut:]
-                ids, weights = ids[:cut], weights[:cut]
+                moved = ids[cut:], weights[cut:], [(p - cut, n) for p, n in fixes if p >= cut]
+                ids, weights, fixes = ids[:cut], weights[:cut], [(p, n) for p, n in fixes if p < cut]
                 close_chunk()
-                ids, weights = moved_ids, moved_weights
+                ids, weights, fixes = moved
             if len(ids) == CHUNK_TOKENS:
                 close_chunk()
+            if isinstance(token, EmbeddingRef):
+                if len(ids) + token.vectors > CHUNK_TOKENS:     # all its vectors in one chunk
+                    close_chunk()
+                fixes.append((len(ids), token.name))
+                ids += [PLACEHOLDER_ID] * token.vectors
+                weights += [weight] * token.vectors
+                continue
             ids.append(token)
             weights.append(weight)
     if ids or not chunks:
@@ -167,25 +194,72 @@ def chunk_prompt(text: str, tokenize: Callable[[Sequence[str]], list[list[int]]]
     return chunks
 
 
-def fragment_tokenizer() -> Callable[[Sequence[str]], list[list[int]]]:
+def embedding_pattern(names: Iterable[str]) -> re.Pattern | None:
+    """The regex that finds embedding names in a prompt (the module docstring's rule); None for no names."""
+    names = sorted(set(names), key=len, reverse=True)     # longest first: "style-v2" before "style"
+    if not names:
+        return None
+    alternatives = "|".join(re.escape(n) for n in names)
+    return re.compile(rf"(?<![^\W\d_])(?:{alternatives})(?![^\W\d_])", re.IGNORECASE)   # no letter beside
+
+
+def split_embedding_names(text: str, names: Iterable[str]) -> list[str | None]:
+    """`text` as alternating text pieces and name matches: [text, name, text, name, ..., text], names
+    as written in `names` (not as cased in the text)."""
+    names = list(names)
+    pattern = embedding_pattern(names)
+    if pattern is None:
+        return [text]
+    by_lower = {n.lower(): n for n in names}
+    parts = pattern.split(text)
+    found = [by_lower[m.lower()] for m in pattern.findall(text)]
+    out: list[str] = []
+    for i, part in enumerate(parts):
+        out.append(part)
+        if i < len(found):
+            out.append(found[i])
+    return out
+
+
+def fragment_tokenizer(embeddings: Mapping[str, int] | None = None, pad_token: str | None = None
+                       ) -> Callable[[Sequence[str]], list[list[Token]]]:
     """CLIP's BPE over text fragments, without start/end tokens and without truncation (A1111's
-    tokenize); the tokenizer is batchsd's packaged one (tokenizer.load_tokenizer)."""
+    tokenize), each name of `embeddings` (name -> vector count) as an EmbeddingRef; the tokenizer is
+    batchsd's packaged one (tokenizer.load_tokenizer, with `pad_token`: SD 2.x's splits "!" out)."""
     from batchsd.model.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer()
+    tokenizer = load_tokenizer(pad_token)
+    embeddings = dict(embeddings or {})
 
-    def tokenize(texts: Sequence[str]) -> list[list[int]]:
-        texts = list(texts)
+    def bpe(texts: list[str]) -> list[list[int]]:
         if not texts:
             return []
         return tokenizer(texts, truncation=False, add_special_tokens=False, verbose=False)["input_ids"]
 
+    def tokenize(texts: Sequence[str]) -> list[list[Token]]:
+        texts = list(texts)
+        if not embeddings:
+            return bpe(texts)
+        out = []
+        for text in texts:
+            parts = split_embedding_names(text, embeddings)
+            pieces = iter(bpe([p for p in parts[::2] if p.strip()]))
+            tokens: list[Token] = []
+            for i, part in enumerate(parts):
+                if i % 2:
+                    tokens.append(EmbeddingRef(part, embeddings[part]))
+                elif part.strip():
+                    tokens += next(pieces)
+            out.append(tokens)
+        return out
+
     return tokenize
 
 
-def chunk_count(text: str) -> int:
-    """How many 77-id chunks `text` takes under A1111 syntax (loads the tokenizer)."""
-    return len(chunk_prompt(text, fragment_tokenizer()))
+def chunk_count(text: str, embeddings: Mapping[str, int] | None = None) -> int:
+    """How many 77-id chunks `text` takes under A1111 syntax, with `embeddings` (name -> vector
+    count) named in it (loads the tokenizer)."""
+    return len(chunk_prompt(text, fragment_tokenizer(embeddings)))
 
 
 # A1111's extra-network tags: <lora:name>, <lora:name:multiplier> (read by the job: job/loras.py);

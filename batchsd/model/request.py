@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import PurePath
+from typing import TYPE_CHECKING, Mapping
 
 from batchsd.errors import InputError
 from batchsd.model.prompt_syntax import PROMPT_SYNTAXES, chunk_count, unsupported_a1111
@@ -58,6 +59,9 @@ class GenerationRow:
     # LoRA adapter set: (file path, multiplier) pairs, applied in this order (model/lora.py); rows of one
     # generate() call share it
     loras: tuple[tuple[str, float], ...] = ()
+    # textual-inversion embedding files (model/embeddings.py) the row's prompts may name, each by its file
+    # stem (A1111: every embedding in the folder is active; the job passes those a row names)
+    embeddings: tuple[str, ...] = ()
 
 
 SIZE_CONDITIONING = ("original_width", "original_height", "crop_top", "crop_left")  # GenerationRow fields
@@ -78,12 +82,14 @@ def batch_key(width: int, height: int, steps: int, sampler: str, img2img_steps: 
     return (width, height, steps, sampler, img2img_steps, context_chunks, tuple(loras))
 
 
-def prompt_chunks(prompt_syntax: str, prompt: str, negative_prompt: str) -> int:
+def prompt_chunks(prompt_syntax: str, prompt: str, negative_prompt: str,
+                  embeddings: Mapping[str, int] | None = None) -> int:
     """77-token chunks of a row's text context: 1 for plain prompts, else the longer of its prompt's
-    and negative prompt's A1111 chunk counts (loads the tokenizer)."""
+    and negative prompt's A1111 chunk counts, with `embeddings` (name -> vector count) named in them
+    (loads the tokenizer)."""
     if prompt_syntax == "plain":
         return 1
-    return max(chunk_count(prompt), chunk_count(negative_prompt))
+    return max(chunk_count(prompt, embeddings), chunk_count(negative_prompt, embeddings))
 
 
 def resolve_size(row: GenerationRow, default_size: int = DEFAULT_SIZE) -> tuple[int, int]:
@@ -99,8 +105,13 @@ def row_batch_key(row: GenerationRow, default_size: int = DEFAULT_SIZE) -> tuple
     """`batch_key` of a GenerationRow (unsized text-to-image rows at `default_size`)."""
     width, height = resolve_size(row, default_size)
     run = img2img_steps(row.steps, row.strength) if row.init_image is not None else None
+    vectors = None
+    if row.embeddings and row.prompt_syntax != "plain":
+        from batchsd.model.embeddings import embedding_vectors   # reads the files (torch): only when named
+
+        vectors = embedding_vectors(row.embeddings)
     return batch_key(width, height, row.steps, resolve_sampler(row.sampler), run,
-                     prompt_chunks(row.prompt_syntax, row.prompt, row.negative_prompt), row.loras)
+                     prompt_chunks(row.prompt_syntax, row.prompt, row.negative_prompt, vectors), row.loras)
 
 
 def check_row(row: GenerationRow, position: int = 0) -> None:
@@ -122,6 +133,11 @@ def check_row(row: GenerationRow, position: int = 0) -> None:
                                       or not 1 <= row.clip_skip <= MAX_CLIP_SKIP):
         raise bad("clip_skip", f"{row.clip_skip!r} must be an integer in 1..{MAX_CLIP_SKIP} (1 = the last layer), "
                   f"or empty")
+    stems = [PurePath(p).stem.lower() for p in row.embeddings]
+    if len(set(stems)) != len(stems):
+        twice = sorted({s for s in stems if stems.count(s) > 1})
+        raise bad("embeddings", f"two embedding files share the name {twice[0]!r}: a prompt names an "
+                  "embedding by its file stem; rename one")
     if not isinstance(row.seed, int) or not 0 <= row.seed < SEED_LIMIT:
         raise bad("seed", f"{row.seed!r} is not an integer in [0, 2**{SEED_LIMIT.bit_length() - 1})")
     if not isinstance(row.steps, int) or not 1 <= row.steps <= MAX_STEPS:

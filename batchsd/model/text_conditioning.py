@@ -7,6 +7,9 @@
             chunks concatenated: [77 * chunks, D]; SDXL's pooled embedding is the first chunk's;
             <lora:...> tags are removed first (they name the row's LoRAs, as in A1111)
 
+Under both, textual-inversion embeddings named in a prompt put their vectors in place of token
+embeddings (model/embeddings.py).
+
 A row's conditional and unconditional contexts are padded to the same number of chunks with the
 empty prompt's encoding (A1111's pad_cond_uncond), or with zeros when the unconditional side is zero
 conditioning (family.zero_empty_negative); request.batch_key puts rows of one chunk count together.
@@ -14,10 +17,12 @@ conditioning (family.zero_empty_negative); request.batch_key puts rows of one ch
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 from torch import nn
 
+from batchsd.model.embeddings import Embedding, slots_at
 from batchsd.model.family import ModelFamily
 from batchsd.model.prompt_syntax import chunk_prompt, fragment_tokenizer, strip_lora_tags
 
@@ -41,21 +46,26 @@ def clip_skip_layers(family: ModelFamily, clip_skip: int | None) -> int:
 
 
 def encode_prompts(family: ModelFamily, model: nn.Module, prompts: list[str], device: torch.device,
-                   syntax: str = "plain", skip: int = 0) -> list[EncodedPrompt]:
-    """Each prompt's conditioning under `syntax` ("plain" | "a1111") with `skip` layers left out."""
+                   syntax: str = "plain", skip: int = 0, embeddings: Mapping[str, Embedding] | None = None
+                   ) -> list[EncodedPrompt]:
+    """Each prompt's conditioning under `syntax` ("plain" | "a1111") with `skip` layers left out;
+    `embeddings` (name -> Embedding, checked against the model: embeddings.check_fits) are the textual
+    inversions the prompts may name."""
+    embeddings = dict(embeddings or {})
     if syntax == "plain":
-        encoded = family.encode_text(model, prompts, device, skip)
+        encoded = family.encode_text(model, prompts, device, skip, embeddings)
         pooled = encoded.pooled if encoded.pooled is not None else [None] * len(prompts)
         return [EncodedPrompt(c, cut, p) for c, cut, p in zip(encoded.context, encoded.truncated, pooled)]
     if syntax != "a1111":
         raise ValueError(f"unknown prompt syntax {syntax!r}")
-    tokenize = fragment_tokenizer()
+    tokenize = fragment_tokenizer({name: e.vectors for name, e in embeddings.items()})
     out = []
     for prompt in prompts:
         chunks = chunk_prompt(strip_lora_tags(prompt), tokenize)   # the tags name the row's LoRAs (job/loras.py)
         ids = torch.tensor([c.ids for c in chunks], dtype=torch.long)                      # [k, 77]
         weights = torch.tensor([c.weights for c in chunks], dtype=torch.float32, device=device)  # [k, 77]
-        states, pooled = family.encode_chunks(model, ids, device, skip)                    # [k, 77, D_i] each
+        slots = [slots_at(c.embeddings, embeddings) for c in chunks]
+        states, pooled = family.encode_chunks(model, ids, device, skip, slots)             # [k, 77, D_i] each
         context = torch.cat([emphasize(z, weights) for z in states], dim=-1)               # [k, 77, D]
         out.append(EncodedPrompt(context.reshape(-1, context.shape[-1]), False,
                                  None if pooled is None else pooled[0]))
