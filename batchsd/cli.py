@@ -7,9 +7,11 @@
                          [--format files|webdataset|parquet|imagefolder] [--image-format png|jpg|webp]
                          [--quality Q] [--shard-size N] [--captions]
                          [--map SOURCE=TARGET,...] [--wildcards DIR] [--prompt-syntax plain|a1111] [--lora-dir DIR]
+                         [--embeddings-dir DIR]
                          [--prediction-type epsilon|v_prediction] [--exact/--no-exact] [--reuse-out]
     batchsd validate MANIFEST [--batch-size N] [--map SOURCE=TARGET,...] [--wildcards DIR]
-                              [--prompt-syntax plain|a1111] [--expanded OUT.parquet]
+                              [--prompt-syntax plain|a1111] [--lora-dir DIR] [--embeddings-dir DIR]
+                              [--expanded OUT.parquet]
     batchsd inspect MODEL [--json]
     batchsd status OUT [--manifest MANIFEST] [--json]
 
@@ -106,27 +108,37 @@ def _column_map(value: Optional[str]) -> Optional[str]:
     return value
 
 
-_MAP_HELP = ("Rename manifest columns before reading them, e.g. DiffusionDB's: --map step=steps,cfg=cfg_scale. "
-             "Each target is a column batchsd reads (README 'Manifest').")
-_WILDCARDS_HELP = ("Folder of wildcard files: __name__ in a prompt is one line of DIR/name.txt, drawn per row "
-                   "from its id (prompt templates: README 'Expansion').")
-
-
-_SYNTAX_HELP = ("How prompts are read where the manifest has no prompt_syntax cell: plain (as written, cut at 77 "
-                "tokens: diffusers' reading) or a1111 ((word:1.2) emphasis, BREAK, prompts of any length in "
-                "75-token chunks: README 'Prompt syntax').")
-
-
-_LORA_DIR_HELP = ("Folder of LoRA files: a name in the loras column or a <lora:name:0.8> tag is "
-                  "DIR/**/name.safetensors (or .pt, .ckpt, .bin). Default: weights/lora.")
+# The options that say how a manifest is read, the same for run and validate (one definition each).
+MAP_OPTION = typer.Option(
+    None, "--map", metavar="SOURCE=TARGET,...", callback=_column_map,
+    help="Rename manifest columns before reading them, e.g. DiffusionDB's: --map step=steps,cfg=cfg_scale. "
+         "Each target is a column batchsd reads (README 'Manifest').")
+WILDCARDS_OPTION = typer.Option(
+    None, "--wildcards", metavar="DIR", exists=True, file_okay=False, dir_okay=True,
+    help="Folder of wildcard files: __name__ in a prompt is one line of DIR/name.txt, drawn per row from its id "
+         "(prompt templates: README 'Expansion').")
+PROMPT_SYNTAX_OPTION = typer.Option(
+    PromptSyntax.plain, "--prompt-syntax", case_sensitive=False,
+    help="How prompts are read where the manifest has no prompt_syntax cell: plain (as written, cut at 77 "
+         "tokens: diffusers' reading) or a1111 ((word:1.2) emphasis, BREAK, prompts of any length in "
+         "75-token chunks: README 'Prompt syntax').")
+LORA_DIR_OPTION = typer.Option(
+    None, "--lora-dir", metavar="DIR", file_okay=False,
+    help="Folder of LoRA files: a name in the loras column or a <lora:name:0.8> tag is "
+         "DIR/**/name.safetensors (or .pt, .ckpt, .bin). Default: weights/lora.")
+EMBEDDINGS_DIR_OPTION = typer.Option(
+    None, "--embeddings-dir", metavar="DIR", file_okay=False,
+    help="Folder of textual-inversion embeddings (.pt, .safetensors, .bin): every one is active, and a prompt "
+         "that names a file's stem uses its vectors (README 'Prompt syntax'). Default: weights/embeddings.")
 
 
 def _manifest_options(column_map: Optional[str], wildcards: Optional[Path], prompt_syntax: "PromptSyntax",
-                      lora_dir: Optional[Path] = None):
+                      lora_dir: Optional[Path] = None, embeddings_dir: Optional[Path] = None):
     from batchsd.job.column_map import parse_column_map
     from batchsd.job.rows import ManifestOptions
 
-    return ManifestOptions(parse_column_map(column_map), wildcards, prompt_syntax.value, lora_dir=lora_dir)
+    return ManifestOptions(parse_column_map(column_map), wildcards, prompt_syntax.value, lora_dir=lora_dir,
+                           embeddings_dir=embeddings_dir)
 
 
 def _err_console() -> Console:
@@ -208,13 +220,11 @@ def run(
                                    help="webdataset/parquet: rows per dataset shard (shard k holds rows "
                                         "k*N..(k+1)*N-1 of this run, in manifest order)."),
     captions: bool = typer.Option(False, "--captions", help="--format files: also images/<id>.txt (the prompt)."),
-    column_map: Optional[str] = typer.Option(None, "--map", metavar="SOURCE=TARGET,...", callback=_column_map,
-                                             help=_MAP_HELP),
-    wildcards: Optional[Path] = typer.Option(None, "--wildcards", metavar="DIR", exists=True, file_okay=False,
-                                             dir_okay=True, help=_WILDCARDS_HELP),
-    prompt_syntax: PromptSyntax = typer.Option(PromptSyntax.plain, "--prompt-syntax", case_sensitive=False,
-                                               help=_SYNTAX_HELP),
-    lora_dir: Optional[Path] = typer.Option(None, "--lora-dir", metavar="DIR", file_okay=False, help=_LORA_DIR_HELP),
+    column_map: Optional[str] = MAP_OPTION,
+    wildcards: Optional[Path] = WILDCARDS_OPTION,
+    prompt_syntax: PromptSyntax = PROMPT_SYNTAX_OPTION,
+    lora_dir: Optional[Path] = LORA_DIR_OPTION,
+    embeddings_dir: Optional[Path] = EMBEDDINGS_DIR_OPTION,
     workers: int = typer.Option(1, "--workers", min=1,
                                 help="--engine ray: actors, each with its own model (one GPU each where the "
                                      "cluster has GPUs)."),
@@ -262,7 +272,8 @@ def run(
                       winograd={"auto": None, "on": True, "off": False}[winograd.value], exact=exact,
                       shard=None if spec is None or spec.is_whole else spec, reuse_out=reuse_out,
                       prediction_type=prediction_type.value if prediction_type else None, output=output,
-                      manifest_options=_manifest_options(column_map, wildcards, prompt_syntax, lora_dir))
+                      manifest_options=_manifest_options(column_map, wildcards, prompt_syntax, lora_dir,
+                                                        embeddings_dir))
     try:
         if engine is Engine.ray and not dry_run:
             from batchsd.scale.ray_engine import run_ray
@@ -293,13 +304,11 @@ def run(
 def validate(
     manifest: Path = typer.Argument(..., help="Job manifest (.csv, .parquet, .txt or .jsonl)."),
     batch_size: int = typer.Option(4, "--batch-size", "-b", min=1, help="Batch size for the plan shown."),
-    column_map: Optional[str] = typer.Option(None, "--map", metavar="SOURCE=TARGET,...", callback=_column_map,
-                                             help=_MAP_HELP),
-    wildcards: Optional[Path] = typer.Option(None, "--wildcards", metavar="DIR", exists=True, file_okay=False,
-                                             dir_okay=True, help=_WILDCARDS_HELP),
-    prompt_syntax: PromptSyntax = typer.Option(PromptSyntax.plain, "--prompt-syntax", case_sensitive=False,
-                                               help=_SYNTAX_HELP),
-    lora_dir: Optional[Path] = typer.Option(None, "--lora-dir", metavar="DIR", file_okay=False, help=_LORA_DIR_HELP),
+    column_map: Optional[str] = MAP_OPTION,
+    wildcards: Optional[Path] = WILDCARDS_OPTION,
+    prompt_syntax: PromptSyntax = PROMPT_SYNTAX_OPTION,
+    lora_dir: Optional[Path] = LORA_DIR_OPTION,
+    embeddings_dir: Optional[Path] = EMBEDDINGS_DIR_OPTION,
     expanded: Optional[Path] = typer.Option(None, "--expanded", metavar="OUT.parquet",
                                             help="Write the job's rows (after n_images, seed ranges and prompt "
                                                  "templates; defaults resolved) as a Parquet manifest: exactly what "
@@ -319,7 +328,7 @@ def validate(
     from batchsd.job.reader import warning_lines
 
     out = _out_console()
-    m = read_manifest(manifest, _manifest_options(column_map, wildcards, prompt_syntax, lora_dir))
+    m = read_manifest(manifest, _manifest_options(column_map, wildcards, prompt_syntax, lora_dir, embeddings_dir))
     for line in warning_lines(m):
         out.print(line, style="yellow", markup=False)
     if m.problems:

@@ -99,10 +99,13 @@ def resolve_loras(conditioning: list[dict], prompts: list, folder: Path | None) 
 
 
 def generation_fields(conditioning: dict) -> dict:
-    """A row's conditioning as GenerationRow keyword arguments (loras: (path, multiplier) pairs)."""
+    """A row's conditioning as GenerationRow keyword arguments (loras: (path, multiplier) pairs;
+    embeddings: the files' paths, job/embeddings.py)."""
     fields = dict(conditioning)
     if "loras" in fields:
         fields["loras"] = tuple((path, multiplier) for path, multiplier, _ in fields["loras"])
+    if "embeddings" in fields:
+        fields["embeddings"] = tuple(path for path, _, _ in fields["embeddings"])
     return fields
 
 

@@ -68,6 +68,7 @@ import pyarrow.compute as pc
 from batchsd.job.column_map import apply_column_map, lookalike_warnings, normalized
 from batchsd.job.conditioning_columns import (CONDITIONING_COLUMNS, parse_conditioning, plain_syntax_warning,
                                               resolve_loras, syntax_problems)
+from batchsd.job.embeddings import resolve_embeddings
 from batchsd.job.expand import (MAX_N_IMAGES, N_IMAGES, TEMPLATE_COLUMN, SeedRange, compile_templates, expand_rows,
                                 expanded_extras, image_counts, may_hold_templates, needs_expansion,
                                 parse_seed_range)
@@ -616,6 +617,12 @@ def read_manifest(path, options: ManifestOptions | None = None) -> Manifest:
         rows, more = expand_rows(rows, n_per_row, [s is not None for s in seeds], compiled, templates)
         for i, found in more.items():
             bad.setdefault(i, []).extend(found)
+    # textual-inversion names in the final prompts (templates expanded); a data row with a problem is left out
+    rows, named = resolve_embeddings(rows, options.embeddings_dir)
+    for i, found in named.items():
+        bad.setdefault(i, []).extend(ManifestProblem(i + 1, name, why) for name, why in found)
+    rows = [r for r in rows if r.data_row - 1 not in named]
+    if expanding:
         extra_values = expanded_extras(extra_values, rows, with_template=bool(compiled))
         if compiled:
             extra_columns = [TEMPLATE_COLUMN, *extra_columns]

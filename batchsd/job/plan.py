@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from batchsd.job.rows import JobRow
 from batchsd.model import request
@@ -27,8 +28,9 @@ def batch_key(row: JobRow) -> tuple:
         raise ValueError(f"row {row.id!r} has no size yet: call resolve_image_sizes(rows) before planning")
     syntax = row.conditioning.get("prompt_syntax", "plain")
     loras = tuple((path, multiplier) for path, multiplier, _ in row.conditioning.get("loras", ()))
+    vectors = {Path(path).stem: n for path, n, _ in row.conditioning.get("embeddings", ())}
     return request.batch_key(row.width, row.height, row.steps, row.sampler, row.denoise_steps,
-                             request.prompt_chunks(syntax, row.prompt, row.negative_prompt), loras)
+                             request.prompt_chunks(syntax, row.prompt, row.negative_prompt, vectors), loras)
 
 
 

@@ -53,6 +53,9 @@ def a1111_parameters(record: dict, model_name: str, short_hash: str | None) -> s
     if record.get("loras"):   # job/loras.lora_record: name:multiplier:hash12;...
         hashes = ", ".join(f"{e.split(':')[0]}: {e.rsplit(':', 1)[-1]}" for e in record["loras"].split(";"))
         settings.append(f"Lora hashes: {quote(hashes)}")
+    if record.get("embeddings"):   # job/embeddings.embedding_record: name:hash12;...
+        hashes = ", ".join(f"{e.rsplit(':', 1)[0]}: {e.rsplit(':', 1)[-1]}" for e in record["embeddings"].split(";"))
+        settings.append(f"TI hashes: {quote(hashes)}")
     lines.append(", ".join(settings))
     return "\n".join(lines)
 

@@ -183,13 +183,16 @@ class ManifestOptions:
     wildcards: Path | None = None
     prompt_syntax: str = "plain"     # rows without a prompt_syntax cell (--prompt-syntax)
     lora_dir: Path | None = None     # where LoRA names are looked up (--lora-dir; None: loras.DEFAULT_LORA_DIR)
+    # where embedding names are looked up (--embeddings-dir; None: embeddings.DEFAULT_EMBEDDINGS_DIR)
+    embeddings_dir: Path | None = None
     default_size: int | None = None  # unsized text-to-image rows (the model family's; None: request.DEFAULT_SIZE)
 
     def to_json(self) -> dict[str, Any]:
         return {"column_map": [list(pair) for pair in self.column_map],
                 "wildcards": None if self.wildcards is None else str(Path(self.wildcards).resolve()),
                 "prompt_syntax": self.prompt_syntax, "default_size": self.default_size,
-                "lora_dir": None if self.lora_dir is None else str(Path(self.lora_dir).resolve())}
+                "lora_dir": None if self.lora_dir is None else str(Path(self.lora_dir).resolve()),
+                "embeddings_dir": None if self.embeddings_dir is None else str(Path(self.embeddings_dir).resolve())}
 
     @classmethod
     def from_json(cls, data: Any) -> ManifestOptions:
@@ -202,10 +205,12 @@ class ManifestOptions:
         syntax = data.get("prompt_syntax")
         size = data.get("default_size")
         lora_dir = data.get("lora_dir")
+        embeddings_dir = data.get("embeddings_dir")
         return cls(column_map, Path(wildcards) if isinstance(wildcards, str) and wildcards else None,
                    prompt_syntax=syntax if syntax in ("plain", "a1111") else "plain",
                    default_size=size if isinstance(size, int) and not isinstance(size, bool) else None,
-                   lora_dir=Path(lora_dir) if isinstance(lora_dir, str) and lora_dir else None)
+                   lora_dir=Path(lora_dir) if isinstance(lora_dir, str) and lora_dir else None,
+                   embeddings_dir=Path(embeddings_dir) if isinstance(embeddings_dir, str) and embeddings_dir else None)
 
 
 def seed_from_id(row_id: str) -> int:

@@ -47,6 +47,7 @@ RESULT_FIELDS: list[pa.Field] = [
     pa.field("latents_path", pa.string()),                 # relative to --out, with --save-latents
     pa.field("model", pa.string()),
     pa.field("model_sha256", pa.string()),
+    pa.field("embeddings", pa.string()),                  # name:hash12;... the prompts used (job/embeddings.py)
     # what the row's bits depend on besides the row and the model (resume.Numerics)
     pa.field("torch_version", pa.string()),
     pa.field("device_type", pa.string()),                 # "cpu" | "cuda"

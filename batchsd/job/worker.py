@@ -152,7 +152,10 @@ def _error_text(e: BaseException) -> str:
 def record(row: JobRow, numerics=None) -> dict:
     """The row's manifest record, its params_hash and, for a row the model made or tried, the
     numerics (resume.Numerics) it was made with."""
+    from batchsd.job.embeddings import embedding_record
+
     rec = row.to_record()
+    rec["embeddings"] = embedding_record(row.conditioning.get("embeddings"))
     rec["params_hash"] = row.params_hash()
     if numerics is not None:
         rec.update(numerics.columns())

@@ -1,0 +1,96 @@
+"""A row's textual-inversion embeddings: the files in `--embeddings-dir` (default weights/embeddings/)
+whose names its prompt or negative prompt uses, found before any model loads.
+
+As in A1111, every embedding file in the folder (not its subfolders) is active: a prompt names one by
+the file's stem, under either prompt syntax, with model/prompt_syntax.embedding_pattern's rule
+(case-insensitive, no letter right before or after). A row that names some gets, in its conditioning,
+((absolute path, vector count, sha256 of the file), ...) in order of first use: part of its
+params_hash (a changed file makes the row again), the Pipeline's GenerationRow.embeddings, the
+results' `embeddings` column (`name:hash12;...`) and the PNG's `TI hashes` (A1111's: the file's
+sha256, 12 hex digits). A file that cannot be read, or whose name two files share, is a problem of
+each row that names it, with the prompt column and the fix. Whether an embedding fits the model (its
+width, one or two text encoders) is checked when the Pipeline encodes the row: that row fails with
+the reason, the others go on.
+
+The folder is listed without torch; torch is imported only to read the files a row names.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import replace
+from pathlib import Path
+
+from batchsd.job.rows import JobRow
+from batchsd.model.prompt_syntax import embedding_pattern
+
+EMBEDDING_SUFFIXES = (".pt", ".safetensors", ".bin")   # model/embeddings.read_embedding's layouts
+DEFAULT_EMBEDDINGS_DIR = Path("weights") / "embeddings"
+
+
+def embedding_files(folder: Path) -> dict[str, list[Path]]:
+    """The folder's embedding files by stem (a list: two files may share one)."""
+    found: dict[str, list[Path]] = {}
+    if folder.is_dir():
+        for path in sorted(folder.iterdir()):
+            if path.suffix.lower() in EMBEDDING_SUFFIXES and path.is_file():
+                found.setdefault(path.stem, []).append(path.resolve())
+    return found
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resolve_embeddings(rows: list[JobRow], folder: Path | None) -> tuple[list[JobRow], dict[int, list[tuple[str, str]]]]:
+    """(rows with the embeddings they name in their conditioning, {data row index: [(column, message)]}
+    for names that do not resolve)."""
+    folder = Path(folder) if folder is not None else DEFAULT_EMBEDDINGS_DIR
+    files = embedding_files(folder)
+    pattern = embedding_pattern(files)
+    if pattern is None:
+        return rows, {}
+    by_lower = {name.lower(): name for name in files}
+    known: dict[str, tuple[str, int, str] | str] = {}   # name -> (path, vectors, sha256), or the problem
+
+    def entry(name: str) -> tuple[str, int, str] | str:
+        if name not in known:
+            paths = files[name]
+            if len(paths) > 1:
+                known[name] = (f"embedding name {name!r} matches {len(paths)} files in {folder}/ "
+                               f"({', '.join(p.name for p in paths)}): rename one")
+            else:
+                from batchsd.model.embeddings import EmbeddingError, load_embedding   # torch, when named
+
+                try:
+                    known[name] = (str(paths[0]), load_embedding(paths[0]).vectors, _sha256(paths[0]))
+                except EmbeddingError as e:
+                    known[name] = (f"{e}: replace the file, or move it out of {folder}/ (every embedding there "
+                                   "is active)")
+        return known[name]
+
+    out: list[JobRow] = []
+    problems: dict[int, list[tuple[str, str]]] = {}
+    for row in rows:
+        named: dict[str, tuple[str, int, str]] = {}
+        for column, text in (("prompt", row.prompt), ("negative_prompt", row.negative_prompt)):
+            for match in pattern.findall(text):
+                name = by_lower[match.lower()]
+                found = entry(name)
+                if isinstance(found, str):
+                    problems.setdefault(row.data_row - 1, []).append((column, found))
+                else:
+                    named.setdefault(name, found)
+        out.append(replace(row, conditioning={**row.conditioning, "embeddings": tuple(named.values())})
+                   if named else row)
+    return out, problems
+
+
+def embedding_record(entries) -> str | None:
+    """The results' `embeddings` value: `name:hash12` entries joined by ';' (None: no embedding)."""
+    if not entries:
+        return None
+    return ";".join(f"{Path(path).stem}:{sha[:12]}" for path, _, sha in entries)
