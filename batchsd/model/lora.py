@@ -231,12 +231,32 @@ def _fit(layer: LoraLayer, base: tuple[int, ...], like: torch.Tensor) -> _Term |
     return _Term(down.to(**to).contiguous(), up.to(**to).contiguous(), alpha / rank)
 
 
-def _side(x: torch.Tensor, term: _Term, conv: nn.Conv2d | None) -> torch.Tensor:
+def _add_side(output: torch.Tensor, x: torch.Tensor, term: _Term, conv: nn.Conv2d | None) -> torch.Tensor:
+    """output += s * up(down(x)), in place. Where output's memory is rows of channels (a Linear's
+    contiguous [..., O], a conv's channels_last [B, O, H, W]), the up projection and the add are one
+    addmm_ over those rows (one rounding of the sum, no temporary the size of the output)."""
     down, up = term.down.to(x.device, x.dtype), term.up.to(x.device, x.dtype)
+    up2d = up.flatten(1)                                                  # [O, r]
     if conv is None:
-        return F.linear(F.linear(x, down), up)
-    h = F.conv2d(x, down, None, conv.stride, conv.padding, conv.dilation, conv.groups)
-    return F.conv2d(h, up)
+        h = F.linear(x, down)                                             # [..., r]
+        if output.is_contiguous() and output.dtype == h.dtype:
+            output.view(-1, output.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), up2d.t(), alpha=term.scale)
+            return output
+        return output.add_(F.linear(h, up2d), alpha=term.scale)
+    h = F.conv2d(x, down, None, conv.stride, conv.padding, conv.dilation, conv.groups)   # [B, r, H, W]
+    if output.is_contiguous(memory_format=torch.channels_last) and output.dtype == h.dtype and output.ndim == 4:
+        rows = output.permute(0, 2, 3, 1).view(-1, output.shape[1])      # [B*H*W, O], output's memory
+        rows.addmm_(h.permute(0, 2, 3, 1).reshape(-1, h.shape[1]), up2d.t(), alpha=term.scale)
+        return output
+    return output.add_(F.conv2d(h, up), alpha=term.scale)
+
+
+def _combined(terms: list[_Term]) -> list[_Term]:
+    """Several files' terms on one layer as one term of their summed rank (downs stacked, each up times
+    its scale): the same sum, in one down and one up projection per call."""
+    if len(terms) < 2:
+        return terms
+    return [_Term(torch.cat([t.down for t in terms]), torch.cat([t.up * t.scale for t in terms], dim=1), 1.0)]
 
 
 def _weight_delta(terms: list[_Term], shape: torch.Size) -> torch.Tensor:
@@ -273,7 +293,7 @@ def _output_hook(terms: list[_Term], conv: nn.Conv2d | None):
     """Forward hook of the adapted module: out += s * up(down(x))."""
     def hook(module, args, output):
         for t in terms:
-            output = output.add_(_side(args[0], t, conv), alpha=t.scale)
+            output = _add_side(output, args[0], t, conv)
         return output
     return hook
 
@@ -285,7 +305,7 @@ def _upsample_hook(terms: list[_Term], conv: nn.Conv2d):
         size = args[1] if len(args) > 1 else kwargs.get("size")
         x = F.interpolate(args[0], size=size, scale_factor=None if size else 2.0, mode="nearest")
         for t in terms:
-            output = output.add_(_side(x, t, conv), alpha=t.scale)
+            output = _add_side(output, x, t, conv)
         return output
     return hook
 
@@ -395,6 +415,7 @@ def apply_loras(model: nn.Module, adapters: Sequence[tuple[LoraFile | str | Path
                 swaps.setdefault(target.owner, []).append((param, delta, slice(block * rows, (block + 1) * rows)))
                 continue
             module = resolver.modules[target.module]
+            terms = _combined(terms)
             parent_path, _, name = target.module.rpartition(".")
             parent = resolver.modules[parent_path]
             conv = module if isinstance(module, nn.Conv2d) else None
