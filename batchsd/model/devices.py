@@ -47,14 +47,39 @@ def resolve_device(name: str = "auto") -> torch.device:
 class CpuKind:
     capability: str   # torch.backends.cpu.get_cpu_capability(): "AVX512", "AVX2", "DEFAULT", ...
     amx: bool         # AMX tiles usable (torch.cpu._is_amx_tile_supported())
+    # the processor, "<vendor> family <f> model <m> (<model name>)" (cpu_model): CPUs with the same ISA
+    # flags differ in speed (docs/performance.md, "Speed choices per CPU kind"); recorded, so that
+    # figures and choices can be told apart by machine
+    model: str = ""
 
     def __str__(self) -> str:
-        return f"{self.capability}, AMX {'yes' if self.amx else 'no'}"
+        return f"{self.capability}, AMX {'yes' if self.amx else 'no'}" + (f", {self.model}" if self.model else "")
+
+
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The processor as /proc/cpuinfo names it (Linux; elsewhere platform.processor())."""
+    fields: dict[str, str] = {}
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if not line.strip():
+                    break                                  # the first processor's block is enough
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        import platform
+
+        return platform.processor()
+    name = fields.get("model name", "")
+    if "vendor_id" not in fields:
+        return name
+    return f"{fields['vendor_id']} family {fields.get('cpu family', '?')} model {fields.get('model', '?')}" + \
+        (f" ({name})" if name else "")
 
 
 def cpu_kind() -> CpuKind:
     amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return CpuKind(torch.backends.cpu.get_cpu_capability(), bool(amx))
+    return CpuKind(torch.backends.cpu.get_cpu_capability(), bool(amx), cpu_model())
 
 
 def default_winograd(device: torch.device, dtype: torch.dtype, kind: CpuKind | None = None) -> bool:

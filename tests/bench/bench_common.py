@@ -191,8 +191,10 @@ def cpu_description() -> str:
     (bf16 matmuls are several times faster than fp32 with AMX, and no faster without it)."""
     amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
     bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    from batchsd.model.devices import cpu_model
+
     return f"CPU capability {torch.backends.cpu.get_cpu_capability()}, AMX {'yes' if amx else 'no'}, " \
-           f"avx512-bf16 {'yes' if bf16 else 'no'}, {os.cpu_count()} cores"
+           f"avx512-bf16 {'yes' if bf16 else 'no'}, {os.cpu_count()} cores, {cpu_model()}"
 
 
 # ---------------------------------------------------------------- measuring

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -32,16 +31,6 @@ from pathlib import Path
 import torch
 
 from bench_common import cpu_description, git_state, random_checkpoint
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def rows_for(batch: int, size: int, steps: int, tag: str):
@@ -115,7 +104,7 @@ def main() -> None:
         return kinds_child(args.kinds_child, args.size, args.steps, args.dtypes)
 
     batches = [int(b) for b in args.batches.split(",")]
-    print(f"# {cpu_model()}; {cpu_description()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+    print(f"# {cpu_description()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"load average {os.getloadavg()[0]:.1f}; {git_state()}")
     if args.cpu_kinds:
         print(f"# {args.size}x{args.size}, {args.steps} steps, cfg 7.5, euler_a, 2 rows, exact mode, as this CPU "

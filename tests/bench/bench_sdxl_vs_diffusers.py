@@ -62,6 +62,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PROMPT = "a photograph of an astronaut riding a horse, detailed, 8k"
 # what a child holds at its peak, GiB (bf16; fp32 twice): a child starts when the machine has it free
 CHILD_NEEDS_GIB = {"unet": 9, "startup": 11}
+WINOGRAD = {"auto": None, "on": True, "off": False}   # --winograd: Pipeline.load's winograd argument
 
 
 def model_paths() -> tuple[Path, Path]:
@@ -99,7 +100,8 @@ def sdxl_unet_tflop(size: int) -> float:
 
 # ---------------------------------------------------------------- 1. UNet step, one side per process
 @torch.inference_mode()
-def unet_child(side: str, dtype_name: str, sizes: list[int], threads: int, layout: str, exact: str) -> None:
+def unet_child(side: str, dtype_name: str, sizes: list[int], threads: int, layout: str, exact: str,
+               winograd: str = "auto") -> None:
     """Load one side's UNet, one untimed step at sizes[0], then one timed step at each size: prints
     CHILD {"steps": [{size, wall_s, cpu_s}], load_s, peak_rss_gib}. batchsd's steps run under
     exact_numerics as Pipeline.generate runs them (exact mode, the CPU default) unless exact is "off"."""
@@ -113,7 +115,7 @@ def unet_child(side: str, dtype_name: str, sizes: list[int], threads: int, layou
         tune_cpu_allocator()
         from batchsd.model.fast.exact import exact_numerics
 
-        pipe = bc.load_batchsd(path, dtype_name)
+        pipe = bc.load_batchsd(path, dtype_name, winograd=WINOGRAD[winograd])
         memory_format = pipe.memory_format
 
         def step(x, t, ctx, y):
@@ -149,13 +151,15 @@ def unet_child(side: str, dtype_name: str, sizes: list[int], threads: int, layou
     print("CHILD " + json.dumps(dict(side=side, steps=steps, load_s=load_s, peak_rss_gib=bc.peak_rss_gib(own=True))))
 
 
-def bench_unet(dtype_name: str, sizes: list[int], rounds: int, threads: int, layout: str, exact: str) -> list[dict]:
+def bench_unet(dtype_name: str, sizes: list[int], rounds: int, threads: int, layout: str, exact: str,
+               winograd: str = "auto") -> list[dict]:
     out = []
     for rnd in range(rounds):
         for side in ("batchsd", "diffusers", "diffusers", "batchsd"):
             wait_for_memory(CHILD_NEEDS_GIB["unet"] * (2 if dtype_name == "fp32" else 1), "UNet child")
             rec = bc.run_child(__file__, "--child", "unet", "--side", side, "--dtype", dtype_name, "--sizes",
                                ",".join(map(str, sizes)), "--threads", str(threads), "--diffusers-layout", layout, "--batchsd-exact", exact,
+                               "--winograd", winograd,
                                what=f"{side} UNet child")
             for s in rec["steps"]:
                 out.append(dict(s, side=side, dtype=dtype_name, round=rnd))
@@ -243,7 +247,7 @@ def report(res: dict) -> str:
     out = [f"date {res['date']}, torch {res['torch']}, diffusers {res['diffusers']}, threads {res['threads']}, "
            f"load average at start {res['loadavg']}, at end {res.get('loadavg_end', '?')}, code {res['git']}, "
            f"command `{res['command']}`",
-           f"{res['cpu']}; CPU kind: {res['cpu_model']}; AMX (torch.cpu._is_amx_tile_supported()): {res['amx']}",
+           f"{res['cpu']}; AMX (torch.cpu._is_amx_tile_supported()): {res['amx']}",
            f"matmul roof (torch.mm 4096^2, best of 3): fp32 {res['roof']['fp32']:.3f} TFLOP/s, "
            f"bf16 {res['roof']['bf16']:.3f} TFLOP/s"]
     if res.get("unet"):
@@ -261,7 +265,7 @@ def report(res: dict) -> str:
                              f"{flop / min(r['wall_s'] for r in b):.3f}", f"{flop / min(r['wall_s'] for r in d):.3f}",
                              ", ".join(f"{r['side'][0]} {r['wall_s']:.0f}" for r in mine), len(b)])
         out += ["", f"UNet forward on a CFG pair (batch 2) = one image-step; batchsd as it samples (exact_numerics: "
-                f"{res.get('batchsd_exact', 'off')}), diffusers "
+                f"{res.get('batchsd_exact', 'off')}, --winograd {res.get('winograd', 'auto')}), diffusers "
                 f"{res['diffusers_layout']}; one process per side, ABBA per round, medians of each side's timed "
                 f"steps. Seconds: wall / process CPU. Speed-up = diffusers / batchsd (above 1: batchsd faster). "
                 f"TFLOP/s from the min wall and the counted FLOPs "
@@ -316,6 +320,8 @@ def main() -> None:
     ap.add_argument("--batchsd-exact", choices=["shipped", "off"], default="shipped",
                     help="batchsd's UNet step under exact_numerics as Pipeline.generate runs it (shipped: exact mode "
                          "is the CPU default), or outside it (off)")
+    ap.add_argument("--winograd", choices=list(WINOGRAD), default="auto",
+                    help="batchsd's Winograd rule for the UNet figure (auto: devices.default_winograd)")
     ap.add_argument("--startup-size", type=int, default=512)
     ap.add_argument("--startup-steps", type=int, default=2)
     ap.add_argument("--startup-reps", type=int, default=1, help="start-up runs per side (alternating)")
@@ -328,32 +334,30 @@ def main() -> None:
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     if args.child == "unet":
-        return unet_child(args.side, args.dtype, sizes, args.threads, args.diffusers_layout, args.batchsd_exact)
+        return unet_child(args.side, args.dtype, sizes, args.threads, args.diffusers_layout, args.batchsd_exact,
+                          args.winograd)
     if args.child == "startup":
         return startup_child(args.side, args.dtype, args.startup_size, args.startup_steps, args.threads, args.e2e_rows)
-
-    import platform
 
     import diffusers
 
     torch.set_num_threads(args.threads)
-    cpu_model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                      if ln.startswith("model name")), platform.processor() or "unknown")
     res = dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), torch=torch.__version__,
-               diffusers=diffusers.__version__, threads=args.threads, cpu=bc.cpu_description(), cpu_model=cpu_model,
+               diffusers=diffusers.__version__, threads=args.threads, cpu=bc.cpu_description(),
                amx=bool(torch.cpu._is_amx_tile_supported()), loadavg=loadavg(), git=bc.git_state(),
                command="python tests/bench/" + " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-               diffusers_layout=args.diffusers_layout, batchsd_exact=args.batchsd_exact)
+               diffusers_layout=args.diffusers_layout, batchsd_exact=args.batchsd_exact, winograd=args.winograd)
     model_paths()
     res["roof"] = {"fp32": bc.matmul_roof(torch.float32), "bf16": bc.matmul_roof(torch.bfloat16)}
-    log(f"{res['cpu']}, {cpu_model}, AMX {res['amx']}, load average {res['loadavg']}, roof {res['roof']}")
+    log(f"{res['cpu']}, load average {res['loadavg']}, roof {res['roof']}")
     only = set(args.only.split(","))
     if "startup" in only:
         res["startup"] = bench_startup(args.dtype, args.startup_size, args.startup_steps, args.threads, args.startup_reps,
                                        args.e2e_rows)
     if "unet" in only:
         res["tflop"] = {str(s): sdxl_unet_tflop(s) for s in sizes}
-        res["unet"] = bench_unet(args.dtype, sizes, args.rounds, args.threads, args.diffusers_layout, args.batchsd_exact)
+        res["unet"] = bench_unet(args.dtype, sizes, args.rounds, args.threads, args.diffusers_layout, args.batchsd_exact,
+                                 args.winograd)
     res["loadavg_end"] = loadavg()
     res["total_s"] = time.perf_counter() - T_PROCESS
     if args.json:

@@ -146,6 +146,17 @@ def test_pipeline_with_winograd_matches_without():
     assert np.abs(np.asarray(out.images[0], np.int16) - np.asarray(ref.images[0], np.int16)).max() <= 1
 
 
+def test_cpu_kind_names_the_processor(tmp_path):
+    """The recorded kind says which processor made a run (same flags, other speeds: docs/performance.md)."""
+    from batchsd.model.devices import CpuKind, cpu_model
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+                    "model name\t: AMD EPYC\n\nprocessor\t: 1\nvendor_id\t: OtherVendor\n")
+    assert cpu_model(str(info)) == "AuthenticAMD family 26 model 2 (AMD EPYC)"
+    assert str(CpuKind("AVX512", False, cpu_model(str(info)))) == "AVX512, AMX no, AuthenticAMD family 26 model 2 (AMD EPYC)"
+
+
 def test_auto_winograd_is_keyed_on_the_cpu_kind(monkeypatch):
     """--winograd auto: on for 16-bit dtypes on CPUs without AMX, off with AMX and for fp32 (devices.py's
     table); the Pipeline asks the CPU, never a timing."""
