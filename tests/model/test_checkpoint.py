@@ -21,13 +21,7 @@ from ref_checkpoint import (SD15_KEYS, compose_original, extra_tensors, random_s
                             write_diffusers_folder, write_original_checkpoint)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a shared, busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_components(cfg: SDConfig, seed: int) -> dict[str, dict[str, torch.Tensor]]:

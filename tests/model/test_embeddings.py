@@ -45,12 +45,7 @@ PROMPTS = ["a photo of mystyle, a catdoll on a table in zz-texture style",
 PART_OF_A_WORD = "catdolls and xmystyle are not names here"   # A1111's rule; diffusers matches substrings
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_sd1_embeddings(folder: Path, width: int) -> dict[str, Path]:

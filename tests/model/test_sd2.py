@@ -61,11 +61,9 @@ FIGURES: list[str] = []   # parity figures, printed at the end of the module (py
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # tiny ops: more threads only contend on a shared machine
+def figures(one_thread):
+    """The module's parity figures, printed after its tests (pytest -s shows them)."""
     yield
-    torch.set_num_threads(threads)
     if FIGURES:
         print("\n" + "\n".join(FIGURES))
 

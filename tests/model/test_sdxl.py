@@ -43,11 +43,9 @@ FIGURES: list[str] = []
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def figures(one_thread):
+    """The module's parity figures, printed after its tests (pytest -s shows them)."""
     yield
-    torch.set_num_threads(threads)
     if FIGURES:
         print("\n" + "\n".join(FIGURES))
 
