@@ -32,7 +32,7 @@ from batchsd.job.reader import read_job, warning_lines
 from batchsd.job.resume import ModelIdentity, Numerics
 from batchsd.job.session import RunSession
 from batchsd.job.signals import StopRequested
-from batchsd.job.worker import Worker, batch_size_for, failed_rows
+from batchsd.job.worker import Worker, batch_size_for, failed_rows, speed_choices
 
 
 def run(opts: RunOptions, console: Console | None = None, *, rich_bar: bool | None = None,
@@ -127,8 +127,7 @@ def _make_rows(session: RunSession, pipe, rich_bar: bool | None) -> RunSummary:
             reader.shutdown(wait=True, cancel_futures=True)
             writer.close()
         session.summary.compile_s = sum(getattr(pipe.unet, "compile_seconds", {}).values())
-        session.summary.winograd = bool(getattr(pipe, "winograd", False))
-        kind = getattr(pipe, "cpu_kind", None)
-        session.summary.cpu = None if kind is None else str(kind)
+        choices = speed_choices(pipe)
+        session.summary.winograd, session.summary.cpu = choices["winograd"], choices["cpu"]
         session.summary.images_dir = session.job.layout.output_dir(opts.output.format)
         return session.finish(stop.signal_name)

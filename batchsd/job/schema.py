@@ -53,6 +53,10 @@ RESULT_FIELDS: list[pa.Field] = [
     pa.field("device_type", pa.string()),                 # "cpu" | "cuda"
     pa.field("dtype", pa.string()),                       # "float32" | "bfloat16" | "float16"
     pa.field("exact", pa.bool_()),                        # exact mode (model/fast/exact.py)
+    # the CPU speed choices the row was made with (worker.speed_choices; not compared by resume: the
+    # CPU's own kernels differ by machine too, docs/reproducibility.md)
+    pa.field("cpu", pa.string()),                         # devices.CpuKind; null on CUDA
+    pa.field("winograd", pa.bool_()),                     # the wide 3x3 convolutions ran as Winograd
     pa.field("elapsed_s", pa.float64()),
     pa.field("finished_at", pa.timestamp("us", tz="UTC")),
     pa.field("params_hash", pa.string()),

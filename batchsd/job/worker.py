@@ -76,6 +76,7 @@ class Worker:
         from batchsd.job.resume import Numerics
 
         self.numerics = Numerics.of(self.pipe)
+        self.choices = speed_choices(self.pipe)
 
     def run_rows(self, rows: list[JobRow], images: dict[str, object]) -> None:
         """Generate `rows` (one batch key) in chunks of at most self.batch_size."""
@@ -103,7 +104,7 @@ class Worker:
             if is_out_of_memory(e):
                 self._free_memory()
                 if len(chunk) == 1:
-                    self.emit(BatchResult(records=[record(chunk[0], self.numerics)], images=[None],
+                    self.emit(BatchResult(records=[record(chunk[0], self.numerics, self.choices)], images=[None],
                                           errors=[f"out of memory at batch size 1 ({_first_line(e)}); "
                                                   "use a smaller size, --low-memory or --dtype fp16"]))
                     return
@@ -116,13 +117,13 @@ class Worker:
                 for r in chunk:
                     self._run_chunk([r], images)
                 return
-            self.emit(BatchResult(records=[record(chunk[0], self.numerics)], images=[None],
+            self.emit(BatchResult(records=[record(chunk[0], self.numerics, self.choices)], images=[None],
                                   errors=[_error_text(e)]))
             return
         elapsed = time.perf_counter() - t0
         latents = out.latents.float()
         finite = latents.flatten(1).isfinite().all(dim=1).tolist()   # per row: rows never mix in a batch
-        self.emit(BatchResult(records=[record(r, self.numerics) for r in chunk],
+        self.emit(BatchResult(records=[record(r, self.numerics, self.choices) for r in chunk],
                               images=[im if ok else None for im, ok in zip(out.images, finite)],
                               latents=latents.numpy(), errors=[None if ok else NON_FINITE for ok in finite],
                               elapsed_s=elapsed, truncated=list(getattr(out, "prompt_truncated", []) or [])))
@@ -149,7 +150,14 @@ def _error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {_first_line(e)}"
 
 
-def record(row: JobRow, numerics=None) -> dict:
+def speed_choices(pipe) -> dict:
+    """The results' `cpu` and `winograd`: the CPU kind the speed choices were keyed on (devices.cpu_kind;
+    None off the CPU) and whether Winograd ran."""
+    kind = getattr(pipe, "cpu_kind", None)
+    return {"cpu": None if kind is None else str(kind), "winograd": bool(getattr(pipe, "winograd", False))}
+
+
+def record(row: JobRow, numerics=None, choices: dict | None = None) -> dict:
     """The row's manifest record, its params_hash and, for a row the model made or tried, the
     numerics (resume.Numerics) it was made with."""
     from batchsd.job.embeddings import embedding_record
@@ -159,6 +167,8 @@ def record(row: JobRow, numerics=None) -> dict:
     rec["params_hash"] = row.params_hash()
     if numerics is not None:
         rec.update(numerics.columns())
+    if choices is not None:
+        rec.update(choices)
     return rec
 
 

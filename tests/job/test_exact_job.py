@@ -191,6 +191,10 @@ def test_numerics_recorded_and_a_change_remakes_rows(tmp_path):
         assert (source["torch_version"], source["device_type"], source["dtype"], bool(source["exact"])) == \
             (torch.__version__, "cpu", "float32", True)
     assert ok["exact"].all()
+    # the speed choices, per row: the CPU kind (with the processor) and Winograd (off: fp32)
+    from batchsd.model.devices import cpu_kind
+    assert (ok["cpu"] == str(cpu_kind())).all() and not ok["winograd"].any()
+    assert pd.isna(table.loc["bad", "cpu"])     # it failed before the model (as its numerics: none)
     made_exact = dict(ok["finished_at"])
 
     output, table, meta = run()                                   # nothing changed: nothing made
