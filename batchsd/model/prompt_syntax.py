@@ -30,6 +30,7 @@ rows of one batch share their context length).
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
@@ -258,8 +259,14 @@ def fragment_tokenizer(embeddings: Mapping[str, int] | None = None, pad_token: s
 
 def chunk_count(text: str, embeddings: Mapping[str, int] | None = None) -> int:
     """How many 77-id chunks `text` takes under A1111 syntax, with `embeddings` (name -> vector
-    count) named in it (loads the tokenizer)."""
-    return len(chunk_prompt(text, fragment_tokenizer(embeddings)))
+    count) named in it (loads the tokenizer). Kept per (text, embeddings): the planner and the
+    Pipeline ask for every row, and negative prompts repeat."""
+    return _chunk_count(text, tuple(sorted((embeddings or {}).items())))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _chunk_count(text: str, embeddings: tuple[tuple[str, int], ...]) -> int:
+    return len(chunk_prompt(text, fragment_tokenizer(dict(embeddings))))
 
 
 # A1111's extra-network tags: <lora:name>, <lora:name:multiplier> (read by the job: job/loras.py);
