@@ -68,6 +68,7 @@ class PriorRecord:
     device_type: str | None = None
     dtype: str | None = None
     exact: bool | None = None
+    prediction_type: str | None = None   # None: not recorded (a row from before it was)
 
 
 @dataclass(frozen=True)

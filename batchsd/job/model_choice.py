@@ -93,7 +93,7 @@ def with_model_default_size(opts, model: str | None = None, pipe=None):
 def model_identity(model: str, prediction_type: str | None = None) -> ModelIdentity:
     """The identity Pipeline.load(model) will report, read from the file (no weights loaded)."""
     if model == TINY:
-        return ModelIdentity(TINY_MODEL_NAME, None)
+        return ModelIdentity(TINY_MODEL_NAME, None, prediction_type or "epsilon")
     from batchsd.model.checkpoint import inspect_checkpoint
 
     path = Path(model)
@@ -103,4 +103,4 @@ def model_identity(model: str, prediction_type: str | None = None) -> ModelIdent
         raise UsageError(str(e)) from None
     if report.get("loadable") is False:
         raise UsageError(f"model {model} cannot be loaded: {report.get('error')}")
-    return ModelIdentity(path.stem if path.is_file() else path.name, report["sha256"])
+    return ModelIdentity(path.stem if path.is_file() else path.name, report["sha256"], report.get("prediction_type"))

@@ -42,6 +42,9 @@ class ModelIdentity:
     """What resume compares: a checkpoint by its sha256; the tiny random model (no file) by name."""
     name: str
     sha256: str | None
+    # how it is read ("epsilon" | "v_prediction": the file's, its yaml's or --prediction-type); compared
+    # as part of the Numerics, here so that a driver can plan them before loading (model_choice)
+    prediction_type: str | None = None
 
     def made(self, rec: PriorRecord) -> bool:
         if self.sha256:
@@ -58,18 +61,24 @@ class Numerics:
     device_type: str        # "cpu" | "cuda": not the CPU or GPU model, whose kernels also differ
     dtype: str              # "float32" | "bfloat16" | "float16"
     exact: bool
+    # the model's prediction type as this run reads it: a single SD 2.x file says none, so its yaml or
+    # --prediction-type decides, and another choice makes other images from the same file
+    prediction_type: str | None = None
 
     @classmethod
     def of(cls, pipe) -> "Numerics":
         """Those of a loaded Pipeline, in this process's torch."""
         import torch
 
-        return cls(torch.__version__, pipe.device.type, str(pipe.dtype).removeprefix("torch."), bool(pipe.exact))
+        return cls(torch.__version__, pipe.device.type, str(pipe.dtype).removeprefix("torch."), bool(pipe.exact),
+                   pipe.family.scheduler.prediction_type)
 
     @classmethod
-    def planned(cls, device_type: str, dtype: str, exact: bool | None, compile: str | None = None) -> "Numerics":
-        """Those a Pipeline.load(device=<device_type>, dtype=dtype, exact=exact, compile=compile) in this
-        environment will have (the Ray driver plans with them before its actors load)."""
+    def planned(cls, device_type: str, dtype: str, exact: bool | None, compile: str | None = None,
+                prediction_type: str | None = None) -> "Numerics":
+        """Those a Pipeline.load(device=<device_type>, dtype=dtype, exact=exact, compile=compile) of a
+        model read with `prediction_type` in this environment will have (the Ray driver plans with
+        them before its actors load)."""
         import torch
 
         from batchsd.model.devices import resolve_dtype
@@ -77,22 +86,26 @@ class Numerics:
 
         dt = resolve_dtype(dtype, torch.device(device_type))
         return cls(torch.__version__, device_type, str(dt).removeprefix("torch."),
-                   resolve_exact(exact, device_type, compile))
+                   resolve_exact(exact, device_type, compile), prediction_type)
 
     def columns(self) -> dict:
         return {"torch_version": self.torch_version, "device_type": self.device_type, "dtype": self.dtype,
-                "exact": self.exact}
+                "exact": self.exact, "prediction_type": self.prediction_type}
 
     def made(self, rec: PriorRecord) -> bool:
-        """Whether `rec` was made with these numerics; a record that carries none is not compared."""
+        """Whether `rec` was made with these numerics; a record that carries none is not compared, nor
+        a prediction type that one does not carry (rows from before it was recorded)."""
         if rec.torch_version is None:
             return True
+        if None not in (rec.prediction_type, self.prediction_type) and rec.prediction_type != self.prediction_type:
+            return False
         return (rec.torch_version, rec.device_type, rec.dtype, rec.exact) == \
             (self.torch_version, self.device_type, self.dtype, self.exact)
 
     def __str__(self) -> str:
         return (f"torch {self.torch_version}, {self.device_type}, {self.dtype}, "
-                f"exact mode {'on' if self.exact else 'off'}")
+                f"exact mode {'on' if self.exact else 'off'}"
+                + (f", {self.prediction_type}" if self.prediction_type else ""))
 
 
 SCAN_ENTRIES_PER_NAME = 4    # resume lists a folder rather than stat its files, up to this many entries per file

@@ -53,6 +53,7 @@ RESULT_FIELDS: list[pa.Field] = [
     pa.field("device_type", pa.string()),                 # "cpu" | "cuda"
     pa.field("dtype", pa.string()),                       # "float32" | "bfloat16" | "float16"
     pa.field("exact", pa.bool_()),                        # exact mode (model/fast/exact.py)
+    pa.field("prediction_type", pa.string()),             # how the model was read: "epsilon" | "v_prediction"
     # the CPU speed choices the row was made with (worker.speed_choices; not compared by resume: the
     # CPU's own kernels differ by machine too, docs/reproducibility.md)
     pa.field("cpu", pa.string()),                         # devices.CpuKind; null on CUDA
@@ -63,7 +64,7 @@ RESULT_FIELDS: list[pa.Field] = [
     pa.field("prompt_truncated", pa.bool_()),             # prompt or negative prompt cut at 77 tokens
 ]
 RESULT_NAMES = [f.name for f in RESULT_FIELDS]
-NUMERICS_COLUMNS = ["torch_version", "device_type", "dtype", "exact"]
+NUMERICS_COLUMNS = ["torch_version", "device_type", "dtype", "exact", "prediction_type"]
 RESUME_COLUMNS = ["id", "status", "image_path", "latents_path", "model", "model_sha256", "params_hash", "finished_at",
                   *NUMERICS_COLUMNS]
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -37,7 +37,7 @@ from batchsd.errors import InputError
 from batchsd.model import samplers
 from batchsd.model.config import TINY, TINY_MODEL, TINY_MODEL_NAME
 from batchsd.model.devices import cpu_kind, default_winograd, resolve_device, resolve_dtype
-from batchsd.model.family import SD1, ModelFamily, TextConditioning
+from batchsd.model.family import SD1, ModelFamily, TextConditioning, check_prediction_type
 from batchsd.model.fast.compiled_unet import CompiledUNet
 from batchsd.model.fast.exact import exact_numerics, resolve_exact, rowwise_guided_eps
 from batchsd.model.fast.host_copy import host_array, to_host
@@ -142,8 +142,10 @@ class Pipeline:
         dt = resolve_dtype(dtype, dev)
         exact = resolve_exact(exact, dev.type, compile)     # its InputError before the weights are read
         if str(model) == TINY_MODEL:
+            family = SD1 if prediction_type is None else replace(
+                SD1, scheduler=replace(SD1.scheduler, prediction_type=check_prediction_type(prediction_type)))
             return cls(SD1.model_class.random(TINY, seed=0), dev, dt, name=TINY_MODEL_NAME,
-                       low_memory=low_memory, compile=compile, winograd=winograd, family=SD1, exact=exact)
+                       low_memory=low_memory, compile=compile, winograd=winograd, family=family, exact=exact)
         from batchsd.model.checkpoint import load_model
 
         # convolution weights land in channels_last, the layout Pipeline keeps them in (no second copy)

@@ -200,7 +200,8 @@ def run_ray(opts: RunOptions, *, workers: int = 1, console: Console | None = Non
                 raise UsageError(f"--device {opts.device}: the Ray cluster has no GPUs; use --device cpu or auto")
             # the numerics the actors' pipelines will have (each actor checks its own against them)
             try:
-                numerics = Numerics.planned("cuda" if use_gpu else "cpu", opts.dtype, opts.exact, opts.compile)
+                numerics = Numerics.planned("cuda" if use_gpu else "cpu", opts.dtype, opts.exact, opts.compile,
+                                            identity.prediction_type)
             except InputError as e:
                 raise UsageError(str(e)) from None
             session.start(identity, numerics)

@@ -210,13 +210,20 @@ def test_numerics_recorded_and_a_change_remakes_rows(tmp_path):
     output, table, meta = run("--dtype", "bf16", "--no-exact")    # another dtype: again
     assert f"{len(OK_IDS)} to make" in output
     assert set(table.loc[OK_IDS, "dtype"]) == {"bfloat16"} and meta["dtype"] == "bfloat16"
+    assert set(table.loc[OK_IDS, "prediction_type"]) == {"epsilon"} and meta["prediction_type"] == "epsilon"
+    # the same file read with another prediction type makes other images: again
+    output, table, meta = run("--dtype", "bf16", "--no-exact", "--prediction-type", "v_prediction")
+    assert f"{len(OK_IDS)} to make" in output
+    assert set(table.loc[OK_IDS, "prediction_type"]) == {"v_prediction"} and meta["prediction_type"] == "v_prediction"
+    output, _, _ = run("--dtype", "bf16", "--no-exact", "--prediction-type", "v_prediction")
+    assert "0 to make" in output
 
 
 def test_row_states_compare_numerics_as_they_compare_models(tmp_path):
     row = JobRow(0, "a", "p", "", 1, 2, 7.5, "euler", 64, 64, None, None, {})
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "a.png").write_bytes(b"x")
-    now = Numerics("2.13.0+cpu", "cpu", "float32", True)
+    now = Numerics("2.13.0+cpu", "cpu", "float32", True, "epsilon")
 
     def state(numerics, **made_with):
         rec = dict(status="ok", image_path="images/a.png", latents_path=None, model="m", model_sha256=None,
@@ -226,7 +233,8 @@ def test_row_states_compare_numerics_as_they_compare_models(tmp_path):
     same = now.columns()
     assert state(now, **same) == DONE
     for column, other in (("torch_version", "2.14.0+cpu"), ("device_type", "cuda"), ("dtype", "bfloat16"),
-                          ("exact", False)):
+                          ("exact", False), ("prediction_type", "v_prediction")):
         assert state(now, **{**same, column: other}) == MAKE, column
+    assert state(now, **{**same, "prediction_type": None}) == DONE   # a row from before it was recorded
     assert state(None, **{**same, "exact": False}) == DONE     # numerics not known (status, dry run)
     assert state(now) == DONE                                  # a record that carries none
