@@ -57,6 +57,16 @@ def test_manifest_finds_named_embeddings(tmp_path):
     assert other["plain"].params_hash() == rows["plain"].params_hash()
 
 
+def test_a_name_two_files_share_is_a_problem_of_the_rows_naming_it(tmp_path):
+    folder = write_embeddings(tmp_path / "emb")
+    torch.save({"string_to_param": {"*": torch.zeros(1, TINY.clip.width)}}, folder / "mystyle.pt")
+    (tmp_path / "m.csv").write_text("id,prompt,negative_prompt\na,a cat,mystyle\nb,a catdoll,\n")
+    m = read_manifest(tmp_path / "m.csv", ManifestOptions(embeddings_dir=folder))
+    assert [(p.row, p.column) for p in m.problems] == [(1, "negative_prompt")]
+    assert "matches 2 files" in m.problems[0].message and "rename one" in m.problems[0].message
+    assert [r.id for r in m.rows] == ["b"]
+
+
 def test_changed_file_changes_the_rows_hash(tmp_path):
     folder = write_embeddings(tmp_path / "emb")
     (tmp_path / "m.csv").write_text("id,prompt\na,a mystyle cat\nb,a cat\n")
