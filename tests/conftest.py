@@ -14,6 +14,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "tools"))  # tokenizer_
 collect_ignore = ["bench", "tools"]  # benchmarks, not tests: run them as scripts (tests/bench/README.md, docs/performance.md)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_hash_cache(tmp_path_factory):
+    """The checkpoint hash cache (batchsd/model/hash_cache.py) in a folder of this test session, not the
+    user's ~/.cache (subprocesses inherit it)."""
+    import os
+
+    from batchsd.model.hash_cache import CACHE_ENV
+
+    old = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("hash-cache"))
+    yield
+    if old is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = old
+
+
 @pytest.fixture(scope="module")
 def tiny_pipe():
     # One intra-op thread: the tiny model's ops are too small to gain from more, and on a shared

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -37,6 +36,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from batchsd.errors import CheckpointError
+from batchsd.model import hash_cache
 from batchsd.model.checkpoint_files import SourceTensor, materialize, open_checkpoint
 from batchsd.model.config import SDConfig
 from batchsd.model.family import (SD1, SUPPORTED, AmbiguousPredictionType, CheckpointHints, ModelFamily,
@@ -163,22 +163,27 @@ def check_keys(tensors: Mapping[str, SourceTensor], cfg: SDConfig | None,
 
 # ----------------------------------------------------------------------------- hashing
 
-_hash_cache: dict[tuple, str] = {}
+_hash_cache: dict[str, str] = {}
 
 
 def checkpoint_sha256(files: list[Path]) -> str:
-    """sha256 of the files' bytes in the given order, streamed; cached per (path, size, mtime)."""
-    stamp = tuple((os.path.realpath(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
-    if stamp not in _hash_cache:
-        digest = hashlib.sha256()
-        buffer = bytearray(8 << 20)
-        view = memoryview(buffer)
-        for f in files:
-            with open(f, "rb", buffering=0) as fh:
-                while n := fh.readinto(buffer):
-                    digest.update(view[:n])
-        _hash_cache[stamp] = digest.hexdigest()
-    return _hash_cache[stamp]
+    """sha256 of the files' bytes in the given order, streamed; kept per version of the files in this
+    process and across processes (hash_cache.py: a checkpoint is hashed once per version, not per run)."""
+    key = hash_cache.stamp(files)
+    if key not in _hash_cache:
+        value = hash_cache.lookup(key)
+        if value is None:
+            digest = hashlib.sha256()
+            buffer = bytearray(8 << 20)
+            view = memoryview(buffer)
+            for f in files:
+                with open(f, "rb", buffering=0) as fh:
+                    while n := fh.readinto(buffer):
+                        digest.update(view[:n])
+            value = digest.hexdigest()
+            hash_cache.store(key, value)
+        _hash_cache[key] = value
+    return _hash_cache[key]
 
 
 # ----------------------------------------------------------------------------- public API

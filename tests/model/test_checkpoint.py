@@ -279,6 +279,42 @@ def test_sha256_of_file(tmp_path):
     assert inspect_checkpoint(tmp_path / "h.safetensors")["short_hash"] == info.short_hash
 
 
+def test_hash_cache_across_processes(tmp_path, monkeypatch):
+    """A checkpoint is hashed once per version (model/hash_cache.py): the value kept under the files'
+    stamp is what other processes get; rewriting the file (same size, its modification time put back)
+    changes the stamp, so the new bytes are hashed; a broken cache file is treated as empty."""
+    import os
+    import subprocess
+    import sys
+
+    from batchsd.model import checkpoint, hash_cache
+
+    monkeypatch.setenv(hash_cache.CACHE_ENV, str(tmp_path / "cache"))
+    path = tmp_path / "c.safetensors"
+    write_tiny(path, seed=12)
+    first = checkpoint.checkpoint_sha256([path])
+    assert first == sha256_of(path)
+    kept = json.loads((tmp_path / "cache" / hash_cache.CACHE_FILE).read_text())
+    assert list(kept.values()) == [first]
+    # another process reads the kept value: planted under this stamp, it is what that process reports
+    (tmp_path / "cache" / hash_cache.CACHE_FILE).write_text(json.dumps({k: "f" * 64 for k in kept}))
+    code = f"from batchsd.model.checkpoint import checkpoint_sha256; print(checkpoint_sha256([{str(path)!r}]))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "f" * 64
+    # the same size and modification time, other bytes: hashed again
+    st = os.stat(path)
+    write_tiny(path, seed=13)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(path).st_size == st.st_size
+    checkpoint._hash_cache.clear()
+    assert checkpoint.checkpoint_sha256([path]) == sha256_of(path) != first
+    (tmp_path / "cache" / hash_cache.CACHE_FILE).write_text("{not json")
+    checkpoint._hash_cache.clear()
+    assert checkpoint.checkpoint_sha256([path]) == sha256_of(path)
+    monkeypatch.setenv(hash_cache.CACHE_ENV, "off")
+    assert hash_cache.cache_path() is None
+
+
 # ----------------------------------------------------------------------------- diffusers folders, end to end
 
 @pytest.fixture(scope="module")
