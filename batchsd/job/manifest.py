@@ -474,6 +474,11 @@ def _column_problems(names: list[str]) -> list[ManifestProblem]:
                                             "(pandas writes its index this way: use to_csv(index=False))"))
         elif name in seen:
             problems.append(ManifestProblem(None, name, "appears twice in the header; keep one"))
+        elif name == "model":
+            problems.append(ManifestProblem(None, name, "a model per row is not supported: a run makes every row "
+                                            "with one model (--model). Split the manifest by model and run each "
+                                            "part with its --model and its own --out, or rename the column to "
+                                            "pass it through (e.g. 'src_model')"))
         elif name in RESULT_NAMES:
             problems.append(ManifestProblem(None, name, f"is the name of a column batchsd adds to the results, "
                                             f"so it would be replaced by the run's value; rename it to pass it "

@@ -118,6 +118,16 @@ def test_pass_through_column_named_like_a_result_column_is_refused(tmp_path, nam
     assert not (tmp_path / "outputs").exists()
 
 
+def test_a_model_column_says_one_model_per_run(tmp_path):
+    """A `model` column is what a user writes for per-row models, which batchsd does not do: the
+    refusal says so and how to split the job (not only that the name is taken)."""
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("prompt,model\na cat,sdxl.safetensors\n")
+    (problem,) = read_manifest(manifest).problems
+    assert problem.column == "model" and "one model (--model)" in problem.message
+    assert "Split the manifest by model" in problem.message and "src_model" in problem.message
+
+
 # ----------------------------------------------------------------------------- 5: uint64 >= 2**63
 
 def test_uint64_pass_through_above_int64_works_end_to_end(tmp_path):
