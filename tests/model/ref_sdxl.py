@@ -108,7 +108,9 @@ def build_reference_sdxl(cfg: SDConfig = SDXL_TEST, seed: int = 60) -> dict:
 
 
 def write_sdxl_single_file(path: str | Path, ref: dict, dtype: torch.dtype = torch.float32) -> Path:
-    """The reference as an SDXL base single file in sgm's layout (DDPM buffers included)."""
+    """The reference as an SDXL base single file in sgm's layout (DDPM buffers included). Tensors already
+    in `dtype` are written as they are, not copied (tests/tools/sdxl_full_width_parity.py writes the
+    full-width model with it: a copy would be another 7 GB)."""
     path = Path(path)
     second = ref["text_encoder_2"]
     openclip = openclip_state_dict(second, extras=False)
@@ -118,7 +120,7 @@ def write_sdxl_single_file(path: str | Path, ref: dict, dtype: torch.dtype = tor
              "vae": diffusers_to_original("vae", ref["vae"].state_dict()),
              "text_encoder": {k.removeprefix("text_model."): v for k, v in ref["text_encoder"].state_dict().items()},
              "text_encoder_2": openclip}
-    sd = {SDXL_PREFIX[c] + k: v.to(dtype).detach().contiguous().clone() for c, p in parts.items() for k, v in p.items()}
+    sd = {SDXL_PREFIX[c] + k: v.to(dtype).detach().contiguous() for c, p in parts.items() for k, v in p.items()}
     sd.update(ddpm_buffers())
     save_file(sd, str(path), metadata={"format": "pt"})
     return path

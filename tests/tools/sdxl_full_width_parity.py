@@ -85,56 +85,13 @@ def build_bf16_reference() -> dict:
     return ref
 
 
-def write_single_file_in_place(path: Path, ref: dict) -> None:
-    """ref_sdxl.write_sdxl_single_file's file, written from the bf16 tensors as they are: that function
-    clones every tensor first (a second 7 GB at full width). Same names, built by the same functions;
-    the comparison with its output on the tiny model (`--check-writer`) proves the two files equal."""
-    import math
-
-    from safetensors.torch import save_file
-
-    from batchsd.model.diffusers_layout import diffusers_to_original
-    from batchsd.model.stable_diffusion import SDXL_PREFIX
-    from ref_checkpoint import ddpm_buffers
-    from ref_sd2 import openclip_state_dict
-
-    second = ref["text_encoder_2"]
-    openclip = openclip_state_dict(second, extras=False)
-    openclip["text_projection"] = second.text_projection.weight.detach().t()      # x @ P, not a Linear
-    openclip["logit_scale"] = torch.tensor(math.log(100.0))
-    parts = {"unet": diffusers_to_original("unet", ref["unet"].state_dict()),
-             "vae": diffusers_to_original("vae", ref["vae"].state_dict()),
-             "text_encoder": {k.removeprefix("text_model."): v for k, v in ref["text_encoder"].state_dict().items()},
-             "text_encoder_2": openclip}
-    sd = {SDXL_PREFIX[c] + k: v.to(torch.bfloat16).detach().contiguous() for c, p in parts.items() for k, v in p.items()}
-    sd.update(ddpm_buffers())
-    save_file(sd, str(path), metadata={"format": "pt"})
-
-
-def check_writer(folder: Path) -> None:
-    """write_single_file_in_place and ref_sdxl.write_sdxl_single_file give equal files on SDXL_TEST."""
-    from ref_sdxl import SDXL_TEST, build_reference_sdxl, write_sdxl_single_file
-
-    ref = build_reference_sdxl(SDXL_TEST)
-    for k in ("text_encoder", "text_encoder_2", "unet", "vae"):
-        ref[k] = ref[k].to(torch.bfloat16)
-    write_sdxl_single_file(folder / "check-a.safetensors", ref, dtype=torch.bfloat16)
-    write_single_file_in_place(folder / "check-b.safetensors", ref)
-    a, b = ((folder / n).read_bytes() for n in ("check-a.safetensors", "check-b.safetensors"))
-    for n in ("check-a.safetensors", "check-b.safetensors"):
-        (folder / n).unlink()
-    if a != b:
-        raise SystemExit("write_single_file_in_place differs from ref_sdxl.write_sdxl_single_file")
-    print(f"writer check: equal files ({len(a)} bytes) on SDXL_TEST")
-
-
 def stage_write(folder: Path) -> dict:
-    from ref_sdxl import write_sdxl_folder
+    from ref_sdxl import write_sdxl_folder, write_sdxl_single_file
 
     t0 = time.perf_counter()
     ref = build_bf16_reference()
     built = time.perf_counter() - t0
-    write_single_file_in_place(folder / FILE_NAME, ref)
+    write_sdxl_single_file(folder / FILE_NAME, ref, dtype=torch.bfloat16)   # the bf16 tensors as they are
     gc.collect()
     write_sdxl_folder(folder / FOLDER_NAME, ref)
     params = sum(p.numel() for k in ("text_encoder", "text_encoder_2", "unet", "vae") for p in ref[k].parameters())
@@ -344,14 +301,10 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--no-folder", action="store_true", help="skip the diffusers-folder round trip")
-    ap.add_argument("--check-writer", action="store_true",
-                    help="prove the in-place single-file writer equal to ref_sdxl's on the tiny SDXL model, and exit")
     ap.add_argument("--stage", choices=["write", "reference", "batchsd", "folder"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
     plan = rows(args.size, args.steps)
-    if args.check_writer:
-        return check_writer(args.dir) or 0
     tag = f"{args.size}px-{args.steps}steps"
     if args.stage:
         report = {"write": lambda: stage_write(args.dir),
