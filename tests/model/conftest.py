@@ -14,3 +14,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def parity_figures():
+    """The parity figures the modules gathered (image_parity.FIGURES), printed at the end of the session
+    (pytest -s shows them)."""
+    from image_parity import FIGURES
+
+    yield
+    if FIGURES:
+        print("\n" + "\n".join(FIGURES))

@@ -36,18 +36,13 @@ from ref_sdxl import reference_scheduler as sdxl_scheduler  # noqa: E402
 from ref_unet import build_reference_unet  # noqa: E402
 from ref_vae import build_reference_vae  # noqa: E402
 from test_pipeline_parity import diffusers_run, reference_scheduler  # noqa: E402
+from image_parity import FIGURES, assert_image_parity  # noqa: E402
 
 MODULE_TOL = 1e-4
-PIXEL_TOL, PIXEL_SHARE, LATENT_REL_TOL = 1, 0.999, 2e-3
-FIGURES: list[str] = []
+LATENT_REL_TOL = 2e-3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def figures(one_thread):
-    """The module's parity figures, printed after its tests (pytest -s shows them)."""
-    yield
-    if FIGURES:
-        print("\n" + "\n".join(FIGURES))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sd1_reference() -> dict:
@@ -124,13 +119,7 @@ def generate(pipe: Pipeline, row: GenerationRow):
 
 
 def assert_images_close(name: str, out, image_ref: np.ndarray, latents_ref: torch.Tensor) -> None:
-    ours = np.asarray(out.images[0], dtype=np.int16)
-    diff = np.abs(ours - image_ref.astype(np.int16))
-    agree = (diff <= PIXEL_TOL).mean()
-    rel = ((out.latents - latents_ref).abs().max() / latents_ref.abs().max()).item()
-    FIGURES.append(f"{name:40s} latents rel {rel:.1e}  pixels within 1/255 {agree:.5f}")
-    assert rel <= LATENT_REL_TOL, f"latents differ: {rel:.2e} relative"
-    assert agree >= PIXEL_SHARE, f"only {agree:.5f} of pixels within {PIXEL_TOL}/255"
+    assert_image_parity(name, out.images[0], out.latents, image_ref, latents_ref, LATENT_REL_TOL)
 
 
 # ----------------------------------------------------------------------------- SD 1.x

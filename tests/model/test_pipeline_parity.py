@@ -32,6 +32,7 @@ from batchsd.model.config import TINY  # noqa: E402
 from batchsd.model.diffusers_layout import diffusers_to_original  # noqa: E402
 from batchsd.model.tokenizer import load_tokenizer  # noqa: E402
 
+from image_parity import assert_image_parity  # noqa: E402
 from ref_checkpoint import write_original_checkpoint  # noqa: E402
 from ref_clip import build_reference_clip  # noqa: E402
 from ref_unet import build_reference_unet  # noqa: E402
@@ -49,8 +50,6 @@ REFERENCE_SCHEDULERS = {
     "dpmpp_2m": (DPMSolverMultistepScheduler, {}),
     "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
 }
-PIXEL_TOL = 1          # out of 255
-PIXEL_SHARE = 0.999
 LATENT_REL_TOL = 1e-3
 
 
@@ -110,13 +109,7 @@ def diffusers_run(parts: dict, row: GenerationRow, **extra) -> tuple[np.ndarray,
 
 
 def assert_close(image_ours: Image.Image, latents_ours: torch.Tensor, image_ref: np.ndarray, latents_ref: torch.Tensor):
-    ours = np.asarray(image_ours, dtype=np.int16)
-    assert ours.shape == image_ref.shape
-    agree = (np.abs(ours - image_ref.astype(np.int16)) <= PIXEL_TOL).mean()
-    rel = ((latents_ours - latents_ref).abs().max() / latents_ref.abs().max()).item()
-    assert rel <= LATENT_REL_TOL, f"latents differ: {rel:.2e} relative"
-    assert agree >= PIXEL_SHARE, f"only {agree:.5f} of pixels within {PIXEL_TOL}/255"
-    return agree, rel
+    return assert_image_parity("", image_ours, latents_ours, image_ref, latents_ref, LATENT_REL_TOL)
 
 
 def init_image(width: int, height: int, seed: int = 0) -> Image.Image:

@@ -42,9 +42,8 @@ from batchsd.model.tokenizer import SD2_PAD_TOKEN, tokenize  # noqa: E402
 from ref_sd2 import (SD2_TEST, build_reference_sd2, reference_scheduler, sd2_tokenizer,  # noqa: E402
                      write_ldm_yaml, write_sd2_folder, write_sd2_single_file)
 from test_pipeline_parity import diffusers_run, init_image  # noqa: E402
+from image_parity import FIGURES, assert_image_parity  # noqa: E402
 
-PIXEL_TOL = 1
-PIXEL_SHARE = 0.999
 LATENT_REL_TOL = 2e-3
 TEXT_TOL = 1e-4
 PREDICTIONS = ["epsilon", "v_prediction"]
@@ -57,15 +56,9 @@ REFERENCE_SCHEDULERS = {
     "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
 }
 LONG_PROMPT = "a very detailed painting of a lighthouse on a cliff at dusk, " * 8   # > 77 tokens
-FIGURES: list[str] = []   # parity figures, printed at the end of the module (pytest -s)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def figures(one_thread):
-    """The module's parity figures, printed after its tests (pytest -s shows them)."""
-    yield
-    if FIGURES:
-        print("\n" + "\n".join(FIGURES))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -95,14 +88,7 @@ def reference_run(ref: dict, prediction: str, sampler: str, row: GenerationRow) 
 
 
 def assert_close(name: str, out, image_ref: np.ndarray, latents_ref: torch.Tensor) -> None:
-    ours = np.asarray(out.images[0], dtype=np.int16)
-    assert ours.shape == image_ref.shape
-    diff = np.abs(ours - image_ref.astype(np.int16))
-    agree = (diff <= PIXEL_TOL).mean()
-    rel = ((out.latents - latents_ref).abs().max() / latents_ref.abs().max()).item()
-    FIGURES.append(f"{name:48s} latents rel {rel:.1e}  pixels max |diff| {diff.max()}  within 1/255 {agree:.5f}")
-    assert rel <= LATENT_REL_TOL, f"latents differ: {rel:.2e} relative"
-    assert agree >= PIXEL_SHARE, f"only {agree:.5f} of pixels within {PIXEL_TOL}/255"
+    assert_image_parity(name, out.images[0], out.latents, image_ref, latents_ref, LATENT_REL_TOL)
 
 
 # ----------------------------------------------------------------------------- text

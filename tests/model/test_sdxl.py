@@ -32,22 +32,15 @@ from batchsd.model.tokenizer import SD2_PAD_TOKEN, tokenize  # noqa: E402
 from ref_sdxl import (SDXL_TEST, build_reference_sdxl, reference_scheduler, sdxl_run,  # noqa: E402
                       write_sdxl_folder, write_sdxl_single_file)
 from test_pipeline_parity import REFERENCE_SCHEDULERS, init_image  # noqa: E402   (sampler -> diffusers class)
+from image_parity import FIGURES, assert_image_parity  # noqa: E402
 
-PIXEL_TOL = 1
-PIXEL_SHARE = 0.999
 LATENT_REL_TOL = 2e-3
 TEXT_TOL = 1e-4
 LONG_PROMPT = "a very detailed painting of a lighthouse on a cliff at dusk, " * 8   # > 77 tokens
 KEYS_FILE = Path(__file__).resolve().parents[3] / "shared" / "reference" / "sdxl_base_keys.json"
-FIGURES: list[str] = []
 
 
-@pytest.fixture(scope="module", autouse=True)
-def figures(one_thread):
-    """The module's parity figures, printed after its tests (pytest -s shows them)."""
-    yield
-    if FIGURES:
-        print("\n" + "\n".join(FIGURES))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -64,14 +57,7 @@ def reference_run(ref: dict, sampler: str, row: GenerationRow, **kwargs):
 
 
 def assert_close(name: str, out, image_ref: np.ndarray, latents_ref: torch.Tensor, index: int = 0) -> None:
-    ours = np.asarray(out.images[index], dtype=np.int16)
-    assert ours.shape == image_ref.shape
-    diff = np.abs(ours - image_ref.astype(np.int16))
-    agree = (diff <= PIXEL_TOL).mean()
-    rel = ((out.latents[index:index + 1] - latents_ref).abs().max() / latents_ref.abs().max()).item()
-    FIGURES.append(f"{name:44s} latents rel {rel:.1e}  pixels max |diff| {diff.max()}  within 1/255 {agree:.5f}")
-    assert rel <= LATENT_REL_TOL, f"latents differ: {rel:.2e} relative"
-    assert agree >= PIXEL_SHARE, f"only {agree:.5f} of pixels within {PIXEL_TOL}/255"
+    assert_image_parity(name, out.images[index], out.latents[index:index + 1], image_ref, latents_ref, LATENT_REL_TOL)
 
 
 # ----------------------------------------------------------------------------- the released layout
