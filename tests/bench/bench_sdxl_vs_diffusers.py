@@ -53,7 +53,7 @@ warnings.filterwarnings("ignore")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
 import torch  # noqa: E402
-from bench_vs_diffusers import better, fmt_table, log, set_layout  # noqa: E402
+from bench_vs_diffusers import better, fmt_table, log, set_layout, startup_table  # noqa: E402
 
 sys.path.insert(0, str(bc.REPO / "tests" / "tools"))
 from sdxl_full_width_parity import DEFAULT_DIR, FILE_NAME, FOLDER_NAME, wait_for_memory  # noqa: E402
@@ -275,20 +275,12 @@ def report(res: dict) -> str:
                            "each step in run order, wall s", "steps per side"], rows)]
     startup = res.get("startup", [])
     if startup:
-        rows = []
-        for key, label in (("to_first_image_s", "disk to first image, s (child's clock)"),
-                           ("wall_s", "subprocess wall, s"), ("cpu_s", "CPU, s (whole child)"), ("import_s", "imports, s"),
-                           ("load_s", "load, s"), ("first_image_s", "first image, s"),
-                           ("peak_rss_load_gib", "peak RSS while loading, GiB"), ("peak_rss_gib", "peak RSS whole run, GiB")):
-            vb = bc.median([r[key] for r in startup if r["side"] == "batchsd"])
-            vd = bc.median([r[key] for r in startup if r["side"] == "diffusers"])
-            rows.append([label, f"{vb:.2f}", f"{vd:.2f}", f"{vb / vd:.2f}", better(vb / vd, True)])
         s0 = startup[0]
         out += ["", f"Start-up and memory: a fresh subprocess per side, {s0['dtype']} from the bf16 single file "
                 f"(diffusers: from_single_file), one {s0['size']}x{s0['size']} image, {s0['steps']} steps euler, saved as "
                 f"PNG; medians of {len(startup) // 2} runs per side, sides alternating; load averages "
                 f"{', '.join(r['loadavg'].split()[0] for r in startup)}",
-                fmt_table(["figure", "batchsd", "diffusers", "ratio b/d", "better"], rows)]
+                startup_table(startup)]
     e2e = [r for r in startup if r.get("e2e_rows")]
     if e2e:
         rows = []

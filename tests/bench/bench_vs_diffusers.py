@@ -401,6 +401,23 @@ def fmt_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+STARTUP_FIGURES = (("to_first_image_s", "disk to first image, s (child's clock)"), ("wall_s", "subprocess wall, s"),
+                   ("cpu_s", "CPU, s (whole child)"), ("import_s", "imports, s"), ("load_s", "load, s"),
+                   ("first_image_s", "first image, s"), ("peak_rss_load_gib", "peak RSS while loading, GiB"),
+                   ("peak_rss_gib", "peak RSS whole run, GiB"))
+
+
+def startup_table(startup: list[dict]) -> str:
+    """The start-up children's figures (STARTUP_FIGURES), each side's median and the ratio, as a table
+    (this script's and bench_sdxl_vs_diffusers.py's)."""
+    rows = []
+    for key, label in STARTUP_FIGURES:
+        vb = bc.median([r[key] for r in startup if r["side"] == "batchsd"])
+        vd = bc.median([r[key] for r in startup if r["side"] == "diffusers"])
+        rows.append([label, f"{vb:.2f}", f"{vd:.2f}", f"{vb / vd:.2f}", better(vb / vd, True)])
+    return fmt_table(["figure", "batchsd", "diffusers", "ratio b/d", "better"], rows)
+
+
 def report(res: dict) -> str:
     out = [f"date {res['date']}, torch {res['torch']}, diffusers {res['diffusers']}, threads {res['threads']}, "
            f"load average at start {res['loadavg']}, code {res['git']}, command `{res['command']}`",
@@ -466,19 +483,11 @@ def report(res: dict) -> str:
         startup = [r for r in res.get("startup", []) if r["dtype"] == dt]
         if not startup:
             continue
-        rows = []
-        for key, label in (("to_first_image_s", "disk to first image, s (child's clock)"),
-                           ("wall_s", "subprocess wall, s"), ("cpu_s", "CPU, s (whole child)"), ("import_s", "imports, s"),
-                           ("load_s", "load, s"), ("first_image_s", "first image, s"),
-                           ("peak_rss_load_gib", "peak RSS while loading, GiB"), ("peak_rss_gib", "peak RSS whole run, GiB")):
-            vb = bc.median([r[key] for r in startup if r["side"] == "batchsd"])
-            vd = bc.median([r[key] for r in startup if r["side"] == "diffusers"])
-            rows.append([label, f"{vb:.2f}", f"{vd:.2f}", f"{vb / vd:.2f}", better(vb / vd, True)])
         s0 = startup[0]
         out += ["", f"Start-up and memory: a fresh subprocess per side (RSS is per process), {dt} from the fp16 file, "
                 f"one {s0['size']}x{s0['size']} image, {s0['steps']} steps, saved as PNG; file in the page cache, "
                 f"memory warmed ({res['warm_memory_s']:.0f} s); medians of {len(startup) // 2} alternating runs",
-                fmt_table(["figure", "batchsd", "diffusers", "ratio b/d", "better"], rows)]
+                startup_table(startup)]
     return "\n".join(out)
 
 
