@@ -132,13 +132,22 @@ EMBEDDINGS_DIR_OPTION = typer.Option(
          "that names a file's stem uses its vectors (README 'Prompt syntax'). Default: weights/embeddings.")
 
 
+PREDICTION_TYPE_OPTION = typer.Option(
+    None, "--prediction-type", case_sensitive=False,
+    help="What the UNet predicts, for SD 2.x single files that do not say (no <name>.yaml beside them): "
+         "epsilon (2.x-base, 512) or v_prediction (2.x 768-v). Overrides the yaml or folder config; applies to "
+         "every model of the run (--model and the manifest's model column).")
+
+
 def _manifest_options(column_map: Optional[str], wildcards: Optional[Path], prompt_syntax: "PromptSyntax",
-                      lora_dir: Optional[Path] = None, embeddings_dir: Optional[Path] = None):
+                      lora_dir: Optional[Path] = None, embeddings_dir: Optional[Path] = None,
+                      prediction_type: Optional["PredictionType"] = None):
     from batchsd.job.column_map import parse_column_map
     from batchsd.job.rows import ManifestOptions
 
     return ManifestOptions(parse_column_map(column_map), wildcards, prompt_syntax.value, lora_dir=lora_dir,
-                           embeddings_dir=embeddings_dir)
+                           embeddings_dir=embeddings_dir,
+                           prediction_type=prediction_type.value if prediction_type else None)
 
 
 def _err_console() -> Console:
@@ -160,7 +169,9 @@ def run(
                                               "or per n_images."),
     model: Optional[str] = typer.Option(None, "--model", "-m",
                                         help="Checkpoint file or diffusers folder, or 'tiny' (random weights, noise "
-                                             "images). Default: $BATCHSD_MODEL, else the one checkpoint in ./weights/."),
+                                             "images), for the rows without a model cell (a manifest's model column "
+                                             "names a row's own: README 'Per-row models'). Default: $BATCHSD_MODEL, "
+                                             "else the one checkpoint in ./weights/."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder. Default: outputs/<manifest name>/."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1,
                                              help="Rows per batch. Default: 4 on the CPU; on CUDA chosen from free "
@@ -199,10 +210,7 @@ def run(
     engine: Engine = typer.Option(Engine.local, "--engine", case_sensitive=False,
                                   help="local: this process. ray: spread the rows over a Ray cluster "
                                        "(pip install 'batchsd[ray]'); the same output folder."),
-    prediction_type: Optional[PredictionType] = typer.Option(
-        None, "--prediction-type", case_sensitive=False,
-        help="What the UNet predicts, for SD 2.x single files that do not say (no <name>.yaml beside them): "
-             "epsilon (2.x-base, 512) or v_prediction (2.x 768-v). Overrides the yaml or folder config."),
+    prediction_type: Optional[PredictionType] = PREDICTION_TYPE_OPTION,
     reuse_out: bool = typer.Option(False, "--reuse-out",
                                    help="Let this job use an --out folder that holds another manifest's job "
                                         "(refused otherwise: two manifests of one name share the default --out)."),
@@ -309,6 +317,7 @@ def validate(
     prompt_syntax: PromptSyntax = PROMPT_SYNTAX_OPTION,
     lora_dir: Optional[Path] = LORA_DIR_OPTION,
     embeddings_dir: Optional[Path] = EMBEDDINGS_DIR_OPTION,
+    prediction_type: Optional[PredictionType] = PREDICTION_TYPE_OPTION,
     expanded: Optional[Path] = typer.Option(None, "--expanded", metavar="OUT.parquet",
                                             help="Write the job's rows (after n_images, seed ranges and prompt "
                                                  "templates; defaults resolved) as a Parquet manifest: exactly what "
@@ -328,7 +337,8 @@ def validate(
     from batchsd.job.reader import warning_lines
 
     out = _out_console()
-    m = read_manifest(manifest, _manifest_options(column_map, wildcards, prompt_syntax, lora_dir, embeddings_dir))
+    m = read_manifest(manifest, _manifest_options(column_map, wildcards, prompt_syntax, lora_dir, embeddings_dir,
+                                                  prediction_type))
     for line in warning_lines(m):
         out.print(line, style="yellow", markup=False)
     if m.problems:

@@ -184,8 +184,8 @@ def needs_expansion(counts: list, seeds: list, templates: PromptTemplates | None
 
 def expanded_table(manifest: Manifest, out_path: Path) -> pa.Table:
     """The job's rows as a manifest: every row one image, defaults and seeds resolved, the chosen
-    prompt in `prompt` (and the template in `prompt_template`), pass-through columns with their
-    types. `batchsd run` makes the same images from it as from `manifest`. An init image is written
+    prompt in `prompt` (and the template in `prompt_template`), a `model` column when rows name
+    their own, pass-through columns with their types. `batchsd run` makes the same images from it as from `manifest`. An init image is written
     as given when `out_path` is in the manifest's folder, else as an absolute path."""
     from batchsd.job.schema import MANIFEST_FIELDS
 
@@ -197,8 +197,11 @@ def expanded_table(manifest: Manifest, out_path: Path) -> pa.Table:
             record["init_image"] = r.init_image
         records.append(record)
     arrays = [pa.array([rec[f.name] for rec in records], f.type) for f in MANIFEST_FIELDS]
-    extras = manifest.extras
     names = [f.name for f in MANIFEST_FIELDS]
+    if any(r.model for r in manifest.rows):   # a row's own model, as its model_key (absolute or "tiny")
+        arrays.append(pa.array([r.model for r in manifest.rows], pa.string()))
+        names.append("model")
+    extras = manifest.extras
     for name in extras.column_names:
         if name != "id":
             arrays.append(extras.column(name))

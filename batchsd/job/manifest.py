@@ -24,6 +24,10 @@ the job's rows from the file's rows). `--map` renames columns first (column_map.
     strength         0 < strength <= 1, img2img only, default 0.75; int(steps*strength) >= 1
     n_images         1..expand.MAX_N_IMAGES images from the row, default 1 (seed may also be a range
                      `100-199`; the prompt may be a template `{a|b}` / `__name__`: expand.py)
+    model            the checkpoint that makes the row (model_choice.find_row_model: a path, relative
+                     to the manifest's folder or the working folder, or a name in weights/, or "tiny");
+                     default: the run's model (--model). Its header is read here: a model that does
+                     not load as given is the row's problem. Unsized rows take its default size.
 
 Any other column passes through to the results untouched: a Parquet column with its Arrow type
 (Manifest.extra_types; timestamps, decimals, binary, lists, structs, uint64, int8 ... as they are),
@@ -72,6 +76,7 @@ from batchsd.job.embeddings import resolve_embeddings
 from batchsd.job.expand import (MAX_N_IMAGES, N_IMAGES, TEMPLATE_COLUMN, SeedRange, compile_templates, expand_rows,
                                 expanded_extras, image_counts, may_hold_templates, needs_expansion,
                                 parse_seed_range)
+from batchsd.job.model_choice import resolve_row_models
 from batchsd.job.manifest_formats import JSONL_SUFFIXES, TXT_SUFFIXES, FormatProblems, read_jsonl, read_txt
 from batchsd.job.prompt_template import PromptTemplates
 from batchsd.job.rows import (SAFE_ID_RE, JobRow, Manifest, ManifestOptions, ManifestProblem, default_id, id_problem,
@@ -83,7 +88,7 @@ from batchsd.model.request import (DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_S
 from batchsd.model.sampler_names import resolve_sampler
 
 COLUMNS = ("id", "prompt", "negative_prompt", "seed", "steps", "cfg_scale", "sampler",
-           "width", "height", "init_image", "strength", N_IMAGES, *CONDITIONING_COLUMNS)
+           "width", "height", "init_image", "strength", N_IMAGES, *CONDITIONING_COLUMNS, "model")
 
 CSV_SUFFIXES = (".csv",)
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -474,12 +479,7 @@ def _column_problems(names: list[str]) -> list[ManifestProblem]:
                                             "(pandas writes its index this way: use to_csv(index=False))"))
         elif name in seen:
             problems.append(ManifestProblem(None, name, "appears twice in the header; keep one"))
-        elif name == "model":
-            problems.append(ManifestProblem(None, name, "a model per row is not supported: a run makes every row "
-                                            "with one model (--model). Split the manifest by model and run each "
-                                            "part with its --model and its own --out, or rename the column to "
-                                            "pass it through (e.g. 'src_model')"))
-        elif name in RESULT_NAMES:
+        elif name in RESULT_NAMES and name not in COLUMNS:
             problems.append(ManifestProblem(None, name, f"is the name of a column batchsd adds to the results, "
                                             f"so it would be replaced by the run's value; rename it to pass it "
                                             f"through (e.g. 'src_{name}')"))
@@ -567,6 +567,13 @@ def read_manifest(path, options: ManifestOptions | None = None) -> Manifest:
     counts = column(N_IMAGES, _int_parser(1, MAX_N_IMAGES, f"use a whole number from 1 to {MAX_N_IMAGES:,} "
                                           "(or leave it empty for 1)"))
 
+    models = column("model", _text_parser("write the model's path or name as text", blank_is_empty=True))
+    base = os.path.abspath(path.parent)
+    row_models, model_sizes, model_problems = resolve_row_models(models, Path(base), options.weights_dir,
+                                                                 options.prediction_type)
+    for i, why in model_problems.items():
+        bad.setdefault(i, []).append(ManifestProblem(i + 1, "model", why))
+
     conditioning = parse_conditioning(column, _int_parser, _text_parser, _Bad, options.prompt_syntax)
     for found_problems in (syntax_problems(conditioning, prompts, negatives),
                            resolve_loras(conditioning, prompts, options.lora_dir)):
@@ -576,7 +583,6 @@ def read_manifest(path, options: ManifestOptions | None = None) -> Manifest:
         warnings.append(warning)
 
     # img2img: strength only with an init image; at least one denoising step
-    base = os.path.abspath(path.parent)
     init_paths: dict[int, str] = {}
     for i, (init, strength) in enumerate(zip(inits, strengths)):
         if init is None:
@@ -612,12 +618,14 @@ def read_manifest(path, options: ManifestOptions | None = None) -> Manifest:
         row_id, prompt, negative, seed, n_steps, cfg, sampler, width, height, strength = values[:10]
         init = init_paths.get(i)
         if init is None:
-            width, height = width or default_size, height or default_size
+            size = (model_sizes.get(row_models[i]) or DEFAULT_SIZE) if row_models[i] else default_size
+            width, height = width or size, height or size
         if isinstance(seed, SeedRange):
             seed = seed.first
         rows.append(JobRow(i, row_id, prompt, negative, seed_from_id(row_id) if seed is None else seed,
                            n_steps, cfg, sampler, width, height, init, strength,
-                           dict(zip(extra_columns, values[10:])), inits[i], conditioning=conditioning[i]))
+                           dict(zip(extra_columns, values[10:])), inits[i], conditioning=conditioning[i],
+                           model=row_models[i]))
     if expanding:
         rows, more = expand_rows(rows, n_per_row, [s is not None for s in seeds], compiled, templates)
         for i, found in more.items():

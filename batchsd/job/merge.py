@@ -66,12 +66,17 @@ def merge_shard_results(out_dir: Path, count: int, manifest_ids: Sequence[str],
     total = {k: sum(int(s.get(k) or 0) for s in summaries)
              for k in ("rows", "ok", "failed", "skipped", "previously_failed", "pending")}
     statuses = table.column("status").to_pylist()
+    models = list({(m.get("name"), m.get("sha256")): m for s in summaries for m in (s.get("models") or [])
+                   if isinstance(m, dict)}.values())   # every shard's, first use first
+    if not models and summaries[0].get("model"):          # shards of a version before per-row models
+        models = [{"name": summaries[0].get("model"), "sha256": summaries[0].get("model_sha256")}]
     write_summary(job_summary_path(out_dir), {
         "complete": True, "shards": count, "out_dir": str(out_dir),
         "results": str(job_results_path(out_dir)),
         "results_parts": str(out_dir / RESULTS_PARTS_DIR / "*.parquet"),
-        "manifest": summaries[0].get("manifest"), "model": summaries[0].get("model"),
-        "model_sha256": summaries[0].get("model_sha256"),
+        "manifest": summaries[0].get("manifest"),
+        "model": models[0].get("name") if len(models) == 1 else None,
+        "model_sha256": models[0].get("sha256") if len(models) == 1 else None, "models": models,
         "rows": table.num_rows, "ok": statuses.count("ok"), "failed": statuses.count("error"),
         "made_in_last_runs": total["ok"] + total["failed"],
         "elapsed_s_sum": round(sum(float(s.get("elapsed_s") or 0) for s in summaries), 3),

@@ -1,6 +1,8 @@
-"""Which model a run uses, and its identity (name, sha256) known before loading.
+"""Which model makes each row, and the models' identities (name, sha256) known before loading.
 
---model > $BATCHSD_MODEL > the one checkpoint in ./weights/ > an error saying where to put one.
+The run's model: --model > $BATCHSD_MODEL > the one checkpoint in ./weights/ > an error saying
+where to put one. A row with a `model` cell is made by the checkpoint it names (`find_row_model`);
+the run then loads each model once, in order of first use (run.py).
 """
 from __future__ import annotations
 
@@ -9,10 +11,11 @@ from pathlib import Path
 
 from batchsd.errors import BatchSDError
 from batchsd.job.options import UsageError
-from batchsd.job.resume import ModelIdentity
+from batchsd.job.resume import ModelIdentity, RowModels
 from batchsd.model.config import TINY_MODEL as TINY, TINY_MODEL_NAME
 
 MODEL_ENV = "BATCHSD_MODEL"
+WEIGHTS_DIR = Path("weights")
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt")
 
 
@@ -36,7 +39,7 @@ def resolve_model(model: str | None, cwd: Path | None = None) -> str:
     elif os.environ.get(MODEL_ENV):
         choice, source = os.environ[MODEL_ENV], f"${MODEL_ENV}"
     else:
-        weights = (cwd or Path.cwd()) / "weights"
+        weights = (cwd or Path.cwd()) / WEIGHTS_DIR
         found = _weight_candidates(weights) if weights.is_dir() else []
         if len(found) == 1:
             return str(found[0])
@@ -72,9 +75,12 @@ def model_default_size(model: str, prediction_type: str | None = None) -> int | 
     return report.get("default_size") if report.get("loadable") else None
 
 
-def with_model_default_size(opts, model: str | None = None, pipe=None):
-    """`opts` with its manifest options' default_size set to the model's (model_default_size; a
-    loaded `pipe`'s own). A dry run without a model to read plans unsized rows at request.DEFAULT_SIZE."""
+def with_model_defaults(opts, model: str | None = None, pipe=None):
+    """`opts` with what reading its manifest needs from the models: the run model's default size
+    (model_default_size; a loaded `pipe`'s own), the --prediction-type rows' models are read with,
+    and the weights folder their names are looked up in. Without a run model to read (none given, or
+    only rows that name their own), unsized rows without a `model` cell are planned at
+    request.DEFAULT_SIZE; a run that needs the run's model says so later (`run_model_for`)."""
     from dataclasses import replace
 
     if pipe is not None:
@@ -83,11 +89,108 @@ def with_model_default_size(opts, model: str | None = None, pipe=None):
         try:
             model = model or resolve_model(opts.model)
         except UsageError:
-            if not opts.dry_run:
-                raise
-            return opts
-        size = model_default_size(model, opts.prediction_type)
-    return replace(opts, manifest_options=replace(opts.manifest_options, default_size=size))
+            model = None
+        size = None if model is None else model_default_size(model, opts.prediction_type)
+    return replace(opts, manifest_options=replace(opts.manifest_options, default_size=size,
+                                                  prediction_type=opts.prediction_type,
+                                                  weights_dir=opts.manifest_options.weights_dir or WEIGHTS_DIR.resolve()))
+
+
+def model_key(model: str) -> str:
+    """The one name of a model in a run (what Pipeline.load is given): "tiny" or an absolute path,
+    so that --model and a row's cell naming the same file are one model, loaded once."""
+    return model if model == TINY else str(Path(model).expanduser().resolve())
+
+
+def find_row_model(value: str, manifest_dir: Path, weights_dir: Path | None = None) -> str:
+    """The model a `model` cell names, as a model_key: "tiny"; else a file or diffusers folder at the
+    path as written (absolute, or relative to the manifest's folder or to the working folder); else a
+    name in `weights_dir` (./weights): as written, or with .safetensors or .ckpt added. Other folders
+    (an output folder of the same name) do not count. Raises ValueError (why, and the fix) when
+    nothing or two different checkpoints match."""
+    if value == TINY:
+        return TINY
+    weights = weights_dir or WEIGHTS_DIR
+    given = Path(value).expanduser()
+    candidates = [given] if given.is_absolute() else [Path(manifest_dir) / given, given]
+    candidates += [weights / value] + [weights / (value + suffix) for suffix in WEIGHT_SUFFIXES
+                                       if not value.lower().endswith(suffix)]
+    found = list(dict.fromkeys(str(p.resolve()) for p in candidates if p.is_file() or _is_diffusers_folder(p)))
+    if len(found) > 1:
+        raise ValueError(f"{value!r} names {len(found)} different checkpoints: {' and '.join(found)}; write the "
+                         "path of the one meant (absolute, or relative to the manifest's folder)")
+    if not found:
+        raise ValueError(f"no checkpoint {value!r}: not a path (absolute, or relative to the manifest's folder "
+                         f"{manifest_dir} or the working folder) nor a name in {weights}/ (as written, or with "
+                         f"{' or '.join(WEIGHT_SUFFIXES)}); give the path of a .safetensors/.ckpt file or a diffusers "
+                         "folder, or 'tiny'")
+    return found[0]
+
+
+def row_model_problem(model: str, prediction_type: str | None = None) -> tuple[int | None, str | None]:
+    """(the default size of its unsized rows, None) for a model a row names that loads as given, or
+    (None, why it cannot) for one that does not; reads the file's header and shapes, no weights."""
+    if model == TINY:
+        return None, None
+    from batchsd.model.checkpoint import inspect_checkpoint
+
+    try:
+        report = inspect_checkpoint(Path(model), hash=False, prediction_type=prediction_type)
+    except BatchSDError as e:
+        return None, f"{model} cannot be read: {e}"
+    if not report.get("loadable"):
+        return None, f"{model} cannot be run: {report.get('error')}"
+    return report.get("default_size"), None
+
+
+def resolve_row_models(values: list, manifest_dir: Path, weights_dir: Path | None,
+                       prediction_type: str | None) -> tuple[list, dict[str, int | None], dict[int, str]]:
+    """A manifest's `model` cells (None where empty) -> (each row's model_key or None, the default size
+    of each model's unsized rows (None: request.DEFAULT_SIZE), {row index: why its cell cannot be
+    used}). Each distinct cell is looked up and each model's header read once."""
+    keys: list = [None] * len(values)
+    sizes: dict[str, int | None] = {}
+    problems: dict[int, str] = {}
+    looked_up: dict[str, tuple[str | None, str | None]] = {}
+    for i, value in enumerate(values):
+        if value is None:
+            continue
+        if value not in looked_up:
+            try:
+                key = find_row_model(value, manifest_dir, weights_dir)
+            except ValueError as e:
+                looked_up[value] = (None, str(e))
+            else:
+                size, why = row_model_problem(key, prediction_type)
+                sizes[key] = size
+                looked_up[value] = (None, why) if why else (key, None)
+        key, why = looked_up[value]
+        if why:
+            problems[i] = why
+        else:
+            keys[i] = key
+    return keys, sizes, problems
+
+
+def run_model_for(opts, rows) -> str | None:
+    """The run's model as a model_key, when it is needed: some row has no `model` cell, or --model
+    (or $BATCHSD_MODEL) is given; None when every row names its own. UsageError as resolve_model."""
+    if all(r.model is not None for r in rows) and not (opts.model or os.environ.get(MODEL_ENV)):
+        return None
+    return model_key(resolve_model(opts.model))
+
+
+def row_models(rows, run_model: str | None, prediction_type: str | None, planned) -> RowModels:
+    """The identity (model_identity: the file's sha256, no weights loaded) and numerics
+    (`planned(prediction_type)`) of every model `rows` use; `run_model` (a model_key) makes the rows
+    without a `model` cell. UsageError when a model cannot be loaded."""
+    by_key = {}
+    for key in dict.fromkeys(r.model or run_model for r in rows):
+        if key is None:
+            raise UsageError("rows without a model cell need the run's model: pass --model")
+        identity = model_identity(key, prediction_type)
+        by_key[key] = (identity, planned(identity.prediction_type))
+    return RowModels(by_key, run_model)
 
 
 def model_identity(model: str, prediction_type: str | None = None) -> ModelIdentity:

@@ -7,7 +7,7 @@ rows that failed in an earlier run and were not retried); 2 usage, model or mani
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from batchsd.errors import InputError
@@ -64,7 +64,8 @@ class RunSummary:
     elapsed_s: float = 0.0
     interrupted_by: str | None = None
     model: str | None = None
-    model_sha256: str | None = None
+    model_sha256: str | None = None      # the run's one model (None for both when rows use several)
+    models: list = field(default_factory=list)   # every model the rows use: {"name", "sha256"}, first use first
     batch_size: int | None = None
     dry_run: bool = False
     shard: ShardSpec | None = None
@@ -96,6 +97,7 @@ def summary_record(opts: RunOptions, s: RunSummary) -> dict:
     return {
         "complete": s.interrupted_by is None, "manifest": str(opts.manifest), "out_dir": str(s.out_dir),
         "results": str(s.results_path), "model": s.model, "model_sha256": s.model_sha256,
+        "models": s.models,
         "shard_index": s.shard.index if s.shard else None, "shard_count": s.shard.count if s.shard else 1,
         "rows": s.total, "ok": s.ok, "failed": s.failed, "skipped": s.skipped,
         "previously_failed": s.previously_failed, "pending": s.pending, "batch_size": s.batch_size,

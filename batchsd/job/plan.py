@@ -13,8 +13,8 @@ from batchsd.model import request
 
 @dataclass(frozen=True)
 class Batch:
-    key: tuple              # (width, height, steps, sampler, img2img denoising steps or None, text chunks)
-                            # = Pipeline.batch_key
+    key: tuple              # (width, height, steps, sampler, img2img denoising steps or None, text chunks,
+                            # LoRA set) = Pipeline.batch_key, then the row's own model (JobRow.model)
     rows: list[JobRow]      # in file order; len(rows) <= batch_size
 
     @property
@@ -23,14 +23,15 @@ class Batch:
 
 
 def batch_key(row: JobRow) -> tuple:
-    """The row's batch key (the rule: model/request.batch_key); rows must have their size resolved."""
+    """The row's batch key (the rule: model/request.batch_key), with its own model last: rows of two
+    models never share a batch. Rows must have their size resolved."""
     if row.width is None or row.height is None:
         raise ValueError(f"row {row.id!r} has no size yet: call resolve_image_sizes(rows) before planning")
     syntax = row.conditioning.get("prompt_syntax", "plain")
     loras = tuple((path, multiplier) for path, multiplier, _ in row.conditioning.get("loras", ()))
     vectors = {Path(path).stem: n for path, n, _ in row.conditioning.get("embeddings", ())}
     return request.batch_key(row.width, row.height, row.steps, row.sampler, row.denoise_steps,
-                             request.prompt_chunks(syntax, row.prompt, row.negative_prompt, vectors), loras)
+                             request.prompt_chunks(syntax, row.prompt, row.negative_prompt, vectors), loras) + (row.model,)
 
 
 

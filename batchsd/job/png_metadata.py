@@ -30,8 +30,10 @@ def _num(x: float) -> str:
     return str(int(x)) if x.is_integer() else repr(x)
 
 
-def a1111_parameters(record: dict, model_name: str, short_hash: str | None) -> str:
-    """The A1111 `parameters` text: prompt, optional `Negative prompt:` line, then the settings line."""
+def a1111_parameters(record: dict) -> str:
+    """The A1111 `parameters` text: prompt, optional `Negative prompt:` line, then the settings line.
+    `Model` and `Model hash` (A1111's short hash: the sha256's first 10 hex digits) are the record's
+    own: each row names the model that made it."""
     lines = [record.get("prompt") or ""]
     if record.get("negative_prompt"):
         lines.append(f"Negative prompt: {record['negative_prompt']}")
@@ -43,9 +45,9 @@ def a1111_parameters(record: dict, model_name: str, short_hash: str | None) -> s
         f"Seed: {record['seed']}",
         f"Size: {record['width']}x{record['height']}",
     ]
-    if short_hash:
-        settings.append(f"Model hash: {quote(short_hash)}")
-    settings.append(f"Model: {quote(model_name)}")
+    if record.get("model_sha256"):
+        settings.append(f"Model hash: {quote(record['model_sha256'][:10])}")
+    settings.append(f"Model: {quote(record.get('model') or '')}")
     if record.get("init_image") is not None and record.get("strength") is not None:
         settings.append(f"Denoising strength: {_num(float(record['strength']))}")
     if record.get("clip_skip") is not None:

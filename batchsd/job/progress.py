@@ -112,20 +112,26 @@ class RunProgress:
 
 
 def print_plan(console: Console, batches, batch_size: int, skipped_note: str = "") -> None:
-    """The batch plan as a table: one line per batch key (size, steps, sampler, img2img steps)."""
+    """The batch plan as a table: one line per batch key (size, steps, sampler, img2img steps; the
+    model when rows name their own)."""
+    from pathlib import Path
+
     from rich.table import Table
 
     groups: dict[tuple, list] = {}
     for b in batches:
         groups.setdefault(tuple(b.key), []).append(b)
     table = Table(title=f"batch plan: {len(batches)} batch(es) of at most {batch_size} rows{skipped_note}")
-    for col in ("size", "steps", "sampler", "img2img steps", "batches", "rows", "first ids"):
+    models = any(b.rows[0].model for b in batches)
+    for col in ("size", "steps", "sampler", "img2img steps") + ("model",) * models + ("batches", "rows", "first ids"):
         table.add_column(col)
     for key, bs in groups.items():
         width, height, steps, sampler = key[:4]
         den = key[4] if len(key) > 4 else None
         ids = [r.id for b in bs for r in b.rows]
+        model = bs[0].rows[0].model
         table.add_row(f"{width}x{height}", str(steps), str(sampler), "-" if den is None else str(den),
+                      *([escape(Path(model).name if model else "--model")] if models else []),
                       str(len(bs)), str(len(ids)), escape(", ".join(ids[:3]) + (" ..." if len(ids) > 3 else "")))
     console.print(table)
 

@@ -3,8 +3,8 @@
 `batchsd run` (which rows to make), its dry run (which it would make) and `batchsd status` (ok /
 missing / failed) all ask `row_states`. Given a row and its latest journaled record, a row is
 
-    done     its record is "ok", for the row's current params_hash, made by the same model (sha256,
-             or the name for the tiny random model) with the same numerics (`Numerics`: torch
+    done     its record is "ok", for the row's current params_hash, made by the row's model (its
+             `model` cell's, else the run's: RowModels; by sha256, or the name for the tiny random model) with the same numerics (`Numerics`: torch
              version, device type, dtype, exact mode), and its image (and latents with
              --save-latents) are files in the output folder
     failed   its record is an error for the current params, model and numerics (made again with
@@ -108,25 +108,53 @@ class Numerics:
                 + (f", {self.prediction_type}" if self.prediction_type else ""))
 
 
+@dataclass(frozen=True)
+class RowModels:
+    """The model and numerics each row is made with: what resume compares a row's record with.
+
+    A row with a `model` cell (JobRow.model: a checkpoint path or "tiny") is made by that model; a
+    row without one by the run's model (`default_key`). Keys are what Pipeline.load is given. A row
+    whose key is not in `by_key` (a dry run that resolved no model, a status of a model the run did
+    not record) and a None in a pair compare nothing."""
+    by_key: dict[str | None, tuple[ModelIdentity | None, Numerics | None]]
+    default_key: str | None = None
+
+    @classmethod
+    def one(cls, model: ModelIdentity | None, numerics: Numerics | None = None) -> "RowModels":
+        """Every row without a `model` cell made by `model` with `numerics`."""
+        return cls({None: (model, numerics)})
+
+    def key(self, row: JobRow) -> str | None:
+        return row.model or self.default_key
+
+    def of(self, row: JobRow) -> tuple[ModelIdentity | None, Numerics | None]:
+        return self.by_key.get(self.key(row), (None, None))
+
+    def keys_in_order(self, rows: Sequence[JobRow]) -> list[str | None]:
+        """The keys `rows` use, in order of first use."""
+        return list(dict.fromkeys(self.key(r) for r in rows))
+
+
 SCAN_ENTRIES_PER_NAME = 4    # resume lists a folder rather than stat its files, up to this many entries per file
 
 
 def row_states(rows: Sequence[JobRow], prior: dict[str, PriorRecord], out_dir: Path, *,
-               model: ModelIdentity | None, numerics: Numerics | None = None, save_latents: bool = False,
-               overwrite: bool = False, retry_errors: bool = False) -> list[str]:
-    """DONE, MAKE or FAILED for each row (module docstring); files are looked up in one pass."""
-    states = [_state(row, prior.get(row.id), model, numerics, save_latents, overwrite, retry_errors)
+               made_with: RowModels | None, save_latents: bool = False, overwrite: bool = False,
+               retry_errors: bool = False) -> list[str]:
+    """DONE, MAKE or FAILED for each row (module docstring); files are looked up in one pass.
+    `made_with` None compares no model nor numerics."""
+    made_with = made_with or RowModels({})
+    states = [_state(row, prior.get(row.id), *made_with.of(row), save_latents, overwrite, retry_errors)
               for row in rows]
     present = existing_files(out_dir, [f for s in states if isinstance(s, list) for f in s if f])
     return [(DONE if all(f and f in present for f in s) else MAKE) if isinstance(s, list) else s for s in states]
 
 
-def decide(rows: Sequence[JobRow], prior: dict, out_dir: Path, *, model: str, model_sha256: str | None,
-           save_latents: bool, overwrite: bool, retry_errors: bool,
-           numerics: Numerics | None = None) -> tuple[list[JobRow], int, int]:
+def decide(rows: Sequence[JobRow], prior: dict, out_dir: Path, *, made_with: RowModels, save_latents: bool,
+           overwrite: bool, retry_errors: bool) -> tuple[list[JobRow], int, int]:
     """Split rows into (to make, skipped ok, skipped earlier failures)."""
-    states = row_states(rows, prior, out_dir, model=ModelIdentity(model, model_sha256), numerics=numerics,
-                        save_latents=save_latents, overwrite=overwrite, retry_errors=retry_errors)
+    states = row_states(rows, prior, out_dir, made_with=made_with, save_latents=save_latents, overwrite=overwrite,
+                        retry_errors=retry_errors)
     todo = [row for row, state in zip(rows, states) if state == MAKE]
     return todo, states.count(DONE), states.count(FAILED)
 

@@ -5,7 +5,8 @@ run.py, the Ray engine in batchsd.scale) only decides how batches reach a Pipeli
 
     session = RunSession(opts, job, console, engine="local")
     with session.locked():                    # the layout's lock; the journal compacted on any exit
-        session.start(model, numerics)        # journal, run.json, resume decision, adopted records
+        session.start(made_with)              # journal, run.json, resume decision, adopted records
+                                              # (made_with: each row's model and numerics, RowModels)
         ... the engine makes session.runnable, reporting each durable batch via session.count
             (local: the ResultWriter appends to session.journal) or session.journal_records (Ray) ...
         return session.finish(interrupted_by)  # compaction, then summary.json last; shards merge
@@ -33,7 +34,7 @@ from batchsd.job.options import RunOptions, RunSummary, UsageError, summary_reco
 from batchsd.job.outputs.claim import claim_output
 from batchsd.job.progress import RunProgress
 from batchsd.job.reader import Job
-from batchsd.job.resume import ModelIdentity, Numerics, adopt_records, decide
+from batchsd.job.resume import RowModels, adopt_records, decide
 from batchsd.job.rows import JobRow
 from batchsd.job.run_meta import clear_summary, read_run_metas, write_run_meta, write_summary
 from batchsd.job.schema import now_utc, results_schema
@@ -56,7 +57,7 @@ class RunSession:
         self.progress: RunProgress | None = None
         self._t0: float | None = None
         self._finished = False
-        self.numerics: Numerics | None = None
+        self.made_with: RowModels | None = None
 
     @property
     def shared_folders(self) -> bool:
@@ -85,14 +86,17 @@ class RunSession:
                 if self.journal is not None and not self._finished:
                     self.journal.compact()
 
-    def start(self, model: ModelIdentity, numerics: Numerics) -> None:
+    def start(self, made_with: RowModels) -> None:
         """Open the journal, record the run, decide what to make (resume.py: rows made by another
-        model or with other numerics are made again) and adopt the records of rows other journals of
-        the folder made. Call inside `locked()`."""
+        model than theirs, or with other numerics, are made again) and adopt the records of rows other
+        journals of the folder made. Call inside `locked()`."""
         job, opts, layout = self.job, self.opts, self.layout
         self._check_same_job()
         claim_output(layout, opts.output, [r.id for r in job.rows])   # one output format per --out
-        self.summary.model, self.summary.model_sha256 = model.name, model.sha256
+        models = [made_with.by_key[k][0] for k in made_with.keys_in_order(job.rows)]
+        if len(models) == 1:
+            self.summary.model, self.summary.model_sha256 = models[0].name, models[0].sha256
+        self.summary.models = [{"name": m.name, "sha256": m.sha256} for m in models]
         schema = results_schema(job.manifest.extra_types)
         self.journal = Journal(job.out_dir, schema, job.journal_ids(), parts_dir=layout.parts_dir,
                                results_path=layout.results_path, extras=job.manifest.extras)
@@ -101,15 +105,15 @@ class RunSession:
         clear_summary(layout.summary_path)        # its presence means "the last run finished"
         if job.shard is not None:
             clear_summary(job_summary_path(job.out_dir))   # the whole job is not known to be done now
-        self.numerics = numerics
-        self._write_run_meta(model, numerics)
+        self.made_with = made_with
+        self._write_run_meta(made_with)
         min_age = SHARED_TEMP_AGE_S if self.shared_folders else 0.0
         for folder in (layout.images_dir, layout.latents_dir):
             remove_stale_temps(folder, min_age_s=min_age)
         prior = read_prior(job.out_dir, layout.resume_parts_dirs())   # rows any run made count
         self.todo, self.summary.skipped, self.summary.previously_failed = decide(
-            job.rows, prior, job.out_dir, model=model.name, model_sha256=model.sha256, numerics=numerics,
-            save_latents=opts.save_latents, overwrite=opts.overwrite, retry_errors=opts.retry_errors)
+            job.rows, prior, job.out_dir, made_with=made_with, save_latents=opts.save_latents,
+            overwrite=opts.overwrite, retry_errors=opts.retry_errors)
         adopt_records(self.journal, job.rows, self.todo, prior)
         self.failing = [(r, job.row_errors[r.id]) for r in self.todo if r.id in job.row_errors]
         self.runnable = [r for r in self.todo if r.id not in job.row_errors]
@@ -127,14 +131,23 @@ class RunSession:
                                  "Give this job its own --out, or pass --reuse-out to make this folder hold it "
                                  "(rows with the same id are then shared between the two)")
 
-    def _write_run_meta(self, model: ModelIdentity, numerics: Numerics) -> None:
+    def _write_run_meta(self, made_with: RowModels) -> None:
+        """run.json. `model`, `model_sha256` and the numerics are the run's model's (the first one used
+        when every row names its own); `models` lists every model the rows use, by key
+        (RowModels.key: what was loaded), which `batchsd status` compares rows with."""
         opts, job, shard = self.opts, self.job, self.job.shard
+        order = made_with.keys_in_order(job.rows)
+        first = made_with.default_key if made_with.default_key in made_with.by_key else (order or [None])[0]
+        model, numerics = made_with.by_key.get(first, (None, None))
         write_run_meta(self.layout, {
             "manifest": str(Path(opts.manifest).resolve()), "limit": opts.limit, "out_dir": str(job.out_dir),
             "manifest_options": opts.manifest_options.to_json(),   # --map, --wildcards: status reads the same rows
             "shard_index": shard.index if shard else None, "shard_count": shard.count if shard else 1,
-            "shard_source": shard.source if shard else None, "model": model.name, "model_sha256": model.sha256,
-            "save_latents": opts.save_latents, "engine": self.engine, **numerics.columns(),
+            "shard_source": shard.source if shard else None, "model": model.name if model else None,
+            "model_sha256": model.sha256 if model else None, "default_model": made_with.default_key,
+            "models": {key: {"name": m.name, "sha256": m.sha256, "prediction_type": m.prediction_type}
+                       for key, (m, _) in made_with.by_key.items() if m is not None and key is not None},
+            "save_latents": opts.save_latents, "engine": self.engine, **(numerics.columns() if numerics else {}),
             "rows": len(job.rows), "job_rows": len(job.job_ids or job.rows),
             "host": socket.gethostname(), "pid": os.getpid(), "started_at": now_utc().isoformat(),
         })
@@ -146,9 +159,11 @@ class RunSession:
                            + (f", {s.previously_failed} failed earlier (--retry-errors to retry)"
                               if s.previously_failed else "")
                            + f"; {how}; output {escape(str(self.job.out_dir))}/")
-        if self.numerics is not None:
-            self.console.print(f"numerics: {escape(str(self.numerics))} (recorded with every row; resume remakes "
-                               "rows made with other numerics)")
+        if self.made_with is not None:
+            numerics = dict.fromkeys(str(n) for _, n in self.made_with.by_key.values() if n is not None)
+            if numerics:
+                self.console.print(f"numerics: {escape('; '.join(numerics))} (recorded with every row; resume "
+                                   "remakes rows made with other numerics)")
 
     def start_progress(self, rich_bar: bool | None) -> RunProgress:
         """The progress display (use it as a context manager); the run's clock starts now."""
@@ -175,15 +190,15 @@ class RunSession:
 
     def finish(self, interrupted_by: str | None = None) -> RunSummary:
         """Compact the journal, then write the done marker if every row was got through (a signal
-        that came after the last batch does not count as an interruption); a shard that completes
-        the job merges the shards' results."""
+        that came after the last batch does not count as an interruption; rows of a model that did
+        not load were not); a shard that completes the job merges the shards' results."""
         s = self.summary
         s.elapsed_s = time.monotonic() - self._t0 if self._t0 is not None else 0.0
         s.pending = len(self.todo) - s.ok - s.failed
         s.interrupted_by = interrupted_by if (interrupted_by and s.pending) else None
         self.journal.compact()
         self._finished = True
-        if s.interrupted_by is None:
+        if s.pending == 0:
             write_summary(self.layout.summary_path, summary_record(self.opts, s))
             if self.job.shard is not None:
                 from batchsd.job.merge import merge_shard_results

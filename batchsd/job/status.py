@@ -105,7 +105,7 @@ def collect_status(out_dir: Path, manifest: Path | None = None, limit: int | Non
     from batchsd.job.lock import is_locked
     from batchsd.job.merge import merge_shard_results, merged_is_whole
     from batchsd.job.reader import read_rows
-    from batchsd.job.resume import ModelIdentity, row_states
+    from batchsd.job.resume import row_states
     from batchsd.job.run_meta import read_run_metas
     from batchsd.job.rows import ManifestOptions
     from batchsd.job.shards import shard_of
@@ -134,9 +134,8 @@ def collect_status(out_dir: Path, manifest: Path | None = None, limit: int | Non
         raise InputError(f"the manifest {manifest} cannot be read as a job now:\n{e}") from None
     count = _shard_count(out_dir)
     prior = read_prior(out_dir)
-    model_name = _meta_text(newest, "model")
-    model = ModelIdentity(model_name, _meta_text(newest, "model_sha256")) if model_name else None
-    states = row_states(rows, prior, out_dir, model=model, save_latents=newest.get("save_latents") is True)
+    states = row_states(rows, prior, out_dir, made_with=_recorded_models(newest),
+                        save_latents=newest.get("save_latents") is True)
     shards = [Tally(i) for i in range(count)]
     overall = Tally(None)
     models: dict[str, int] = {}
@@ -166,6 +165,22 @@ def collect_status(out_dir: Path, manifest: Path | None = None, limit: int | Non
         if merge and not report.merged and all(t.state == "done" for t in shards):
             report.merged = merge_shard_results(out_dir, count, ids)
     return report
+
+
+def _recorded_models(meta: dict):
+    """The models run.json says the rows are made with (session._write_run_meta): `models` by key,
+    `default_model` for rows without a model cell; a run.json from before per-row models names one
+    `model`. Numerics are not compared."""
+    from batchsd.job.resume import ModelIdentity, RowModels
+
+    models = meta.get("models")
+    if isinstance(models, dict) and models:
+        by_key = {key: (ModelIdentity(m["name"], m.get("sha256") if isinstance(m.get("sha256"), str) else None), None)
+                  for key, m in models.items() if isinstance(m, dict) and isinstance(m.get("name"), str)}
+        default = meta.get("default_model")
+        return RowModels(by_key, default if isinstance(default, str) else None)
+    name = _meta_text(meta, "model")
+    return RowModels.one(ModelIdentity(name, _meta_text(meta, "model_sha256")) if name else None)
 
 
 def _count_dataset_shards(report: StatusReport, out_dir: Path) -> None:

@@ -73,9 +73,10 @@ class Worker:
     console: Console
 
     def __post_init__(self):
-        from batchsd.job.resume import Numerics
+        from batchsd.job.resume import ModelIdentity, Numerics
 
         self.numerics = Numerics.of(self.pipe)
+        self.model = ModelIdentity(self.pipe.name, self.pipe.sha256)
         self.choices = speed_choices(self.pipe)
 
     def run_rows(self, rows: list[JobRow], images: dict[str, object]) -> None:
@@ -104,7 +105,7 @@ class Worker:
             if is_out_of_memory(e):
                 self._free_memory()
                 if len(chunk) == 1:
-                    self.emit(BatchResult(records=[record(chunk[0], self.numerics, self.choices)], images=[None],
+                    self.emit(BatchResult(records=[record(chunk[0], self.model, self.numerics, self.choices)], images=[None],
                                           errors=[f"out of memory at batch size 1 ({_first_line(e)}); "
                                                   "use a smaller size, --low-memory or --dtype fp16"]))
                     return
@@ -117,13 +118,13 @@ class Worker:
                 for r in chunk:
                     self._run_chunk([r], images)
                 return
-            self.emit(BatchResult(records=[record(chunk[0], self.numerics, self.choices)], images=[None],
+            self.emit(BatchResult(records=[record(chunk[0], self.model, self.numerics, self.choices)], images=[None],
                                   errors=[_error_text(e)]))
             return
         elapsed = time.perf_counter() - t0
         latents = out.latents.float()
         finite = latents.flatten(1).isfinite().all(dim=1).tolist()   # per row: rows never mix in a batch
-        self.emit(BatchResult(records=[record(r, self.numerics, self.choices) for r in chunk],
+        self.emit(BatchResult(records=[record(r, self.model, self.numerics, self.choices) for r in chunk],
                               images=[im if ok else None for im, ok in zip(out.images, finite)],
                               latents=latents.numpy(), errors=[None if ok else NON_FINITE for ok in finite],
                               elapsed_s=elapsed, truncated=list(getattr(out, "prompt_truncated", []) or [])))
@@ -157,14 +158,16 @@ def speed_choices(pipe) -> dict:
     return {"cpu": None if kind is None else str(kind), "winograd": bool(getattr(pipe, "winograd", False))}
 
 
-def record(row: JobRow, numerics=None, choices: dict | None = None) -> dict:
-    """The row's manifest record, its params_hash and, for a row the model made or tried, the
-    numerics (resume.Numerics) it was made with."""
+def record(row: JobRow, model, numerics=None, choices: dict | None = None) -> dict:
+    """The row's manifest record, its params_hash, the model that makes it (resume.ModelIdentity:
+    the row's own, or the run's) and, for a row the model made or tried, the numerics
+    (resume.Numerics) it was made with."""
     from batchsd.job.embeddings import embedding_record
 
     rec = row.to_record()
     rec["embeddings"] = embedding_record(row.conditioning.get("embeddings"))
     rec["params_hash"] = row.params_hash()
+    rec["model"], rec["model_sha256"] = (model.name, model.sha256) if model is not None else (None, None)
     if numerics is not None:
         rec.update(numerics.columns())
     if choices is not None:
@@ -172,9 +175,10 @@ def record(row: JobRow, numerics=None, choices: dict | None = None) -> dict:
     return rec
 
 
-def failed_rows(failures: Sequence[tuple[JobRow, str]]):
-    """A BatchResult recording rows that fail without a model call (e.g. an unusable init image)."""
+def failed_rows(failures: Sequence[tuple[JobRow, str]], made_with):
+    """A BatchResult recording rows that fail without a model call (e.g. an unusable init image, a
+    model that does not load), each with the model planned for it (`made_with`: resume.RowModels)."""
     from batchsd.job.writer import BatchResult
 
-    return BatchResult(records=[record(r) for r, _ in failures], images=[None] * len(failures),
+    return BatchResult(records=[record(r, made_with.of(r)[0]) for r, _ in failures], images=[None] * len(failures),
                        errors=[why for _, why in failures])

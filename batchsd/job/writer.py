@@ -36,7 +36,7 @@ from batchsd.job.schema import now_utc
 @dataclass
 class BatchResult:
     """One finished generate() call (or a set of failed rows) on its way to disk."""
-    records: list[dict]                          # manifest record per row (to_record() + params_hash)
+    records: list[dict]                          # per row: worker.record (manifest record, params_hash, model)
     images: list[Image.Image | None]             # None for failed rows
     latents: np.ndarray | None = None            # [B, 4, h, w] float32, rows aligned with records
     errors: list[str | None] = field(default_factory=list)
@@ -47,15 +47,12 @@ class BatchResult:
 class ResultWriter:
     """Writes BatchResults in a background thread; `on_written(n_ok, n_failed)` after each batch."""
 
-    def __init__(self, out_dir: Path, journal: Journal, *, model_name: str, model_sha256: str | None,
-                 short_hash: str | None, save_latents: bool, on_written: Callable[[int, int], None] | None = None,
-                 queue_size: int = 2, output: OutputWriter | None = None):
+    def __init__(self, out_dir: Path, journal: Journal, *, save_latents: bool,
+                 on_written: Callable[[int, int], None] | None = None, queue_size: int = 2,
+                 output: OutputWriter | None = None):
         self.out_dir = Path(out_dir)
-        self.output = output if output is not None else LooseFiles(
-            self.out_dir, model_name=model_name, short_hash=short_hash, save_latents=save_latents)
+        self.output = output if output is not None else LooseFiles(self.out_dir, save_latents=save_latents)
         self.journal = journal
-        self.model_name = model_name
-        self.model_sha256 = model_sha256
         self.on_written = on_written
         self.queue: queue.Queue[BatchResult | None] = queue.Queue(maxsize=queue_size)
         self.error: BaseException | None = None
@@ -123,8 +120,7 @@ class ResultWriter:
             rec = dict(rec)
             image = batch.images[i] if i < len(batch.images) else None
             error = batch.errors[i] if i < len(batch.errors) else None
-            rec.update(model=self.model_name, model_sha256=self.model_sha256, image_path=None,
-                       image_sha256=None, latents_path=None, error=None,
+            rec.update(image_path=None, image_sha256=None, latents_path=None, error=None,
                        prompt_truncated=batch.truncated[i] if i < len(batch.truncated) else None)
             if image is not None and error is None:
                 try:

@@ -46,11 +46,11 @@ from typing import Any
 
 from rich.console import Console
 
-from batchsd.errors import InputError
-from batchsd.job.model_choice import TINY, model_identity, resolve_model, with_model_default_size
+from batchsd.errors import BatchSDError
+from batchsd.job.model_choice import row_models, run_model_for, with_model_defaults
 from batchsd.job.options import RunOptions, RunSummary, UsageError
 from batchsd.job.reader import read_job, warning_lines
-from batchsd.job.resume import Numerics
+from batchsd.job.resume import ModelIdentity, Numerics, RowModels
 from batchsd.job.session import RunSession
 
 RAY_EXTRA_HINT = "the Ray engine needs Ray: pip install 'batchsd[ray]' (or pip install 'ray[data]>=2.9')"
@@ -84,7 +84,7 @@ class _Collector:
 
 @dataclass(frozen=True)
 class MakerConfig:
-    model: str
+    model: str             # a model_key: what Pipeline.load is given
     model_name: str
     model_sha256: str | None
     device: str
@@ -141,9 +141,7 @@ class RowMaker:
         rows = [pickle.loads(b) for b in batch.column("job_row").to_pylist()]
         known_errors = batch.column("error").to_pylist()
         collector = _Collector()
-        writer = ResultWriter(Path(self.cfg.out_dir), collector, model_name=self.pipe.name,
-                              model_sha256=self.pipe.sha256, short_hash=self.pipe.short_hash,
-                              save_latents=self.cfg.save_latents)
+        writer = ResultWriter(Path(self.cfg.out_dir), collector, save_latents=self.cfg.save_latents)
         try:
             failing = [(r, e) for r, e in zip(rows, known_errors) if e]
             runnable = [r for r, e in zip(rows, known_errors) if not e]
@@ -151,7 +149,9 @@ class RowMaker:
             failing += [(r, errors[r.id]) for r in runnable if r.id in errors]
             runnable = [r for r in runnable if r.id not in errors]
             if failing:
-                writer.submit(failed_rows(failing))
+                made_with = RowModels({self.cfg.model: (ModelIdentity(self.pipe.name, self.pipe.sha256), None)},
+                                      default_key=self.cfg.model)   # every row of a call is this model's
+                writer.submit(failed_rows(failing, made_with))
             if runnable:
                 self.batch_size = batch_size_for(self.batch_size, self.pipe, runnable)
                 worker = Worker(self.pipe, self.batch_size, writer.submit, self.console)
@@ -179,14 +179,11 @@ def run_ray(opts: RunOptions, *, workers: int = 1, console: Console | None = Non
     if workers < 1:
         raise UsageError(f"--workers {workers}: use a whole number >= 1")
     ray = import_ray()
-    opts = with_model_default_size(opts)   # unsized rows at the model family's size
+    opts = with_model_defaults(opts)   # unsized rows at their model family's size
     job = read_job(opts)
     for line in warning_lines(job.manifest):
         console.print(line, style="yellow", markup=False)
-    model = resolve_model(opts.model)
-    if model != TINY:
-        model = str(Path(model).resolve())   # actors may run in another folder
-    identity = model_identity(model, opts.prediction_type)
+    run_model = run_model_for(opts, job.rows)   # model keys are absolute paths: actors may run in another folder
     session = RunSession(opts, job, console, engine="ray")
     interrupted = None
     with session.locked():
@@ -199,35 +196,46 @@ def run_ray(opts: RunOptions, *, workers: int = 1, console: Console | None = Non
             if opts.device.startswith("cuda") and not use_gpu:
                 raise UsageError(f"--device {opts.device}: the Ray cluster has no GPUs; use --device cpu or auto")
             # the numerics the actors' pipelines will have (each actor checks its own against them)
+            def planned(prediction_type):
+                return Numerics.planned("cuda" if use_gpu else "cpu", opts.dtype, opts.exact, opts.compile,
+                                        prediction_type)
+
             try:
-                numerics = Numerics.planned("cuda" if use_gpu else "cpu", opts.dtype, opts.exact, opts.compile,
-                                            identity.prediction_type)
-            except InputError as e:
+                made_with = row_models(job.rows, run_model, opts.prediction_type, planned)
+            except BatchSDError as e:
                 raise UsageError(str(e)) from None
-            session.start(identity, numerics)
-            # batch-plan order, so that an actor's call holds rows that share UNet forwards
-            planned = [r for b in plan_batches(session.runnable, batch_size_for(opts.batch_size)) for r in b.rows]
-            items = [{"job_row": pickle.dumps(r), "error": why} for r, why in session.failing] + \
-                    [{"job_row": pickle.dumps(r), "error": None} for r in planned]
+            session.start(made_with)
+            # one actor pool per model, in order of first use; items in batch-plan order, so that an
+            # actor's call holds rows that share UNet forwards
+            groups: dict = {}
+            for r, why in session.failing:
+                groups.setdefault(made_with.key(r), []).append({"job_row": pickle.dumps(r), "error": why})
+            for b in plan_batches(session.runnable, batch_size_for(opts.batch_size)):
+                groups.setdefault(made_with.key(b.rows[0]), []).extend(
+                    {"job_row": pickle.dumps(r), "error": None} for r in b.rows)
+            groups = {key: groups[key] for key in made_with.keys_in_order(session.todo) if key in groups}
             per_call = rows_per_call or (opts.batch_size * 4 if opts.batch_size else DEFAULT_ROWS_PER_CALL)
-            session.announce(f"Ray: {workers} worker(s) on {'GPU' if use_gpu else 'CPU'}, {per_call} rows per call")
+            session.announce(f"Ray: {workers} worker(s) on {'GPU' if use_gpu else 'CPU'}, {per_call} rows per call, "
+                             f"{len(groups)} model(s) in turn")
             progress = session.start_progress(rich_bar)
-            if items:
-                cpus = cpus_per_worker or (1 if not use_gpu else None)
-                cfg = MakerConfig(model=model, model_name=identity.name, model_sha256=identity.sha256,
-                                  device="cuda" if use_gpu else "cpu", dtype=opts.dtype, low_memory=opts.low_memory,
-                                  compile=opts.compile, winograd=opts.winograd, prediction_type=opts.prediction_type,
-                                  exact=opts.exact, numerics=numerics, out_dir=str(job.out_dir.resolve()),
-                                  save_latents=opts.save_latents, batch_size=opts.batch_size,
-                                  schema=session.journal.schema, threads=int(cpus) if cpus else None)
-                _quiet_ray_data(ray)
-                remote = {"num_gpus": 1} if use_gpu else {"num_cpus": cpus}
-                if use_gpu and cpus_per_worker:
-                    remote["num_cpus"] = cpus_per_worker
-                results = ray.data.from_items(items).map_batches(
-                    RowMaker, fn_constructor_kwargs={"cfg": cfg}, batch_size=per_call, batch_format="pyarrow",
-                    compute=ray.data.ActorPoolStrategy(size=workers), **remote)
-                with progress:
+            cpus = cpus_per_worker or (1 if not use_gpu else None)
+            remote = {"num_gpus": 1} if use_gpu else {"num_cpus": cpus}
+            if use_gpu and cpus_per_worker:
+                remote["num_cpus"] = cpus_per_worker
+            _quiet_ray_data(ray)
+            with progress:
+                for key, items in groups.items():
+                    identity, numerics = made_with.by_key[key]
+                    cfg = MakerConfig(model=key, model_name=identity.name, model_sha256=identity.sha256,
+                                      device="cuda" if use_gpu else "cpu", dtype=opts.dtype,
+                                      low_memory=opts.low_memory, compile=opts.compile, winograd=opts.winograd,
+                                      prediction_type=opts.prediction_type, exact=opts.exact, numerics=numerics,
+                                      out_dir=str(job.out_dir.resolve()), save_latents=opts.save_latents,
+                                      batch_size=opts.batch_size, schema=session.journal.schema,
+                                      threads=int(cpus) if cpus else None)
+                    results = ray.data.from_items(items).map_batches(
+                        RowMaker, fn_constructor_kwargs={"cfg": cfg}, batch_size=per_call, batch_format="pyarrow",
+                        compute=ray.data.ActorPoolStrategy(size=workers), **remote)
                     for table in results.iter_batches(batch_size=None, batch_format="pyarrow"):
                         session.journal_records(table.to_pylist())
         except KeyboardInterrupt:

@@ -141,7 +141,7 @@ def prefill(out_dir: Path, manifest_path: Path, n_done: int, touch_images: bool,
 
 def bench_resume(tmp: Path, n: int) -> dict:
     from batchsd.job.journal import read_prior
-    from batchsd.job.resume import decide
+    from batchsd.job.resume import ModelIdentity, RowModels, decide
 
     table = make_table(n, seed=1)
     table = table.set_column(table.column_names.index("width"), "width", pa.array([64] * n))
@@ -156,7 +156,7 @@ def bench_resume(tmp: Path, n: int) -> dict:
         t0 = time.perf_counter()
         prior = read_prior(out_dir)
         t1 = time.perf_counter()
-        todo, skipped, _ = decide(m.rows, prior, out_dir, model="tiny-random", model_sha256=None,
+        todo, skipped, _ = decide(m.rows, prior, out_dir, made_with=RowModels.one(ModelIdentity("tiny-random", None)),
                                   save_latents=False, overwrite=False, retry_errors=False)
         t2 = time.perf_counter()
         assert not todo and skipped == n, (len(todo), skipped)
@@ -192,15 +192,14 @@ def bench_writer(tmp: Path, already: int, batches: int = 64, batch_rows: int = 4
         per_batch.append(writer.write_seconds - last[0])
         last[0] = writer.write_seconds
 
-    writer = ResultWriter(out_dir, journal, model_name="tiny-random", model_sha256=None, short_hash=None,
-                          save_latents=False, on_written=on_written)
+    writer = ResultWriter(out_dir, journal, save_latents=False, on_written=on_written)
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8))
     new_rows = m.rows[already:]
     t0 = time.perf_counter()
     for i in range(0, len(new_rows), batch_rows):
         chunk = new_rows[i:i + batch_rows]
-        recs = [dict(r.to_record(), params_hash=r.params_hash()) for r in chunk]
+        recs = [dict(r.to_record(), params_hash=r.params_hash(), model="tiny-random", model_sha256=None) for r in chunk]
         writer.submit(BatchResult(records=recs, images=[image] * len(chunk), errors=[None] * len(chunk), elapsed_s=1.0))
     writer.close()
     wall = time.perf_counter() - t0

@@ -77,11 +77,10 @@ def bench_format(tmp: Path, fmt: str, n: int, pool: list[Image.Image], size: int
     spec = OutputSpec(format=fmt, shard_size=shard_size) if fmt in ("webdataset", "parquet") else OutputSpec(format=fmt)
     journal = Journal(out, results_schema({}), [r.id for r in rows], parts_dir=layout.parts_dir,
                       results_path=layout.results_path)
-    records = [dict(r.to_record(), params_hash=r.params_hash()) for r in rows]
+    records = [dict(r.to_record(), params_hash=r.params_hash(), model="bench", model_sha256=None) for r in rows]
     t0 = time.perf_counter()
-    output = open_output(spec, layout, rows=rows, todo=rows, journal=journal, model_name="bench",
-                         short_hash=None, save_latents=False)
-    writer = ResultWriter(out, journal, model_name="bench", model_sha256=None, short_hash=None, save_latents=False,
+    output = open_output(spec, layout, rows=rows, todo=rows, journal=journal, save_latents=False)
+    writer = ResultWriter(out, journal, save_latents=False,
                           output=output)
     for i in range(0, n, batch_rows):
         recs = records[i:i + batch_rows]

@@ -25,7 +25,7 @@ from PIL import Image
 
 from batchsd.job.journal import PriorRecord
 from batchsd.job.options import RunOptions
-from batchsd.job.resume import MAKE, DONE, Numerics, row_states
+from batchsd.job.resume import MAKE, DONE, Numerics, RowModels, row_states
 from batchsd.job.rows import JobRow
 from batchsd.job.shards import shard_of
 from batchsd.model.pipeline import Pipeline
@@ -228,7 +228,7 @@ def test_row_states_compare_numerics_as_they_compare_models(tmp_path):
     def state(numerics, **made_with):
         rec = dict(status="ok", image_path="images/a.png", latents_path=None, model="m", model_sha256=None,
                    params_hash=row.params_hash(), **made_with)
-        return row_states([row], {"a": PriorRecord(**rec)}, tmp_path, model=None, numerics=numerics)[0]
+        return row_states([row], {"a": PriorRecord(**rec)}, tmp_path, made_with=RowModels.one(None, numerics))[0]
 
     same = now.columns()
     assert state(now, **same) == DONE

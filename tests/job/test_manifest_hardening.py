@@ -35,7 +35,7 @@ from batchsd.cli import app
 from batchsd.job.init_images import inspect_init_image, load_init_image, resolve_image_sizes
 from batchsd.job.journal import Journal, read_prior
 from batchsd.job.layout import RunLayout
-from batchsd.job.manifest import read_manifest
+from batchsd.job.manifest import COLUMNS, read_manifest
 from batchsd.job.rows import JobRow
 from batchsd.job.schema import RESULT_NAMES, results_schema
 from batchsd.model import request
@@ -102,7 +102,7 @@ def small_rows(n: int) -> dict:
 
 # ----------------------------------------------------------------------------- 3: result-named columns
 
-@pytest.mark.parametrize("name", RESULT_NAMES)
+@pytest.mark.parametrize("name", [n for n in RESULT_NAMES if n not in COLUMNS])   # `model` is read: test_row_models
 def test_pass_through_column_named_like_a_result_column_is_refused(tmp_path, name):
     manifest = tmp_path / "m.csv"
     manifest.write_text(f"prompt,steps,width,height,{name}\na cat,2,64,64,kept\n")
@@ -118,14 +118,16 @@ def test_pass_through_column_named_like_a_result_column_is_refused(tmp_path, nam
     assert not (tmp_path / "outputs").exists()
 
 
-def test_a_model_column_says_one_model_per_run(tmp_path):
-    """A `model` column is what a user writes for per-row models, which batchsd does not do: the
-    refusal says so and how to split the job (not only that the name is taken)."""
+def test_a_model_cell_naming_no_checkpoint_is_the_rows_problem(tmp_path, monkeypatch):
+    """A `model` cell is read (per-row models: tests/job/test_row_models.py); one that names nothing
+    is a problem of its row and column that says where batchsd looked and what to write."""
+    monkeypatch.chdir(tmp_path)
     manifest = tmp_path / "m.csv"
-    manifest.write_text("prompt,model\na cat,sdxl.safetensors\n")
+    manifest.write_text("prompt,model\na cat,\na dog,sdxl.safetensors\n")
     (problem,) = read_manifest(manifest).problems
-    assert problem.column == "model" and "one model (--model)" in problem.message
-    assert "Split the manifest by model" in problem.message and "src_model" in problem.message
+    assert (problem.row, problem.column) == (2, "model")
+    assert "no checkpoint 'sdxl.safetensors'" in problem.message and "weights" in problem.message
+    assert "relative to the manifest's folder" in problem.message and "'tiny'" in problem.message
 
 
 # ----------------------------------------------------------------------------- 5: uint64 >= 2**63

@@ -189,7 +189,7 @@ def test_files_jpg_webp_carry_a1111_parameters_and_captions(tmp_path, image_form
         data = (out / rec["image_path"]).read_bytes()
         assert rec["image_path"] == f"images/r00.{image_format}"
         assert hashlib.sha256(data).hexdigest() == rec["image_sha256"]
-        assert exif_parameters(data) == a1111_parameters(rec, "tiny-random", None)
+        assert exif_parameters(data) == a1111_parameters(rec)
         assert (out / "images" / "r00.txt").read_text() == "a photo number 0"
         with Image.open(io.BytesIO(data)) as im:
             assert im.size == (64, 64)
@@ -204,7 +204,7 @@ def test_default_quality_is_95_for_jpg_and_90_for_webp():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, size=(32, 32, 3), dtype=np.uint8))
     rec = dict(prompt="p", negative_prompt="", steps=2, sampler="euler", cfg_scale=7.5, seed=1, width=32, height=32)
     for image_format, default, other in (("jpg", 95, 90), ("webp", 90, 95)):
-        encode = lambda q: encode_image(image, rec, OutputSpec(image_format=image_format, quality=q), "m", None)  # noqa: E731
+        encode = lambda q: encode_image(image, rec, OutputSpec(image_format=image_format, quality=q))  # noqa: E731
         assert encode(None) == encode(default) != encode(other)
 
 

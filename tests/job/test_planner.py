@@ -145,8 +145,16 @@ def test_grouping_ignores_file_order_and_varying_fields():
             job(3, 64, 64, steps=20), job(4, 128, 64), job(5, 64, 64, sampler="ddim"), job(6, 64, 64)]
     batches = plan_batches(rows, batch_size=8)
     assert [[r.index for r in b.rows] for b in batches] == [[0, 2, 6], [1, 4], [3], [5]]
-    assert [b.key for b in batches] == [(64, 64, 10, "euler", None, 1, ()), (128, 64, 10, "euler", None, 1, ()),
-                                        (64, 64, 20, "euler", None, 1, ()), (64, 64, 10, "ddim", None, 1, ())]
+    assert [b.key for b in batches] == [(64, 64, 10, "euler", None, 1, (), None), (128, 64, 10, "euler", None, 1, (), None),
+                                        (64, 64, 20, "euler", None, 1, (), None), (64, 64, 10, "ddim", None, 1, (), None)]
+
+
+def test_rows_of_two_models_never_share_a_batch():
+    rows = [job(0), dataclasses.replace(job(1), model="/w/a.safetensors"), job(2),
+            dataclasses.replace(job(3), model="/w/a.safetensors"), dataclasses.replace(job(4), model="tiny")]
+    batches = plan_batches(rows, batch_size=8)
+    assert [[r.index for r in b.rows] for b in batches] == [[0, 2], [1, 3], [4]]
+    assert [b.key[-1] for b in batches] == [None, "/w/a.safetensors", "tiny"]     # the key ends with the model
 
 
 def test_batch_size_split_keeps_order():
@@ -187,10 +195,10 @@ def test_batch_key_matches_pipeline(tmp_path):
         gen = pipeline.GenerationRow(prompt=row.prompt, seed=row.seed, steps=row.steps, sampler=row.sampler,
                                      width=row.width, height=row.height, strength=row.strength or 0.75,
                                      init_image=image if row.init_image else None)
-        assert pipeline.Pipeline.batch_key(gen) == batch_key(row), row.id
+        assert pipeline.Pipeline.batch_key(gen) + (row.model,) == batch_key(row), row.id
         unsized = dataclasses.replace(gen, width=None, height=None)    # the pipeline's own defaulting agrees
         if row.init_image:
-            assert pipeline.Pipeline.batch_key(unsized) == batch_key(row)
+            assert pipeline.Pipeline.batch_key(unsized) + (row.model,) == batch_key(row)
 
 
 def test_batch_is_a_plain_record():

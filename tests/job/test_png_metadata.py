@@ -77,7 +77,7 @@ def record(**over) -> dict:
 @pytest.mark.parametrize("model", ["v1-5-pruned-emaonly", "anime, v2: final", 'my "best" model', "a:b",
                                    "comma, only", "line\nbreak", "ünïcode: ✓"])
 def test_a1111_reads_every_setting_back(model):
-    text = a1111_parameters(record(), model, "6ce0161689")
+    text = a1111_parameters(record(model=model, model_sha256="6ce0161689" + "0" * 54))
     parsed = parse_generation_parameters(text)
     assert parsed["Prompt"] == "a cat, (detailed:1.2)" and parsed["Negative prompt"] == "blurry, low quality"
     assert parsed["Model"] == model
@@ -86,7 +86,7 @@ def test_a1111_reads_every_setting_back(model):
 
 
 def test_img2img_strength_and_no_negative_prompt():
-    text = a1111_parameters(record(negative_prompt="", init_image="x.png", strength=0.75), "m: x", None)
+    text = a1111_parameters(record(negative_prompt="", init_image="x.png", strength=0.75, model="m: x"))
     parsed = parse_generation_parameters(text)
     assert parsed["Negative prompt"] == "" and parsed["Denoising strength"] == "0.75" and parsed["Model"] == "m: x"
     assert "Model hash" not in parsed
@@ -97,12 +97,12 @@ def test_quoting_matches_a1111_where_a1111_quotes():
         assert quote(value) == a1111_quote(value)
     # a value holding '"' alone: A1111 writes it bare; batchsd quotes it, which A1111 reads back the same
     assert quote('say "hi"') == '"say \\"hi\\""' and unquote(quote('say "hi"')) == 'say "hi"'
-    assert "Model: anime, v2: final" not in a1111_parameters(record(), "anime, v2: final", None)
-    assert 'Model: "anime, v2: final"' in a1111_parameters(record(), "anime, v2: final", None)
+    assert "Model: anime, v2: final" not in a1111_parameters(record(model="anime, v2: final"))
+    assert 'Model: "anime, v2: final"' in a1111_parameters(record(model="anime, v2: final"))
 
 
 def test_png_chunk_holds_the_quoted_text():
-    text = a1111_parameters(record(), "anime, v2: final", None)
+    text = a1111_parameters(record(model="anime, v2: final"))
     png = encode_png(Image.new("RGB", (8, 8)), text, json.dumps(record()))
     with Image.open(io.BytesIO(png)) as im:
         assert parse_generation_parameters(im.text["parameters"])["Model"] == "anime, v2: final"

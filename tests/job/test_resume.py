@@ -22,7 +22,7 @@ from PIL import Image
 from batchsd.job.atomic import atomic_write_table
 from batchsd.job.layout import RunLayout
 from batchsd.job.journal import PriorRecord, read_prior
-from batchsd.job.resume import decide
+from batchsd.job.resume import ModelIdentity, RowModels, decide
 from batchsd.job.options import EXIT_SIGINT, EXIT_SIGTERM, RunSummary
 from cli_support import invoke, serve_tiny
 
@@ -268,7 +268,8 @@ def test_decide_model_and_files(tmp_path):
     def todo(p, **kw):
         args = dict(model="sd", model_sha256="1" * 64, save_latents=False, overwrite=False, retry_errors=False)
         args.update(kw)
-        return [r.id for r in decide([row], p, tmp_path, **args)[0]]
+        made_with = RowModels.one(ModelIdentity(args.pop("model"), args.pop("model_sha256")))
+        return [r.id for r in decide([row], p, tmp_path, made_with=made_with, **args)[0]]
 
     assert todo(prior()) == []
     assert todo(prior(), model_sha256="2" * 64) == ["a"]          # another checkpoint
@@ -312,7 +313,7 @@ def test_decide_redoes_rows_whose_files_are_missing(tmp_path, monkeypatch, entri
     prior["r7"].status = "error"
 
     def todo(save_latents):
-        made, skipped, failed = decide(rows, prior, tmp_path, model="sd", model_sha256=None,
+        made, skipped, failed = decide(rows, prior, tmp_path, made_with=RowModels.one(ModelIdentity("sd", None)),
                                        save_latents=save_latents, overwrite=False, retry_errors=False)
         assert skipped + failed + len(made) == len(rows) and failed == 1
         return [r.id for r in made]

@@ -42,17 +42,19 @@ def result(rid: str, status="ok", **kw) -> dict:
 def test_a1111_parameters_txt2img_and_img2img():
     rec = record("a", prompt="a cat, oil", negative_prompt="blurry", seed=123, steps=25, cfg_scale=7.5,
                  sampler="dpmpp_2m_karras", width=512, height=768)
-    assert a1111_parameters(rec, "v1-5-pruned-emaonly", "6ce0161689") == (
+    rec.update(model="v1-5-pruned-emaonly", model_sha256="6ce0161689" + "0" * 54)   # the record's own model
+    assert a1111_parameters(rec) == (
         "a cat, oil\nNegative prompt: blurry\n"
         "Steps: 25, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 123, Size: 512x768, "
         "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly")
     # empty negative prompt: no line (as A1111); img2img: denoising strength; A1111 sampler names
-    rec = record("b", prompt="p", sampler="euler_a", cfg_scale=7.0, init_image="in.png", strength=0.6)
-    text = a1111_parameters(rec, "tiny-random", None)
+    rec = record("b", prompt="p", sampler="euler_a", cfg_scale=7.0, init_image="in.png", strength=0.6,
+                 model="tiny-random", model_sha256=None)
+    text = a1111_parameters(rec)
     assert text == "p\nSteps: 25, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 64x64, Model: tiny-random, " \
                    "Denoising strength: 0.6"
     for name, shown in [("ddim", "DDIM"), ("ddpm", "DDPM"), ("euler", "Euler"), ("dpmpp_2m", "DPM++ 2M")]:
-        assert f"Sampler: {shown}," in a1111_parameters(record("c", sampler=name), "m", None)
+        assert f"Sampler: {shown}," in a1111_parameters(record("c", sampler=name, model="m"))
 
 
 def test_png_text_chunks_round_trip_including_non_latin1(tmp_path):
@@ -222,18 +224,20 @@ def _image(v: int) -> Image.Image:
 def test_writer_writes_images_records_and_failures(tmp_path):
     j = Journal(tmp_path, results_schema({}), ["a", "b", "c"])
     seen = []
-    w = ResultWriter(tmp_path, j, model_name="m", model_sha256="f" * 64, short_hash="f" * 10, save_latents=True,
-                     on_written=lambda ok, bad: seen.append((ok, bad)))
+    w = ResultWriter(tmp_path, j, save_latents=True, on_written=lambda ok, bad: seen.append((ok, bad)))
     lat = np.zeros((2, 4, 8, 8), np.float32)
-    w.submit(BatchResult(records=[record("a"), record("b")], images=[_image(1), _image(2)], latents=lat,
+    mine = dict(model="m", model_sha256="f" * 64)
+    w.submit(BatchResult(records=[record("a", **mine), record("b", **mine)], images=[_image(1), _image(2)], latents=lat,
                          errors=[None, None], elapsed_s=2.0))
-    w.submit(BatchResult(records=[record("c")], images=[None], errors=["init image not found: x.png"]))
+    w.submit(BatchResult(records=[record("c", model="other", model_sha256="e" * 64)], images=[None],
+                         errors=["init image not found: x.png"]))
     w.close()
     j.compact()
     assert seen == [(2, 0), (0, 1)]
     df = pd.read_parquet(tmp_path / layout.RESULTS_FILE).set_index("id")
     assert list(df["status"]) == ["ok", "ok", "error"]
     assert df.loc["c", "error"] == "init image not found: x.png" and pd.isna(df.loc["c", "image_path"])
+    assert list(df["model"]) == ["m", "m", "other"]    # each record's own model: rows of a run may differ
     assert df.loc["a", "image_path"] == "images/a.png" and df.loc["a", "latents_path"] == "latents/a.npy"
     import hashlib
     assert df.loc["a", "image_sha256"] == hashlib.sha256((tmp_path / "images/a.png").read_bytes()).hexdigest()
@@ -252,7 +256,7 @@ def test_writer_failure_reaches_the_main_thread(tmp_path):
         raise OSError(28, "No space left on device")
 
     j.append = broken
-    w = ResultWriter(tmp_path, j, model_name="m", model_sha256=None, short_hash=None, save_latents=False)
+    w = ResultWriter(tmp_path, j, save_latents=False)
     w.submit(BatchResult(records=[record("a")], images=[_image(0)], errors=[None]))
     with pytest.raises(RuntimeError, match="No space left"):
         w.close()

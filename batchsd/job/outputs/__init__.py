@@ -48,10 +48,10 @@ class OutputWriter(Protocol):
 
 
 def open_output(spec: OutputSpec, layout: RunLayout, *, rows: Sequence[JobRow], todo: Sequence[JobRow],
-                journal: Journal, model_name: str, short_hash: str | None, save_latents: bool) -> OutputWriter:
+                journal: Journal, save_latents: bool) -> OutputWriter:
     """The OutputWriter of `spec` for a run of `layout` whose rows are `rows` (manifest order) and
     which makes `todo` of them; `journal` is the run's, already opened (session.start)."""
-    common = dict(model_name=model_name, short_hash=short_hash, save_latents=save_latents)
+    common = dict(save_latents=save_latents)
     if spec.format == "files":
         from batchsd.job.outputs.files import LooseFiles
 

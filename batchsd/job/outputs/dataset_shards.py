@@ -70,10 +70,9 @@ class DatasetShards:
     (`written_fingerprint`) and its images back (`read_images`)."""
 
     def __init__(self, layout: RunLayout, spec: OutputSpec, *, rows: Sequence[JobRow], todo: Sequence[JobRow],
-                 journal: Journal, model_name: str, short_hash: str | None, save_latents: bool):
+                 journal: Journal, save_latents: bool):
         self.layout, self.spec, self.journal = layout, spec, journal
         self.out_dir = layout.out_dir
-        self.model_name, self.short_hash = model_name, short_hash
         self.latents = LatentFiles(self.out_dir, save_latents)
         self.staging_dir = layout.staging_dir
         self.staging_dir.mkdir(parents=True, exist_ok=True)
@@ -129,7 +128,7 @@ class DatasetShards:
     def write_row(self, rec: dict, image: Image.Image, latent: np.ndarray | None) -> None:
         if rec["id"] not in self.shard_index:
             raise RuntimeError(f"row {rec['id']!r} is not in this run's dataset-shard plan")
-        data = encode_image(image, rec, self.spec, self.model_name, self.short_hash)
+        data = encode_image(image, rec, self.spec)
         path = self.staged_path(rec["id"])
         self.latents.write(rec, latent)
         atomic_write_bytes(path, data, sync_dir=False)

@@ -46,8 +46,8 @@ def exif_with_user_comment(text: str) -> bytes:
     return b"Exif\x00\x00" + tiff
 
 
-def encode_image(image: Image.Image, rec: dict, spec: OutputSpec, model_name: str, short_hash: str | None) -> bytes:
-    parameters = a1111_parameters(rec, model_name, short_hash)
+def encode_image(image: Image.Image, rec: dict, spec: OutputSpec) -> bytes:
+    parameters = a1111_parameters(rec)
     if spec.image_format == "png":
         meta = {k: v for k, v in rec.items() if k not in NOT_IN_PNG}
         return encode_png(image, parameters, json.dumps(meta, sort_keys=True, default=str))

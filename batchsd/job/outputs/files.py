@@ -47,10 +47,10 @@ class LooseFiles:
     """OutputWriter (outputs/__init__.py) of <folder>/<id><suffix> (+ <id>.txt with captions) and
     latents/<id>.npy. `folder` is relative to out_dir: images/ for --format files."""
 
-    def __init__(self, out_dir: Path, *, model_name: str, short_hash: str | None, save_latents: bool,
-                 spec: OutputSpec | None = None, folder: str = IMAGES_DIR):
+    def __init__(self, out_dir: Path, *, save_latents: bool, spec: OutputSpec | None = None,
+                 folder: str = IMAGES_DIR):
         self.out_dir = Path(out_dir)
-        self.model_name, self.short_hash, self.save_latents = model_name, short_hash, save_latents
+        self.save_latents = save_latents
         self.spec = spec if spec is not None else OutputSpec()
         self.folder = folder
         self.images_dir = self.out_dir / folder
@@ -61,7 +61,7 @@ class LooseFiles:
     def write_row(self, rec: dict, image: Image.Image, latent: np.ndarray | None) -> None:
         row_id = rec["id"]
         image_path = safe_output_path(self.out_dir, self.folder, row_id, self.spec.suffix)
-        data = encode_image(image, rec, self.spec, self.model_name, self.short_hash)
+        data = encode_image(image, rec, self.spec)
         self.latents.write(rec, latent)
         if self.spec.captions:
             caption_path = safe_output_path(self.out_dir, self.folder, row_id, CAPTION_SUFFIX)

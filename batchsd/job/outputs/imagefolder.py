@@ -33,12 +33,11 @@ def metadata_line(rec: dict) -> str:
 
 class ImageFolder(LooseFiles):
     def __init__(self, layout: RunLayout, spec: OutputSpec, *, rows: Sequence[JobRow], todo: Sequence[JobRow],
-                 journal: Journal, model_name: str, short_hash: str | None, save_latents: bool):
+                 journal: Journal, save_latents: bool):
         folder = layout.imagefolder_dir.relative_to(layout.out_dir).as_posix()
         layout.imagefolder_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(layout.imagefolder_dir)     # a killed run's; the folder is this layout's alone
-        super().__init__(layout.out_dir, model_name=model_name, short_hash=short_hash, save_latents=save_latents,
-                         spec=spec, folder=folder)
+        super().__init__(layout.out_dir, save_latents=save_latents, spec=spec, folder=folder)
         self.metadata_path = layout.imagefolder_dir / IMAGEFOLDER_METADATA_FILE
         self.order = [r.id for r in rows]
         todo_ids = {r.id for r in todo}
