@@ -43,7 +43,11 @@ from batchsd.model.sampler_names import SAMPLERS, resolve_sampler
 
 STOCHASTIC = ("ddpm", "euler_a")  # samplers that draw fresh noise at every step
 PREDICTION_TYPES = ("epsilon", "v_prediction")  # what the denoiser outputs (diffusers' prediction_type)
-TIMESTEP_SPACINGS = (None, "leading")            # SchedulerConfig.timestep_spacing values supported
+# SchedulerConfig.timestep_spacing values (diffusers' names, Table 2 of arXiv 2305.08891); None: each
+# sampler's diffusers class default, DEFAULT_SPACING
+TIMESTEP_SPACINGS = (None, "leading", "linspace", "trailing")
+DEFAULT_SPACING = {"ddpm": "leading", "ddim": "leading", "euler": "linspace", "euler_a": "linspace",
+                   "dpmpp_2m": "linspace", "dpmpp_2m_karras": "linspace"}
 
 EpsModel = Callable[[torch.Tensor, float], torch.Tensor]
 
@@ -57,7 +61,8 @@ class SchedulerConfig:
     beta_end: float
     steps_offset: int             # added to the "leading" timesteps (DDPM, DDIM)
     prediction_type: str = "epsilon"  # PREDICTION_TYPES: what the UNet outputs
-    # None: each sampler's class default (above); "leading" for every sampler (SDXL's config)
+    # None: each sampler's class default (DEFAULT_SPACING); a value: every sampler's (SDXL's config says
+    # "leading"; a diffusers folder's scheduler config may say any of TIMESTEP_SPACINGS)
     timestep_spacing: str | None = None
 
     def __post_init__(self):
@@ -77,6 +82,9 @@ class Schedule:
     alphas_cumprod: torch.Tensor  # [n+1] float32 abar at each step, then the end level
     init_noise_sigma: float       # txt2img: x = noise * init_noise_sigma
     prediction_type: str = "epsilon"  # what the denoiser outputs (SchedulerConfig.prediction_type)
+    # DDIM only: [n] float32 abar each step goes to, at t - train_steps // n (diffusers' prev_timestep;
+    # the end level below 0). The next step's abar for "leading" spacing, not for the others
+    prev_alphas_cumprod: torch.Tensor | None = None
 
     @property
     def num_steps(self) -> int:
@@ -111,36 +119,31 @@ def make_schedule(sampler: str, steps: int, config: SchedulerConfig) -> Schedule
     acp = train_alphas_cumprod(config)  # [train_steps] float32
     train_sigmas = (((1 - acp) / acp) ** 0.5).numpy()  # [train_steps] float32
 
+    spacing = config.timestep_spacing or DEFAULT_SPACING[name]
     if name in ("ddpm", "ddim"):
-        # "leading" spacing: t_i = (n-1-i) * (train_steps // n) + steps_offset
-        step_ratio = train_steps // steps
-        timesteps = (np.arange(0, steps) * step_ratio).round()[::-1].copy().astype(np.int64) + config.steps_offset
+        timesteps = _spaced(spacing, steps, train_steps, config.steps_offset, np.int64)
         # the abar of the step after the last: DDPM uses 1 (t = -1), DDIM final_alpha_cumprod = abar[0]
         end = torch.tensor(1.0) if name == "ddpm" else acp[0]
         ts = torch.from_numpy(timesteps)
         alphas_cumprod = torch.cat([acp[ts], end.reshape(1)])
         sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
-        return Schedule(name, ts, sigmas, alphas_cumprod, 1.0, config.prediction_type)
+        prev = None
+        if name == "ddim":
+            prev_t = ts - train_steps // steps
+            prev = torch.where(prev_t >= 0, acp[prev_t.clamp(min=0)], acp[0])
+        return Schedule(name, ts, sigmas, alphas_cumprod, 1.0, config.prediction_type, prev)
 
-    leading = config.timestep_spacing == "leading"
     if name in ("euler", "euler_a"):
-        # "linspace" (or "leading") spacing over float32 timesteps, sigmas interpolated in float64
-        if leading:
-            timesteps = (np.arange(0, steps) * (train_steps // steps)).round()[::-1].copy().astype(np.float32)
-            timesteps += config.steps_offset
-        else:
-            timesteps = np.linspace(0, train_steps - 1, steps, dtype=np.float32)[::-1].copy()
+        # float32 timesteps, sigmas interpolated in float64
+        timesteps = _spaced(spacing, steps, train_steps, config.steps_offset, np.float32)
         sig = np.interp(timesteps, np.arange(0, len(train_sigmas)), train_sigmas)
         sigmas = torch.from_numpy(np.concatenate([sig, [0.0]]).astype(np.float32))
-        # diffusers: the largest sigma for "linspace", sqrt(sigma_max^2 + 1) for "leading"
+        # diffusers: the largest sigma for "linspace" and "trailing", sqrt(sigma_max^2 + 1) for "leading"
+        leading = spacing == "leading"
         init_noise_sigma = float((sigmas.max() ** 2 + 1) ** 0.5) if leading else float(sigmas.max())
         ts = torch.from_numpy(timesteps.astype(np.float32))
-    else:  # dpmpp_2m, dpmpp_2m_karras: "linspace" (or "leading") spacing over integer timesteps
-        if leading:
-            timesteps = (np.arange(0, steps + 1) * (train_steps // (steps + 1))).round()[::-1][:-1].copy()
-            timesteps = timesteps.astype(np.int64) + config.steps_offset
-        else:
-            timesteps = np.linspace(0, train_steps - 1, steps + 1).round()[::-1][:-1].copy().astype(np.int64)
+    else:  # dpmpp_2m, dpmpp_2m_karras: integer timesteps, n+1 points with the last dropped but for "trailing"
+        timesteps = _spaced(spacing, steps, train_steps, config.steps_offset, np.int64, multistep=True)
         if name == "dpmpp_2m_karras":
             sigma_max, sigma_min = train_sigmas[-1].item(), train_sigmas[0].item()
             ramp = np.linspace(0, 1, steps)
@@ -155,6 +158,25 @@ def make_schedule(sampler: str, steps: int, config: SchedulerConfig) -> Schedule
         ts = torch.from_numpy(timesteps).to(torch.int64)
     alphas_cumprod = 1 / (sigmas**2 + 1)
     return Schedule(name, ts, sigmas, alphas_cumprod, init_noise_sigma, config.prediction_type)
+
+
+def _spaced(spacing: str, steps: int, train_steps: int, steps_offset: int, dtype, multistep: bool = False):
+    """The n timesteps of diffusers' set_timesteps for `spacing`, highest first, as its classes write
+    them (`multistep`: DPMSolverMultistep's n+1-point "linspace"/"leading" with the last point dropped)."""
+    points = steps + 1 if multistep else steps
+    if spacing == "linspace":
+        if dtype == np.float32:   # Euler's: float32 linspace, not rounded
+            return np.linspace(0, train_steps - 1, points, dtype=np.float32)[::-1].copy()
+        timesteps = np.linspace(0, train_steps - 1, points).round()[::-1]
+    elif spacing == "leading":
+        timesteps = (np.arange(0, points) * (train_steps // points)).round()[::-1]
+    else:  # "trailing": n points from the top down, then -1
+        timesteps = np.round(np.arange(train_steps, 0, -train_steps / steps)).astype(dtype) - 1
+        return timesteps.astype(dtype)
+    if multistep:
+        timesteps = timesteps[:-1]
+    timesteps = timesteps.copy().astype(dtype)
+    return timesteps + (steps_offset if spacing == "leading" else 0)
 
 
 def img2img_start(steps: int, strength: float) -> int:
@@ -265,7 +287,7 @@ def sample_ddim(eps_model, x, schedule, noise=None, start=0):
     """Deterministic DDIM (eta 0)."""
     for i in range(start, schedule.num_steps):
         out = _eps(eps_model, x, schedule.timesteps[i])
-        abar_t, abar_prev = schedule.alphas_cumprod[i], schedule.alphas_cumprod[i + 1]
+        abar_t, abar_prev = schedule.alphas_cumprod[i], schedule.prev_alphas_cumprod[i]
         beta_prod_t = 1 - abar_t
         x0, eps = _discrete_x0_eps(out, x, abar_t, beta_prod_t, schedule.prediction_type)
         direction = (1 - abar_prev - 0.0) ** (0.5) * eps  # std_dev_t = eta * ... = 0

@@ -443,3 +443,30 @@ def test_start_up_imports_stay_lean():
     dynamo, transformers, count, same, init_works = out.stdout.split()
     assert (dynamo, transformers) == ("False", "False")
     assert int(count) > 1000 and same == "True" and init_works == "True"
+
+
+def test_a_folders_scheduler_spacing_is_read_and_unsupported_options_are_refused(tiny_reference, tmp_path):
+    """The scheduler config is authoritative: its timestep_spacing reaches every sampler (the
+    schedules under each spacing: tests/model/test_samplers.py); an option the samplers do not have
+    is refused, not ignored."""
+    import json
+    import shutil
+
+    refs, single, folders = tiny_reference
+    folder = tmp_path / "f"
+    shutil.copytree(folders["as saved"], folder)
+    config_path = folder / "scheduler" / "scheduler_config.json"
+    saved = json.loads(config_path.read_text())
+    assert saved["timestep_spacing"] == "leading"                 # PNDMScheduler's default, saved with it
+    _, info = load_model(folder)
+    assert info.model_family.scheduler.timestep_spacing == "leading"
+    _, info = load_model(single)
+    assert info.model_family.scheduler.timestep_spacing is None   # a single file: each sampler's default
+    for spacing in ("trailing", "linspace"):
+        config_path.write_text(json.dumps({**saved, "timestep_spacing": spacing}))
+        _, info = load_model(folder)
+        assert info.model_family.scheduler.timestep_spacing == spacing
+    for key, value in (("rescale_betas_zero_snr", True), ("clip_sample", True), ("timestep_spacing", "karras")):
+        config_path.write_text(json.dumps({**saved, key: value}))
+        with pytest.raises(CheckpointError, match=key):
+            load_model(folder)

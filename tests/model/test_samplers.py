@@ -183,6 +183,48 @@ def test_batch_rows_equal_single_rows(name):
         assert rel_err(out[i : i + 1], ref) < TOL
 
 
+SPACING_STEPS = [1, 3, 4, 7, 10]   # 3 and 7 do not divide 1000: "trailing" and DDIM's prev_timestep differ
+
+
+@pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_every_timestep_spacing_matches_diffusers(name, spacing):
+    """A diffusers folder's scheduler config may set timestep_spacing (SDXL: leading; few-step
+    models: trailing): the schedule, txt2img and img2img equal the class with that spacing."""
+    config = dataclasses.replace(SD1.scheduler, timestep_spacing=spacing)
+    for steps in SPACING_STEPS:
+        ref = make_reference(name, timestep_spacing=spacing)
+        ref.set_timesteps(steps)
+        ours = S.make_schedule(name, steps, config)
+        assert torch.equal(ours.timesteps, ref.timesteps), (steps, ours.timesteps, ref.timesteps)
+        assert ours.init_noise_sigma == float(ref.init_noise_sigma)
+        if name not in ("ddpm", "ddim"):
+            assert torch.equal(ours.sigmas, ref.sigmas)
+        init = latents_for(steps)
+        out, seen = ours_run(name, steps, [steps], init, config=config)
+        ref_out, ref_seen = reference_run(name, steps, steps, init, timestep_spacing=spacing)
+        assert seen == ref_seen and rel_err(out, ref_out) < TOL, (steps, rel_err(out, ref_out))
+        if steps >= 3:
+            x0 = latents_for(steps, scale=0.8)
+            out, seen = ours_run(name, steps, [steps], None, x0=x0, strength=0.7, config=config)
+            ref_out, ref_seen = reference_run(name, steps, steps, None, x0=x0, strength=0.7, timestep_spacing=spacing)
+            assert seen == ref_seen and rel_err(out, ref_out) < TOL, (steps, rel_err(out, ref_out))
+
+
+def test_ddim_steps_to_t_minus_the_step_ratio_not_to_the_next_timestep():
+    """Negative control for the test above: with "linspace" spacing DDIM's next abar is not the next
+    step's (diffusers' prev_timestep = t - 1000 // n); using the next step's is far outside TOL."""
+    config = dataclasses.replace(SD1.scheduler, timestep_spacing="linspace")
+    schedule = S.make_schedule("ddim", 7, config)
+    assert not torch.equal(schedule.prev_alphas_cumprod, schedule.alphas_cumprod[1:])
+    wrong = dataclasses.replace(schedule, prev_alphas_cumprod=schedule.alphas_cumprod[1:])
+    init = latents_for(7)
+    ref, _ = reference_run("ddim", 7, 7, init, timestep_spacing="linspace")
+    assert rel_err(S.sample("ddim", fake_eps, init.clone(), wrong, None), ref) > 1e-3
+    leading = S.make_schedule("ddim", 7, SD1.scheduler)
+    assert torch.equal(leading.prev_alphas_cumprod[:-1], leading.alphas_cumprod[1:-1])   # the same for "leading"
+
+
 def test_tolerance_catches_wrong_spacing_and_noise():
     """Negative controls: a plausible bug (other spacing, other seed) is far outside TOL."""
     init = latents_for(0)
