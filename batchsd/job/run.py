@@ -18,7 +18,6 @@ other, and each resumes on its own; the shard that completes the job merges the 
 """
 from __future__ import annotations
 
-import gc
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from rich.console import Console
@@ -139,7 +138,7 @@ def _make_rows(session: RunSession, pipe, rich_bar: bool | None) -> RunSummary:
                     break
                 if pipe is None or key is not None:   # key None: the pipe given to run()
                     pipe = None
-                    gc.collect()      # the previous model's memory back before the next one loads
+                    Worker.free_memory()   # the previous model's memory back before the next one loads
                     try:
                         pipe = _load(session, key)
                     except (BatchSDError, OSError, RuntimeError) as e:

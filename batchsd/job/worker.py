@@ -103,7 +103,7 @@ class Worker:
             out = self.pipe.generate(gen_rows)
         except Exception as e:  # noqa: BLE001 - classified below; nothing escapes but KeyboardInterrupt
             if is_out_of_memory(e):
-                self._free_memory()
+                self.free_memory()
                 if len(chunk) == 1:
                     self.emit(BatchResult(records=[record(chunk[0], self.model, self.numerics, self.choices)], images=[None],
                                           errors=[f"out of memory at batch size 1 ({_first_line(e)}); "
@@ -130,12 +130,18 @@ class Worker:
                               elapsed_s=elapsed, truncated=list(getattr(out, "prompt_truncated", []) or [])))
 
     @staticmethod
-    def _free_memory() -> None:
+    def free_memory() -> None:
+        """Collect Python garbage and hand freed memory back: the CPU heap's pages (the tuned allocator
+        keeps them otherwise, fast/allocator.py) and cached CUDA blocks. After an out-of-memory error,
+        and between the models of a run, so that one model's memory is not held beside the next's."""
         import gc
 
         import torch
 
+        from batchsd.model.fast.allocator import release_free_memory
+
         gc.collect()
+        release_free_memory()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

@@ -153,7 +153,7 @@ def _slurm_array(env: Mapping[str, str], explicit_count: bool) -> _Level | None:
     if count is None:
         if hi is None:
             raise InputError("$SLURM_ARRAY_TASK_ID is set but neither $SLURM_ARRAY_TASK_COUNT nor "
-                             f"$SLURM_ARRAY_TASK_MAX is: the number of shards is unknown; pass --shard-count N "
+                             "$SLURM_ARRAY_TASK_MAX is: the number of shards is unknown; pass --shard-count N "
                              "(the task id is then the shard index) or --shard I/N")
         count = (hi - lo) // step + 1
     sparse_fix = (f"this array is not one evenly stepped range, so its task ids do not map onto shards "

@@ -173,7 +173,6 @@ def bench_resume(tmp: Path, n: int) -> dict:
 def bench_writer(tmp: Path, already: int, batches: int = 64, batch_rows: int = 4) -> dict:
     from PIL import Image
 
-    from batchsd.job.manifest import read_manifest
     from batchsd.job.journal import Journal
     from batchsd.job.writer import BatchResult, ResultWriter
 

@@ -94,7 +94,7 @@ def test_img2img_defaults_and_paths(tmp_path):
 
 def test_manifest_relative_paths_use_the_manifest_folder(tmp_path, monkeypatch):
     (tmp_path / "jobs").mkdir()
-    path = write_csv(tmp_path / "jobs", "prompt,init_image\nx,a.png\n")
+    write_csv(tmp_path / "jobs", "prompt,init_image\nx,a.png\n")
     monkeypatch.chdir(tmp_path)
     (row,) = read_manifest(Path("jobs/m.csv")).rows
     assert row.init_image == str(tmp_path / "jobs" / "a.png")
