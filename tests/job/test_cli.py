@@ -22,17 +22,12 @@ from batchsd.model.pipeline import GenerationRow
 from batchsd.job.init_images import load_init_image
 from batchsd.job.model_choice import resolve_model
 from batchsd.job.options import UsageError
-from cli_support import invoke, serve_tiny
+from cli_support import invoke
 
 HEADER = "id,prompt,negative_prompt,seed,steps,cfg_scale,sampler,width,height,init_image,strength,tag"
 
 
-@pytest.fixture(autouse=True)
-def cached_tiny(monkeypatch, tiny_pipe, tmp_path):
-    calls = serve_tiny(monkeypatch, tiny_pipe)
-    monkeypatch.delenv("BATCHSD_MODEL", raising=False)
-    monkeypatch.chdir(tmp_path)
-    return calls
+pytestmark = pytest.mark.usefixtures("cached_tiny")   # tests/job/conftest.py
 
 
 def write_csv(path: Path, rows: list[str], header: str = HEADER) -> Path:

@@ -16,17 +16,9 @@ from batchsd.job.manifest import read_manifest
 from batchsd.job.model_choice import model_default_size
 from batchsd.job.rows import ManifestOptions
 
-from cli_support import invoke, serve_tiny
+from cli_support import invoke
 
 LONG = "a photo of a cat, " * 30
-
-
-@pytest.fixture
-def cached_tiny(monkeypatch, tiny_pipe, tmp_path):
-    calls = serve_tiny(monkeypatch, tiny_pipe)
-    monkeypatch.delenv("BATCHSD_MODEL", raising=False)
-    monkeypatch.chdir(tmp_path)
-    return calls
 
 
 def _write(tmp_path: Path, rows: list[dict]) -> Path:

@@ -13,15 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from cli_support import invoke, serve_tiny
+from cli_support import invoke
 
 
-@pytest.fixture(autouse=True)
-def cached_tiny(monkeypatch, tiny_pipe, tmp_path):
-    calls = serve_tiny(monkeypatch, tiny_pipe)
-    monkeypatch.delenv("BATCHSD_MODEL", raising=False)
-    monkeypatch.chdir(tmp_path)
-    return calls
+pytestmark = pytest.mark.usefixtures("cached_tiny")   # tests/job/conftest.py
 
 
 def _job(tmp_path: Path) -> tuple[Path, Path]:

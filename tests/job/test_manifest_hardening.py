@@ -39,16 +39,11 @@ from batchsd.job.manifest import COLUMNS, read_manifest
 from batchsd.job.rows import JobRow
 from batchsd.job.schema import RESULT_NAMES, results_schema
 from batchsd.model import request
-from cli_support import serve_tiny
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def cached_tiny(monkeypatch, tiny_pipe, tmp_path):
-    serve_tiny(monkeypatch, tiny_pipe)
-    monkeypatch.delenv("BATCHSD_MODEL", raising=False)
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("cached_tiny")   # tests/job/conftest.py
 
 
 class Hung(BaseException):

@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from batchsd.job.png_metadata import a1111_parameters
-from cli_support import invoke, serve_tiny
+from cli_support import invoke
 
 wds = pytest.importorskip("webdataset")
 datasets = pytest.importorskip("datasets")
@@ -33,9 +33,7 @@ HEADER = "id,prompt,negative_prompt,seed,steps,cfg_scale,sampler,width,height,in
 
 
 @pytest.fixture(autouse=True)
-def cached_tiny(monkeypatch, tiny_pipe, tmp_path):
-    serve_tiny(monkeypatch, tiny_pipe)
-    monkeypatch.chdir(tmp_path)
+def offline_datasets(cached_tiny, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
 

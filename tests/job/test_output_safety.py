@@ -18,16 +18,13 @@ from batchsd.job.layout import RunLayout
 from batchsd.job.lock import out_dir_lock
 from batchsd.job.options import RunOptions
 from batchsd.job.run import run
-from cli_support import invoke, serve_tiny
+from cli_support import invoke
 
 REPO = Path(__file__).resolve().parents[2]
 HEADER = "id,prompt,negative_prompt,seed,steps,cfg_scale,sampler,width,height,init_image,strength"
 
 
-@pytest.fixture(autouse=True)
-def cached_tiny(monkeypatch, tiny_pipe, tmp_path):
-    serve_tiny(monkeypatch, tiny_pipe)
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("cached_tiny")   # tests/job/conftest.py
 
 
 def write_csv(path: Path, n: int = 3, prefix: str = "r") -> Path:

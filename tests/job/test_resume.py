@@ -24,16 +24,13 @@ from batchsd.job.layout import RunLayout
 from batchsd.job.journal import PriorRecord, read_prior
 from batchsd.job.resume import ModelIdentity, RowModels, decide
 from batchsd.job.options import EXIT_SIGINT, EXIT_SIGTERM, RunSummary
-from cli_support import invoke, serve_tiny
+from cli_support import invoke
 
 REPO = Path(__file__).resolve().parents[2]
 HEADER = "id,prompt,negative_prompt,seed,steps,cfg_scale,sampler,width,height,init_image,strength"
 
 
-@pytest.fixture(autouse=True)
-def cached_tiny(monkeypatch, tiny_pipe, tmp_path):
-    serve_tiny(monkeypatch, tiny_pipe)
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("cached_tiny")   # tests/job/conftest.py
 
 
 def write_csv(path: Path, rows: list[str]) -> Path:

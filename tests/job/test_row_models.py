@@ -18,18 +18,15 @@ import pytest
 from PIL import Image
 
 from batchsd.job.options import RunOptions, UsageError
-from cli_support import invoke, serve_tiny
+from cli_support import invoke
 
 HEADER = "id,prompt,seed,steps,width,height,model"
 
 
 @pytest.fixture
-def loads(monkeypatch, tiny_pipe, tmp_path):
+def loads(cached_tiny):
     """The models Pipeline.load is asked for, in order (the tiny one served from the module's pipe)."""
-    calls = serve_tiny(monkeypatch, tiny_pipe)
-    monkeypatch.delenv("BATCHSD_MODEL", raising=False)
-    monkeypatch.chdir(tmp_path)
-    return calls
+    return cached_tiny
 
 
 def write_checkpoint(path: Path, seed: int) -> str:
