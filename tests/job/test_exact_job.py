@@ -109,8 +109,6 @@ def test_same_bytes_across_batch_sizes_shards_threads_and_resume(tmp_path):
     manifest = write_job(tmp_path)
     # subprocesses first (they run beside the in-process runs' start-up)
     threads = {t: subprocess_run(manifest, tmp_path / f"threads{t}", t, "--batch-size", "4") for t in (1, 2)}
-    victim_out = tmp_path / "killed"
-    victim = subprocess_run(manifest, victim_out, 2, "--batch-size", "1")
 
     outs = {}
     for b in (1, 3, 4, 8):
@@ -124,7 +122,10 @@ def test_same_bytes_across_batch_sizes_shards_threads_and_resume(tmp_path):
     assert len({shard_of(rid, 3) for rid in OK_IDS}) == 3      # every shard made rows
     outs["3 shards, merged"] = sharded
 
-    # kill the batch-1 run once it has made two rows, then resume it at batch size 4
+    # kill the batch-1 run once it has made two rows, then resume it at batch size 4 (started only now:
+    # started beside the runs above, it could finish before they did)
+    victim_out = tmp_path / "killed"
+    victim = subprocess_run(manifest, victim_out, 2, "--batch-size", "1")
     deadline = time.monotonic() + 300
     while len(list((victim_out / "images").glob("*.png"))) < 2:
         assert victim.poll() is None, victim.stderr.read()[-2000:]
