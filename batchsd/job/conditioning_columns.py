@@ -70,13 +70,17 @@ def parse_conditioning(column: Callable, int_parser: Callable, text_parser: Call
     return rows
 
 
-def resolve_loras(conditioning: list[dict], prompts: list, folder: Path | None) -> dict[int, list[tuple[str, str]]]:
+def resolve_loras(conditioning: list[dict], prompts: list, folder: Path | None,
+                  generations: list | None = None) -> dict[int, list[tuple[str, str]]]:
     """Each row's LoRA set made whole, in place: the column's entries then (a1111 syntax) the prompt's
     <lora:...> tags, resolved to ((path, multiplier, hash), ...) in `folder` (job/loras.py). Returns
-    {row index: [(column, message)]} for names that do not resolve or tags that do not parse."""
+    {row index: [(column, message)]} for names that do not resolve, tags that do not parse, and, where
+    `generations` gives the row's model's ("SD 1.x", "SD 2.x", "SDXL"; None: unknown), files that
+    cannot be used or were trained for another family (LoraFolder.family_problems)."""
     found: dict[int, list[tuple[str, str]]] = {}
     library = LoraFolder(folder)
-    for i, (given, prompt) in enumerate(zip(conditioning, prompts)):
+    generations = generations or [None] * len(conditioning)
+    for i, (given, prompt, generation) in enumerate(zip(conditioning, prompts, generations)):
         entries = list(given.get("loras") or ())
         column = "loras"
         if given.get("prompt_syntax") == "a1111" and isinstance(prompt, str):
@@ -95,6 +99,11 @@ def resolve_loras(conditioning: list[dict], prompts: list, folder: Path | None) 
             given["loras"] = library.row_set(entries)
         except LoraProblem as e:
             found.setdefault(i, []).append((column, str(e)))
+            continue
+        if generation is not None:
+            found_here = [(column, why) for why in library.family_problems(given["loras"], generation)]
+            if found_here:
+                found.setdefault(i, []).extend(found_here)
     return found
 
 

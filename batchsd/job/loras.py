@@ -78,6 +78,7 @@ class LoraFolder:
         self.folder = Path(folder) if folder is not None else DEFAULT_LORA_DIR
         self._by_name: dict[str, list[Path]] | None = None
         self._hashes: dict[Path, str] = {}
+        self._families: dict[str, tuple[str | None, str | None]] = {}   # path -> (guessed family, why unusable)
 
     def _index(self) -> dict[str, list[Path]]:
         if self._by_name is None:
@@ -105,6 +106,29 @@ class LoraFolder:
 
             self._hashes[path] = lora_hash(path)
         return self._hashes[path]
+
+    def family_problems(self, row_set, generation: str) -> list[str]:
+        """Why each file of a resolved set cannot be used with a `generation` model ("SD 1.x", "SD 2.x",
+        "SDXL"): it does not parse as a LoRA, or it was trained for another family (model/lora.guess_family,
+        from its names and widths; the Pipeline checks every layer against the model again). Each file
+        is read once."""
+        from batchsd.model.lora import guess_family
+        from batchsd.model.lora_files import LoraError, read_lora
+
+        out = []
+        for path, _, _ in row_set:
+            if path not in self._families:
+                try:
+                    self._families[path] = (guess_family(read_lora(path)), None)
+                except LoraError as e:
+                    self._families[path] = (None, str(e))
+            family, why = self._families[path]
+            if why:
+                out.append(f"{why}; use another LoRA file")
+            elif family and generation not in family:
+                out.append(f"LoRA {Path(path).stem!r} ({path}) is for {family}, and this row's model is {generation}: "
+                           f"use a {generation} LoRA, or make the row with a {family} model (model column or --model)")
+        return out
 
     def row_set(self, entries: list[tuple]) -> tuple[tuple[str, float, str], ...]:
         """[(name, multiplier[, expected hash prefix])] -> ((absolute path, multiplier, hash), ...);

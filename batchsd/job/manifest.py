@@ -569,14 +569,17 @@ def read_manifest(path, options: ManifestOptions | None = None) -> Manifest:
 
     models = column("model", _text_parser("write the model's path or name as text", blank_is_empty=True))
     base = os.path.abspath(path.parent)
-    row_models, model_sizes, model_problems = resolve_row_models(models, Path(base), options.weights_dir,
+    row_models, models_facts, model_problems = resolve_row_models(models, Path(base), options.weights_dir,
                                                                  options.prediction_type)
     for i, why in model_problems.items():
         bad.setdefault(i, []).append(ManifestProblem(i + 1, "model", why))
 
     conditioning = parse_conditioning(column, _int_parser, _text_parser, _Bad, options.prompt_syntax)
+    # each row's model's generation, where known now: its LoRAs are checked against it
+    generations = [None if i in model_problems else models_facts[key].generation if key else options.model_generation
+                   for i, key in enumerate(row_models)]
     for found_problems in (syntax_problems(conditioning, prompts, negatives),
-                           resolve_loras(conditioning, prompts, options.lora_dir)):
+                           resolve_loras(conditioning, prompts, options.lora_dir, generations)):
         for i, found in found_problems.items():
             bad.setdefault(i, []).extend(ManifestProblem(i + 1, name, why) for name, why in found)
     if warning := plain_syntax_warning(conditioning, prompts, negatives):
@@ -618,7 +621,7 @@ def read_manifest(path, options: ManifestOptions | None = None) -> Manifest:
         row_id, prompt, negative, seed, n_steps, cfg, sampler, width, height, strength = values[:10]
         init = init_paths.get(i)
         if init is None:
-            size = (model_sizes.get(row_models[i]) or DEFAULT_SIZE) if row_models[i] else default_size
+            size = (models_facts[row_models[i]].default_size or DEFAULT_SIZE) if row_models[i] else default_size
             width, height = width or size, height or size
         if isinstance(seed, SeedRange):
             seed = seed.first

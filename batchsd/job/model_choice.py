@@ -7,6 +7,7 @@ the run then loads each model once, in order of first use (run.py).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from batchsd.errors import BatchSDError
@@ -59,39 +60,58 @@ def resolve_model(model: str | None, cwd: Path | None = None) -> str:
 
 
 
-def model_default_size(model: str, prediction_type: str | None = None) -> int | None:
-    """Width and height of the model's unsized text-to-image rows (its family's: 512 SD 1.x and
-    2.x-base, 768 SD 2.x-v, 1024 SDXL; a diffusers folder's sample_size), read from the file without
-    loading it; None for the tiny model (request.DEFAULT_SIZE) and for a file that does not load as
-    given (the load then says why)."""
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a model's header tells before it loads."""
+    # width and height of its unsized text-to-image rows: its family's (512 SD 1.x and 2.x-base, 768
+    # SD 2.x-v, 1024 SDXL) or a diffusers folder's sample_size; None: request.DEFAULT_SIZE (tiny)
+    default_size: int | None
+    generation: str | None     # "SD 1.x" | "SD 2.x" | "SDXL" (model/family.py), what LoRAs are checked against
+
+
+def model_facts(model: str, prediction_type: str | None = None) -> tuple[ModelFacts | None, str | None]:
+    """(its facts, None) for a model that loads as given, or (None, why it cannot); reads the file's
+    header and shapes, no weights."""
     if model == TINY:
-        return None
+        return ModelFacts(None, "SD 1.x"), None
     from batchsd.model.checkpoint import inspect_checkpoint
 
     try:
         report = inspect_checkpoint(Path(model), hash=False, prediction_type=prediction_type)
-    except BatchSDError:
-        return None
-    return report.get("default_size") if report.get("loadable") else None
+    except BatchSDError as e:
+        return None, f"{model} cannot be read: {e}"
+    if not report.get("loadable"):
+        return None, f"{model} cannot be run: {report.get('error')}"
+    return ModelFacts(report.get("default_size"), report.get("generation")), None
+
+
+def model_default_size(model: str, prediction_type: str | None = None) -> int | None:
+    """The default size of `model_facts`; None also for a file that does not load as given (its load
+    then says why)."""
+    facts, _ = model_facts(model, prediction_type)
+    return facts.default_size if facts else None
 
 
 def with_model_defaults(opts, model: str | None = None, pipe=None):
-    """`opts` with what reading its manifest needs from the models: the run model's default size
-    (model_default_size; a loaded `pipe`'s own), the --prediction-type rows' models are read with,
+    """`opts` with what reading its manifest needs from the models: the run model's default size and
+    generation (model_facts; a loaded `pipe`'s own), the --prediction-type rows' models are read with,
     and the weights folder their names are looked up in. Without a run model to read (none given, or
     only rows that name their own), unsized rows without a `model` cell are planned at
-    request.DEFAULT_SIZE; a run that needs the run's model says so later (`run_model_for`)."""
+    request.DEFAULT_SIZE and their LoRAs are not checked against a family; a run that needs the run's
+    model says so later (`run_model_for`)."""
     from dataclasses import replace
 
     if pipe is not None:
-        size = pipe.default_size
+        facts = ModelFacts(pipe.default_size, pipe.family.generation)
     else:
         try:
             model = model or resolve_model(opts.model)
         except UsageError:
             model = None
-        size = None if model is None else model_default_size(model, opts.prediction_type)
-    return replace(opts, manifest_options=replace(opts.manifest_options, default_size=size,
+        facts = model_facts(model, opts.prediction_type)[0] if model is not None else None
+    return replace(opts, manifest_options=replace(opts.manifest_options,
+                                                  default_size=facts.default_size if facts else None,
+                                                  model_generation=facts.generation if facts else None,
                                                   prediction_type=opts.prediction_type,
                                                   weights_dir=opts.manifest_options.weights_dir or WEIGHTS_DIR.resolve()))
 
@@ -127,29 +147,13 @@ def find_row_model(value: str, manifest_dir: Path, weights_dir: Path | None = No
     return found[0]
 
 
-def row_model_problem(model: str, prediction_type: str | None = None) -> tuple[int | None, str | None]:
-    """(the default size of its unsized rows, None) for a model a row names that loads as given, or
-    (None, why it cannot) for one that does not; reads the file's header and shapes, no weights."""
-    if model == TINY:
-        return None, None
-    from batchsd.model.checkpoint import inspect_checkpoint
-
-    try:
-        report = inspect_checkpoint(Path(model), hash=False, prediction_type=prediction_type)
-    except BatchSDError as e:
-        return None, f"{model} cannot be read: {e}"
-    if not report.get("loadable"):
-        return None, f"{model} cannot be run: {report.get('error')}"
-    return report.get("default_size"), None
-
-
 def resolve_row_models(values: list, manifest_dir: Path, weights_dir: Path | None,
-                       prediction_type: str | None) -> tuple[list, dict[str, int | None], dict[int, str]]:
-    """A manifest's `model` cells (None where empty) -> (each row's model_key or None, the default size
-    of each model's unsized rows (None: request.DEFAULT_SIZE), {row index: why its cell cannot be
-    used}). Each distinct cell is looked up and each model's header read once."""
+                       prediction_type: str | None) -> tuple[list, dict[str, ModelFacts], dict[int, str]]:
+    """A manifest's `model` cells (None where empty) -> (each row's model_key or None, each model's
+    ModelFacts, {row index: why its cell cannot be used}). Each distinct cell is looked up and each
+    model's header read once."""
     keys: list = [None] * len(values)
-    sizes: dict[str, int | None] = {}
+    facts: dict[str, ModelFacts] = {}
     problems: dict[int, str] = {}
     looked_up: dict[str, tuple[str | None, str | None]] = {}
     for i, value in enumerate(values):
@@ -161,15 +165,16 @@ def resolve_row_models(values: list, manifest_dir: Path, weights_dir: Path | Non
             except ValueError as e:
                 looked_up[value] = (None, str(e))
             else:
-                size, why = row_model_problem(key, prediction_type)
-                sizes[key] = size
+                found, why = model_facts(key, prediction_type)
+                if found is not None:
+                    facts[key] = found
                 looked_up[value] = (None, why) if why else (key, None)
         key, why = looked_up[value]
         if why:
             problems[i] = why
         else:
             keys[i] = key
-    return keys, sizes, problems
+    return keys, facts, problems
 
 
 def run_model_for(opts, rows) -> str | None:

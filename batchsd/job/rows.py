@@ -189,6 +189,8 @@ class ManifestOptions:
     # where embedding names are looked up (--embeddings-dir; None: embeddings.DEFAULT_EMBEDDINGS_DIR)
     embeddings_dir: Path | None = None
     default_size: int | None = None  # unsized text-to-image rows (the model family's; None: request.DEFAULT_SIZE)
+    # the run model's generation ("SD 1.x", "SD 2.x", "SDXL"; None: unknown): its rows' LoRAs are checked against it
+    model_generation: str | None = None
     # where `model` cells that are names are looked up (None: ./weights, model_choice.WEIGHTS_DIR)
     weights_dir: Path | None = None
     # --prediction-type: how rows' models are read, which sets the default size of an SD 2.x file's rows
@@ -198,6 +200,7 @@ class ManifestOptions:
         return {"column_map": [list(pair) for pair in self.column_map],
                 "wildcards": None if self.wildcards is None else str(Path(self.wildcards).resolve()),
                 "prompt_syntax": self.prompt_syntax, "default_size": self.default_size,
+                "model_generation": self.model_generation,
                 "lora_dir": None if self.lora_dir is None else str(Path(self.lora_dir).resolve()),
                 "embeddings_dir": None if self.embeddings_dir is None else str(Path(self.embeddings_dir).resolve()),
                 "weights_dir": None if self.weights_dir is None else str(Path(self.weights_dir).resolve()),
@@ -217,13 +220,15 @@ class ManifestOptions:
         embeddings_dir = data.get("embeddings_dir")
         weights_dir = data.get("weights_dir")
         prediction_type = data.get("prediction_type")
+        generation = data.get("model_generation")
         return cls(column_map, Path(wildcards) if isinstance(wildcards, str) and wildcards else None,
                    prompt_syntax=syntax if syntax in ("plain", "a1111") else "plain",
                    default_size=size if isinstance(size, int) and not isinstance(size, bool) else None,
                    lora_dir=Path(lora_dir) if isinstance(lora_dir, str) and lora_dir else None,
                    embeddings_dir=Path(embeddings_dir) if isinstance(embeddings_dir, str) and embeddings_dir else None,
                    weights_dir=Path(weights_dir) if isinstance(weights_dir, str) and weights_dir else None,
-                   prediction_type=prediction_type if prediction_type in ("epsilon", "v_prediction") else None)
+                   prediction_type=prediction_type if prediction_type in ("epsilon", "v_prediction") else None,
+                   model_generation=generation if isinstance(generation, str) else None)
 
 
 def seed_from_id(row_id: str) -> int:

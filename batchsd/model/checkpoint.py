@@ -306,6 +306,7 @@ def inspect_checkpoint(path: str | Path, hash: bool = True, prediction_type: str
             "path": str(source.path), "format": source.format, "layout": source.layout,
             "files": [str(f) for f in source.files], "size_bytes": sum(f.stat().st_size for f in source.files),
             "family": label,
+            "generation": family.generation if label else None,   # "SD 1.x" | "SD 2.x" | "SDXL"
             "prediction_type": family.scheduler.prediction_type if label and not ambiguous else None,
             "default_size": family.default_size if label and not ambiguous else None,
             "config": cfg.name if cfg else None, "config_detail": asdict(cfg) if cfg else None,

@@ -102,3 +102,32 @@ def test_results_format_reads_back_and_checks_the_hash(tmp_path, lora_dir):
     pd.read_parquet(path).iloc[:1].to_parquet(path)
     (row,) = read_manifest(path, ManifestOptions(lora_dir=lora_dir)).rows
     assert row.conditioning["loras"][0][1:] == (0.8, digest) and row.to_record()["loras"] == f"style:0.8:{digest[:12]}"
+
+
+def test_a_lora_for_another_family_is_a_problem_before_any_model_loads(tmp_path, lora_dir, cached_tiny):
+    """The row's model is known before loading (--model, or the row's model cell): a LoRA trained for
+    another family, or a file that is no LoRA batchsd reads, is the manifest's problem, naming the row,
+    the column the LoRA came from and the fix; `validate` reports it for rows that name their model."""
+    import torch
+    from safetensors.torch import save_file
+
+    pair = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"   # SDXL's first text encoder (kohya)
+    save_file({f"{pair}.lora_down.weight": torch.zeros(4, 32), f"{pair}.lora_up.weight": torch.zeros(32, 4)},
+              str(lora_dir / "xl.safetensors"))
+    save_file({"lora_unet_x.hada_w1_a": torch.zeros(2, 2)}, str(lora_dir / "loha.safetensors"))
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("id,prompt,prompt_syntax,loras,model,steps,width,height\n"
+                        "a,a cat,,style,tiny,2,64,64\n"                    # fits the tiny (SD 1.x) model
+                        "b,a cat,,xl:0.5,,2,64,64\n"
+                        "c,a cat <lora:xl>,a1111,,tiny,2,64,64\n"
+                        "d,a cat,,loha,tiny,2,64,64\n")
+    opts = ["--lora-dir", str(lora_dir)]
+    r = invoke("validate", str(manifest), *opts)   # row b has no model cell: unknown in validate, not checked
+    assert r.exit_code == 2
+    assert "data row 3, column 'prompt'" in r.stdout and "'xl'" in r.stdout and "is for SDXL" in r.stdout
+    assert "this row's model is SD 1.x" in r.stdout and "use a SD 1.x LoRA" in r.stdout
+    assert "data row 4, column 'loras'" in r.stdout and "LyCORIS LoHa" in r.stdout
+    assert "data row 1" not in r.stdout and "data row 2" not in r.stdout
+    r = invoke("run", str(manifest), "--model", "tiny", "--out", str(tmp_path / "o"), *opts)
+    assert r.exit_code == 2 and "nothing was run" in r.output and cached_tiny == []
+    assert "data row 2, column 'loras'" in r.output   # --model tiny: row b is checked too
