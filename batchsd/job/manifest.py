@@ -634,7 +634,7 @@ def read_manifest(path, options: ManifestOptions | None = None) -> Manifest:
         for i, found in more.items():
             bad.setdefault(i, []).extend(found)
     # textual-inversion names in the final prompts (templates expanded); a data row with a problem is left out
-    rows, named = resolve_embeddings(rows, options.embeddings_dir)
+    rows, named = resolve_embeddings(rows, options.embeddings_dir, lambda r: generations[r.data_row - 1])
     for i, found in named.items():
         bad.setdefault(i, []).extend(ManifestProblem(i + 1, name, why) for name, why in found)
     rows = [r for r in rows if r.data_row - 1 not in named]

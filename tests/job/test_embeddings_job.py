@@ -1,6 +1,7 @@
 """Textual-inversion embeddings in a job (job/embeddings.py): the files of --embeddings-dir that a row's
 prompts name, problems before any model loads, the params_hash following the file, the results'
-`embeddings` column and the PNG's `TI hashes`, and an embedding for another family failing its row only."""
+`embeddings` column and the PNG's `TI hashes`, an embedding of another width failing its row only, and one
+with the other family's tables refused before any model loads."""
 from __future__ import annotations
 
 import hashlib
@@ -106,3 +107,21 @@ def test_run_records_embeddings_and_fails_only_the_misfit_row(monkeypatch, tiny_
     table2 = pq.read_table(tmp_path / "out" / "results.parquet").to_pandas().set_index("id")
     assert table2.loc["styled", "image_sha256"] != table.loc["styled", "image_sha256"], again.output
     assert table2.loc["plain", "finished_at"] == table.loc["plain", "finished_at"]
+
+
+def test_an_sdxl_embedding_for_an_sd1_row_is_a_problem_before_any_model_loads(tmp_path, cached_tiny):
+    """Where the row's model is known before loading (--model, a model cell), an embedding with the other
+    family's tables (SDXL's clip_l + clip_g for an SD 1.x model) is the row's manifest problem, in the
+    column that names it; its width is left to the Pipeline (the test above)."""
+    folder = write_embeddings(tmp_path / "emb")
+    save_file({"clip_l": torch.zeros(1, 768), "clip_g": torch.zeros(1, 1280)}, str(folder / "xlstyle.safetensors"))
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("id,prompt,negative_prompt,model\na,a mystyle cat,,tiny\nb,a cat,xlstyle,tiny\n"
+                        "c,a xlstyle cat,,\n")
+    r = invoke("validate", str(manifest), "--embeddings-dir", str(folder))
+    assert r.exit_code == 2
+    assert "data row 2, column 'negative_prompt'" in r.stdout and "'xlstyle'" in r.stdout
+    assert "is for SDXL (clip_l + clip_g tables), and this row's model is SD 1.x" in r.stdout
+    assert "data row 1" not in r.stdout and "data row 3" not in r.stdout   # row 3's model is not known here
+    r = invoke("run", str(manifest), "--model", "tiny", "--out", str(tmp_path / "o"), "--embeddings-dir", str(folder))
+    assert r.exit_code == 2 and "data row 3, column 'prompt'" in r.output and cached_tiny == []
