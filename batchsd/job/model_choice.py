@@ -85,13 +85,6 @@ def model_facts(model: str, prediction_type: str | None = None) -> tuple[ModelFa
     return ModelFacts(report.get("default_size"), report.get("generation")), None
 
 
-def model_default_size(model: str, prediction_type: str | None = None) -> int | None:
-    """The default size of `model_facts`; None also for a file that does not load as given (its load
-    then says why)."""
-    facts, _ = model_facts(model, prediction_type)
-    return facts.default_size if facts else None
-
-
 def with_model_defaults(opts, model: str | None = None, pipe=None):
     """`opts` with what reading its manifest needs from the models: the run model's default size and
     generation (model_facts; a loaded `pipe`'s own), the --prediction-type rows' models are read with,

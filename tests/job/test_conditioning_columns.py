@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from batchsd.job.manifest import read_manifest
-from batchsd.job.model_choice import model_default_size
+from batchsd.job.model_choice import ModelFacts, model_facts
 from batchsd.job.rows import ManifestOptions
 
 from cli_support import invoke
@@ -74,15 +74,15 @@ def test_default_size_follows_the_option(tmp_path):
         ManifestOptions(default_size=768, prompt_syntax="a1111")
 
 
-def test_model_default_size_reads_the_family(tmp_path):
+def test_model_facts_read_the_family(tmp_path):
     pytest.importorskip("diffusers")
     import sys
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
     from ref_sdxl import SDXL_TEST, build_reference_sdxl, write_sdxl_single_file
 
     path = write_sdxl_single_file(tmp_path / "xl.safetensors", build_reference_sdxl(SDXL_TEST))
-    assert model_default_size(str(path)) == 1024
-    assert model_default_size("tiny") is None
+    assert model_facts(str(path)) == (ModelFacts(1024, "SDXL"), None)
+    assert model_facts("tiny") == (ModelFacts(None, "SD 1.x"), None)
     manifest = _write(tmp_path, [dict(id="a", prompt="a cat", steps=2)])
     result = invoke("run", str(manifest), "--model", str(path), "--dry-run", "--out", str(tmp_path / "o"))
     assert result.exit_code == 0, result.output
