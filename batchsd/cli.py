@@ -109,6 +109,11 @@ def _column_map(value: Optional[str]) -> Optional[str]:
 
 
 # The options that say how a manifest is read, the same for run and validate (one definition each).
+MODEL_OPTION = typer.Option(
+    None, "--model", "-m",
+    help="Checkpoint file or diffusers folder, or 'tiny' (random weights, noise images), for the rows without a "
+         "model cell (a manifest's model column names a row's own: README 'Per-row models'). Default: "
+         "$BATCHSD_MODEL, else the one checkpoint in ./weights/.")
 MAP_OPTION = typer.Option(
     None, "--map", metavar="SOURCE=TARGET,...", callback=_column_map,
     help="Rename manifest columns before reading them, e.g. DiffusionDB's: --map step=steps,cfg=cfg_scale. "
@@ -140,14 +145,14 @@ PREDICTION_TYPE_OPTION = typer.Option(
 
 
 def _manifest_options(column_map: Optional[str], wildcards: Optional[Path], prompt_syntax: "PromptSyntax",
-                      lora_dir: Optional[Path] = None, embeddings_dir: Optional[Path] = None,
-                      prediction_type: Optional["PredictionType"] = None):
+                      lora_dir: Optional[Path] = None, embeddings_dir: Optional[Path] = None):
+    """The options a manifest is read with; what it needs from the models (sizes, families,
+    --prediction-type) is added by model_choice.with_model_defaults."""
     from batchsd.job.column_map import parse_column_map
     from batchsd.job.rows import ManifestOptions
 
     return ManifestOptions(parse_column_map(column_map), wildcards, prompt_syntax.value, lora_dir=lora_dir,
-                           embeddings_dir=embeddings_dir,
-                           prediction_type=prediction_type.value if prediction_type else None)
+                           embeddings_dir=embeddings_dir)
 
 
 def _err_console() -> Console:
@@ -167,11 +172,7 @@ def _fail(console: Console, message: str, code: int) -> "typer.Exit":
 def run(
     manifest: Path = typer.Argument(..., help="Job manifest (.csv, .parquet, .txt or .jsonl), a row per image "
                                               "or per n_images."),
-    model: Optional[str] = typer.Option(None, "--model", "-m",
-                                        help="Checkpoint file or diffusers folder, or 'tiny' (random weights, noise "
-                                             "images), for the rows without a model cell (a manifest's model column "
-                                             "names a row's own: README 'Per-row models'). Default: $BATCHSD_MODEL, "
-                                             "else the one checkpoint in ./weights/."),
+    model: Optional[str] = MODEL_OPTION,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder. Default: outputs/<manifest name>/."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1,
                                              help="Rows per batch. Default: 4 on the CPU; on CUDA chosen from free "
@@ -312,6 +313,7 @@ def run(
 def validate(
     manifest: Path = typer.Argument(..., help="Job manifest (.csv, .parquet, .txt or .jsonl)."),
     batch_size: int = typer.Option(4, "--batch-size", "-b", min=1, help="Batch size for the plan shown."),
+    model: Optional[str] = MODEL_OPTION,
     column_map: Optional[str] = MAP_OPTION,
     wildcards: Optional[Path] = WILDCARDS_OPTION,
     prompt_syntax: PromptSyntax = PROMPT_SYNTAX_OPTION,
@@ -324,21 +326,27 @@ def validate(
                                                  "`batchsd run` will make, and `batchsd run OUT.parquet` makes the "
                                                  "same images."),
 ) -> None:
-    """List every problem in MANIFEST and print the batch plan; loads no model.
+    """List every problem in MANIFEST and print the batch plan; loads no model (reads the models' headers:
+    their default sizes, and the families LoRAs and embeddings are checked against, are those `run` uses).
 
     Exit 0: ready to run; 1: the manifest is valid but some rows will fail (unreadable init
     images); 2: manifest problems (`batchsd run` would refuse it).
     """
     from batchsd.job.manifest import read_manifest
     from batchsd.job.init_images import resolve_image_sizes
+    from batchsd.job.model_choice import with_model_defaults
+    from batchsd.job.options import RunOptions
     from batchsd.job.plan import plan_batches
     from batchsd.job.progress import print_plan
 
     from batchsd.job.reader import warning_lines
 
     out = _out_console()
-    m = read_manifest(manifest, _manifest_options(column_map, wildcards, prompt_syntax, lora_dir, embeddings_dir,
-                                                  prediction_type))
+    options = with_model_defaults(RunOptions(
+        manifest=manifest, model=model, prediction_type=prediction_type.value if prediction_type else None,
+        manifest_options=_manifest_options(column_map, wildcards, prompt_syntax, lora_dir, embeddings_dir))
+    ).manifest_options
+    m = read_manifest(manifest, options)
     for line in warning_lines(m):
         out.print(line, style="yellow", markup=False)
     if m.problems:
@@ -362,6 +370,10 @@ def validate(
         out.print(f"[red]data row {row.data_row} (id {escape(repr(row.id))}), column 'init_image':[/red] "
                   f"{escape(str(reason))}")
     print_plan(out, plan_batches(rows, batch_size), batch_size)
+    if options.model_generation is None and any(r.model is None for r in m.rows):
+        out.print("[yellow]note:[/yellow] no model given (--model, $BATCHSD_MODEL), nor one checkpoint in ./weights/: rows "
+                  "without a model cell are planned at the default 512x512 where unsized, and their LoRAs and "
+                  "embeddings are not checked against a model family")
     if failures:
         out.print(f"{len(failures)} row(s) will fail and be recorded as errors; the others can run")
         raise typer.Exit(1)

@@ -87,6 +87,13 @@ def test_model_facts_read_the_family(tmp_path):
     result = invoke("run", str(manifest), "--model", str(path), "--dry-run", "--out", str(tmp_path / "o"))
     assert result.exit_code == 0, result.output
     assert "1024" in result.output
+    # validate reads the same model's header: its plan and its expanded manifest are what run makes
+    expanded = tmp_path / "expanded.parquet"
+    result = invoke("validate", str(manifest), "--model", str(path), "--expanded", str(expanded))
+    assert result.exit_code == 0 and "1024x1024" in result.stdout and "note:" not in result.stdout
+    assert pq.read_table(expanded).to_pylist()[0]["width"] == 1024
+    result = invoke("validate", str(manifest))
+    assert result.exit_code == 0 and "512x512" in result.stdout and "no model given" in result.stdout
 
 
 def test_run_with_the_columns(cached_tiny, tmp_path):
