@@ -228,3 +228,26 @@ def test_ray_engine_runs_each_model_in_turn_with_the_same_bytes(tmp_path, loads)
     local, far = results(tmp_path / "local"), results(tmp_path / "ray")
     assert list(far["model"]) == ["a", "tiny-random", "a", "tiny-random"]
     assert far["image_sha256"].to_dict() == local["image_sha256"].to_dict()
+
+
+def test_the_example_manifest_validates_once_its_models_are_in_weights(tmp_path, loads):
+    """jobs/per_row_models.csv (README 'Example jobs'), with tiny files standing for its sd15 and
+    sdxl_base: no problem, each row planned with its own model at its family's size."""
+    pytest.importorskip("diffusers")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
+    from ref_sdxl import SDXL_TEST, build_reference_sdxl, write_sdxl_single_file
+
+    example = Path(__file__).resolve().parents[2] / "jobs" / "per_row_models.csv"
+    r = invoke("validate", str(example), "--model", "tiny")
+    assert r.exit_code == 2 and "no checkpoint 'sd15'" in r.stdout and "no checkpoint 'sdxl_base'" in r.stdout
+    write_checkpoint(tmp_path / "weights" / "sd15.safetensors", 1)
+    write_sdxl_single_file(tmp_path / "weights" / "sdxl_base.safetensors", build_reference_sdxl(SDXL_TEST))
+    r = invoke("validate", str(example), "--model", "tiny", "--expanded", str(tmp_path / "x.parquet"))
+    assert r.exit_code == 0, r.stdout
+    import pyarrow.parquet as pq
+
+    rows = {row["id"]: row for row in pq.read_table(tmp_path / "x.parquet").to_pylist()}
+    assert {rid: (row["width"], Path(row["model"] or "--model").stem) for rid, row in rows.items()} == {
+        "cat_sd15": (512, "sd15"), "cat_sdxl": (1024, "sdxl_base"), "dog_sdxl": (1024, "sdxl_base"),
+        "dog_run_model": (512, "--model"), "noise_tiny": (512, "tiny")}
+    assert loads == []
