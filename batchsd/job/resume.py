@@ -46,6 +46,11 @@ class ModelIdentity:
     # as part of the Numerics, here so that a driver can plan them before loading (model_choice)
     prediction_type: str | None = None
 
+    @classmethod
+    def of(cls, pipe) -> "ModelIdentity":
+        """A loaded Pipeline's."""
+        return cls(pipe.name, pipe.sha256, pipe.family.scheduler.prediction_type)
+
     def made(self, rec: PriorRecord) -> bool:
         if self.sha256:
             return rec.model_sha256 == self.sha256
@@ -130,9 +135,25 @@ class RowModels:
     def of(self, row: JobRow) -> tuple[ModelIdentity | None, Numerics | None]:
         return self.by_key.get(self.key(row), (None, None))
 
+    def model(self, row: JobRow) -> ModelIdentity | None:
+        return self.of(row)[0]
+
     def keys_in_order(self, rows: Sequence[JobRow]) -> list[str | None]:
         """The keys `rows` use, in order of first use."""
         return list(dict.fromkeys(self.key(r) for r in rows))
+
+
+def loaded_mismatch(pipe, model: ModelIdentity, numerics: Numerics) -> str | None:
+    """Why a loaded Pipeline is not the model, or lacks the numerics, that a run planned its resume
+    decision with; None when it matches. Each engine checks every model it loads (run.py, Ray's
+    RowMaker)."""
+    if (pipe.name, pipe.sha256) != (model.name, model.sha256):
+        return (f"the model loaded is {pipe.name} ({pipe.sha256}), but the run was planned for {model.name} "
+                f"({model.sha256})")
+    here = Numerics.of(pipe)
+    if here != numerics:
+        return f"the model loaded makes rows with {here}, but the run was planned for {numerics}"
+    return None
 
 
 SCAN_ENTRIES_PER_NAME = 4    # resume lists a folder rather than stat its files, up to this many entries per file

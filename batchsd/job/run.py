@@ -29,7 +29,7 @@ from batchsd.job.model_choice import row_models, run_model_for, with_model_defau
 from batchsd.job.options import RunOptions, RunSummary, UsageError
 from batchsd.job.plan import plan_batches
 from batchsd.job.reader import read_job, warning_lines
-from batchsd.job.resume import ModelIdentity, Numerics, RowModels
+from batchsd.job.resume import ModelIdentity, Numerics, RowModels, loaded_mismatch
 from batchsd.job.session import RunSession
 from batchsd.job.signals import StopRequested
 from batchsd.job.worker import Worker, batch_size_for, failed_rows, speed_choices
@@ -78,7 +78,7 @@ def run(opts: RunOptions, console: Console | None = None, *, rich_bar: bool | No
             except BatchSDError as e:
                 raise UsageError(str(e)) from None
         else:
-            made_with = RowModels.one(ModelIdentity(pipe.name, pipe.sha256), Numerics.of(pipe))
+            made_with = RowModels.one(ModelIdentity.of(pipe), Numerics.of(pipe))
         session.start(made_with)
         return _make_rows(session, pipe, rich_bar)
 
@@ -91,11 +91,8 @@ def _load(session: RunSession, key: str):
     console.print(f"loading model {escape(key)} ...")
     pipe = Pipeline.load(key, device=opts.device, dtype=opts.dtype, low_memory=opts.low_memory, compile=opts.compile,
                          winograd=opts.winograd, prediction_type=opts.prediction_type, exact=opts.exact)
-    model, numerics = session.made_with.by_key[key]
-    if (pipe.name, pipe.sha256) != (model.name, model.sha256) or Numerics.of(pipe) != numerics:
-        raise RuntimeError(f"the model loaded is {pipe.name} ({pipe.sha256}, {Numerics.of(pipe)}), but the run was "
-                           f"planned for {model.name} ({model.sha256}, {numerics}): was the file replaced during "
-                           "the run?")
+    if why := loaded_mismatch(pipe, *session.made_with.by_key[key]):
+        raise RuntimeError(f"{why}: was the file replaced during the run?")
     return pipe
 
 
@@ -132,7 +129,7 @@ def _make_rows(session: RunSession, pipe, rich_bar: bool | None) -> RunSummary:
     with stop, progress:
         try:
             if session.failing:
-                writer.submit(failed_rows(session.failing, made_with))
+                writer.submit(failed_rows(session.failing, made_with.model))
             for key, rows in by_model.items():
                 if stop:
                     break
@@ -182,6 +179,6 @@ def _run_model(pipe, rows, made_with: RowModels, writer, reader: ThreadPoolExecu
         pending = prefetch(batches[i + 1]) if i + 1 < len(batches) else None
         bad = [(r, errors[r.id]) for r in batch.rows if r.id in errors]
         if bad:
-            writer.submit(failed_rows(bad, made_with))
+            writer.submit(failed_rows(bad, made_with.model))
         worker.run_rows([r for r in batch.rows if r.id not in errors], images)
     return worker.batch_size

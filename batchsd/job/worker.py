@@ -76,8 +76,11 @@ class Worker:
         from batchsd.job.resume import ModelIdentity, Numerics
 
         self.numerics = Numerics.of(self.pipe)
-        self.model = ModelIdentity(self.pipe.name, self.pipe.sha256)
+        self.model = ModelIdentity.of(self.pipe)
         self.choices = speed_choices(self.pipe)
+
+    def _record(self, row: JobRow) -> dict:
+        return record(row, self.model, self.numerics, self.choices)
 
     def run_rows(self, rows: list[JobRow], images: dict[str, object]) -> None:
         """Generate `rows` (one batch key) in chunks of at most self.batch_size."""
@@ -105,7 +108,7 @@ class Worker:
             if is_out_of_memory(e):
                 self.free_memory()
                 if len(chunk) == 1:
-                    self.emit(BatchResult(records=[record(chunk[0], self.model, self.numerics, self.choices)], images=[None],
+                    self.emit(BatchResult(records=[self._record(chunk[0])], images=[None],
                                           errors=[f"out of memory at batch size 1 ({_first_line(e)}); "
                                                   "use a smaller size, --low-memory or --dtype fp16"]))
                     return
@@ -118,13 +121,13 @@ class Worker:
                 for r in chunk:
                     self._run_chunk([r], images)
                 return
-            self.emit(BatchResult(records=[record(chunk[0], self.model, self.numerics, self.choices)], images=[None],
+            self.emit(BatchResult(records=[self._record(chunk[0])], images=[None],
                                   errors=[_error_text(e)]))
             return
         elapsed = time.perf_counter() - t0
         latents = out.latents.float()
         finite = latents.flatten(1).isfinite().all(dim=1).tolist()   # per row: rows never mix in a batch
-        self.emit(BatchResult(records=[record(r, self.model, self.numerics, self.choices) for r in chunk],
+        self.emit(BatchResult(records=[self._record(r) for r in chunk],
                               images=[im if ok else None for im, ok in zip(out.images, finite)],
                               latents=latents.numpy(), errors=[None if ok else NON_FINITE for ok in finite],
                               elapsed_s=elapsed, truncated=list(getattr(out, "prompt_truncated", []) or [])))
@@ -181,10 +184,10 @@ def record(row: JobRow, model, numerics=None, choices: dict | None = None) -> di
     return rec
 
 
-def failed_rows(failures: Sequence[tuple[JobRow, str]], made_with):
-    """A BatchResult recording rows that fail without a model call (e.g. an unusable init image, a
-    model that does not load), each with the model planned for it (`made_with`: resume.RowModels)."""
+def failed_rows(failures: Sequence[tuple[JobRow, str]], model_of: Callable):
+    """A BatchResult recording rows that fail without a model call (e.g. an unusable init image), each
+    with the model that would have made it (`model_of(row)`: a resume.ModelIdentity)."""
     from batchsd.job.writer import BatchResult
 
-    return BatchResult(records=[record(r, made_with.of(r)[0]) for r, _ in failures], images=[None] * len(failures),
+    return BatchResult(records=[record(r, model_of(r)) for r, _ in failures], images=[None] * len(failures),
                        errors=[why for _, why in failures])

@@ -53,7 +53,7 @@ from batchsd.errors import CheckpointError
 from batchsd.model.config import SDConfig
 from batchsd.model.config_inference import infer_sd1_config, infer_sd2_config, infer_sdxl_config
 from batchsd.model.request import DEFAULT_SIZE
-from batchsd.model.samplers import PREDICTION_TYPES, TIMESTEP_SPACINGS, SchedulerConfig
+from batchsd.model.samplers import PREDICTION_TYPES, SchedulerConfig
 from batchsd.model.stable_diffusion import (CLIP_PREFIX, OPENCLIP_PREFIX, ORIGINAL_PREFIX, SD2_PREFIX,
                                             SDXL_CLIP_PREFIX, SDXL_OPENCLIP_PREFIX, SDXL_PREFIX, UNET_PREFIX,
                                             VAE_PREFIX, StableDiffusion2Model, StableDiffusionModel,
@@ -456,10 +456,6 @@ def _folder_scheduler(config: Mapping, base: SchedulerConfig) -> SchedulerConfig
         raise CheckpointError(f"scheduler/scheduler_config.json: beta_schedule {config.get('beta_schedule')!r}"
                               f"{' with trained_betas' if config.get('trained_betas') else ''} is not supported "
                               f"(scaled_linear)")
-    spacing = config.get("timestep_spacing", base.timestep_spacing)
-    if spacing not in TIMESTEP_SPACINGS:
-        raise CheckpointError(f"scheduler/scheduler_config.json: timestep_spacing {spacing!r} is not supported "
-                              f"({', '.join(s for s in TIMESTEP_SPACINGS if s)})")
     # options that change every sampler's images and that batchsd's samplers do not have: refused, not ignored
     unsupported = [key for key in ("rescale_betas_zero_snr", "thresholding", "clip_sample", "set_alpha_to_one")
                    if config.get(key) is True]
@@ -467,10 +463,14 @@ def _folder_scheduler(config: Mapping, base: SchedulerConfig) -> SchedulerConfig
         raise CheckpointError(f"scheduler/scheduler_config.json: {', '.join(k + ' true' for k in unsupported)} is not "
                               "supported (batchsd's samplers run with it false, as the SD 1.x, 2.x and SDXL configs "
                               "have it)")
-    return replace(base, num_train_timesteps=int(config.get("num_train_timesteps", base.num_train_timesteps)),
-                   beta_start=float(config.get("beta_start", base.beta_start)),
-                   beta_end=float(config.get("beta_end", base.beta_end)),
-                   steps_offset=int(config.get("steps_offset", base.steps_offset)), timestep_spacing=spacing)
+    try:   # SchedulerConfig checks the values it takes (a timestep_spacing the samplers do not have)
+        return replace(base, num_train_timesteps=int(config.get("num_train_timesteps", base.num_train_timesteps)),
+                       beta_start=float(config.get("beta_start", base.beta_start)),
+                       beta_end=float(config.get("beta_end", base.beta_end)),
+                       steps_offset=int(config.get("steps_offset", base.steps_offset)),
+                       timestep_spacing=config.get("timestep_spacing", base.timestep_spacing))
+    except ValueError as e:
+        raise CheckpointError(f"scheduler/scheduler_config.json: {e}") from None
 
 
 def resolve_family(shapes: Shapes, hints: CheckpointHints = CheckpointHints(),

@@ -171,8 +171,7 @@ def _spaced(spacing: str, steps: int, train_steps: int, steps_offset: int, dtype
     elif spacing == "leading":
         timesteps = (np.arange(0, points) * (train_steps // points)).round()[::-1]
     else:  # "trailing": n points from the top down, then -1
-        timesteps = np.round(np.arange(train_steps, 0, -train_steps / steps)).astype(dtype) - 1
-        return timesteps.astype(dtype)
+        return np.round(np.arange(train_steps, 0, -train_steps / steps)).astype(dtype) - 1
     if multistep:
         timesteps = timesteps[:-1]
     timesteps = timesteps.copy().astype(dtype)

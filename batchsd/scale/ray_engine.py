@@ -50,7 +50,7 @@ from batchsd.errors import BatchSDError
 from batchsd.job.model_choice import row_models, run_model_for, with_model_defaults
 from batchsd.job.options import RunOptions, RunSummary, UsageError
 from batchsd.job.reader import read_job, warning_lines
-from batchsd.job.resume import ModelIdentity, Numerics, RowModels
+from batchsd.job.resume import ModelIdentity, Numerics, loaded_mismatch
 from batchsd.job.session import RunSession
 
 RAY_EXTRA_HINT = "the Ray engine needs Ray: pip install 'batchsd[ray]' (or pip install 'ray[data]>=2.9')"
@@ -85,8 +85,7 @@ class _Collector:
 @dataclass(frozen=True)
 class MakerConfig:
     model: str             # a model_key: what Pipeline.load is given
-    model_name: str
-    model_sha256: str | None
+    identity: ModelIdentity  # what the driver planned the resume decision with, as `numerics`
     device: str
     dtype: str
     low_memory: bool
@@ -120,14 +119,9 @@ class RowMaker:
         self.pipe = Pipeline.load(cfg.model, device=cfg.device, dtype=cfg.dtype, low_memory=cfg.low_memory,
                                   compile=cfg.compile, winograd=cfg.winograd, prediction_type=cfg.prediction_type,
                                   exact=cfg.exact)
-        if (self.pipe.name, self.pipe.sha256) != (cfg.model_name, cfg.model_sha256):
-            raise RuntimeError(f"the model on this Ray node is {self.pipe.name} ({self.pipe.sha256}), but the driver "
-                               f"planned the run for {cfg.model_name} ({cfg.model_sha256}): every node must see "
-                               "the same model file")
-        here = Numerics.of(self.pipe)
-        if here != cfg.numerics:
-            raise RuntimeError(f"this Ray node makes rows with {here}, but the driver planned the run for "
-                               f"{cfg.numerics}: every node needs the same torch version and device type")
+        if why := loaded_mismatch(self.pipe, cfg.identity, cfg.numerics):
+            raise RuntimeError(f"on this Ray node, {why}: every node must see the same model file and have the "
+                               "same torch version and device type")
         self.console = Console(stderr=True, highlight=False)
         self.batch_size: int | None = cfg.batch_size   # kept across calls once OOM halving lowered it
 
@@ -149,9 +143,7 @@ class RowMaker:
             failing += [(r, errors[r.id]) for r in runnable if r.id in errors]
             runnable = [r for r in runnable if r.id not in errors]
             if failing:
-                made_with = RowModels({self.cfg.model: (ModelIdentity(self.pipe.name, self.pipe.sha256), None)},
-                                      default_key=self.cfg.model)   # every row of a call is this model's
-                writer.submit(failed_rows(failing, made_with))
+                writer.submit(failed_rows(failing, lambda row: self.cfg.identity))   # every row of a call is this model's
             if runnable:
                 self.batch_size = batch_size_for(self.batch_size, self.pipe, runnable)
                 worker = Worker(self.pipe, self.batch_size, writer.submit, self.console)
@@ -226,7 +218,7 @@ def run_ray(opts: RunOptions, *, workers: int = 1, console: Console | None = Non
             with progress:
                 for key, items in groups.items():
                     identity, numerics = made_with.by_key[key]
-                    cfg = MakerConfig(model=key, model_name=identity.name, model_sha256=identity.sha256,
+                    cfg = MakerConfig(model=key, identity=identity,
                                       device="cuda" if use_gpu else "cpu", dtype=opts.dtype,
                                       low_memory=opts.low_memory, compile=opts.compile, winograd=opts.winograd,
                                       prediction_type=opts.prediction_type, exact=opts.exact, numerics=numerics,
