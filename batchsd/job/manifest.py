@@ -18,8 +18,9 @@ the job's rows from the file's rows). `--map` renames columns first (column_map.
     cfg_scale        finite, 0..100 (request.MAX_CFG_SCALE), default 7.5
     sampler          ddpm, ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras or an A1111 name
                      ("Euler a", "DPM++ 2M Karras", ...), default dpmpp_2m_karras
-    width, height    multiples of 8 in 64..2048; default 512, or for img2img the init image's
-                     size rounded down to a multiple of 8 (resolved later by the planner)
+    width, height    multiples of 8 in 64..2048; default the row's model's size (ManifestOptions.
+                     default_size, or the `model` cell's: 512 SD 1.x, 1024 SDXL, ...), or for img2img
+                     the init image's size rounded down to a multiple of 8 (resolved later by the planner)
     init_image       path, relative to the manifest's folder or absolute; makes the row img2img
     strength         0 < strength <= 1, img2img only, default 0.75; int(steps*strength) >= 1
     n_images         1..expand.MAX_N_IMAGES images from the row, default 1 (seed may also be a range

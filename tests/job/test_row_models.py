@@ -1,6 +1,6 @@
 """Per-row models: a manifest `model` column names the checkpoint of each row (model_choice.py).
 
-The run groups rows by model, loads each once in order of first use, records and names the model
+The run groups rows by model, loads each once in order of first use (releasing the one before), records and names the model
 of each row (results, PNG), and resume compares each row with its own model. Checked on tiny
 random-weight SD 1.x files (and the tiny model itself) with the real pipeline; in exact mode (the
 CPU default) a row's bytes do not depend on what else is in the run, so the mixed run must equal the
@@ -251,3 +251,27 @@ def test_the_example_manifest_validates_once_its_models_are_in_weights(tmp_path,
         "cat_sd15": (512, "sd15"), "cat_sdxl": (1024, "sdxl_base"), "dog_sdxl": (1024, "sdxl_base"),
         "dog_run_model": (512, "--model"), "noise_tiny": (512, "tiny")}
     assert loads == []
+
+
+def test_each_model_is_released_before_the_next_one_loads(tmp_path, loads, monkeypatch):
+    """README: the run releases one model before loading the next, so two are never held at once."""
+    import weakref
+
+    from batchsd.model.pipeline import Pipeline
+
+    for name, seed in (("a", 1), ("b", 2), ("c", 3)):
+        write_checkpoint(tmp_path / "weights" / f"{name}.safetensors", seed)
+    manifest = write_csv(tmp_path / "m.csv", ["x,a cat,1,2,64,64,a", "y,a dog,2,2,64,64,b", "z,a cow,3,2,64,64,c"])
+    served = Pipeline.load.__func__
+    loaded: list = []
+
+    def load(cls, model, *args, **kw):
+        assert all(ref() is None for ref in loaded), "a model was still held when the next one loaded"
+        pipe = served(cls, model, *args, **kw)
+        loaded.append(weakref.ref(pipe))
+        return pipe
+
+    monkeypatch.setattr(Pipeline, "load", classmethod(load))
+    r = invoke("run", str(manifest), "--out", str(tmp_path / "o"))
+    assert r.exit_code == 0, r.output
+    assert len(loaded) == 3
