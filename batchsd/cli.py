@@ -3,6 +3,7 @@
     batchsd run MANIFEST [--model PATH|tiny] [--out DIR] [--batch-size N] [--device auto|cpu|cuda[:N]]
                          [--dtype auto|fp32|fp16|bf16] [--save-latents] [--limit N] [--dry-run]
                          [--overwrite] [--retry-errors] [--low-memory] [--compile MODE] [--winograd auto|on|off]
+                         [--attention auto|fused|torch]
                          [--shard I/N] [--shard-count N] [--engine local|ray] [--workers K]
                          [--format files|webdataset|parquet|imagefolder] [--image-format png|jpg|webp]
                          [--quality Q] [--shard-size N] [--captions]
@@ -48,6 +49,12 @@ class Winograd(str, enum.Enum):
     auto = "auto"
     on = "on"
     off = "off"
+
+
+class Attention(str, enum.Enum):
+    auto = "auto"
+    fused = "fused"
+    torch = "torch"
 
 
 class Compile(str, enum.Enum):
@@ -195,6 +202,12 @@ def run(
                                            "for a transformed copy of their weights (16/9 of their size). auto: on for "
                                            "bf16/fp16 on CPUs without AMX, off with AMX and for fp32 (keyed on the "
                                            "CPU's kind, recorded in summary.json). Figures: docs/performance.md."),
+    attention: Attention = typer.Option(Attention.auto, "--attention", case_sensitive=False,
+                                        help="CPU, bf16: the UNet's attention by batchsd's fused kernel (compiled once "
+                                             "per machine with the C++ compiler, $CXX or g++) or by torch's. auto: "
+                                             "fused on CPUs with avx512-bf16 and no AMX, torch's elsewhere or when "
+                                             "the kernel cannot be built (a warning says why). Rounding differs "
+                                             "between the two; recorded in the results and summary.json."),
     exact: Optional[bool] = typer.Option(None, "--exact/--no-exact",
                                          help="Exact mode: a row's image and latents are the same bytes whatever its "
                                               "batch, shard, engine or thread count (for one model, dtype, device "
@@ -279,6 +292,7 @@ def run(
                       overwrite=overwrite, retry_errors=retry_errors, low_memory=low_memory,
                       compile=None if compile is Compile.none else compile.value,
                       winograd={"auto": None, "on": True, "off": False}[winograd.value], exact=exact,
+                      fused_attention={"auto": None, "fused": True, "torch": False}[attention.value],
                       shard=None if spec is None or spec.is_whole else spec, reuse_out=reuse_out,
                       prediction_type=prediction_type.value if prediction_type else None, output=output,
                       manifest_options=_manifest_options(column_map, wildcards, prompt_syntax, lora_dir,

@@ -44,6 +44,7 @@ class RunOptions:
     low_memory: bool = False
     compile: str | None = None       # torch.compile mode for the UNet (COMPILE_MODES in model/fast), None: eager
     winograd: bool | None = None     # CPU Winograd convolutions (winograd.py); None: the Pipeline's default
+    fused_attention: bool | None = None  # CPU bf16 fused attention (fused_attention.py); None: the Pipeline's default
     shard: ShardSpec | None = None   # make only this shard's rows (shards.py); None or count 1: all rows
     prediction_type: str | None = None  # what the UNet predicts when the checkpoint does not say (SD 2.x)
     reuse_out: bool = False          # let --out hold this job though it holds another manifest's
@@ -73,6 +74,7 @@ class RunSummary:
     merged: bool = False                 # a shard that completed the whole job wrote results.parquet
     compile_s: float = 0.0               # --compile: seconds spent compiling the UNet (first call per shape)
     winograd: bool = False               # the wide CPU convolutions ran as Winograd (--winograd; rounding differs)
+    fused_attention: bool = False        # the UNet's attention ran the fused bf16 kernel (--attention; rounding differs)
     cpu: str | None = None               # the CPU's kind the speed choices were keyed on (devices.cpu_kind)
     images_dir: Path | None = None       # where the images went (--format's folder; None: images/)
 
@@ -102,6 +104,7 @@ def summary_record(opts: RunOptions, s: RunSummary) -> dict:
         "rows": s.total, "ok": s.ok, "failed": s.failed, "skipped": s.skipped,
         "previously_failed": s.previously_failed, "pending": s.pending, "batch_size": s.batch_size,
         "elapsed_s": round(s.elapsed_s, 3), "images_per_s": round(s.images_per_s, 4),
-        "compile_s": round(s.compile_s, 3), "winograd": s.winograd, "cpu": s.cpu,
+        "compile_s": round(s.compile_s, 3), "winograd": s.winograd,
+        "fused_attention": s.fused_attention, "cpu": s.cpu,
         "finished_at": now_utc().isoformat(), "exit_code": s.exit_code,
     }

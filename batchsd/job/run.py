@@ -90,7 +90,8 @@ def _load(session: RunSession, key: str):
     opts, console = session.opts, session.console
     console.print(f"loading model {escape(key)} ...")
     pipe = Pipeline.load(key, device=opts.device, dtype=opts.dtype, low_memory=opts.low_memory, compile=opts.compile,
-                         winograd=opts.winograd, prediction_type=opts.prediction_type, exact=opts.exact)
+                         winograd=opts.winograd, prediction_type=opts.prediction_type, exact=opts.exact,
+                         fused_attention=opts.fused_attention)
     if why := loaded_mismatch(pipe, *session.made_with.by_key[key]):
         raise RuntimeError(f"{why}: was the file replaced during the run?")
     return pipe
@@ -146,6 +147,7 @@ def _make_rows(session: RunSession, pipe, rich_bar: bool | None) -> RunSummary:
                 session.summary.batch_size = max(session.summary.batch_size or 0, batch_size)
                 choices = speed_choices(pipe)
                 session.summary.winograd, session.summary.cpu = choices["winograd"], choices["cpu"]
+                session.summary.fused_attention = choices["fused_attention"]
                 session.summary.compile_s += sum(getattr(pipe.unet, "compile_seconds", {}).values())
         except KeyboardInterrupt:  # second signal: the batch in flight is dropped
             stop.signal_name = stop.signal_name or "SIGINT"

@@ -161,10 +161,11 @@ def _error_text(e: BaseException) -> str:
 
 
 def speed_choices(pipe) -> dict:
-    """The results' `cpu` and `winograd`: the CPU kind the speed choices were keyed on (devices.cpu_kind;
-    None off the CPU) and whether Winograd ran."""
+    """The results' `cpu`, `winograd` and `fused_attention`: the CPU kind the speed choices were keyed
+    on (devices.cpu_kind; None off the CPU), whether Winograd ran and whether the fused attention ran."""
     kind = getattr(pipe, "cpu_kind", None)
-    return {"cpu": None if kind is None else str(kind), "winograd": bool(getattr(pipe, "winograd", False))}
+    return {"cpu": None if kind is None else str(kind), "winograd": bool(getattr(pipe, "winograd", False)),
+            "fused_attention": bool(getattr(pipe, "fused_attention", False))}
 
 
 def record(row: JobRow, model, numerics=None, choices: dict | None = None) -> dict:

@@ -9,6 +9,9 @@ on every run (docs/performance.md has the measurements behind each rule):
     --dtype auto        fp32                                   fp32 (bf16 is ~3x faster there but its
                                                                images differ from fp32's: ask for it)
     --winograd auto     on for bf16/fp16, off for fp32         off (oneDNN's AMX convolutions beat it)
+    --attention auto    fused (fast/fused_attention.py) for    torch's (not measured against the
+                        bf16 on CPUs with avx512-bf16, else    fused kernel on AMX yet)
+                        torch's scaled_dot_product_attention
 """
 from __future__ import annotations
 
@@ -51,13 +54,15 @@ class CpuKind:
     # flags differ in speed (docs/performance.md, "Speed choices per CPU kind"); recorded, so that
     # figures and choices can be told apart by machine
     model: str = ""
+    avx512_bf16: bool = False   # VDPBF16PS, bf16 pair dot products (the fused attention kernel's)
 
     def __str__(self) -> str:
-        return f"{self.capability}, AMX {'yes' if self.amx else 'no'}" + (f", {self.model}" if self.model else "")
+        return (f"{self.capability}, AMX {'yes' if self.amx else 'no'}, "
+                f"avx512-bf16 {'yes' if self.avx512_bf16 else 'no'}") + (f", {self.model}" if self.model else "")
 
 
-def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
-    """The processor as /proc/cpuinfo names it (Linux; elsewhere platform.processor())."""
+def _cpuinfo(cpuinfo: str) -> dict[str, str] | None:
+    """The first processor's block of /proc/cpuinfo (None where there is none)."""
     fields: dict[str, str] = {}
     try:
         with open(cpuinfo) as f:
@@ -67,6 +72,20 @@ def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
                 key, _, value = line.partition(":")
                 fields.setdefault(key.strip(), value.strip())
     except OSError:
+        return None
+    return fields
+
+
+def has_avx512_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether the CPU flags list avx512_bf16 (Linux; False elsewhere)."""
+    fields = _cpuinfo(cpuinfo)
+    return fields is not None and "avx512_bf16" in fields.get("flags", "").split()
+
+
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The processor as /proc/cpuinfo names it (Linux; elsewhere platform.processor())."""
+    fields = _cpuinfo(cpuinfo)
+    if fields is None:
         import platform
 
         return platform.processor()
@@ -79,7 +98,7 @@ def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
 
 def cpu_kind() -> CpuKind:
     amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return CpuKind(torch.backends.cpu.get_cpu_capability(), bool(amx), cpu_model())
+    return CpuKind(torch.backends.cpu.get_cpu_capability(), bool(amx), cpu_model(), has_avx512_bf16())
 
 
 def default_winograd(device: torch.device, dtype: torch.dtype, kind: CpuKind | None = None) -> bool:
@@ -88,6 +107,15 @@ def default_winograd(device: torch.device, dtype: torch.dtype, kind: CpuKind | N
     if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
         return False
     return not (kind or cpu_kind()).amx
+
+
+def default_attention(device: torch.device, dtype: torch.dtype, kind: CpuKind | None = None) -> bool:
+    """`--attention auto`: the fused kernel on the CPU for bf16 where the CPU has avx512-bf16 and no
+    AMX; torch's everywhere else (the table above)."""
+    if device.type != "cpu" or dtype != torch.bfloat16:
+        return False
+    kind = kind or cpu_kind()
+    return kind.avx512_bf16 and not kind.amx
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

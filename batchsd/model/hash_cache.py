@@ -27,14 +27,21 @@ CACHE_FILE = "checkpoint-sha256.json"
 MAX_ENTRIES = 512
 
 
-def cache_path() -> Path | None:
-    """The cache file, or None when turned off."""
+def cache_root() -> Path | None:
+    """batchsd's cache folder ($BATCHSD_CACHE_DIR, else $XDG_CACHE_HOME/batchsd or ~/.cache/batchsd),
+    or None when turned off; the hash cache and the compiled kernels (fused_attention.py) live there."""
     root = os.environ.get(CACHE_ENV)
     if root == "off":
         return None
     if not root:
         root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "batchsd")
-    return Path(root) / CACHE_FILE
+    return Path(root)
+
+
+def cache_path() -> Path | None:
+    """The cache file, or None when turned off."""
+    root = cache_root()
+    return None if root is None else root / CACHE_FILE
 
 
 def stamp(files: Sequence[Path]) -> str:

@@ -24,6 +24,7 @@ checkpoint); the flow above is the same for every family (SD 1.x, SD 2.x-eps, SD
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,16 +37,19 @@ from PIL import Image
 from batchsd.errors import InputError
 from batchsd.model import samplers
 from batchsd.model.config import TINY, TINY_MODEL, TINY_MODEL_NAME
-from batchsd.model.devices import cpu_kind, default_winograd, resolve_device, resolve_dtype
+from batchsd.model.devices import cpu_kind, default_attention, default_winograd, resolve_device, resolve_dtype
 from batchsd.model.family import SD1, ModelFamily, TextConditioning, check_prediction_type
 from batchsd.model.fast.compiled_unet import CompiledUNet
 from batchsd.model.fast.exact import exact_numerics, resolve_exact, rowwise_guided_eps
 from batchsd.model.fast.host_copy import host_array, to_host
+from batchsd.model.fast.fused_attention import KernelUnavailable, use_fused_attention
 from batchsd.model.fast.packed_conv import pack_convolutions, pack_now
 from batchsd.model.fast.winograd import use_winograd_in_model
 from batchsd.model.request import SIZE_CONDITIONING, GenerationRow, check_row, row_batch_key
 from batchsd.model.text_conditioning import EncodedPrompt, clip_skip_layers, encode_prompts, pad_to_chunks
 from batchsd.model.tokenizer import preload_tokenizer
+
+log = logging.getLogger(__name__)
 
 TEXT_CACHE_SIZE = 256
 # images per VAE call (decode, and encode for image-to-image). On the CPU one at a time: a larger
@@ -68,7 +72,8 @@ class Pipeline:
     def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype, *,
                  name: str, sha256: str | None = None, low_memory: bool = False, vae_chunk: int | None = None,
                  channels_last: bool = True, compile: str | None = None, pack_weights: bool = True,
-                 winograd: bool | None = None, family: ModelFamily = SD1, exact: bool | None = None):
+                 winograd: bool | None = None, family: ModelFamily = SD1, exact: bool | None = None,
+                 fused_attention: bool | None = None):
         self.model = model.eval().requires_grad_(False)   # family.model_class: .cfg, .unet, .vae, .text_encoder
         self.family = family
         self.cfg = model.cfg
@@ -116,16 +121,37 @@ class Pipeline:
             # at load, not at the first call: fewer fresh pages (packed_conv.pack_now); the VAE encoder,
             # which only image-to-image rows call, still at its first call
             pack_now(self.model.unet, self.model.vae.decoder)
+        # the UNet's attention by the fused bf16 kernel (fast/fused_attention.py): None (auto) =
+        # devices.default_attention, keyed on the CPU's kind; a kernel that cannot be built under auto
+        # leaves torch's attention, with a warning and recorded (self.fused_attention False)
+        self.fused_attention = self._use_fused_attention(fused_attention, device, dtype, compile)
         # the UNet forward as called by the sampler: eager, or torch.compile'd (compiled_unet.CompiledUNet)
         self.unet = CompiledUNet(self.model.unet, compile, device) if compile else self.model.unet
         # the family's text encoders (SDXL has two), moved together in low-memory mode
         self.text_encoders = torch.nn.ModuleList(
             [m for m in (self.model.text_encoder, getattr(self.model, "text_encoder_2", None)) if m is not None])
 
+    def _use_fused_attention(self, asked: bool | None, device: torch.device, dtype: torch.dtype,
+                             compile: str | None) -> bool:
+        if asked is False or (asked is None and (compile or not default_attention(device, dtype, self.cpu_kind))):
+            return False
+        if asked and (device.type != "cpu" or dtype != torch.bfloat16 or compile):
+            raise InputError("the fused attention kernel runs bf16 on the CPU, not under --compile: "
+                             "use --dtype bf16 --device cpu, or --attention auto")
+        try:
+            use_fused_attention(self.model.unet)
+        except KernelUnavailable as e:
+            if asked:
+                raise InputError(f"--attention fused: {e}") from None
+            log.warning("fused attention unavailable, using torch's: %s", e)
+            return False
+        return True
+
     @classmethod
     def load(cls, model: str | Path, device: str = "auto", dtype: str = "auto",
              low_memory: bool = False, compile: str | None = None, winograd: bool | None = None,
-             prediction_type: str | None = None, exact: bool | None = None) -> "Pipeline":
+             prediction_type: str | None = None, exact: bool | None = None,
+             fused_attention: bool | None = None) -> "Pipeline":
         """`model`: "tiny" (deterministic random SD 1.x TINY preset, no file) or a checkpoint path
         (single-file .safetensors/.ckpt or a diffusers folder) of a family in family.FAMILIES.
         `prediction_type`: "epsilon" | "v_prediction" | None: what the UNet predicts, when the checkpoint
@@ -136,7 +162,9 @@ class Pipeline:
         `winograd` (CPU): True/False, or None for the default (devices.default_winograd: on for
         bf16/fp16 on CPUs without AMX, else off).
         `exact`: exact mode (fast/exact.py) on/off, or None for the default (on for the CPU unless
-        compiled, off on CUDA)."""
+        compiled, off on CUDA).
+        `fused_attention` (CPU, bf16): True/False, or None for the default (devices.default_attention:
+        on for bf16 on CPUs with avx512-bf16 and no AMX)."""
         preload_tokenizer()          # importing transformers overlaps with building the model and the load
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
@@ -145,7 +173,8 @@ class Pipeline:
             family = SD1 if prediction_type is None else replace(
                 SD1, scheduler=replace(SD1.scheduler, prediction_type=check_prediction_type(prediction_type)))
             return cls(SD1.model_class.random(TINY, seed=0), dev, dt, name=TINY_MODEL_NAME,
-                       low_memory=low_memory, compile=compile, winograd=winograd, family=family, exact=exact)
+                       low_memory=low_memory, compile=compile, winograd=winograd, family=family, exact=exact,
+                       fused_attention=fused_attention)
         from batchsd.model.checkpoint import load_model
 
         # convolution weights land in channels_last, the layout Pipeline keeps them in (no second copy)
@@ -153,7 +182,7 @@ class Pipeline:
                                     memory_format=torch.channels_last, prediction_type=prediction_type)
         return cls(sd_model, dev, dt, name=Path(model).stem if Path(model).is_file() else Path(model).name,
                    sha256=info.sha256, low_memory=low_memory, compile=compile, winograd=winograd,
-                   family=info.model_family, exact=exact)
+                   family=info.model_family, exact=exact, fused_attention=fused_attention)
 
     @staticmethod
     def batch_key(row: GenerationRow) -> tuple:

@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from batchsd.model.config import UNetConfig
+from batchsd.model.fast.fused_attention import fused_attention, supports
 from batchsd.model.fast.upsample import NearestUpsampleConv
 
 # The GroupNorm in front of each spatial transformer uses eps 1e-6 in SD 1.x (CompVis Normalize()
@@ -88,11 +89,14 @@ class ResBlock(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Multi-head attention of x tokens over context tokens (self-attention when context is None)."""
+    """Multi-head attention of x tokens over context tokens (self-attention when context is None).
+    `fused` (set by fast/fused_attention.use_fused_attention): the products go through the fused bf16
+    kernel where it takes the call, else through F.scaled_dot_product_attention."""
 
     def __init__(self, dim: int, context_dim: int, heads: int):
         super().__init__()
         self.heads = heads
+        self.fused = False
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_k = nn.Linear(context_dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim, dim, bias=False)
@@ -106,7 +110,10 @@ class CrossAttention(nn.Module):
         q = self.to_q(x).view(B, N, self.heads, -1).transpose(1, 2)        # [B, heads, N, d]
         k = self.to_k(context).view(B, M, self.heads, -1).transpose(1, 2)  # [B, heads, M, d]
         v = self.to_v(context).view(B, M, self.heads, -1).transpose(1, 2)  # [B, heads, M, d]
-        h = F.scaled_dot_product_attention(q, k, v)                        # [B, heads, N, d]
+        if self.fused and supports(q, k, v):
+            h = fused_attention(q, k, v)                                   # [B, heads, N, d]
+        else:
+            h = F.scaled_dot_product_attention(q, k, v)                    # [B, heads, N, d]
         h = h.transpose(1, 2).reshape(B, N, C)
         return self.to_out(h)
 

@@ -63,6 +63,7 @@ PROMPT = "a photograph of an astronaut riding a horse, detailed, 8k"
 # what a child holds at its peak, GiB (bf16; fp32 twice): a child starts when the machine has it free
 CHILD_NEEDS_GIB = {"unet": 9, "startup": 11}
 WINOGRAD = {"auto": None, "on": True, "off": False}   # --winograd: Pipeline.load's winograd argument
+ATTENTION = {"auto": None, "fused": True, "torch": False}   # --attention: Pipeline.load's fused_attention
 
 
 def model_paths() -> tuple[Path, Path]:
@@ -101,7 +102,7 @@ def sdxl_unet_tflop(size: int) -> float:
 # ---------------------------------------------------------------- 1. UNet step, one side per process
 @torch.inference_mode()
 def unet_child(side: str, dtype_name: str, sizes: list[int], threads: int, layout: str, exact: str,
-               winograd: str = "auto") -> None:
+               winograd: str = "auto", attention: str = "auto") -> None:
     """Load one side's UNet, one untimed step at sizes[0], then one timed step at each size: prints
     CHILD {"steps": [{size, wall_s, cpu_s}], load_s, peak_rss_gib}. batchsd's steps run under
     exact_numerics as Pipeline.generate runs them (exact mode, the CPU default) unless exact is "off"."""
@@ -115,8 +116,9 @@ def unet_child(side: str, dtype_name: str, sizes: list[int], threads: int, layou
         tune_cpu_allocator()
         from batchsd.model.fast.exact import exact_numerics
 
-        pipe = bc.load_batchsd(path, dtype_name, winograd=WINOGRAD[winograd])
+        pipe = bc.load_batchsd(path, dtype_name, winograd=WINOGRAD[winograd], fused_attention=ATTENTION[attention])
         memory_format = pipe.memory_format
+        log(f"batchsd: Winograd {pipe.winograd}, fused attention {pipe.fused_attention}")
 
         def step(x, t, ctx, y):
             with exact_numerics(pipe.exact and exact == "shipped", torch.device("cpu")):
@@ -152,14 +154,14 @@ def unet_child(side: str, dtype_name: str, sizes: list[int], threads: int, layou
 
 
 def bench_unet(dtype_name: str, sizes: list[int], rounds: int, threads: int, layout: str, exact: str,
-               winograd: str = "auto") -> list[dict]:
+               winograd: str = "auto", attention: str = "auto") -> list[dict]:
     out = []
     for rnd in range(rounds):
         for side in ("batchsd", "diffusers", "diffusers", "batchsd"):
             wait_for_memory(CHILD_NEEDS_GIB["unet"] * (2 if dtype_name == "fp32" else 1), "UNet child")
             rec = bc.run_child(__file__, "--child", "unet", "--side", side, "--dtype", dtype_name, "--sizes",
                                ",".join(map(str, sizes)), "--threads", str(threads), "--diffusers-layout", layout, "--batchsd-exact", exact,
-                               "--winograd", winograd,
+                               "--winograd", winograd, "--attention", attention,
                                what=f"{side} UNet child")
             for s in rec["steps"]:
                 out.append(dict(s, side=side, dtype=dtype_name, round=rnd))
@@ -265,7 +267,8 @@ def report(res: dict) -> str:
                              f"{flop / min(r['wall_s'] for r in b):.3f}", f"{flop / min(r['wall_s'] for r in d):.3f}",
                              ", ".join(f"{r['side'][0]} {r['wall_s']:.0f}" for r in mine), len(b)])
         out += ["", f"UNet forward on a CFG pair (batch 2) = one image-step; batchsd as it samples (exact_numerics: "
-                f"{res.get('batchsd_exact', 'off')}, --winograd {res.get('winograd', 'auto')}), diffusers "
+                f"{res.get('batchsd_exact', 'off')}, --winograd {res.get('winograd', 'auto')}, --attention "
+                f"{res.get('attention', 'auto')}), diffusers "
                 f"{res['diffusers_layout']}; one process per side, ABBA per round, medians of each side's timed "
                 f"steps. Seconds: wall / process CPU. Speed-up = diffusers / batchsd (above 1: batchsd faster). "
                 f"TFLOP/s from the min wall and the counted FLOPs "
@@ -314,6 +317,8 @@ def main() -> None:
                          "is the CPU default), or outside it (off)")
     ap.add_argument("--winograd", choices=list(WINOGRAD), default="auto",
                     help="batchsd's Winograd rule for the UNet figure (auto: devices.default_winograd)")
+    ap.add_argument("--attention", choices=list(ATTENTION), default="auto",
+                    help="batchsd's attention for the UNet figure (auto: devices.default_attention)")
     ap.add_argument("--startup-size", type=int, default=512)
     ap.add_argument("--startup-steps", type=int, default=2)
     ap.add_argument("--startup-reps", type=int, default=1, help="start-up runs per side (alternating)")
@@ -327,7 +332,7 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     if args.child == "unet":
         return unet_child(args.side, args.dtype, sizes, args.threads, args.diffusers_layout, args.batchsd_exact,
-                          args.winograd)
+                          args.winograd, args.attention)
     if args.child == "startup":
         return startup_child(args.side, args.dtype, args.startup_size, args.startup_steps, args.threads, args.e2e_rows)
 
@@ -338,7 +343,8 @@ def main() -> None:
                diffusers=diffusers.__version__, threads=args.threads, cpu=bc.cpu_description(),
                amx=bool(torch.cpu._is_amx_tile_supported()), loadavg=loadavg(), git=bc.git_state(),
                command="python tests/bench/" + " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-               diffusers_layout=args.diffusers_layout, batchsd_exact=args.batchsd_exact, winograd=args.winograd)
+               diffusers_layout=args.diffusers_layout, batchsd_exact=args.batchsd_exact, winograd=args.winograd,
+               attention=args.attention)
     model_paths()
     res["roof"] = {"fp32": bc.matmul_roof(torch.float32), "bf16": bc.matmul_roof(torch.bfloat16)}
     log(f"{res['cpu']}, load average {res['loadavg']}, roof {res['roof']}")
@@ -349,7 +355,7 @@ def main() -> None:
     if "unet" in only:
         res["tflop"] = {str(s): sdxl_unet_tflop(s) for s in sizes}
         res["unet"] = bench_unet(args.dtype, sizes, args.rounds, args.threads, args.diffusers_layout, args.batchsd_exact,
-                                 args.winograd)
+                                 args.winograd, args.attention)
     res["loadavg_end"] = loadavg()
     res["total_s"] = time.perf_counter() - T_PROCESS
     if args.json:

@@ -564,6 +564,10 @@ def main() -> None:
             ours._text_cache.clear()
             if winograd is not False:     # what Pipeline(dtype=bf16) does by default
                 ours.winograd = use_winograd_in_model(ours.model) > 0 or ours.winograd
+            # and its attention rule (devices.default_attention: the fused kernel where the CPU has
+            # avx512-bf16 and no AMX), as Pipeline(dtype=bf16) applies it
+            ours.fused_attention = ours._use_fused_attention(None, ours.device, torch.bfloat16, None)
+            log(f"batchsd bf16: Winograd {ours.winograd}, fused attention {ours.fused_attention}")
 
         if args.profile:
             print(profile_step(ours, theirs, torch.float32, 256, "contig"))

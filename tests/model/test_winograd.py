@@ -154,7 +154,8 @@ def test_cpu_kind_names_the_processor(tmp_path):
     info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
                     "model name\t: AMD EPYC\n\nprocessor\t: 1\nvendor_id\t: OtherVendor\n")
     assert cpu_model(str(info)) == "AuthenticAMD family 26 model 2 (AMD EPYC)"
-    assert str(CpuKind("AVX512", False, cpu_model(str(info)))) == "AVX512, AMX no, AuthenticAMD family 26 model 2 (AMD EPYC)"
+    assert str(CpuKind("AVX512", False, cpu_model(str(info)))) == \
+        "AVX512, AMX no, avx512-bf16 no, AuthenticAMD family 26 model 2 (AMD EPYC)"
 
 
 def test_auto_winograd_is_keyed_on_the_cpu_kind(monkeypatch):
@@ -167,7 +168,7 @@ def test_auto_winograd_is_keyed_on_the_cpu_kind(monkeypatch):
     assert default_winograd(cpu, torch.bfloat16, plain) and default_winograd(cpu, torch.float16, plain)
     assert not default_winograd(cpu, torch.bfloat16, amx) and not default_winograd(cpu, torch.float32, plain)
     assert not default_winograd(torch.device("cuda"), torch.float16, plain)
-    assert str(amx) == "AVX512, AMX yes"
+    assert str(amx) == "AVX512, AMX yes, avx512-bf16 no"
     monkeypatch.setattr(pipeline_module, "use_winograd_in_model", lambda model: 1)   # the tiny model has no wide convs
     for kind, expected in ((plain, True), (amx, False)):
         monkeypatch.setattr(pipeline_module, "cpu_kind", lambda kind=kind: kind)
