@@ -8,8 +8,9 @@
 // * a query row's result depends on that row, its (batch, head)'s k and v and the shapes only: work
 //   items are (batch, head, block of QB rows) with fixed blocking and summation order, so the bits do
 //   not depend on the thread count nor on the other rows of the batch (exact mode, fast/exact.py);
-// * no -ffast-math and -ffp-contract=off (fused_attention.FLAGS): the compiler keeps the written
-//   order of every floating-point operation.
+// * no -ffast-math and -ffp-contract=off (fused_attention.FLAGS), and the one horizontal sum written
+//   out (lane_sum): the compiler keeps the written order of every floating-point operation, so the
+//   bits depend on this source and the CPU's instructions, not on the compiler's version.
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -35,6 +36,16 @@ static inline __m512 exp512(__m512 x) {
     y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201E-1f));
     y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
     return _mm512_scalef_ps(y, n);
+}
+
+// The 16 lanes added in a fixed order written here (not a header's reduction, whose order may
+// differ between compilers), so the bits do not depend on the compiler.
+static inline float lane_sum(__m512 v) {
+    alignas(64) float lanes[16];
+    _mm512_store_ps(lanes, v);
+    float total = 0.0f;
+    for (int i = 0; i < 16; i++) total += lanes[i];
+    return total;
 }
 
 static inline __m512 dp(__m512 acc, __m512i a, __m512i b) {
@@ -176,7 +187,7 @@ extern "C" int batchsd_attention_bf16(const bf16* q, const bf16* k, const bf16* 
                     sum = _mm512_add_ps(sum, e);
                     _mm256_storeu_si256((__m256i*)(prr + j), (__m256i)_mm512_cvtneps_pbh(e));
                 }
-                rinv[r] = 1.0f / _mm512_reduce_add_ps(sum);
+                rinv[r] = 1.0f / lane_sum(sum);
             }
             PV[NV]((const int32_t*)pr, NK / 2, vpack + bh * NK * DV, (int)DV, rinv,
                    out + b * os[0] + h * os[1] + i0 * os[2], os[2], (int)D, rows);
