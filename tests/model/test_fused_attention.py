@@ -197,3 +197,16 @@ def test_a_cpu_without_avx512_bf16_never_loads_the_kernel(monkeypatch):
             Pipeline.load("tiny", device="cpu", dtype="bf16", fused_attention=True)
     finally:
         fa.kernel.cache_clear()
+
+
+def test_without_a_cache_the_build_leaves_nothing_behind(kernel_here, monkeypatch, tmp_path):
+    monkeypatch.setenv("BATCHSD_CACHE_DIR", "off")
+    monkeypatch.setattr(fa.tempfile, "tempdir", str(tmp_path))
+    fa.kernel.cache_clear()
+    try:
+        q = heads(1, 30, 2, 40)
+        out = fa.fused_attention(q, q, q)
+        assert torch.allclose(out.float(), F.scaled_dot_product_attention(q, q, q).float(), atol=2e-2)
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        fa.kernel.cache_clear()

@@ -14,7 +14,8 @@ C++ compiler (`$CXX`, else `g++`) and FLAGS into
 where the hash covers the source, the flags and the compiler's version, so a changed compiler or
 source builds anew, and one machine loads the same code on every run. The file is written under a
 temporary name and renamed, so processes that build at once (a SLURM array) never load half a
-file. With the cache off (BATCHSD_CACHE_DIR=off) each process builds into a temporary folder.
+file. With the cache off (BATCHSD_CACHE_DIR=off) or not writable, each process builds into a
+temporary folder, removed once the library is loaded.
 
 The library links OpenMP with `-fopenmp`; libgomp.so.1 is then the one torch already loaded (the
 same soname), so the kernel's threads are torch's OpenMP threads, and `torch.get_num_threads()`
@@ -48,6 +49,7 @@ FLAGS = ("-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512
          "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared")
 MAX_HEAD = 256                 # the kernel's widest head (16 vectors of 16 channels)
 BUILD_TIMEOUT_S = 300
+TEMP_PREFIX = "batchsd-kernels-"   # a per-process build folder (no writable cache), removed once loaded
 
 _I64 = ctypes.c_int64
 
@@ -78,7 +80,7 @@ def build() -> Path:
     cxx = _compiler()
     name = _library_name(cxx)
     root = cache_root()
-    folder = Path(tempfile.mkdtemp(prefix="batchsd-kernels-")) if root is None else root / "kernels"
+    folder = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX)) if root is None else root / "kernels"
     target = folder / name
     if target.is_file():
         return target
@@ -87,7 +89,7 @@ def build() -> Path:
         fd, tmp = tempfile.mkstemp(prefix=name + ".", suffix=".tmp", dir=folder)
         os.close(fd)
     except OSError:                      # a read-only cache: build where this process can write
-        folder = Path(tempfile.mkdtemp(prefix="batchsd-kernels-"))
+        folder = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX))
         target, tmp = folder / name, str(folder / (name + ".tmp"))
     try:
         done = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True,
@@ -114,6 +116,9 @@ def kernel():
         lib = ctypes.CDLL(str(path))
     except OSError as e:
         raise KernelUnavailable(f"loading {path} failed: {e}") from None
+    finally:
+        if path.parent.name.startswith(TEMP_PREFIX):      # loaded (or not): the file is no longer needed
+            shutil.rmtree(path.parent, ignore_errors=True)
     fn = lib.batchsd_attention_bf16
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 4 + [_I64] * 5 + [ctypes.POINTER(_I64)] * 4 + [ctypes.c_float, ctypes.c_int]
