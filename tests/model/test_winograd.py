@@ -114,6 +114,26 @@ def test_pipeline_default_is_on_for_bf16_off_for_fp32(monkeypatch):
     assert not Pipeline.load("tiny", device="cpu", dtype="bf16", winograd=True, compile="default").winograd
 
 
+def test_pipeline_builds_the_transformed_weights_at_load(monkeypatch):
+    """packed_conv.pack_now builds each marked conv's U at load (start-up: the transforms' temporaries
+    reuse one another's pages); the images equal those of building U at the first call."""
+    import batchsd.model.pipeline as pipeline_module
+
+    monkeypatch.setattr(pipeline_module, "use_winograd_in_model", lambda m: use_winograd_in_model(m, min_channels=1))
+    rows = [GenerationRow("a cat", seed=1, steps=2, width=64, height=64, sampler="euler")]
+    pipe = Pipeline.load("tiny", device="cpu", dtype="bf16")
+    # not built: the VAE encoder's (image-to-image only) and each upsample's own conv (only folded)
+    skipped = {id(m) for m in pipe.model.vae.encoder.modules()}
+    skipped |= {id(m.conv) for m in pipe.model.modules() if isinstance(m, NearestUpsampleConv)}
+    built = [m for m in marked(pipe.model) if id(m) not in skipped]
+    assert len(built) > 10 and all(m._derived is not None for m in built)
+    assert all(torch.equal(m.transformed_weight(), transform_weight(m.weight)) for m in built)
+    monkeypatch.setattr(pipeline_module, "pack_now", lambda *modules: 0)
+    lazy = Pipeline.load("tiny", device="cpu", dtype="bf16")
+    assert all(m._derived is None for m in marked(lazy.model))
+    assert torch.equal(lazy.generate(rows).latents, pipe.generate(rows).latents)
+
+
 def marked(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if isinstance(m, WinogradConv2d) and m.winograd]
 

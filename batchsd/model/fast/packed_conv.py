@@ -115,16 +115,20 @@ def pack_convolutions(module: nn.Module) -> int:
 
 
 def pack_now(*modules: nn.Module, input_hw: tuple[int, int] = (64, 64)) -> int:
-    """Pack now, largest weight first, the PackedConv2d inside `modules` that forward calls as
-    convolutions: the 3x3 ones, and the folded 2x2 conv of each upsample (fast.upsample.NearestUpsampleConv,
-    built here), whose own 3x3 conv is only folded. The 1x1 ones stay to their first call (some
-    modules read those weights as matrices). Then the freed pages go back once; returns how many.
+    """Prepare now, largest weight first, the PackedConv2d inside `modules` that forward calls as
+    convolutions: the 3x3 ones are packed, or, where Winograd marked them (fast/winograd.py), their
+    transformed weight is built; and the folded 2x2 conv of each upsample
+    (fast.upsample.NearestUpsampleConv, built here) is packed, whose own 3x3 conv is only folded. The
+    1x1 ones stay to their first call (some modules read those weights as matrices). Then the freed
+    pages go back once; returns how many.
 
     Why (start-up): packing at the first call, in forward order, writes every packed copy into fresh
     pages, since the weights grow along the UNet's encoder and no weight freed before fits the next
-    one. Largest first, each copy mostly lands in memory that a plain weight freed just before. A
-    weight packed for one input size gives the same output bits at other sizes and batches, at the
-    same speed, so `input_hw` is a nominal shape (figures: docs/performance.md)."""
+    one. Largest first, each copy mostly lands in memory that a plain weight freed just before. The
+    Winograd transforms' fp32 temporaries reuse one another's pages here, where at the first call
+    the 1x1 convs' packing (which gives freed pages back) sat between them. A weight packed for one
+    input size gives the same output bits at other sizes and batches, at the same speed, so
+    `input_hw` is a nominal shape (figures: docs/performance.md)."""
     if not onednn_available():
         return 0
     convs: list[nn.Module] = []
@@ -137,9 +141,11 @@ def pack_now(*modules: nn.Module, input_hw: tuple[int, int] = (64, 64)) -> int:
         elif isinstance(m, PackedConv2d) and m.kernel_size != (1, 1):
             convs.append(m)
     convs = [c for c in convs if isinstance(c, PackedConv2d) and id(c) not in folded_from
-             and not getattr(c, "winograd", False) and c.packed is None and c.weight is not None
-             and c.weight.device.type == "cpu"]
+             and c.packed is None and c.weight is not None and c.weight.device.type == "cpu"]
     for conv in sorted(convs, key=lambda c: c.weight.numel(), reverse=True):
-        conv.pack((1, conv.in_channels, *input_hw))
+        if getattr(conv, "winograd", False):
+            conv.transformed_weight()                     # kept by the conv (KeepsDerivedWeight)
+        else:
+            conv.pack((1, conv.in_channels, *input_hw))
     release_free_memory()
     return len(convs)

@@ -38,8 +38,8 @@ def _g_taps(t: list[torch.Tensor]) -> list[torch.Tensor]:
 def transform_weight(weight: torch.Tensor) -> torch.Tensor:
     """[Co, Ci, 3, 3] -> U [16, Co, Ci] (position 4a + b of G g G^T), summed in fp32 at least.
     G goes along the kernel's rows, then along its columns; each position is written into its slot
-    of U, so beside U only [Co, Ci] slices are alive, about one weight's worth in all (it runs at a
-    conv's first call, when the peak RSS is made)."""
+    of U, so beside U only [Co, Ci] slices are alive, about one weight's worth in all. Pipeline
+    builds every U at load (packed_conv.pack_now); a conv called before that builds its own."""
     co, ci = weight.shape[:2]
     acc = torch.promote_types(weight.dtype, torch.float32)
     u = torch.empty((16, co, ci), dtype=weight.dtype, device=weight.device)
