@@ -118,8 +118,9 @@ class Pipeline:
                 self.winograd = use_winograd_in_model(self.model) > 0
             pack_convolutions(self.model.unet)
             pack_convolutions(self.model.vae)
-            # at load, not at the first call: fewer fresh pages (packed_conv.pack_now); the VAE encoder,
-            # which only image-to-image rows call, still at its first call
+            # packed, and the Winograd weights transformed, at load, not at the first call: fewer fresh
+            # pages (packed_conv.pack_now); the VAE encoder, which only image-to-image rows call, still at
+            # its first call
             pack_now(self.model.unet, self.model.vae.decoder)
         # the UNet's attention by the fused bf16 kernel (fast/fused_attention.py): None (auto) =
         # devices.default_attention, keyed on the CPU's kind; a kernel that cannot be built under auto
