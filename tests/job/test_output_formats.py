@@ -195,6 +195,22 @@ def test_files_jpg_webp_carry_a1111_parameters_and_captions(tmp_path, image_form
     assert sizes["30"] < sizes["95"]
 
 
+def test_jpg_row_whose_parameters_overflow_the_exif_block_fails_alone(tmp_path):
+    """A JPEG's EXIF block is one 64 KB marker segment: a ~70,000-character prompt does not fit. That
+    row fails with the fix in its error; the rows around it are made (the run is not aborted)."""
+    manifest = write_manifest(tmp_path / "jobs.csv", 3)
+    lines = manifest.read_text().splitlines()
+    lines[2] = lines[2].replace("a photo number 1", "x" * 70_000)
+    manifest.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    run(manifest, out, "--image-format", "jpg", code=1)
+    recs = {r["id"]: r for r in pq.read_table(out / "results.parquet").to_pylist()}
+    assert [recs[i]["status"] for i in ("r00", "r01", "r02")] == ["ok", "error", "ok"]
+    assert "EXIF" in recs["r01"]["error"] and "--image-format png or webp" in recs["r01"]["error"]
+    assert not (out / "images" / "r01.jpg").exists()
+    run(manifest, tmp_path / "webp", "--image-format", "webp")   # WebP's EXIF chunk has room for it
+
+
 def test_default_quality_is_95_for_jpg_and_90_for_webp():
     from batchsd.job.outputs.encode import encode_image
     from batchsd.job.outputs.spec import OutputSpec

@@ -16,6 +16,7 @@ import struct
 
 from PIL import Image
 
+from batchsd.errors import InputError
 from batchsd.job.outputs.spec import OutputSpec
 from batchsd.job.png_metadata import a1111_parameters, encode_png
 
@@ -25,6 +26,7 @@ EXIF_IFD = 0x8769
 EXIF_USER_COMMENT = 0x9286
 USER_COMMENT_UNICODE = b"UNICODE\x00"
 PIL_FORMATS = {"jpg": "JPEG", "webp": "WEBP"}
+JPEG_MAX_EXIF = 65533     # one APP1 marker segment holds the whole EXIF block (Pillow's MAX_BYTES_IN_MARKER)
 
 
 def user_comment(text: str) -> bytes:
@@ -53,7 +55,13 @@ def encode_image(image: Image.Image, rec: dict, spec: OutputSpec) -> bytes:
         return encode_png(image, parameters, json.dumps(meta, sort_keys=True, default=str))
     buf = io.BytesIO()
     rgb = image if image.mode == "RGB" else image.convert("RGB")
-    options = {"quality": spec.effective_quality, "exif": exif_with_user_comment(parameters)}
+    exif = exif_with_user_comment(parameters)
+    if spec.image_format == "jpg" and len(exif) > JPEG_MAX_EXIF:
+        # the row fails alone (writer.py records it); cutting the text would publish wrong parameters
+        raise InputError(f"the generation parameters ({len(parameters):,} characters, {len(exif):,} bytes of EXIF) do "
+                         f"not fit in a JPEG's EXIF block ({JPEG_MAX_EXIF:,} bytes, about 32,000 characters): "
+                         f"shorten the prompt or negative_prompt, or use --image-format png or webp")
+    options = {"quality": spec.effective_quality, "exif": exif}
     if spec.image_format == "webp":
         options["method"] = 4       # Pillow's default effort, spelled out: the bytes depend on it
     rgb.save(buf, format=PIL_FORMATS[spec.image_format], **options)
