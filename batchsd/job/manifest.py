@@ -78,7 +78,8 @@ from batchsd.job.expand import (MAX_N_IMAGES, N_IMAGES, TEMPLATE_COLUMN, SeedRan
                                 expanded_extras, image_counts, may_hold_templates, needs_expansion,
                                 parse_seed_range)
 from batchsd.job.model_choice import resolve_row_models
-from batchsd.job.manifest_formats import JSONL_SUFFIXES, TXT_SUFFIXES, FormatProblems, read_jsonl, read_txt
+from batchsd.job.manifest_formats import (JSONL_SUFFIXES, PARQUET_SUFFIXES, TXT_SUFFIXES, FormatProblems, read_jsonl,
+                                          read_parquet, read_txt)
 from batchsd.job.prompt_template import PromptTemplates
 from batchsd.job.rows import (SAFE_ID_RE, JobRow, Manifest, ManifestOptions, ManifestProblem, default_id, id_problem,
                               seed_from_id)
@@ -92,7 +93,6 @@ COLUMNS = ("id", "prompt", "negative_prompt", "seed", "steps", "cfg_scale", "sam
            "width", "height", "init_image", "strength", N_IMAGES, *CONDITIONING_COLUMNS, "model")
 
 CSV_SUFFIXES = (".csv",)
-PARQUET_SUFFIXES = (".parquet", ".pq")
 
 CSV_BLOCK_SIZE = 1 << 20            # pyarrow's default read block; a row must fit in one block
 CSV_MAX_BLOCK_SIZE = 2 ** 31 - 1    # the largest block pyarrow takes (an int32)
@@ -460,8 +460,7 @@ def _read_table(path: Path) -> tuple[pa.Table, list[int] | None]:
             return read_jsonl(path)
         if suffix in CSV_SUFFIXES:
             return _read_csv(path), None
-        import pyarrow.parquet as pq
-        return pq.read_table(path), None
+        return read_parquet(path), None
     except (pa.ArrowException, OSError, ValueError) as e:
         kind = {".csv": "CSV (UTF-8, comma-separated, one header line)", ".txt": "text", ".jsonl": "JSON lines",
                 ".ndjson": "JSON lines"}.get(suffix, "Parquet")

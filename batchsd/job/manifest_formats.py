@@ -19,7 +19,14 @@ manifest is. Blank lines are not rows; a row's problems name its line (ManifestP
 `.jsonl`: one JSON object a line, its keys the columns (missing keys are empty cells). A column
 whose values are all of one JSON kind keeps it (numbers, text, lists, objects); one with mixed kinds
 is read as text (a number as its digits, a list or object as JSON), so `"seed": 5` and
-`"seed": "100-199"` may share a column.
+`"seed": "100-199"` may share a column. So is a column holding an empty object `{}` (Parquet has
+no struct without fields). Lines are split at line feeds only: U+2028 and the like are characters
+of a value, as JSON has them. A key given twice in one object, and NaN or Infinity (not JSON, though
+Python's reader takes them), are problems naming the line.
+
+`.parquet`: read with pyarrow; a column name given twice is a problem, and Arrow's view types
+(string_view, binary_view, list_view), which the results' Parquet writer cannot take rows from, are
+read as their plain types (the same values).
 """
 from __future__ import annotations
 
@@ -28,11 +35,13 @@ import shlex
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from batchsd.job.rows import ManifestProblem
 
 TXT_SUFFIXES = (".txt",)
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
+PARQUET_SUFFIXES = (".parquet", ".pq")
 
 # A1111 option -> manifest column
 A1111_OPTIONS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "seed": "seed", "steps": "steps",
@@ -60,7 +69,8 @@ def _lines(path: Path) -> list[tuple[int, str]]:
     except UnicodeDecodeError as e:
         raise FormatProblems([ManifestProblem(None, None, f"is not UTF-8 text ({e.reason} at byte {e.start}); "
                                               "save it as UTF-8")]) from None
-    return [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    # "\n" only: str.splitlines also splits at U+2028, U+0085, form feeds ..., which are a value's characters
+    return [(n, line.strip()) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
 
 
 def read_txt(path: Path) -> tuple[pa.Table, list[int]]:
@@ -145,7 +155,7 @@ def read_jsonl(path: Path) -> tuple[pa.Table, list[int]]:
     numbers: list[int] = []
     for n, line in _lines(path):
         try:
-            record = json.loads(line)
+            record = json.loads(line, object_pairs_hook=_object_without_repeats, parse_constant=_not_json)
         except ValueError as e:
             problems.append(ManifestProblem(None, None, f"is not valid JSON ({e}); write one JSON object a line",
                                             line=n))
@@ -164,15 +174,37 @@ def read_jsonl(path: Path) -> tuple[pa.Table, list[int]]:
     return pa.table({name: _json_column([r.get(name) for r in records]) for name in names}), numbers
 
 
+def _object_without_repeats(pairs: list[tuple]) -> dict:
+    keys = [k for k, _ in pairs]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise ValueError(f"key {repeated[0]!r} is given twice in one object; keep one")
+    return dict(pairs)
+
+
+def _not_json(word: str):
+    raise ValueError(f"{word} is not a JSON value; leave the key out (or write null) for the default")
+
+
 def _json_column(values: list) -> pa.Array:
-    """One kind of JSON value: Arrow's own type for it; mixed kinds (or numbers beyond int64): text."""
+    """One kind of JSON value: Arrow's own type for it; mixed kinds (or numbers beyond int64), or an
+    empty object anywhere in it (Parquet cannot store a struct without fields): text."""
     kinds = {type(v) for v in values if v is not None}
     if kinds and not kinds <= {int, float} and len(kinds) > 1:
         return pa.array([_as_text(v) for v in values], pa.string())
     try:
-        return pa.array(values)
+        arr = pa.array(values)
     except (pa.ArrowException, OverflowError, TypeError, ValueError):
         return pa.array([_as_text(v) for v in values], pa.string())
+    return pa.array([_as_text(v) for v in values], pa.string()) if _has_empty_struct(arr.type) else arr
+
+
+def _has_empty_struct(t: pa.DataType) -> bool:
+    if pa.types.is_struct(t):
+        return t.num_fields == 0 or any(_has_empty_struct(t.field(i).type) for i in range(t.num_fields))
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return _has_empty_struct(t.value_type)
+    return False
 
 
 def _as_text(v):
@@ -181,3 +213,41 @@ def _as_text(v):
     if isinstance(v, (dict, list)):
         return json.dumps(v, ensure_ascii=False, sort_keys=True)
     return json.dumps(v)   # numbers as written in JSON; true/false stay JSON's words
+
+
+def read_parquet(path: Path) -> pa.Table:
+    """A Parquet manifest as a table: names given twice refused (FormatProblems), view types read
+    as their plain types."""
+    names = pq.read_schema(path).names
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise FormatProblems([ManifestProblem(None, name, "appears twice in the file's columns; keep one")
+                              for name in twice])
+    table = pq.read_table(path)
+    for i, field in enumerate(table.schema):
+        plain = _plain_type(field.type)
+        if plain != field.type:   # rebuilt from Python values: Arrow 26 casts list_view to invalid lists
+            table = table.set_column(i, field.with_type(plain),
+                                     pa.chunked_array([pa.array(table.column(i).to_pylist(), plain)], plain))
+    return table
+
+
+_PLAIN = {pa.string_view(): pa.string(), pa.binary_view(): pa.binary()}
+
+
+def _plain_type(t: pa.DataType) -> pa.DataType:
+    """`t` with every view type (string_view, binary_view, list_view) replaced by its plain type."""
+    if t in _PLAIN:
+        return _PLAIN[t]
+    if pa.types.is_list_view(t) or pa.types.is_list(t):
+        return pa.list_(t.value_field.with_type(_plain_type(t.value_type)))
+    if pa.types.is_large_list_view(t) or pa.types.is_large_list(t):
+        return pa.large_list(t.value_field.with_type(_plain_type(t.value_type)))
+    if pa.types.is_fixed_size_list(t):
+        return pa.list_(t.value_field.with_type(_plain_type(t.value_type)), t.list_size)
+    if pa.types.is_struct(t):
+        return pa.struct([t.field(i).with_type(_plain_type(t.field(i).type)) for i in range(t.num_fields)])
+    if pa.types.is_map(t):
+        return pa.map_(t.key_field.with_type(_plain_type(t.key_type)),
+                       t.item_field.with_type(_plain_type(t.item_type)), t.keys_sorted)
+    return t

@@ -92,10 +92,40 @@ def test_jsonl_rows_with_typed_and_mixed_columns(tmp_path):
 @pytest.mark.parametrize("text, words", [
     ('{"prompt": "a"}\n{"prompt": \n', "is not valid JSON"),
     ('{"prompt": "a"}\n["a"]\n', "is a JSON list, not an object"),
+    ('{"prompt": "a"}\n{"prompt": "b", "prompt": "c"}\n', "key 'prompt' is given twice in one object"),
+    ('{"prompt": "a"}\n{"prompt": "b", "seed": NaN}\n', "NaN is not a JSON value"),
 ])
 def test_jsonl_problems_name_the_line(tmp_path, text, words):
     m = read_manifest(write(tmp_path / "m.jsonl", text))
     assert [p.line for p in m.problems] == [2] and words in m.problems[0].message
+
+
+def test_jsonl_values_keep_line_separators_and_empty_objects_pass_through_as_text(tmp_path):
+    """Lines end at line feeds only (U+2028 and U+0085 are a string's characters in JSON); an empty
+    object (Parquet has no struct without fields) is read as its JSON text, so the results can be written."""
+    text = '{"prompt": "a cat\u2028on a mat\u0085", "x": {}, "y": [{}], "z": {"k": 1}}\n{"prompt": "b"}\n'
+    m = read_ok(write(tmp_path / "m.jsonl", text))
+    assert [(r.prompt, r.extra["x"], r.extra["y"]) for r in m.rows] == [
+        ("a cat\u2028on a mat\u0085", "{}", "[{}]"), ("b", None, None)]
+    assert str(m.extra_types["z"]) == "struct<k: int64>"
+    txt = read_ok(write(tmp_path / "p.txt", "x\u2028y\r\nz\n"))
+    assert [r.prompt for r in txt.rows] == ["x\u2028y", "z"]
+
+
+def test_parquet_view_types_pass_through_and_repeated_names_are_refused(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    table = pa.table({"prompt": ["a"], "sv": pa.array(["s"], pa.string_view()), "bv": pa.array([b"b"], pa.binary_view()),
+                      "lv": pa.array([[1, 2]], pa.list_view(pa.int64())),
+                      "nested": pa.array([[{"k": "v"}]], pa.list_(pa.struct([("k", pa.string_view())])))})
+    pq.write_table(table, tmp_path / "v.parquet")
+    m = read_ok(tmp_path / "v.parquet")
+    assert {c: str(t) for c, t in m.extra_types.items()} == {
+        "sv": "string", "bv": "binary", "lv": "list<element: int64>", "nested": "list<element: struct<k: string>>"}
+    assert m.rows[0].extra == {"sv": "s", "bv": b"b", "lv": [1, 2], "nested": [{"k": "v"}]}
+    pq.write_table(pa.table([pa.array(["a"]), pa.array(["b"])], names=["prompt", "prompt"]), tmp_path / "d.parquet")
+    m = read_manifest(tmp_path / "d.parquet")
+    assert [(p.column, p.message) for p in m.problems] == [("prompt", "appears twice in the file's columns; keep one")]
 
 
 def test_jsonl_bad_value_names_line_and_column(tmp_path):

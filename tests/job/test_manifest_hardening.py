@@ -178,6 +178,23 @@ def test_parquet_pass_through_columns_keep_their_arrow_types(tmp_path):
     assert by_id(table, "blob")["r0"] == b"a\x00b"                      # bytes, not "b'a\\x00b'"
 
 
+def test_view_typed_parquet_and_empty_json_objects_run_end_to_end(tmp_path):
+    """Columns the results' writer could not take rows from (Arrow view types; a struct without
+    fields, which Parquet cannot store) once stopped every run after its first image."""
+    manifest = tmp_path / "v.parquet"
+    pq.write_table(pa.table({**small_rows(2), "sv": pa.array(["s", None], pa.string_view()),
+                             "lv": pa.array([[1], None], pa.list_view(pa.int64()))}), manifest)
+    r = run_tiny(manifest)
+    assert r.exit_code == 0, r.output
+    table = results(tmp_path / "outputs" / "v")
+    assert by_id(table, "sv") == {"r0": "s", "r1": None} and by_id(table, "lv") == {"r0": [1], "r1": None}
+    jsonl = tmp_path / "e.jsonl"
+    jsonl.write_text('{"id": "r0", "prompt": "a", "steps": 2, "width": 64, "height": 64, "x": {}}\n')
+    r = run_tiny(jsonl)
+    assert r.exit_code == 0, r.output
+    assert by_id(results(tmp_path / "outputs" / "e"), "x") == {"r0": "{}"}
+
+
 def test_csv_pass_through_cells_are_text_and_empty_cells_null(tmp_path):
     manifest = tmp_path / "m.csv"
     manifest.write_text("id,prompt,steps,width,height,note,code\n"
