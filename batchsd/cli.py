@@ -163,11 +163,11 @@ def _manifest_options(column_map: Optional[str], wildcards: Optional[Path], prom
 
 
 def _err_console() -> Console:
-    return Console(stderr=True, soft_wrap=True, highlight=False)
+    return Console(stderr=True, soft_wrap=True, highlight=False, emoji=False)
 
 
 def _out_console() -> Console:
-    return Console(soft_wrap=True, highlight=False)
+    return Console(soft_wrap=True, highlight=False, emoji=False)
 
 
 def _fail(console: Console, message: str, code: int) -> "typer.Exit":

@@ -50,7 +50,7 @@ class RunProgress:
         self.failed = 0
         self.batches = 0
         self.stream = stream or sys.stderr
-        self.console = console or Console(file=self.stream)
+        self.console = console or Console(file=self.stream, emoji=False)
         self.rich_bar = self.console.is_terminal if rich_bar is None else rich_bar
         self._lock = threading.Lock()
         self._t0 = time.monotonic()

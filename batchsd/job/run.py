@@ -46,7 +46,7 @@ def run(opts: RunOptions, console: Console | None = None, *, rich_bar: bool | No
     (ModelNotLoaded after the run when a model could not be loaded). `console` takes progress and log
     lines, `out_console` the dry-run plan. `pipe`: an already loaded Pipeline to run the job with
     (Python API, benchmarks); opts.model/device/dtype then go unused, and rows may not name a model."""
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True, emoji=False)
     opts = with_model_defaults(opts, pipe=pipe)   # unsized rows at their model family's size
     job = read_job(opts)
     for line in warning_lines(job.manifest):

@@ -123,7 +123,7 @@ class RowMaker:
         if why := loaded_mismatch(self.pipe, cfg.identity, cfg.numerics):
             raise RuntimeError(f"on this Ray node, {why}: every node must see the same model file and have the "
                                "same torch version and device type")
-        self.console = Console(stderr=True, highlight=False)
+        self.console = Console(stderr=True, highlight=False, emoji=False)
         self.batch_size: int | None = cfg.batch_size   # kept across calls once OOM halving lowered it
 
     def __call__(self, batch):
@@ -166,7 +166,7 @@ def run_ray(opts: RunOptions, *, workers: int = 1, console: Console | None = Non
     from batchsd.job.plan import plan_batches
     from batchsd.job.worker import batch_size_for
 
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True, emoji=False)
     if opts.shard is not None and not opts.shard.is_whole:
         raise UsageError("the Ray engine spreads the rows over its workers itself: run it without a shard")
     if workers < 1:

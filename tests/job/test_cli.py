@@ -129,6 +129,14 @@ def test_manifest_problems_exit_2_naming_row_and_column(tmp_path, cached_tiny):
     assert r.exit_code == 2 and "file not found" in r.output
 
 
+def test_messages_print_user_text_as_written(tmp_path, cached_tiny):
+    """The console neither turns `:name:` into emoji nor reads `[...]` as markup in a user's values."""
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("id,prompt,sampler\na,x,:cat: [bold]s\n")
+    r = invoke("validate", str(manifest))
+    assert r.exit_code == 2 and "unknown sampler ':cat: [bold]s'" in r.output
+
+
 def test_missing_init_image_fails_that_row_only(tmp_path):
     make_init_image(tmp_path / "there.png", 64, 64)
     manifest = write_csv(tmp_path / "jobs.csv", [
