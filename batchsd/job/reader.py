@@ -8,10 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from batchsd.errors import InputError
 from batchsd.job.init_images import resolve_image_sizes
 from batchsd.job.layout import RunLayout
 from batchsd.job.manifest import read_manifest
 from batchsd.job.options import ManifestInvalid, RunOptions, UsageError
+from batchsd.job.outputs.spec import check_pass_through
 from batchsd.job.rows import JobRow, Manifest, ManifestOptions
 from batchsd.job.shards import ShardSpec
 
@@ -73,6 +75,10 @@ def read_job(opts: RunOptions) -> Job:
         raise UsageError(f"--limit {opts.limit}: use a whole number >= 0")
     shard = opts.shard if opts.shard is not None and not opts.shard.is_whole else None
     manifest, rows, row_errors = read_rows(opts.manifest, opts.limit, shard, opts.manifest_options)
+    try:
+        check_pass_through(opts.output, manifest.extra_types)
+    except InputError as e:
+        raise UsageError(str(e)) from None
     job_ids = [r.id for r in manifest.rows[: opts.limit]]   # every shard's rows (a None limit slices all)
     out_dir = Path(opts.out_dir) if opts.out_dir is not None else default_out_dir(Path(opts.manifest))
     return Job(manifest, rows, row_errors, out_dir, RunLayout(out_dir, shard), job_ids)

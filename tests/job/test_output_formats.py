@@ -238,6 +238,11 @@ def test_bad_output_options_are_refused_before_running(tmp_path):
     assert "One --out holds one output format" in r.output
     r = run(manifest, out, "--format", "webdataset", "--limit", "1", code=2)
     assert "A dataset shard holds fixed rows" in r.output
+    named = tmp_path / "named.csv"          # a pass-through column named like a column the format adds
+    named.write_text(manifest.read_text().replace("strength\n", "strength,text\n", 1).replace(",\n", ",,t\n"))
+    r = run(named, tmp_path / "named", "--format", "parquet", code=2)
+    assert "column 'text' has the name of a column --format parquet writes itself" in r.output
+    run(named, tmp_path / "named", "--format", "webdataset")
     legacy = tmp_path / "legacy"
     run(manifest, legacy)
     (legacy / ".batchsd" / "output.json").unlink()          # a folder from before formats existed

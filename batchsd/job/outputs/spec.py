@@ -20,6 +20,9 @@ IMAGE_FORMATS = ("png", "jpg", "webp")
 IMAGE_SUFFIXES = {"png": ".png", "jpg": ".jpg", "webp": ".webp"}
 DEFAULT_QUALITY = {"jpg": 95, "webp": 90}     # img2dataset's jpg default; webp lossy at 90
 DEFAULT_SHARD_SIZE = 10_000                   # img2dataset's number_sample_per_shard
+# columns a format adds beside the result row's (hf_parquet.py, webdataset.py): a pass-through column
+# of the same name would be overwritten or written twice
+FORMAT_COLUMNS = {"parquet": ("image", "text"), "webdataset": ("key",)}
 
 
 @dataclass(frozen=True)
@@ -75,3 +78,12 @@ def check_spec(spec: OutputSpec) -> None:
         raise InputError(f"--captions adds images/<id>.txt to --format files; --format {spec.format} already "
                          "carries each prompt (webdataset: <key>.txt; parquet: `text`; imagefolder: metadata.jsonl "
                          "`text`): drop --captions")
+
+
+def check_pass_through(spec: OutputSpec, names) -> None:
+    """InputError when a pass-through column takes the name of a column `spec`'s format adds."""
+    taken = [name for name in names if name in FORMAT_COLUMNS.get(spec.format, ())]
+    if taken:
+        raise InputError(f"the manifest's column {taken[0]!r} has the name of a column --format {spec.format} "
+                         f"writes itself ({', '.join(FORMAT_COLUMNS[spec.format])}); rename it in the manifest "
+                         f"(e.g. to 'src_{taken[0]}') or choose another --format")
