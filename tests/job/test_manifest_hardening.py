@@ -32,6 +32,7 @@ from typer.testing import CliRunner
 import batchsd.job.init_images as init_images
 import batchsd.job.manifest as manifest_mod
 from batchsd.cli import app
+from batchsd.errors import InputError
 from batchsd.job.init_images import inspect_init_image, load_init_image, resolve_image_sizes
 from batchsd.job.journal import Journal, read_prior
 from batchsd.job.layout import RunLayout
@@ -550,6 +551,22 @@ def test_corrupt_exif_warning_is_not_printed(tmp_path):
     assert r.exit_code == 0 and "EXIF" not in r.output
     r = run_tiny(manifest)
     assert r.exit_code == 0 and "EXIF" not in r.output, r.output
+
+
+def test_16_bit_grayscale_init_images_are_scaled_and_32_bit_ones_refused(tmp_path):
+    """PIL's convert("RGB") clips 16-bit grayscale to white; batchsd scales it to 8 bits. 32-bit
+    integer or float pixels have no range to rely on: the row fails from the header, naming the fix."""
+    ramp = (np.arange(4096).reshape(64, 64) * 16).astype(np.uint16)       # 0 .. 65520
+    for name in ("g16.png", "g16.tif"):
+        Image.fromarray(ramp).save(tmp_path / name)
+        pixels = np.asarray(load_init_image(str(tmp_path / name)))
+        assert pixels.shape == (64, 64, 3) and (pixels[..., 0] == pixels[..., 2]).all()
+        assert np.abs(pixels[..., 0].astype(int) - np.round(ramp / 257.0)).max() == 0
+    Image.fromarray(ramp.astype(np.float32)).save(tmp_path / "f32.tif")
+    Image.fromarray(ramp.astype(np.int32)).save(tmp_path / "i32.tif")
+    for name, kind in (("f32.tif", "32-bit float"), ("i32.tif", "32-bit integer")):
+        with pytest.raises(InputError, match=f"has {kind} pixels.*save it as an 8- or 16-bit PNG"):
+            inspect_init_image(str(tmp_path / name))
 
 
 def test_part_named_fifo_or_folder_is_ignored(tmp_path, no_hang):
