@@ -20,7 +20,9 @@ as one new part (`part-<next seq>`), deletes the older parts, and writes the res
   - at the end of a run and on a clean interrupt (SIGINT/SIGTERM).
 So the results table is always a whole, valid file; after a SIGKILL it may lag behind the
 journal by the rows since its last compaction, and the next run (which reads the parts, not
-the table) catches it up. Every record in it names an image that exists (or an error).
+the table) catches it up. Every record in it names an image that exists (or an error): an ok
+record whose files are gone (deleted by hand since it was made; the run remakes that row) is left
+out of the table until the row is made again, as `batchsd status` counts it missing.
 
 The results table shows the manifest as it is now: its pass-through columns come from the current
 manifest (`extras`, by id), not from the records, which keep the values they were made with (a
@@ -45,6 +47,7 @@ import pyarrow.parquet as pq
 
 from batchsd.job.atomic import atomic_write_table, fsync_dir, remove_stale_temps
 from batchsd.job.layout import RunLayout, journal_parts_dirs
+from batchsd.job.present import existing_files
 from batchsd.job.schema import RESUME_COLUMNS, conform, overlay_extras, records_to_table
 
 COMPACT_MIN_ROWS = 256
@@ -206,7 +209,8 @@ class Journal:
         # manifest's current pass-through values
         order = {rid: i for i, rid in enumerate(self.manifest_ids)}
         ids = table.column("id").to_pylist()
-        keep = sorted((order[r], i) for i, r in enumerate(ids) if r in order)
+        gone = self._ok_rows_without_files(table)
+        keep = sorted((order[r], i) for i, r in enumerate(ids) if r in order and i not in gone)
         results = table.take(pa.array([i for _, i in keep], type=pa.int64()))
         if self.extras is not None:
             results = overlay_extras(results, self.extras)
@@ -214,6 +218,14 @@ class Journal:
         self.rows_at_compaction = table.num_rows
         self.rows_since_compaction = 0
         return results.num_rows
+
+    def _ok_rows_without_files(self, table: pa.Table) -> set[int]:
+        """Indices of the ok records in `table` whose image or latents file is not in place."""
+        status = table.column("status").to_pylist()
+        named = {c: table.column(c).to_pylist() for c in ("image_path", "latents_path")}
+        ok = [i for i, s in enumerate(status) if s == "ok"]
+        present = existing_files(self.out_dir, [p for c in named.values() for i in ok if (p := c[i])])
+        return {i for i in ok if any(c[i] and c[i] not in present for c in named.values())}
 
 
 def part_files(parts_dir: Path) -> dict[int, Path]:

@@ -231,7 +231,7 @@ def test_old_journal_parts_with_other_types_still_compact(tmp_path):
 def record(rid: str, **extra) -> dict:
     rec = {"id": rid, "prompt": "p", "negative_prompt": "", "seed": 1, "steps": 2, "cfg_scale": 7.5,
            "sampler": "euler", "width": 64, "height": 64, "init_image": None, "strength": None,
-           "status": "ok", "error": None, "image_path": f"images/{rid}.png", "image_sha256": None,
+           "status": "ok", "error": None, "image_path": None, "image_sha256": None,   # no file to look for
            "latents_path": None, "model": "tiny-random", "model_sha256": None, "elapsed_s": 0.1,
            "finished_at": dt.datetime.now(dt.timezone.utc), "params_hash": "h", "prompt_truncated": False}
     rec.update(extra)

@@ -282,10 +282,10 @@ def test_decide_model_and_files(tmp_path):
 
 @pytest.mark.parametrize("entries_per_name", [4, 0])   # the folder listed once; too big to list (a stat each)
 def test_decide_redoes_rows_whose_files_are_missing(tmp_path, monkeypatch, entries_per_name):
-    from batchsd.job import resume
+    from batchsd.job import present
     from batchsd.job.rows import JobRow
 
-    monkeypatch.setattr(resume, "SCAN_ENTRIES_PER_NAME", entries_per_name)
+    monkeypatch.setattr(present, "SCAN_ENTRIES_PER_NAME", entries_per_name)
     rows = [JobRow(i, f"r{i}", "p", "", i, 2, 7.5, "euler", 64, 64, None, None, {}) for i in range(12)]
     for folder in ("images", "latents", "images/sub"):
         (tmp_path / folder).mkdir()

@@ -31,7 +31,8 @@ def record(rid: str, **kw) -> dict:
 
 
 def result(rid: str, status="ok", **kw) -> dict:
-    rec = record(rid, status=status, error=None if status == "ok" else "boom", image_path=f"images/{rid}.png",
+    # no image named: compaction leaves out ok records whose files are not in place (tested below)
+    rec = record(rid, status=status, error=None if status == "ok" else "boom", image_path=None,
                  model="m", model_sha256="abc", elapsed_s=0.5, finished_at=schema_mod.now_utc())
     rec.update(kw)
     return rec
@@ -173,6 +174,23 @@ def test_reopened_journal_keeps_the_doubled_interval(tmp_path, monkeypatch, earl
             break
     assert compacted_after == 64                       # was 4: all 64 earlier rows folded after 4 new ones
     assert len(j.part_files()) == parts_before + 32    # nothing folded before then
+
+
+def test_results_leave_out_ok_rows_whose_files_are_gone(tmp_path):
+    """An image deleted by hand after its row was made: the run makes the row again, and until it
+    has, the results table (rewritten at an interrupt or a write failure too) does not call it ok."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "latents").mkdir()
+    for name in ("images/a.png", "images/b.png", "latents/a.npy"):
+        (tmp_path / name).write_bytes(b"x")
+    j = Journal(tmp_path, results_schema({}), ["a", "b", "c", "d", "e"])
+    j.append([result("a", image_path="images/a.png", latents_path="latents/a.npy"),
+              result("b", image_path="images/b.png", latents_path="latents/b.npy"),   # its latents are gone
+              result("c", image_path="images/c.png"),                                 # its image is gone
+              result("d", status="error"), result("e")])
+    assert j.compact() == 3
+    assert pq.read_table(tmp_path / layout.RESULTS_FILE).column("id").to_pylist() == ["a", "d", "e"]
+    assert set(read_prior(tmp_path)) == {"a", "b", "c", "d", "e"}      # the journal itself keeps them all
 
 
 def test_latest_record_wins_and_results_follow_manifest_order(tmp_path):
