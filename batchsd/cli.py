@@ -42,7 +42,7 @@ from batchsd.job.outputs.spec import DEFAULT_SHARD_SIZE, FORMATS, IMAGE_FORMATS
 from batchsd.model.prompt_syntax import PROMPT_SYNTAXES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Stable Diffusion (SD 1.x, 2.x) batch jobs: a manifest in, images and results.parquet out.")
+                  help="Stable Diffusion (SD 1.x, 2.x, SDXL) batch jobs: a manifest in, images and results.parquet out.")
 
 
 class Winograd(str, enum.Enum):
@@ -318,7 +318,9 @@ def run(
         err.print("[yellow]stopped; finished rows are kept: run the same command again to resume[/yellow]")
         raise typer.Exit(130)
     except (RuntimeError, OSError) as e:  # e.g. the disk filled up while writing results
-        raise _fail(err, f"{e}; finished rows are kept: fix the cause and run the same command again", 1)
+        from batchsd.job.options import EXIT_STOPPED
+
+        raise _fail(err, f"{e}; finished rows are kept: fix the cause and run the same command again", EXIT_STOPPED)
     _print_to_stdout(lambda: print_summary(_out_console(), summary))
     raise typer.Exit(summary.exit_code)
 

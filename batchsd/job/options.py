@@ -3,7 +3,8 @@ stop a run before anything was made (UsageError, ManifestInvalid: exit 2).
 
 Exit status: 0 every row of the job is ok; 1 some rows failed (recorded in results.parquet, also
 rows that failed in an earlier run and were not retried); 2 usage, model or manifest errors
-(nothing run); 130/143 interrupted.
+(nothing run); 3 stopped by an error outside the rows (disk full, an unwritable folder): finished
+rows are kept and the same command resumes; 130/143 interrupted.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from batchsd.job.rows import Manifest, ManifestOptions
 from batchsd.job.shards import ShardSpec
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
+EXIT_STOPPED = 3   # stopped by an error outside the rows (disk full, ...): finished rows kept, run again
 
 
 class UsageError(InputError):

@@ -264,6 +264,27 @@ def test_out_of_memory_halves_the_batch(tmp_path, tiny_pipe, monkeypatch):
     assert "out of memory at batch size 1" in df.loc["r0", "error"]
 
 
+def test_a_write_failure_stops_the_run_with_exit_3_and_a_rerun_resumes(tmp_path, tiny_pipe, monkeypatch):
+    """Exit 1 means rows failed (recorded); a run stopped by its surroundings (a full disk) is exit 3,
+    which a scheduler may retry: the next run makes what is missing."""
+    from batchsd.job.outputs.files import LooseFiles
+
+    manifest = write_csv(tmp_path / "jobs.csv", [f"r{i},p {i},,{i},2,7.5,euler,64,64,,," for i in range(3)])
+    real_write = LooseFiles.write_row
+
+    def disk_fills(self, rec, image, latent):
+        if rec["id"] == "r1":
+            raise OSError(28, "No space left on device")
+        return real_write(self, rec, image, latent)
+
+    monkeypatch.setattr(LooseFiles, "write_row", disk_fills)
+    r = invoke("run", str(manifest), "--model", "tiny", "--batch-size", "1")
+    assert r.exit_code == 3 and "No space left on device" in r.output and "finished rows are kept" in r.output
+    monkeypatch.setattr(LooseFiles, "write_row", real_write)
+    r = invoke("run", str(manifest), "--model", "tiny", "--batch-size", "1")
+    assert r.exit_code == 0 and "1 skipped" in r.output, r.output
+
+
 def test_row_exception_fails_only_that_row(tmp_path, tiny_pipe, monkeypatch):
     real_generate = tiny_pipe.generate
 
