@@ -59,6 +59,7 @@ class RunOptions:
 class RunSummary:
     out_dir: Path
     total: int = 0              # rows in this job (after --limit)
+    beyond_limit: int = 0       # manifest rows --limit left out of the job: the manifest is not done
     ok: int = 0                 # made ok in this run
     failed: int = 0             # failed in this run
     skipped: int = 0            # already done (ok) before this run
@@ -99,7 +100,9 @@ def summary_record(opts: RunOptions, s: RunSummary) -> dict:
     from batchsd.job.schema import now_utc
 
     return {
-        "complete": s.interrupted_by is None, "manifest": str(opts.manifest), "out_dir": str(s.out_dir),
+        # complete: every row of the manifest (of this shard) was processed; not after --limit left rows out
+        "complete": s.interrupted_by is None and not s.beyond_limit, "limit": opts.limit,
+        "beyond_limit": s.beyond_limit, "manifest": str(opts.manifest), "out_dir": str(s.out_dir),
         "results": str(s.results_path), "model": s.model, "model_sha256": s.model_sha256,
         "models": s.models,
         "shard_index": s.shard.index if s.shard else None, "shard_count": s.shard.count if s.shard else 1,

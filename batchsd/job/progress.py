@@ -145,6 +145,7 @@ def print_summary(console: Console, s) -> None:
     console.print(f"{head}: {s.ok} ok, {s.failed} failed, {s.skipped} skipped (already done)"
                   + (f", {s.previously_failed} failed earlier (not retried; --retry-errors)" if s.previously_failed else "")
                   + (f", {s.pending} not made yet (run the same command again to resume)" if s.pending else "")
+                  + (f", {s.beyond_limit} more manifest row(s) beyond --limit" if getattr(s, "beyond_limit", 0) else "")
                   + f"; {s.images_per_s:.2f} images/s over {format_duration(s.elapsed_s)}"
                   + (f" ({format_duration(s.compile_s)} of it compiling the UNet)" if getattr(s, "compile_s", 0) else ""))
     out = Path(s.out_dir)

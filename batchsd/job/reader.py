@@ -53,6 +53,11 @@ class Job:
     job_ids: list[str] = field(default_factory=list)   # every shard's rows after --limit, in manifest order
 
     @property
+    def beyond_limit(self) -> int:
+        """Manifest rows that --limit leaves out of the job (0 without a limit)."""
+        return len(self.manifest.rows) - len(self.job_ids)
+
+    @property
     def shard(self) -> ShardSpec | None:
         return self.layout.shard if self.layout.sharded else None
 

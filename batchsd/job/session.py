@@ -49,7 +49,8 @@ class RunSession:
         self.opts, self.job, self.console, self.engine = opts, job, console, engine
         self.layout = job.layout
         self.summary = RunSummary(out_dir=job.out_dir, total=len(job.rows), shard=job.shard,
-                                  results_path=job.layout.results_path, batch_size=opts.batch_size)
+                                  results_path=job.layout.results_path, batch_size=opts.batch_size,
+                                  beyond_limit=job.beyond_limit)
         self.journal: Journal | None = None
         self.todo: list[JobRow] = []
         self.failing: list[tuple[JobRow, str]] = []   # rows known to fail before any model call, with why

@@ -68,6 +68,8 @@ class StatusReport:
     shards: list[Tally] = field(default_factory=list)
     models: dict[str, int] = field(default_factory=dict)
     merged: bool = False     # results.parquet holds every row (written now or before)
+    limit: int | None = None  # the run's --limit (the job is the manifest's first `limit` rows)
+    beyond_limit: int = 0     # manifest rows the limit leaves out: not counted as missing
     output_format: str = "files"   # --format of the folder (outputs/claim.py)
 
     @property
@@ -129,7 +131,7 @@ def collect_status(out_dir: Path, manifest: Path | None = None, limit: int | Non
     try:
         # the rows as the run read them (its --map and --wildcards, recorded in run.json)
         options = ManifestOptions.from_json(newest.get("manifest_options"))
-        _, rows, _ = read_rows(Path(manifest), limit, options=options)
+        whole, rows, _ = read_rows(Path(manifest), limit, options=options)
     except InputError as e:
         raise InputError(f"the manifest {manifest} cannot be read as a job now:\n{e}") from None
     count = _shard_count(out_dir)
@@ -156,7 +158,8 @@ def collect_status(out_dir: Path, manifest: Path | None = None, limit: int | Non
             t.state = "done"
         else:
             t.state = "started" if journal_exists else "not started"
-    report = StatusReport(str(out_dir), str(manifest), count, overall, shards, models)
+    report = StatusReport(str(out_dir), str(manifest), count, overall, shards, models, limit=limit,
+                          beyond_limit=len(whole.rows) - len(rows))
     _count_dataset_shards(report, out_dir)
     report.merged = job_results_path(out_dir).is_file() and count == 1
     if count > 1:
@@ -225,7 +228,9 @@ def print_status(console, report: StatusReport) -> None:
 
     o = report.overall
     console.print(f"{escape(report.out_dir)}: {o.rows} row(s) from {escape(report.manifest)}"
-                  + (f", {report.shard_count} shards" if report.shard_count > 1 else ""))
+                  + (f", {report.shard_count} shards" if report.shard_count > 1 else "")
+                  + (f" (the run's --limit {report.limit}: {report.beyond_limit} more manifest row(s) are not "
+                     "in its job; run without --limit to make them)" if report.beyond_limit else ""))
     if report.shard_count > 1:
         table = Table(show_edge=False, pad_edge=False, box=None)
         datasets = o.dataset_shards is not None
@@ -261,7 +266,8 @@ def print_status(console, report: StatusReport) -> None:
         console.print(f"[red]{o.failed} row(s) failed[/red]: their reasons are in the results' `error` column; "
                       "`batchsd run ... --retry-errors` makes them again")
     else:
-        console.print("[green]every row is done[/green]")
+        console.print("[green]every row of the limited job is done[/green]" if report.beyond_limit
+                      else "[green]every row is done[/green]")
     if report.shard_count > 1:
         out = escape(report.out_dir)
         where = f"{out}/results.parquet (the whole job) and " if report.merged else ""

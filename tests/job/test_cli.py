@@ -230,6 +230,11 @@ def test_dry_run_and_limit(tmp_path, cached_tiny):
     r = invoke("run", str(manifest), "--model", "tiny", "--limit", "2", "--out", "o")
     assert r.exit_code == 0 and "2 ok, 0 failed" in r.stdout
     assert sorted(p.name for p in (tmp_path / "o/images").iterdir()) == ["r0.png", "r1.png"]
+    summary = json.loads((tmp_path / "o/summary.json").read_text())   # the manifest is not done
+    assert (summary["complete"], summary["limit"], summary["beyond_limit"]) == (False, 2, 4)
+    assert "4 more manifest row(s) beyond --limit" in r.stdout
+    r = invoke("status", "o")
+    assert "--limit 2: 4 more manifest row(s)" in r.stdout and "every row of the limited job is done" in r.stdout
     assert list(pd.read_parquet(tmp_path / "o/results.parquet")["id"]) == ["r0", "r1"]
     r = invoke("run", str(manifest), "--dry-run", "--out", "o")
     assert "2 row(s) already made with these parameters are left out" in r.stdout
