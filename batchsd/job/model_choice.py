@@ -111,8 +111,10 @@ def with_model_defaults(opts, model: str | None = None, pipe=None):
 
 def model_key(model: str) -> str:
     """The one name of a model in a run (what Pipeline.load is given): "tiny" or an absolute path,
-    so that --model and a row's cell naming the same file are one model, loaded once."""
-    return model if model == TINY else str(Path(model).expanduser().resolve())
+    so that --model and a row's cell naming the same file are one model, loaded once. Links are not
+    followed: a file is read as the path the user gave (its name, and the A1111 `.yaml` beside it,
+    as A1111 reads a linked checkpoint), the same in inspect, validate and run."""
+    return model if model == TINY else os.path.abspath(Path(model).expanduser())
 
 
 def find_row_model(value: str, manifest_dir: Path, weights_dir: Path | None = None) -> str:
@@ -128,7 +130,11 @@ def find_row_model(value: str, manifest_dir: Path, weights_dir: Path | None = No
     candidates = [given] if given.is_absolute() else [Path(manifest_dir) / given, given]
     candidates += [weights / value] + [weights / (value + suffix) for suffix in WEIGHT_SUFFIXES
                                        if not value.lower().endswith(suffix)]
-    found = list(dict.fromkeys(str(p.resolve()) for p in candidates if p.is_file() or _is_diffusers_folder(p)))
+    found_at: dict[str, str] = {}   # the file itself -> the first path to it (model_key: links kept)
+    for p in candidates:
+        if p.is_file() or _is_diffusers_folder(p):
+            found_at.setdefault(os.path.realpath(p), os.path.abspath(p))
+    found = list(found_at.values())
     if len(found) > 1:
         raise ValueError(f"{value!r} names {len(found)} different checkpoints: {' and '.join(found)}; write the "
                          "path of the one meant (absolute, or relative to the manifest's folder)")

@@ -4,6 +4,7 @@ the job runs and the results equal the Pipeline's."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -40,3 +41,25 @@ def test_run_and_inspect_an_sd2_single_file(sd2_file, tmp_path, monkeypatch):
     write_ldm_yaml(sd2_file.with_suffix(".yaml"), "v_prediction")
     report = json.loads(invoke("inspect", str(sd2_file), "--json").output)
     assert report["family"] == "SD 2.x-v" and report["prediction_type"] == "v_prediction"
+
+
+def test_a_linked_sd2_file_is_read_with_the_yaml_beside_the_link(sd2_file, tmp_path, monkeypatch):
+    """A weights/ folder of links (into a download cache): every command reads the file as the path
+    given, its name and the A1111 .yaml beside it, not beside the link's target."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "store").mkdir()
+    target = tmp_path / "store" / "model.safetensors"
+    shutil.copyfile(sd2_file, target)
+    write_ldm_yaml(target.with_suffix(".yaml"), "epsilon")
+    (tmp_path / "weights").mkdir()
+    link = tmp_path / "weights" / "mine-v.safetensors"
+    link.symlink_to(target)
+    write_ldm_yaml(link.with_suffix(".yaml"), "v_prediction")
+    (tmp_path / "m.csv").write_text("id,prompt,seed,steps,sampler,width,height,model\n"
+                                    "a,a lighthouse,3,2,euler,64,64,\nb,a lighthouse,3,2,euler,64,64,mine-v\n")
+    assert json.loads(invoke("inspect", str(link), "--json").output)["prediction_type"] == "v_prediction"
+    r = invoke("run", "m.csv", "--model", str(link), "--out", "o")
+    assert r.exit_code == 0, r.output
+    df = pd.read_parquet(tmp_path / "o" / "results.parquet")
+    assert df["prediction_type"].tolist() == ["v_prediction"] * 2 and df["model"].tolist() == ["mine-v"] * 2
+    assert "1 model(s) to load" in r.output       # --model and the row's cell name one model
