@@ -5,8 +5,8 @@ tensors under original-layout keys with their shapes and dtypes, the data not re
 - `.safetensors`: the JSON header is parsed here (`_safetensors_index`); no file is mapped, each
   tensor is read with pread straight into its destination (or a reused scratch buffer when it
   needs converting).
-- `.ckpt`/`.pt`/`.bin`: `torch.load(weights_only=True, mmap=True)`; a pickle that needs anything
-  beyond tensors and plain containers is refused (CheckpointError), never executed. Tensors at
+- `.ckpt`/`.pt`/`.bin`: `torch.load(weights_only=True, mmap=True)` with the inert training metadata
+  of safe_pickle.py; a pickle that needs anything else is refused (CheckpointError), never executed. Tensors at
   the top level or under `state_dict`. Each tensor's pages are dropped from the private mapping
   once copied (`_PageDropper`, madvise), so the mapping does not grow to the whole file.
 - a diffusers folder (`unet/`, `vae/`, `text_encoder/`, each with `*.safetensors`, `.fp16`
@@ -28,10 +28,7 @@ import json
 import math
 import mmap
 import os
-import pickle
-import re
 import struct
-import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -41,6 +38,7 @@ import torch
 
 from batchsd.errors import CheckpointError
 from batchsd.model.diffusers_layout import KEY_MAPS, fused_groups, is_transposed, original_shape
+from batchsd.model.safe_pickle import PickleRefused, PickleUnreadable, load_pickle
 from batchsd.model.stable_diffusion import CLIP_PREFIX, ORIGINAL_PREFIX, SD2_PREFIX, SDXL_PREFIX
 
 SAFETENSORS_DTYPES = {
@@ -245,32 +243,17 @@ def _safetensors_index(path: Path, rename: Callable[[list[str]], dict[str, str]]
 
 
 def _torch_load(path: Path) -> Any:
-    """torch.load restricted to tensors and plain containers; mmap when the file format allows.
-
-    torch's own messages are not relayed: for a refused pickle they advise `weights_only=False`, the
-    opposite of batchsd's rule, and its warnings name library paths."""
+    """The pickle's objects by safe_pickle's rule (tensors, plain containers, inert training
+    metadata), mapped when the file format allows; CheckpointError naming the cause otherwise."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:
-                if "mmap" not in str(e) and "zipfile" not in str(e):
-                    raise
-                return torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL (\S+)", str(e))
-        if found is None:
-            raise CheckpointError(f"{path}: not a loadable checkpoint: its pickle data is damaged or is not a "
-                                  "PyTorch state dict; re-download the file, or use a .safetensors version") from None
+        return load_pickle(path, mmap=True)
+    except PickleRefused as e:
         raise CheckpointError(
             f"{path}: refused to load: the pickle needs more than tensors and plain containers (it references "
-            f"{found.group(1)}). batchsd never runs code from a checkpoint; use a .safetensors version of this "
+            f"{e.global_name}). batchsd never runs code from a checkpoint; use a .safetensors version of this "
             "model, or convert it with a tool you trust.") from None
-    except (RuntimeError, EOFError, OSError, ValueError, struct.error, IndexError, KeyError, TypeError) as e:
-        zip_damage = isinstance(e, RuntimeError) and "zip archive" in str(e)
-        what = "a damaged or truncated zip archive" if zip_damage else type(e).__name__
-        raise CheckpointError(f"{path}: not a loadable PyTorch checkpoint ({what}); re-download the file, or "
+    except PickleUnreadable as e:
+        raise CheckpointError(f"{path}: not a loadable PyTorch checkpoint ({e.what}); re-download the file, or "
                               "use a .safetensors version") from None
 
 

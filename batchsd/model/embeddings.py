@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from batchsd.errors import InputError
+from batchsd.model.safe_pickle import PickleRefused, PickleUnreadable, load_pickle
 from batchsd.model.prompt_syntax import CHUNK_TOKENS, PLACEHOLDER_ID, EmbeddingRef, fragment_tokenizer
 from batchsd.model.tokenizer import BOS_ID, EOS_ID, MAX_LENGTH, SD2_PAD_ID, SD2_PAD_TOKEN
 
@@ -69,7 +70,13 @@ def _read_tensors(path: Path) -> dict:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
             return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_pickle(path)
+    except PickleRefused as e:
+        raise EmbeddingError(f"embedding {path} is refused: its pickle needs more than tensors (it references "
+                             f"{e.global_name}); batchsd never runs code from a file: use a .safetensors "
+                             "version") from None
+    except PickleUnreadable as e:
+        raise EmbeddingError(f"embedding {path} cannot be read ({e.what})") from None
     except Exception as e:  # noqa: BLE001 - any reader failure is a bad file, named
         raise EmbeddingError(f"embedding {path} cannot be read ({type(e).__name__}: {e})") from e
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from batchsd.errors import InputError
+from batchsd.model.safe_pickle import PickleRefused, PickleUnreadable, load_pickle
 
 
 class LoraError(InputError):
@@ -74,6 +75,15 @@ class LoraFile:
         return self.path.stem
 
 
+def _alpha_value(path: Path, key: str, alpha: torch.Tensor) -> float:
+    """A layer's `.alpha`: one finite number (LoraError otherwise)."""
+    if not isinstance(alpha, torch.Tensor) or alpha.numel() != 1 or not torch.isfinite(alpha.float()).all():
+        shown = list(alpha.shape) if isinstance(alpha, torch.Tensor) and alpha.numel() != 1 else alpha
+        raise LoraError(f"LoRA file {path}: {key} is {shown}, not one finite number (a layer's alpha, its scale "
+                        "numerator); the file is damaged or not a LoRA")
+    return float(alpha)
+
+
 def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A .safetensors (tensors, metadata) or a .pt/.ckpt/.bin (read with weights_only)."""
     if not path.is_file():
@@ -83,7 +93,12 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             from safetensors import safe_open
             with safe_open(str(path), "pt") as f:
                 return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = load_pickle(path)
+    except PickleRefused as e:
+        raise LoraError(f"LoRA file {path} is refused: its pickle needs more than tensors (it references "
+                        f"{e.global_name}); batchsd never runs code from a file: use a .safetensors version") from None
+    except PickleUnreadable as e:
+        raise LoraError(f"LoRA file {path} cannot be read ({e.what}): is it a LoRA file?") from None
     except Exception as e:  # noqa: BLE001 - any reader failure is a bad file, named
         raise LoraError(f"LoRA file {path} cannot be read ({type(e).__name__}: {e}): is it a LoRA file?") from e
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
@@ -144,7 +159,7 @@ def read_lora(path: str | Path) -> LoraFile:
                     break
                 component, inner = _split_name(module)
                 alpha = renamed.get(module + ".alpha")
-                alpha = float(alpha) if alpha is not None else (
+                alpha = _alpha_value(path, module + ".alpha", alpha) if alpha is not None else (
                     _metadata_alpha(metadata, component, inner) if component else None)
                 layers.append(LoraLayer(component, inner, key, renamed[key], renamed[up_key], alpha))
                 used.update((key, up_key, module + ".alpha"))

@@ -212,6 +212,42 @@ def test_unsafe_pickle_is_refused_not_run(tmp_path):
     assert not marker.exists()
 
 
+def test_training_metadata_of_original_ckpt_files_is_read_as_data(tmp_path, monkeypatch):
+    """The CompVis checkpoints (sd-v1-4.ckpt) hold PyTorch Lightning's ModelCheckpoint callback state
+    and numpy numbers beside the weights: read as inert data, without pytorch_lightning."""
+    import sys
+    import types
+
+    import numpy as np
+
+    class ModelCheckpoint:                       # pickled under Lightning's name, as the originals are
+        pass
+
+    ModelCheckpoint.__module__ = "pytorch_lightning.callbacks.model_checkpoint"
+    ModelCheckpoint.__qualname__ = "ModelCheckpoint"
+    module = types.ModuleType(ModelCheckpoint.__module__)
+    module.ModelCheckpoint = ModelCheckpoint
+    for name in ("pytorch_lightning", "pytorch_lightning.callbacks", ModelCheckpoint.__module__):
+        monkeypatch.setitem(sys.modules, name, module)
+    callback = ModelCheckpoint()
+    callback.monitor, callback.best_model_score = "val/loss", torch.tensor(0.12)
+    sd = compose_original(*random_components(TINY, 6).values(), torch.float16)
+    torch.save({"state_dict": sd, "global_step": np.int64(470000), "epoch": np.float64(6.0),
+                "callbacks": {ModelCheckpoint: {"best_model_path": "x"}, "cb": callback}}, tmp_path / "orig.ckpt")
+    for name in ("pytorch_lightning", "pytorch_lightning.callbacks", ModelCheckpoint.__module__):
+        monkeypatch.delitem(sys.modules, name)
+    model, info = load_model(tmp_path / "orig.ckpt", dtype=torch.float16)
+    reference, _ = load_model(_saved(tmp_path / "plain.ckpt", {"state_dict": sd}), dtype=torch.float16)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+    assert inspect_checkpoint(tmp_path / "orig.ckpt", hash=False)["loadable"]
+    assert "pytorch_lightning" not in sys.modules
+
+
+def _saved(path: Path, obj) -> Path:
+    torch.save(obj, path)
+    return path
+
+
 def test_extras_ignored_by_list_and_unknown_reported(tmp_path):
     parts = random_components(TINY, 7)
     sd = compose_original(parts["unet"], parts["vae"], parts["text_encoder"], torch.float16, extras=True)

@@ -335,6 +335,9 @@ def test_bad_files_are_named_with_their_first_keys(sd1, tmp_path):
         "unpaired.safetensors": ({f"{name}.lora_down.weight": first.down}, r"without their up weights"),
         "loha.safetensors": ({**pair, f"{name}.hada_w1_a": torch.zeros(2, 2)}, r"LyCORIS LoHa"),
         "stray_key.safetensors": ({**pair, "something_else": torch.zeros(1)}, r"not LoRA down/up/alpha.*something_else"),
+        "vector_alpha.safetensors": ({**pair, f"{name}.alpha": torch.tensor([1.0, 2.0])},
+                                     name + r"\.alpha is \[2\], not one finite number"),
+        "nan_alpha.safetensors": ({**pair, f"{name}.alpha": torch.tensor(float("nan"))}, r"not one finite number"),
         # released SD 2.x files: a 1024-wide cross-attention context (SD 1.x: 768)
         "sd2.safetensors": ({"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight":
                              torch.zeros(4, 1024),
