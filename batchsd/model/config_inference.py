@@ -19,6 +19,8 @@ block. A diffusers folder's text encoder runs all its layers (diffusers' 23-laye
 """
 from __future__ import annotations
 
+import math
+
 import re
 from dataclasses import replace
 from typing import Iterable, Mapping
@@ -237,11 +239,16 @@ def _unet_heads(unet: UNetConfig, config: Mapping) -> UNetConfig:
     if counts is None:
         return unet
     levels = len(unet.channel_mult)
-    counts = [counts] * levels if isinstance(counts, int) else list(counts)
-    if len(counts) != levels or not all(isinstance(c, int) and c > 0 for c in counts):
-        raise CheckpointError(f"unet/config.json: attention heads {counts} do not fit the {levels} levels of the UNet")
+    given = counts
+    counts = [counts] * levels if isinstance(counts, int) else list(counts) if isinstance(counts, list) else None
+    if counts is None or len(counts) != levels or not all(type(c) is int and c > 0 for c in counts):
+        raise CheckpointError(f"unet/config.json: attention heads {given!r} do not fit the {levels} levels of the "
+                              "UNet (one whole number, or one per level)")
     used = [(unet.model_channels * unet.channel_mult[lv], counts[lv]) for lv in unet.attention_levels]
     used.append((unet.model_channels * unet.channel_mult[-1], counts[-1]))   # the middle block's
+    if bad := [(ch, c) for ch, c in used if ch % c]:
+        raise CheckpointError(f"unet/config.json: {bad[0][1]} attention heads do not divide the {bad[0][0]} channels "
+                              f"of a level of the weights; fix attention_head_dim / num_attention_heads")
     if len({c for _, c in used}) == 1:
         return replace(unet, heads=used[0][1], head_channels=0)
     widths = {ch // c for ch, c in used if ch % c == 0}
@@ -261,12 +268,12 @@ def apply_diffusers_configs(cfg: SDConfig, configs: Mapping[str, Mapping]) -> SD
     if unet_config := configs.get("unet"):
         unet = _unet_heads(unet, unet_config)
         unet = replace(unet, linear_proj=bool(unet_config.get("use_linear_projection", unet.linear_proj)),
-                       eps=float(unet_config.get("norm_eps", unet.eps)),
+                       eps=_positive(unet_config, "norm_eps", unet.eps, "unet"),
                        groups=int(unet_config.get("norm_num_groups", unet.groups)))
     if vae_config := configs.get("vae"):
         # force_upcast: only a family whose VAE upcasts (SDXL's; diffusers' SD 1.x/2.x pipelines never
         # do, whatever the config says) reads it, and a false there (a fixed fp16 VAE) turns it off
-        vae = replace(vae, scaling_factor=float(vae_config.get("scaling_factor", vae.scaling_factor)),
+        vae = replace(vae, scaling_factor=_positive(vae_config, "scaling_factor", vae.scaling_factor, "vae"),
                       force_upcast=vae.force_upcast and bool(vae_config.get("force_upcast", True)))
     return replace(cfg, clip=clip, clip2=clip2, unet=unet, vae=vae)
 
@@ -279,5 +286,17 @@ def _text_config(clip: CLIPTextConfig, text: Mapping, name: str) -> CLIPTextConf
     if act not in ("gelu", "quick_gelu"):
         raise CheckpointError(f"{name}/config.json: hidden_act {act!r} is not supported (gelu, quick_gelu)")
     layers = int(text.get("num_hidden_layers", clip.layers + (not clip.final_norm)))
-    return replace(clip, heads=int(text.get("num_attention_heads", clip.heads)), act=act,
-                   eps=float(text.get("layer_norm_eps", clip.eps)), layers=layers - (not clip.final_norm))
+    heads = text.get("num_attention_heads", clip.heads)
+    if type(heads) is not int or heads < 1 or clip.width % heads:
+        raise CheckpointError(f"{name}/config.json: num_attention_heads {heads!r} does not divide the encoder's "
+                              f"width {clip.width}")
+    return replace(clip, heads=heads, act=act,
+                   eps=_positive(text, "layer_norm_eps", clip.eps, name), layers=layers - (not clip.final_norm))
+
+
+def _positive(config: Mapping, key: str, default: float, name: str) -> float:
+    """config[key] (default when absent) as a finite number > 0; CheckpointError naming the file otherwise."""
+    value = config.get(key, default)
+    if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
+        raise CheckpointError(f"{name}/config.json: {key} {value!r} must be a number > 0")
+    return float(value)

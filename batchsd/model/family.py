@@ -52,7 +52,7 @@ from torch import nn
 from batchsd.errors import CheckpointError
 from batchsd.model.config import SDConfig
 from batchsd.model.config_inference import infer_sd1_config, infer_sd2_config, infer_sdxl_config
-from batchsd.model.request import DEFAULT_SIZE
+from batchsd.model.request import DEFAULT_SIZE, MAX_SIZE, MIN_SIZE, SIZE_MULTIPLE
 from batchsd.model.samplers import PREDICTION_TYPES, SchedulerConfig
 from batchsd.model.stable_diffusion import (CLIP_PREFIX, OPENCLIP_PREFIX, ORIGINAL_PREFIX, SD2_PREFIX,
                                             SDXL_CLIP_PREFIX, SDXL_OPENCLIP_PREFIX, SDXL_PREFIX, UNET_PREFIX,
@@ -501,7 +501,13 @@ def resolve_family(shapes: Shapes, hints: CheckpointHints = CheckpointHints(),
             first, scheduler=replace(first.scheduler, prediction_type=prediction_type))
     if scheduler := hints.configs.get("scheduler"):
         family = replace(family, scheduler=_folder_scheduler(scheduler, family.scheduler))
-    sample_size = hints.configs.get("unet", {}).get("sample_size")
-    if isinstance(sample_size, int) and sample_size > 0:
-        family = replace(family, default_size=sample_size * cfg.latent_factor)
+    unet_config = hints.configs.get("unet", {})
+    if "sample_size" in unet_config:
+        sample_size = unet_config["sample_size"]
+        size = sample_size * cfg.latent_factor if type(sample_size) is int else None
+        if size is None or not (MIN_SIZE <= size <= MAX_SIZE and size % SIZE_MULTIPLE == 0):
+            raise CheckpointError(f"unet/config.json: sample_size {sample_size!r} (latent pixels: the default image "
+                                  f"size / {cfg.latent_factor}) must be one whole number giving a size that is a "
+                                  f"multiple of {SIZE_MULTIPLE} in {MIN_SIZE}..{MAX_SIZE} (SD 1.x: 64, SDXL: 128)")
+        family = replace(family, default_size=size)
     return family, cfg

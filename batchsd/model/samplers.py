@@ -70,6 +70,12 @@ class SchedulerConfig:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
         if self.timestep_spacing not in TIMESTEP_SPACINGS:
             raise ValueError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {self.timestep_spacing!r}")
+        if not 0 < self.beta_start < self.beta_end < 1:
+            raise ValueError(f"beta_start {self.beta_start} and beta_end {self.beta_end} must satisfy "
+                             "0 < beta_start < beta_end < 1 (SD's are 0.00085 and 0.012)")
+        if self.num_train_timesteps < 2 or self.steps_offset < 0:
+            raise ValueError(f"num_train_timesteps {self.num_train_timesteps} must be >= 2 and steps_offset "
+                             f"{self.steps_offset} >= 0 (SD's are 1000 and 1)")
 
 
 @dataclass(frozen=True, eq=False)

@@ -100,3 +100,25 @@ def test_other_families_are_named(sd15_shapes):
             detect_family(shapes)
     with pytest.raises(CheckpointError, match="textual inversion"):   # an A1111 .pt: no top-level tensors
         detect_family({}, other_names=["string_to_token", "string_to_param", "name", "step"])
+
+
+@pytest.mark.parametrize("configs, message", [
+    ({"vae": {"scaling_factor": 0}}, r"vae/config\.json: scaling_factor 0 must be a number > 0"),
+    ({"vae": {"scaling_factor": "0.18"}}, r"scaling_factor '0\.18' must be a number > 0"),
+    ({"unet": {"attention_head_dim": 3}}, r"unet/config\.json: 3 attention heads do not divide the 320 channels"),
+    ({"unet": {"attention_head_dim": "eight"}}, r"attention heads 'eight' do not fit the 4 levels"),
+    ({"unet": {"sample_size": 7}}, r"unet/config\.json: sample_size 7 .* in 64\.\.2048"),
+    ({"unet": {"sample_size": 0}}, r"sample_size 0 "),
+    ({"unet": {"sample_size": [64, 96]}}, r"sample_size \[64, 96\] "),
+    ({"text_encoder": {"num_attention_heads": 5}}, r"text_encoder/config\.json: num_attention_heads 5 does not "
+                                                   r"divide the encoder's width 768"),
+    ({"scheduler": {"beta_start": -1.0}}, r"scheduler_config\.json: beta_start -1\.0 and beta_end 0\.012 must "
+                                          r"satisfy 0 < beta_start < beta_end < 1"),
+    ({"scheduler": {"num_train_timesteps": 0}}, r"num_train_timesteps 0 must be >= 2"),
+])
+def test_folder_config_values_the_weights_cannot_run_are_refused_at_load(sd15_shapes, configs, message):
+    """A diffusers folder's configs are authoritative, so a value that would make black images or fail
+    every row later (a zero VAE scale, heads that do not divide the channels) is refused naming the file."""
+    with pytest.raises(CheckpointError, match=message):
+        resolve_family(sd15_shapes, CheckpointHints(configs=configs))
+    assert resolve_family(sd15_shapes, CheckpointHints(configs={"unet": {"sample_size": 96}}))[0].default_size == 768
