@@ -226,6 +226,7 @@ def _safetensors_index(path: Path, rename: Callable[[list[str]], dict[str, str]]
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: not a valid safetensors file (header is not a JSON object)")
     header.pop("__metadata__", None)
+    _check_data_layout(path, header)
     start = 8 + header_len
     for old, new in rename(list(header)).items():
         try:
@@ -240,6 +241,22 @@ def _safetensors_index(path: Path, rename: Callable[[list[str]], dict[str, str]]
         if end - begin != math.prod(shape) * dtype.itemsize or start + end > size:
             raise CheckpointError(f"{path}: tensor {old} has inconsistent offsets {begin}..{end} (file truncated?)")
         yield old, new, shape, dtype, start + begin
+
+
+def _check_data_layout(path: Path, header: dict) -> None:
+    """The tensors' byte ranges follow one another with no overlap and no gap, from byte 0 of the data,
+    as the safetensors library requires (two tensors sharing bytes would load silently wrong)."""
+    try:
+        ranges = sorted((int(e["data_offsets"][0]), int(e["data_offsets"][1]), key) for key, e in header.items())
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise CheckpointError(f"{path}: not a valid safetensors file (an entry without data_offsets: {e!r})") from None
+    position = 0
+    for begin, end, key in ranges:
+        if begin != position or end < begin:
+            raise CheckpointError(f"{path}: not a valid safetensors file: tensor {key} takes bytes {begin}..{end} of "
+                                  f"the data where the tensors before it end at {position} (overlapping or "
+                                  "missing data); re-download the file")
+        position = end
 
 
 def _torch_load(path: Path) -> Any:

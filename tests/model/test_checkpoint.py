@@ -305,6 +305,21 @@ def test_not_a_checkpoint(tmp_path):
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated"):
         load_model(tmp_path / "cut.safetensors")
+    # two tensors pointed at the same bytes (the safetensors library refuses it: a damaged index)
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + header_len])
+    by_size: dict[int, str] = {}
+    for key in (k for k in header if k != "__metadata__"):
+        begin, end = header[key]["data_offsets"]
+        if (first := by_size.setdefault(end - begin, key)) != key:
+            header[key]["data_offsets"] = header[first]["data_offsets"]
+            break
+    else:
+        raise AssertionError("no two tensors of one size")
+    (tmp_path / "shared.safetensors").write_bytes(data[:8] + json.dumps(header, separators=(",", ":")).encode().ljust(header_len)
+                                                  + data[8 + header_len:])
+    with pytest.raises(CheckpointError, match="overlapping or missing data"):
+        load_model(tmp_path / "shared.safetensors")
 
 
 def test_sha256_of_file(tmp_path):
