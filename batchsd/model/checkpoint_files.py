@@ -404,19 +404,28 @@ def read_ldm_yaml(path: Path) -> str:
         raise CheckpointError(f"{path}: cannot read the model's config file ({e})") from None
     stack: list[tuple[int, str]] = []   # (indent, key) of the mappings that contain the current line
     found = None
-    for line in lines:
+    has_params = False
+    for n, line in enumerate(lines, 1):
         stripped = line.strip()
         if not stripped or stripped.startswith(("#", "-", "---")) or ":" not in stripped:
             continue
+        if "\t" in line[:len(line) - len(line.lstrip())]:
+            raise CheckpointError(f"{path}: line {n} is indented with a tab, which YAML does not allow; indent "
+                                  "with spaces")
         indent = len(line) - len(line.lstrip(" "))
         key, _, rest = stripped.partition(":")
         while stack and stack[-1][0] >= indent:
             stack.pop()
         path_keys = [k for _, k in stack] + [key.strip()]
+        has_params = has_params or path_keys == ["model", "params"]
         if path_keys == ["model", "params", "parameterization"]:
             found = _yaml_scalar(rest)
         if not _yaml_scalar(rest):
             stack.append((indent, key.strip()))
+    if not has_params:   # an empty or cut file must not pass for an epsilon model's config
+        raise CheckpointError(f"{path}: not an LDM model config (no model: params: mapping), so it cannot say the "
+                              "checkpoint's prediction type; replace it with the model's own .yaml, or remove it (an "
+                              "SD 2.x file then needs --prediction-type)")
     if found is None or found == "eps":
         return "epsilon"
     if found == "v":

@@ -323,6 +323,12 @@ def test_single_file_prediction_type_rule(models, tmp_path):
     assert info.model_family is SD2_EPS and info.model_family.default_size == 512
     assert inspect_checkpoint(eps_file, hash=False)["family"] == "SD 2.x-eps"
 
+    for name, text, message in (("empty", "", r"not an LDM model config \(no model: params: mapping\)"),
+                                ("cut", "model:\n  base_learning_rate: 1.0e-4\n", "not an LDM model config"),
+                                ("tabs", "model:\n\tparams:\n\t\tparameterization: \"v\"\n", "line 2 is indented with a tab")):
+        (tmp_path / f"{name}.yaml").write_text(text)          # never read as an epsilon model's config
+        with pytest.raises(CheckpointError, match=message):
+            load_model(_copy(models["epsilon"]["path"], tmp_path, f"{name}.safetensors"))
     (tmp_path / "odd.yaml").write_text("model:\n  params:\n    parameterization: \"x0\"\n")
     with pytest.raises(CheckpointError, match="parameterization 'x0' is not supported"):
         load_model(_copy(models["epsilon"]["path"], tmp_path, "odd.safetensors"))
