@@ -192,6 +192,9 @@ def run(
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the batch plan; load no model."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Make every row again, even those already done."),
     retry_errors: bool = typer.Option(False, "--retry-errors", help="Make rows that failed in an earlier run again."),
+    verify: bool = typer.Option(False, "--verify", help="Hash each done row's image and make it again when the "
+                                "bytes are not those its result recorded (a damaged or edited file). Reads every "
+                                "done image; loose-file formats only."),
     low_memory: bool = typer.Option(False, "--low-memory", help="CUDA: keep idle model parts in CPU memory."),
     compile: Compile = typer.Option(Compile.none, "--compile", case_sensitive=False,
                                     help="torch.compile the UNet: default, reduce-overhead (CUDA graphs on CUDA) "
@@ -289,7 +292,7 @@ def run(
             device = shard_device(spec, device)
     opts = RunOptions(manifest=manifest, model=model, out_dir=out, batch_size=batch_size, device=device,
                       dtype=dtype.value, save_latents=save_latents, limit=limit, dry_run=dry_run,
-                      overwrite=overwrite, retry_errors=retry_errors, low_memory=low_memory,
+                      overwrite=overwrite, retry_errors=retry_errors, verify=verify, low_memory=low_memory,
                       compile=None if compile is Compile.none else compile.value,
                       winograd={"auto": None, "on": True, "off": False}[winograd.value], exact=exact,
                       fused_attention={"auto": None, "fused": True, "torch": False}[attention.value],
@@ -430,6 +433,8 @@ def status(
                                             help="The job's manifest. Default: the one recorded by the run "
                                                  "(.batchsd/run.json)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    verify: bool = typer.Option(False, "--verify", help="Count a row ok only if its image file hashes to the "
+                                "image_sha256 of its result (reads every image; loose-file formats only)."),
 ) -> None:
     """Rows ok, failed and missing, per shard and overall; loads no model.
 
@@ -441,7 +446,7 @@ def status(
 
     err = _err_console()
     try:
-        report = collect_status(out, manifest)
+        report = collect_status(out, manifest, verify=verify)
     except BatchSDError as e:
         raise _fail(err, str(e), 2)
     if as_json:

@@ -20,7 +20,8 @@ def dry_run(opts: RunOptions, job: Job, console: Console) -> RunSummary:
     if not opts.overwrite and runnable:
         # the model is not loaded, so it is not compared: rows made by another model count as made here
         states = row_states(runnable, read_prior(job.out_dir, job.layout.resume_parts_dirs()), job.out_dir,
-                            made_with=None, save_latents=opts.save_latents, retry_errors=opts.retry_errors)
+                            made_with=None, save_latents=opts.save_latents, retry_errors=opts.retry_errors,
+                            verify=opts.verify)
         left_out = len(runnable) - states.count(MAKE)
         if left_out:
             runnable = [r for r, state in zip(runnable, states) if state == MAKE]

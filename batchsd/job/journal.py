@@ -72,6 +72,7 @@ class PriorRecord:
     dtype: str | None = None
     exact: bool | None = None
     prediction_type: str | None = None   # None: not recorded (a row from before it was)
+    image_sha256: str | None = None      # of the image file's bytes (what --verify compares)
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ class RunOptions:
     dry_run: bool = False
     overwrite: bool = False
     retry_errors: bool = False
+    verify: bool = False             # a done row's image must hash to its recorded image_sha256 (resume.row_states)
     low_memory: bool = False
     compile: str | None = None       # torch.compile mode for the UNet (COMPILE_MODES in model/fast), None: eager
     winograd: bool | None = None     # CPU Winograd convolutions (winograd.py); None: the Pipeline's default

@@ -84,6 +84,9 @@ def read_job(opts: RunOptions) -> Job:
         check_pass_through(opts.output, manifest.extra_types)
     except InputError as e:
         raise UsageError(str(e)) from None
+    if opts.verify and opts.output.sharded:
+        raise UsageError(f"--verify hashes each row's image file; --format {opts.output.format} keeps the images "
+                         "inside dataset shards, each written whole with a done marker: drop --verify")
     job_ids = [r.id for r in manifest.rows[: opts.limit]]   # every shard's rows (a None limit slices all)
     out_dir = Path(opts.out_dir) if opts.out_dir is not None else default_out_dir(Path(opts.manifest))
     return Job(manifest, rows, row_errors, out_dir, RunLayout(out_dir, shard), job_ids)

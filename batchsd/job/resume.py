@@ -9,8 +9,8 @@ missing / failed) all ask `row_states`. Given a row and its latest journaled rec
              --save-latents) are files in the output folder
     failed   its record is an error for the current params, model and numerics (made again with
              --retry-errors)
-    make     anything else: no record, other params, another model or numerics, files gone; or
-             --overwrite
+    make     anything else: no record, other params, another model or numerics, files gone (with
+             --verify also: an image whose bytes are not the recorded image_sha256); or --overwrite
 
 A model or numerics that are not known (a dry run before loading, a status without run metadata)
 are not compared, nor are the numerics of a record that carries none (written before they were
@@ -25,6 +25,7 @@ or shards: layout.RunLayout) are skipped and their records copied into the run's
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -157,21 +158,40 @@ def loaded_mismatch(pipe, model: ModelIdentity, numerics: Numerics) -> str | Non
 
 def row_states(rows: Sequence[JobRow], prior: dict[str, PriorRecord], out_dir: Path, *,
                made_with: RowModels | None, save_latents: bool = False, overwrite: bool = False,
-               retry_errors: bool = False) -> list[str]:
+               retry_errors: bool = False, verify: bool = False) -> list[str]:
     """DONE, MAKE or FAILED for each row (module docstring); files are looked up in one pass.
-    `made_with` None compares no model nor numerics."""
+    `made_with` None compares no model nor numerics. `verify`: a row is DONE only if its image file's
+    sha256 is the one its record holds (a file damaged or edited since is made again); reads every
+    done row's image."""
     made_with = made_with or RowModels({})
     states = [_state(row, prior.get(row.id), *made_with.of(row), save_latents, overwrite, retry_errors)
               for row in rows]
     present = existing_files(out_dir, [f for s in states if isinstance(s, list) for f in s if f])
-    return [(DONE if all(f and f in present for f in s) else MAKE) if isinstance(s, list) else s for s in states]
+    states = [(DONE if all(f and f in present for f in s) else MAKE) if isinstance(s, list) else s for s in states]
+    if verify:
+        states = [MAKE if state == DONE and not _image_verified(out_dir, prior[row.id]) else state
+                  for row, state in zip(rows, states)]
+    return states
+
+
+def _image_verified(out_dir: Path, rec: PriorRecord) -> bool:
+    if not rec.image_sha256 or not rec.image_path:
+        return False
+    digest = hashlib.sha256()
+    try:
+        with open(out_dir / rec.image_path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    except OSError:
+        return False
+    return digest.hexdigest() == rec.image_sha256
 
 
 def decide(rows: Sequence[JobRow], prior: dict, out_dir: Path, *, made_with: RowModels, save_latents: bool,
-           overwrite: bool, retry_errors: bool) -> tuple[list[JobRow], int, int]:
+           overwrite: bool, retry_errors: bool, verify: bool = False) -> tuple[list[JobRow], int, int]:
     """Split rows into (to make, skipped ok, skipped earlier failures)."""
     states = row_states(rows, prior, out_dir, made_with=made_with, save_latents=save_latents, overwrite=overwrite,
-                        retry_errors=retry_errors)
+                        retry_errors=retry_errors, verify=verify)
     todo = [row for row, state in zip(rows, states) if state == MAKE]
     return todo, states.count(DONE), states.count(FAILED)
 

@@ -66,8 +66,8 @@ RESULT_FIELDS: list[pa.Field] = [
 ]
 RESULT_NAMES = [f.name for f in RESULT_FIELDS]
 NUMERICS_COLUMNS = ["torch_version", "device_type", "dtype", "exact", "prediction_type"]
-RESUME_COLUMNS = ["id", "status", "image_path", "latents_path", "model", "model_sha256", "params_hash", "finished_at",
-                  *NUMERICS_COLUMNS]
+RESUME_COLUMNS = ["id", "status", "image_path", "image_sha256", "latents_path", "model", "model_sha256", "params_hash",
+                  "finished_at", *NUMERICS_COLUMNS]
 
 
 # ----------------------------------------------------------------------------- schema

@@ -114,7 +114,7 @@ class RunSession:
         prior = read_prior(job.out_dir, layout.resume_parts_dirs())   # rows any run made count
         self.todo, self.summary.skipped, self.summary.previously_failed = decide(
             job.rows, prior, job.out_dir, made_with=made_with, save_latents=opts.save_latents,
-            overwrite=opts.overwrite, retry_errors=opts.retry_errors)
+            overwrite=opts.overwrite, retry_errors=opts.retry_errors, verify=opts.verify)
         adopt_records(self.journal, job.rows, self.todo, prior)
         self.failing = [(r, job.row_errors[r.id]) for r in self.todo if r.id in job.row_errors]
         self.runnable = [r for r in self.todo if r.id not in job.row_errors]

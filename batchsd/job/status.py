@@ -70,6 +70,7 @@ class StatusReport:
     merged: bool = False     # results.parquet holds every row (written now or before)
     limit: int | None = None  # the run's --limit (the job is the manifest's first `limit` rows)
     beyond_limit: int = 0     # manifest rows the limit leaves out: not counted as missing
+    verified: bool = False    # --verify: rows whose image does not hash to its record count as missing
     output_format: str = "files"   # --format of the folder (outputs/claim.py)
 
     @property
@@ -102,10 +103,12 @@ def _meta_text(meta: dict, key: str) -> str | None:
 
 
 def collect_status(out_dir: Path, manifest: Path | None = None, limit: int | None = None,
-                   merge: bool = True) -> StatusReport:
+                   merge: bool = True, verify: bool = False) -> StatusReport:
     from batchsd.job.journal import read_prior
     from batchsd.job.lock import is_locked
     from batchsd.job.merge import merge_shard_results, merged_is_whole
+    from batchsd.job.outputs.claim import output_settings
+    from batchsd.job.outputs.spec import SHARD_FORMATS
     from batchsd.job.reader import read_rows
     from batchsd.job.resume import row_states
     from batchsd.job.run_meta import read_run_metas
@@ -136,8 +139,11 @@ def collect_status(out_dir: Path, manifest: Path | None = None, limit: int | Non
         raise InputError(f"the manifest {manifest} cannot be read as a job now:\n{e}") from None
     count = _shard_count(out_dir)
     prior = read_prior(out_dir)
+    if verify and (output_settings(out_dir) or {}).get("format") in SHARD_FORMATS:
+        raise InputError("--verify hashes each row's image file; this folder keeps its images inside dataset "
+                         "shards (each written whole with a done marker): drop --verify")
     states = row_states(rows, prior, out_dir, made_with=_recorded_models(newest),
-                        save_latents=newest.get("save_latents") is True)
+                        save_latents=newest.get("save_latents") is True, verify=verify)
     shards = [Tally(i) for i in range(count)]
     overall = Tally(None)
     models: dict[str, int] = {}
@@ -159,7 +165,7 @@ def collect_status(out_dir: Path, manifest: Path | None = None, limit: int | Non
         else:
             t.state = "started" if journal_exists else "not started"
     report = StatusReport(str(out_dir), str(manifest), count, overall, shards, models, limit=limit,
-                          beyond_limit=len(whole.rows) - len(rows))
+                          beyond_limit=len(whole.rows) - len(rows), verified=verify)
     _count_dataset_shards(report, out_dir)
     report.merged = job_results_path(out_dir).is_file() and count == 1
     if count > 1:
@@ -261,6 +267,7 @@ def print_status(console, report: StatusReport) -> None:
         else:
             hint = (f"run shard(s) {', '.join(todo[:20])}{' ...' if len(todo) > 20 else ''} again"
                     if report.shard_count > 1 else "run the same command again")
+            hint += " with --verify" if report.verified else ""
             console.print(f"[yellow]{o.missing} row(s) still to make: {hint} (they resume)[/yellow]")
     elif o.failed:
         console.print(f"[red]{o.failed} row(s) failed[/red]: their reasons are in the results' `error` column; "

@@ -197,6 +197,26 @@ def test_exit_codes():
 
 # ----------------------------------------------------------------------------- what gets redone
 
+def test_verify_remakes_images_damaged_since_they_were_made(tmp_path):
+    """A file emptied or edited after its row was made still counts as made, unless --verify: then it
+    is hashed against its record and made again, bit for bit the same as before."""
+    manifest = write_csv(tmp_path / "jobs.csv", rows_for(3))
+    out = tmp_path / "out"
+    assert invoke("run", str(manifest), "--model", "tiny", "--out", str(out)).exit_code == 0
+    first = {p.name: p.read_bytes() for p in (out / "images").iterdir()}
+    (out / "images" / "r00.png").write_bytes(b"")
+    (out / "images" / "r02.png").write_bytes(first["r02.png"] + b"edited")
+    r = invoke("status", str(out))
+    assert r.exit_code == 0 and "3 ok" in r.stdout                       # not hashed: looks done
+    r = invoke("status", str(out), "--verify")
+    assert r.exit_code == 3 and "1 ok, 0 failed, 2 missing" in r.stdout and "with --verify" in r.stdout
+    r = invoke("run", str(manifest), "--model", "tiny", "--out", str(out), "--verify")
+    assert r.exit_code == 0 and "2 ok, 0 failed, 1 skipped" in r.stdout, r.output
+    assert {p.name: p.read_bytes() for p in (out / "images").iterdir()} == first
+    r = invoke("run", str(manifest), "--model", "tiny", "--out", str(out), "--verify", "--format", "webdataset")
+    assert r.exit_code == 2 and "drop --verify" in r.output
+
+
 def test_changed_params_are_redone_others_skipped(tmp_path):
     manifest = write_csv(tmp_path / "jobs.csv", rows_for(3))
     assert invoke("run", str(manifest), "--model", "tiny").exit_code == 0
