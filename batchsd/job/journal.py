@@ -31,7 +31,8 @@ changed pass-through column does not remake a row: params_hash ignores it).
 A file named like a part that is not one of ours (a readable Parquet file without the `id` and
 `status` text columns) is never read as a record: read_prior and compaction skip it, and the
 Journal renames it out of the part-file pattern (`<name>.not-batchsd`) when it opens, listing it in
-`quarantined` for the run to warn about.
+`quarantined` for the run to warn about. A part that cannot be read (damaged on disk) is left in
+place, skipped, and listed in `unreadable` for the run to warn about: its rows are made again.
 """
 from __future__ import annotations
 
@@ -128,6 +129,7 @@ class Journal:
         self.manifest_ids = list(manifest_ids)
         self.extras = extras
         self.quarantined: list[Quarantined] = []
+        self.unreadable: list[tuple[Path, str]] = []        # parts that cannot be read: (path, why), for a warning
         self._quarantine_foreign_parts()
         parts = self.part_files()
         self.next_seq = _next_free_seq(self.parts_dir)
@@ -142,7 +144,8 @@ class Journal:
         for path in self.part_files().values():
             try:
                 reason = foreign_part_reason(pq.read_schema(path))
-            except Exception:  # noqa: BLE001 - unreadable: left alone (see _latest_table)
+            except Exception as e:  # noqa: BLE001 - unreadable: left alone (see _latest_table), reported
+                self.unreadable.append((path, f"{type(e).__name__}: {e}"))
                 continue
             if reason is not None:
                 self._quarantine(path, reason)

@@ -103,6 +103,9 @@ class RunSession:
                                results_path=layout.results_path, extras=job.manifest.extras)
         for quarantined in self.journal.quarantined:      # files in the journal folder that are not ours
             self.console.print(f"[yellow]warning:[/yellow] {escape(str(quarantined))}")
+        for path, why in self.journal.unreadable:   # damaged on disk: skipped, its rows made again
+            message = f"journal part {path} cannot be read ({why}): the rows it recorded are made again (move the file away to stop this warning)"
+            self.console.print(f"[yellow]warning:[/yellow] {escape(message)}")
         clear_summary(layout.summary_path)        # its presence means "the last run finished"
         if job.shard is not None:
             clear_summary(job_summary_path(job.out_dir))   # the whole job is not known to be done now

@@ -317,6 +317,7 @@ def test_unreadable_part_is_skipped_not_deleted(tmp_path):
     bad = layout.RunLayout(tmp_path).parts_dir / "part-00000001.parquet"
     bad.write_bytes(b"PAR1 not really")
     j2 = Journal(tmp_path, results_schema({}), ["a", "b"])
+    assert [p for p, _ in j2.unreadable] == [bad]                  # for the run's warning
     j2.append([result("b")])
     assert set(read_prior(tmp_path)) == {"a", "b"}
     j2.compact()
