@@ -91,6 +91,13 @@ class DType(str, enum.Enum):
     bf16 = "bf16"
 
 
+def _check_out(value: Optional[str]) -> Optional[str]:
+    """An empty --out (an unset variable in `--out "$OUT"`) would mean the working folder: refused."""
+    if value is not None and not value.strip():
+        raise typer.BadParameter("is empty; give the output folder (--out . for the working folder)")
+    return value
+
+
 def _check_device(value: str) -> str:
     """Checked when parsed (also for --dry-run): unknown names, cuda without CUDA, a missing cuda:N."""
     from batchsd.model.devices import resolve_device
@@ -180,7 +187,8 @@ def run(
     manifest: Path = typer.Argument(..., help="Job manifest (.csv, .parquet, .txt or .jsonl), a row per image "
                                               "or per n_images."),
     model: Optional[str] = MODEL_OPTION,
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder. Default: outputs/<manifest name>/."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", callback=_check_out,
+                                      help="Output folder. Default: outputs/<manifest name>/."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1,
                                              help="Rows per batch. Default: 4 on the CPU; on CUDA chosen from free "
                                                   "memory and image size."),
@@ -290,7 +298,8 @@ def run(
             if spec.is_whole:   # a shard's own line comes from the runner, with its row count
                 err.print(escape(str(spec)) + ": one shard, every row")
             device = shard_device(spec, device)
-    opts = RunOptions(manifest=manifest, model=model, out_dir=out, batch_size=batch_size, device=device,
+    opts = RunOptions(manifest=manifest, model=model, out_dir=Path(out) if out is not None else None,
+                      batch_size=batch_size, device=device,
                       dtype=dtype.value, save_latents=save_latents, limit=limit, dry_run=dry_run,
                       overwrite=overwrite, retry_errors=retry_errors, verify=verify, low_memory=low_memory,
                       compile=None if compile is Compile.none else compile.value,

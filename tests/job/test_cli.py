@@ -164,6 +164,7 @@ def test_missing_init_image_fails_that_row_only(tmp_path):
     (["--compile", "fastest"], "fastest"),
     (["--winograd", "maybe"], "maybe"),
     (["--model", "nowhere/model.safetensors"], "does not exist"),
+    (["--out", ""], "is empty"),
 ] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "CUDA is not available")]))
 def test_bad_cli_values_exit_2(tmp_path, args, message):
     manifest = write_csv(tmp_path / "jobs.csv", ["a,a cat,,1,2,7.5,euler,64,64,,,"])
