@@ -34,7 +34,7 @@ from batchsd.model.request import SEED_LIMIT
 N_IMAGES = "n_images"
 TEMPLATE_COLUMN = "prompt_template"
 MAX_N_IMAGES = 100_000
-_RANGE_RE = re.compile(r"\s*(\d+)\s*-\s*(\d+)\s*")
+_RANGE_RE = re.compile(r"\s*([0-9]+)\s*-\s*([0-9]+)\s*")
 
 
 @dataclass(frozen=True, slots=True)

@@ -61,8 +61,9 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import replace
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
 from typing import Callable
 
@@ -109,6 +110,10 @@ class _Bad(Exception):
     pass
 
 
+_INTEGER_RE = re.compile(r"[+-]?[0-9]+")
+_DECIMAL_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
 def _number(v, fix: str):
     """int or float from an int, float or text cell; None for blanks."""
     if isinstance(v, bool):
@@ -119,18 +124,19 @@ def _number(v, fix: str):
         if v != v:
             return None
         x = v
-    elif isinstance(v, str):
-        s = v.strip()
-        if not s:
-            return None
-        try:
-            return int(s)
-        except ValueError:
-            pass
-        try:
+    elif isinstance(v, (str, Decimal)):   # Decimal: a Parquet decimal column
+        if isinstance(v, str):
+            s = v.strip()
+            if not s:
+                return None
+            if _INTEGER_RE.fullmatch(s):
+                return int(s)
+            # ASCII digits only: Python's int() and Decimal() also read "1_000" and other scripts' digits
+            if not _DECIMAL_RE.fullmatch(s) and s.lower().lstrip("+-") not in ("nan", "inf", "infinity"):
+                raise _Bad(f"{v!r} is not a number; {fix}")
             d = Decimal(s)          # exact: "9007199254740993.0" stays that integer
-        except InvalidOperation:
-            raise _Bad(f"{v!r} is not a number; {fix}") from None
+        else:
+            d = v
         if d.is_nan():
             raise _Bad(f"{v!r} is not a number (leave the cell empty for the default); {fix}")
         if d.is_finite() and d == d.to_integral_value() and d.adjusted() < 40:

@@ -119,6 +119,16 @@ def test_whole_floats_accepted(tmp_path):
     assert (b.seed, b.steps, b.cfg_scale) == (2**53 + 1, 4, 10.0)   # text is parsed exactly
 
 
+
+def test_parquet_decimal_columns_are_numbers(tmp_path):
+    from decimal import Decimal
+
+    path = write_parquet(tmp_path, {"prompt": pa.array(["x"]), "cfg_scale": pa.array([Decimal("7.5")], pa.decimal128(4, 2)),
+                                    "steps": pa.array([Decimal("20")], pa.decimal128(5, 0))})
+    row, = read_manifest(path).rows
+    assert (row.cfg_scale, row.steps) == (7.5, 20) and type(row.steps) is int
+
+
 def test_parquet_types_and_nan_means_default(tmp_path):
     # what pandas writes for a numeric column with gaps: float64 with NaN
     path = write_parquet(tmp_path, {
@@ -263,6 +273,11 @@ def test_params_hash():
     ("steps=0", "steps", "1 to 999"),
     ("steps=1000", "steps", "1 to 999"),
     ("steps=nan", "steps", "not a number"),
+    ("steps=1_000", "steps", "not a number"),           # Python's int() reads these; a manifest must not
+    ("steps=\u0663", "steps", "not a number"),           # ARABIC-INDIC DIGIT THREE
+    ("seed=\u0e52", "seed", "not a number"),             # THAI DIGIT TWO
+    ("seed=\u0663-\u0665", "seed", "not a number"),
+    ("steps=0x10", "steps", "not a number"),
     ("steps=inf", "steps", "not finite"),
     ("seed=-1", "seed", "2**63-1"),
     (f"seed={2**63}", "seed", "2**63-1"),
