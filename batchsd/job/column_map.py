@@ -115,7 +115,10 @@ def lookalike_warnings(extra_columns: Sequence[str], columns: Sequence[str], kno
             target, how = (near[0], "a near miss of its name") if near else (None, "")
         if target is None or target in columns:
             continue
+        # --map trims the names it is given, so a name with spaces around it is renamed in the file only
+        rename = "in the file (remove the spaces around the name)" if name != name.strip() else \
+            f"(--map {name}={target}, or in the file)"
         warnings.append(ManifestProblem(None, name, f"is passed through unused, but looks like {target!r} ({how}); "
                                         f"its values do not set {target}: if that is what it means, rename it "
-                                        f"(--map {name}={target}, or in the file)"))
+                                        f"{rename}"))
     return warnings

@@ -196,6 +196,14 @@ def test_columns_that_look_like_parameters_get_a_warning(tmp_path, column, means
     assert r.exit_code == 0 and f"column {column!r}: is passed through unused" in r.stdout
 
 
+def test_a_name_with_spaces_around_it_is_not_offered_a_map_that_cannot_work(tmp_path):
+    """`prompt, seed` (a space after the comma) names ' seed'; --map trims its names, so the warning
+    says to fix the header instead."""
+    m = read_manifest(write(tmp_path / "n.csv", "prompt,x, steps_\na,1,2\n"))
+    (w,) = m.warnings
+    assert w.column == " steps_" and "remove the spaces around the name" in w.message and "--map" not in w.message
+
+
 def test_no_warning_when_the_parameter_is_set_or_the_column_is_unrelated(tmp_path):
     assert read_ok(write(tmp_path / "a.csv", "prompt,steps,step\na,2,3\n")).warnings == []
     assert read_ok(write(tmp_path / "b.csv", "prompt,tag,source,user_name\na,1,2,3\n")).warnings == []
