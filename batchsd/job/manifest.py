@@ -387,6 +387,12 @@ def _read_csv(path: Path) -> pa.Table:
     _BadRows for malformed rows, _Bad for the rest."""
     import pyarrow.csv as pacsv
 
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    # a UTF-16 BOM, or text whose every other byte is NUL: UTF-16 (what Excel calls "Unicode text")
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or head.count(0) > len(head) // 4:
+        raise _Bad("is not UTF-8 text (it looks like UTF-16, Excel's \"Unicode text\"); save it as UTF-8 "
+                   "(Excel: \"CSV UTF-8\")")
     parse = pacsv.ParseOptions(newlines_in_values=True)
     limit = min(path.stat().st_size + 1, CSV_MAX_BLOCK_SIZE)
     block = min(CSV_BLOCK_SIZE, limit)
@@ -495,8 +501,11 @@ def _column_problems(names: list[str]) -> list[ManifestProblem]:
                                             f"unused (names are exact and lower-case); rename it to {known!r}"))
         seen.add(name)
     if "prompt" not in seen:
+        separator = next((sep for sep in (";", "\t", "|") if len(names) == 1 and sep in names[0]), None)
+        hint = (f"; the header looks separated by {separator!r}, but a .csv manifest is comma-separated: save it "
+                "with commas, or as Parquet") if separator else ""
         problems.append(ManifestProblem(None, "prompt", "the required column 'prompt' is missing; "
-                                        f"add it (found columns: {', '.join(map(repr, names)) or 'none'})"))
+                                        f"add it (found columns: {', '.join(map(repr, names)) or 'none'}){hint}"))
     return problems
 
 

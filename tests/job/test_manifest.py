@@ -120,6 +120,16 @@ def test_whole_floats_accepted(tmp_path):
 
 
 
+def test_utf16_and_semicolon_csv_get_the_fix(tmp_path):
+    (tmp_path / "u16.csv").write_bytes("prompt,seed\na,1\n".encode("utf-16"))           # with a BOM
+    (tmp_path / "u16le.csv").write_bytes("prompt,seed\na,1\n".encode("utf-16-le"))     # without
+    for name in ("u16.csv", "u16le.csv"):
+        problem, = read_manifest(tmp_path / name).problems
+        assert "it looks like UTF-16" in problem.message and "save it as UTF-8" in problem.message
+    problem, = read_manifest(write_csv(tmp_path, "prompt;seed\na;1\n")).problems
+    assert "separated by ';', but a .csv manifest is comma-separated" in problem.message
+
+
 def test_parquet_decimal_columns_are_numbers(tmp_path):
     from decimal import Decimal
 
