@@ -11,6 +11,9 @@ manifest is. Blank lines are not rows; a row's problems name its line (ManifestP
   joined with spaces. `--sampler_name` goes to `sampler` (A1111 names are accepted there);
   `--n_iter N --batch_size B` make N*B images (`n_images`) with seeds seed, seed+1, ..., as A1111
   makes them; `--seed -1` (A1111's "random") means the default seed, derived from the row's id.
+  Stricter than A1111 where it would silently misread: an option whose next word is another
+  option (`--negative_prompt --steps 20`, where A1111 takes "--steps 20" as the negative prompt)
+  and an option given twice are problems naming the line.
   A1111's other options (`--sd_model`, `--styles`, `--subseed`, `--restore_faces`, ...) and
   unknown ones are problems naming the line; so is a line that does not start with `--` in such
   a file (write it as `--prompt "..."`).
@@ -52,6 +55,7 @@ _A1111_TEXT_OPTIONS = ("prompt", "negative_prompt")  # the words up to the next 
 A1111_UNSUPPORTED = ("sd_model", "outpath_samples", "outpath_grids", "prompt_for_display", "styles",
                      "subseed_strength", "subseed", "seed_resize_from_h", "seed_resize_from_w", "sampler_index",
                      "restore_faces", "tiling", "do_not_save_samples", "do_not_save_grid")
+_A1111_ALL_OPTIONS = {*A1111_OPTIONS, *A1111_COUNT_OPTIONS, *A1111_UNSUPPORTED}
 
 
 class FormatProblems(Exception):
@@ -106,6 +110,7 @@ def _a1111_options(line: str, first_option_line: int) -> dict[str, str]:
                          "inside with \\\"") from None
     row: dict[str, str] = {}
     counts = {}
+    given: set[str] = set()
     pos = 0
     while pos < len(words):
         word = words[pos]
@@ -122,14 +127,18 @@ def _a1111_options(line: str, first_option_line: int) -> dict[str, str]:
             raise ValueError(f"--{option} has no value; give one (--{option} VALUE)")
         pos += 1
         value = words[pos]
+        if value[2:] in _A1111_ALL_OPTIONS and value.startswith("--"):   # A1111 would take it as the value
+            raise ValueError(f"--{option} has no value (the next word is the option {value}); give one, or quote a "
+                             f"value that starts with -- (--{option} \"{value} ...\")")
         pos += 1
         if option in _A1111_TEXT_OPTIONS:
             while pos < len(words) and not words[pos].startswith("--"):
                 value += " " + words[pos]
                 pos += 1
         column = A1111_OPTIONS.get(option, option)
-        if column in row or option in counts:
+        if option in given:
             raise ValueError(f"--{option} is given twice; keep one")
+        given.add(option)
         if option in A1111_COUNT_OPTIONS:
             try:
                 counts[option] = int(value)

@@ -65,6 +65,9 @@ def test_a1111_value_problems_name_the_line(tmp_path):
     ('--steps 4', "has no --prompt"),
     ('--prompt "a" --n_iter two', "--n_iter 'two' is not a whole number"),
     ('--prompt "a" --steps 4 --steps 5', "--steps is given twice"),
+    ('--prompt "a" --seed -1 --seed 3', "--seed is given twice"),
+    ('--prompt "a" --negative_prompt --steps 2', "--negative_prompt has no value (the next word is the option --steps)"),
+    ('--prompt --negative_prompt x', "--prompt has no value (the next word is the option --negative_prompt)"),
     ("plain prompt", "does not start with '--', but line 1 does"),
 ])
 def test_a1111_option_problems_name_the_line(tmp_path, line, words):
