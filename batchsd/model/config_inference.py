@@ -10,7 +10,9 @@ through these.
 A diffusers folder's config.json files, when present, are authoritative over those rules
 (`apply_diffusers_configs`): head counts (unet `attention_head_dim` / `num_attention_heads`, per
 level or one for all; text encoder `num_attention_heads`), the text encoder's activation, LayerNorm
-eps and layer count, the UNet's linear projections and norms, the VAE's scaling factor.
+eps and layer count, the UNet's linear projections and norms, the VAE's scaling factor and norm
+groups. A value the weights cannot run with (heads or groups that do not divide the channels, a
+scale <= 0) is a CheckpointError naming the file and key.
 
 SD 2.x single files carry all 24 OpenCLIP ViT-H blocks, of which SD 2.x runs 23 (the penultimate
 layer's output): a width-1024 text encoder runs 23 blocks whether the file has 24 (released files)
@@ -269,11 +271,13 @@ def apply_diffusers_configs(cfg: SDConfig, configs: Mapping[str, Mapping]) -> SD
         unet = _unet_heads(unet, unet_config)
         unet = replace(unet, linear_proj=bool(unet_config.get("use_linear_projection", unet.linear_proj)),
                        eps=_positive(unet_config, "norm_eps", unet.eps, "unet"),
-                       groups=int(unet_config.get("norm_num_groups", unet.groups)))
+                       groups=_groups(unet_config, unet.groups, [unet.model_channels * m for m in unet.channel_mult],
+                                      "unet"))
     if vae_config := configs.get("vae"):
         # force_upcast: only a family whose VAE upcasts (SDXL's; diffusers' SD 1.x/2.x pipelines never
         # do, whatever the config says) reads it, and a false there (a fixed fp16 VAE) turns it off
-        vae = replace(vae, scaling_factor=_positive(vae_config, "scaling_factor", vae.scaling_factor, "vae"),
+        vae = replace(vae, groups=_groups(vae_config, vae.groups, [vae.base_channels * m for m in vae.channel_mult], "vae"),
+                      scaling_factor=_positive(vae_config, "scaling_factor", vae.scaling_factor, "vae"),
                       force_upcast=vae.force_upcast and bool(vae_config.get("force_upcast", True)))
     return replace(cfg, clip=clip, clip2=clip2, unet=unet, vae=vae)
 
@@ -292,6 +296,15 @@ def _text_config(clip: CLIPTextConfig, text: Mapping, name: str) -> CLIPTextConf
                               f"width {clip.width}")
     return replace(clip, heads=heads, act=act,
                    eps=_positive(text, "layer_norm_eps", clip.eps, name), layers=layers - (not clip.final_norm))
+
+
+def _groups(config: Mapping, default: int, channels: list[int], name: str) -> int:
+    """config["norm_num_groups"] (default when absent): a whole number dividing every level's channels."""
+    groups = config.get("norm_num_groups", default)
+    if type(groups) is not int or groups < 1 or any(c % groups for c in channels):
+        raise CheckpointError(f"{name}/config.json: norm_num_groups {groups!r} does not divide the channels of "
+                              f"every level ({', '.join(map(str, channels))})")
+    return groups
 
 
 def _positive(config: Mapping, key: str, default: float, name: str) -> float:

@@ -108,6 +108,8 @@ def test_other_families_are_named(sd15_shapes):
     ({"unet": {"attention_head_dim": 3}}, r"unet/config\.json: 3 attention heads do not divide the 320 channels"),
     ({"unet": {"attention_head_dim": "eight"}}, r"attention heads 'eight' do not fit the 4 levels"),
     ({"unet": {"sample_size": 7}}, r"unet/config\.json: sample_size 7 .* in 64\.\.2048"),
+    ({"vae": {"norm_num_groups": 24}}, r"vae/config\.json: norm_num_groups 24 does not divide the channels"),
+    ({"unet": {"norm_num_groups": "32"}}, r"unet/config\.json: norm_num_groups '32' does not divide"),
     ({"unet": {"sample_size": 0}}, r"sample_size 0 "),
     ({"unet": {"sample_size": [64, 96]}}, r"sample_size \[64, 96\] "),
     ({"text_encoder": {"num_attention_heads": 5}}, r"text_encoder/config\.json: num_attention_heads 5 does not "
@@ -122,3 +124,5 @@ def test_folder_config_values_the_weights_cannot_run_are_refused_at_load(sd15_sh
     with pytest.raises(CheckpointError, match=message):
         resolve_family(sd15_shapes, CheckpointHints(configs=configs))
     assert resolve_family(sd15_shapes, CheckpointHints(configs={"unet": {"sample_size": 96}}))[0].default_size == 768
+    _, cfg = resolve_family(sd15_shapes, CheckpointHints(configs={"vae": {"norm_num_groups": 16}}))
+    assert cfg.vae.groups == 16                                    # read, not ignored
