@@ -268,12 +268,19 @@ def apply_diffusers_configs(cfg: SDConfig, configs: Mapping[str, Mapping]) -> SD
     if clip2 is not None and (text := configs.get("text_encoder_2")):
         clip2 = _text_config(clip2, text, "text_encoder_2")
     if unet_config := configs.get("unet"):
+        _agrees_with_weights(unet_config, "unet", {
+            "in_channels": unet.in_channels, "out_channels": unet.out_channels,
+            "cross_attention_dim": unet.context_dim,
+            "block_out_channels": [unet.model_channels * m for m in unet.channel_mult]})
         unet = _unet_heads(unet, unet_config)
         unet = replace(unet, linear_proj=bool(unet_config.get("use_linear_projection", unet.linear_proj)),
                        eps=_positive(unet_config, "norm_eps", unet.eps, "unet"),
                        groups=_groups(unet_config, unet.groups, [unet.model_channels * m for m in unet.channel_mult],
                                       "unet"))
     if vae_config := configs.get("vae"):
+        _agrees_with_weights(vae_config, "vae", {
+            "latent_channels": vae.latent_channels,
+            "block_out_channels": [vae.base_channels * m for m in vae.channel_mult]})
         # force_upcast: only a family whose VAE upcasts (SDXL's; diffusers' SD 1.x/2.x pipelines never
         # do, whatever the config says) reads it, and a false there (a fixed fp16 VAE) turns it off
         vae = replace(vae, groups=_groups(vae_config, vae.groups, [vae.base_channels * m for m in vae.channel_mult], "vae"),
@@ -296,6 +303,17 @@ def _text_config(clip: CLIPTextConfig, text: Mapping, name: str) -> CLIPTextConf
                               f"width {clip.width}")
     return replace(clip, heads=heads, act=act,
                    eps=_positive(text, "layer_norm_eps", clip.eps, name), layers=layers - (not clip.final_norm))
+
+
+def _agrees_with_weights(config: Mapping, name: str, from_weights: Mapping) -> None:
+    """The config's shape-visible values (those present) equal what the weights' shapes say: a folder
+    whose config contradicts its weights is damaged or mixed from two models (diffusers would fail
+    on it), so it is refused rather than read by one of the two."""
+    for key, actual in from_weights.items():
+        stated = config.get(key)
+        if stated is not None and (list(stated) if isinstance(stated, (list, tuple)) else stated) != actual:
+            raise CheckpointError(f"{name}/config.json: {key} {stated!r} disagrees with the weights ({actual!r}); "
+                                  "the folder's config and weights come from different models")
 
 
 def _groups(config: Mapping, default: int, channels: list[int], name: str) -> int:

@@ -109,6 +109,10 @@ def test_other_families_are_named(sd15_shapes):
     ({"unet": {"attention_head_dim": "eight"}}, r"attention heads 'eight' do not fit the 4 levels"),
     ({"unet": {"sample_size": 7}}, r"unet/config\.json: sample_size 7 .* in 64\.\.2048"),
     ({"vae": {"norm_num_groups": 24}}, r"vae/config\.json: norm_num_groups 24 does not divide the channels"),
+    ({"unet": {"cross_attention_dim": 1024}}, r"unet/config\.json: cross_attention_dim 1024 disagrees with the "
+                                              r"weights \(768\)"),
+    ({"vae": {"latent_channels": 16}}, r"vae/config\.json: latent_channels 16 disagrees with the weights"),
+    ({"vae": {"block_out_channels": [128, 256, 512, 256]}}, r"block_out_channels \[128, 256, 512, 256\] disagrees"),
     ({"unet": {"norm_num_groups": "32"}}, r"unet/config\.json: norm_num_groups '32' does not divide"),
     ({"unet": {"sample_size": 0}}, r"sample_size 0 "),
     ({"unet": {"sample_size": [64, 96]}}, r"sample_size \[64, 96\] "),
