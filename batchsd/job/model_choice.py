@@ -54,7 +54,8 @@ def resolve_model(model: str | None, cwd: Path | None = None) -> str:
         return choice
     path = Path(choice).expanduser()
     if not path.exists():
-        raise UsageError(f"model {choice!r} (from {source}) does not exist: give the path of a .safetensors/.ckpt "
+        link = f" (a link to {os.readlink(path)}, which does not exist)" if path.is_symlink() else ""
+        raise UsageError(f"model {choice!r} (from {source}) does not exist{link}: give the path of a .safetensors/.ckpt "
                          "file or a diffusers folder, or --model tiny")
     return str(path)
 

@@ -365,9 +365,12 @@ def _diffusers_plan(folder: Path, configs: Mapping[str, dict]) -> list[tuple[Pat
     """(file, rename, layout) for each weight file of a diffusers folder: an SDXL folder (with
     text_encoder_2/) has its encoders renamed to sgm's layout (CLIP ViT-L as is, OpenCLIP ViT-bigG to
     OpenCLIP names), an SD 2.x folder its encoder to OpenCLIP names, an SD 1.x folder to CLIP's."""
-    if not all((folder / component).is_dir() for component in DIFFUSERS_REQUIRED):
+    missing = [c + "/" for c in DIFFUSERS_REQUIRED if not (folder / c).is_dir()]
+    if missing:
+        present = [c + "/" for c in DIFFUSERS_REQUIRED if c + "/" not in missing]
+        what = f"it has {', '.join(present)} but no {', '.join(missing)}" if present else "it has none of them"
         raise CheckpointError(f"{folder}: a folder must be a diffusers model folder with "
-                              f"{', '.join(c + '/' for c in DIFFUSERS_REQUIRED)} subfolders")
+                              f"{', '.join(c + '/' for c in DIFFUSERS_REQUIRED)} subfolders; {what}")
     sdxl = (folder / "text_encoder_2").is_dir()
     sd2 = not sdxl and is_sd2_folder(configs)
     prefixes = SDXL_PREFIX if sdxl else SD2_PREFIX if sd2 else ORIGINAL_PREFIX
