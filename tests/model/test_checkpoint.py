@@ -196,6 +196,14 @@ def test_many_missing_keys_listed_with_a_count(tmp_path):
         load_model(tmp_path / "holes.safetensors")
 
 
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_files_load_converted_to_the_run_dtype(tmp_path, fp8):
+    expected = {k: v.to(fp8) for k, v in write_tiny(tmp_path / "half.safetensors").items()}
+    save_file(expected, str(tmp_path / "fp8.safetensors"))
+    model, _ = load_model(tmp_path / "fp8.safetensors", dtype=torch.float32)
+    assert_model_equals(model, expected, torch.float32)        # fp8 values, exactly, in fp32
+
+
 def test_unsafe_pickle_is_refused_not_run(tmp_path):
     marker = tmp_path / "code-ran"
 
