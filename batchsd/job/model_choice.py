@@ -86,6 +86,25 @@ def model_facts(model: str, prediction_type: str | None = None) -> tuple[ModelFa
     return ModelFacts(report.get("default_size"), report.get("generation")), None
 
 
+def prediction_type_override(model: str, prediction_type: str | None) -> str | None:
+    """A warning when --prediction-type differs from what the model itself says (a diffusers folder's
+    scheduler config, the .yaml beside a file, or a family that has one prediction type): the option
+    wins, as documented, but a folder's config is otherwise authoritative. None when they agree, when
+    the model says nothing (an SD 2.x file without a yaml) or for the tiny model."""
+    if prediction_type is None or model == TINY:
+        return None
+    from batchsd.model.checkpoint import inspect_checkpoint
+
+    try:
+        stated = inspect_checkpoint(Path(model), hash=False).get("prediction_type")
+    except BatchSDError:
+        return None
+    if stated is None or stated == prediction_type:
+        return None
+    return (f"--prediction-type {prediction_type} overrides the {stated} that {model} says (its scheduler config, "
+            f".yaml or family): its images are made as {prediction_type}")
+
+
 def with_model_defaults(opts, model: str | None = None, pipe=None):
     """`opts` with what reading its manifest needs from the models: the run model's default size and
     generation (model_facts; a loaded `pipe`'s own), the --prediction-type rows' models are read with,

@@ -34,6 +34,7 @@ from batchsd.job.options import RunOptions, RunSummary, UsageError, summary_reco
 from batchsd.job.outputs.claim import claim_output
 from batchsd.job.progress import RunProgress
 from batchsd.job.reader import Job
+from batchsd.job.model_choice import prediction_type_override
 from batchsd.job.resume import RowModels, adopt_records, decide
 from batchsd.job.rows import JobRow
 from batchsd.job.run_meta import clear_summary, read_run_metas, write_run_meta, write_summary
@@ -110,6 +111,9 @@ class RunSession:
         if job.shard is not None:
             clear_summary(job_summary_path(job.out_dir))   # the whole job is not known to be done now
         self.made_with = made_with
+        for key in made_with.keys_in_order(job.rows) if opts.prediction_type else ():
+            if key is not None and (note := prediction_type_override(key, opts.prediction_type)):
+                self.console.print(f"[yellow]warning:[/yellow] {escape(note)}")
         self._write_run_meta(made_with)
         min_age = SHARED_TEMP_AGE_S if self.shared_folders else 0.0
         for folder in (layout.images_dir, layout.latents_dir):

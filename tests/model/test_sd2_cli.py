@@ -63,3 +63,15 @@ def test_a_linked_sd2_file_is_read_with_the_yaml_beside_the_link(sd2_file, tmp_p
     df = pd.read_parquet(tmp_path / "o" / "results.parquet")
     assert df["prediction_type"].tolist() == ["v_prediction"] * 2 and df["model"].tolist() == ["mine-v"] * 2
     assert "1 model(s) to load" in r.output       # --model and the row's cell name one model
+
+
+def test_prediction_type_option_that_overrides_what_the_model_says_is_warned(sd2_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = tmp_path / "eps.safetensors"
+    shutil.copyfile(sd2_file, model)
+    write_ldm_yaml(model.with_suffix(".yaml"), "epsilon")
+    (tmp_path / "m.csv").write_text("id,prompt,seed,steps,sampler,width,height\na,a lighthouse,3,1,euler,64,64\n")
+    r = invoke("run", "m.csv", "--model", str(model), "--out", "o", "--prediction-type", "v_prediction")
+    assert r.exit_code == 0 and "--prediction-type v_prediction overrides the epsilon that" in r.output
+    r = invoke("run", "m.csv", "--model", str(model), "--out", "o2", "--prediction-type", "epsilon")
+    assert r.exit_code == 0 and "overrides" not in r.output
