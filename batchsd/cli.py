@@ -413,7 +413,8 @@ def inspect(
     model: Path = typer.Argument(..., help="Checkpoint file (.safetensors, .ckpt) or diffusers folder."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Show a checkpoint's format, layout, dtype, missing/extra keys and sha256 prefix; loads no weights.
+    """Show a checkpoint's format, layout, dtype, missing/extra keys and sha256 prefix, and check that
+    its weights hold no NaN or inf (each tensor is read once; the model is not built).
 
     Exit 0: loadable; 1: readable but not loadable (the report says why); 2: cannot be read.
     """
@@ -424,7 +425,7 @@ def inspect(
         raise _fail(err, f"{model} does not exist: give a .safetensors/.ckpt file or a diffusers folder", 2)
     try:
         from batchsd.model.checkpoint import inspect_checkpoint
-        report = inspect_checkpoint(model)
+        report = inspect_checkpoint(model, check_values=True)
     except BatchSDError as e:
         raise _fail(err, str(e), 2)
     if as_json:

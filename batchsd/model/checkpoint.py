@@ -112,6 +112,19 @@ def build_on_meta(cfg: SDConfig, family: ModelFamily = SD1) -> nn.Module:
         raise CheckpointError(f"the inferred configuration cannot be built: {e} ({cfg})") from e
 
 
+def _non_finite_tensors(source, keys) -> list[str]:
+    """The keys among `keys` whose tensor holds a NaN or an inf (read in its own dtype, one at a time)."""
+    bad = []
+    for key in keys:
+        t = source.tensors[key]
+        if t.dtype.is_floating_point:   # fp8 read as fp32: isfinite has no fp8 kernel
+            dtype = t.dtype if t.dtype.itemsize > 1 else torch.float32
+            value = materialize(source, key, dtype, torch.device("cpu"), torch.contiguous_format)
+            if not torch.isfinite(value).all():
+                bad.append(key)
+    return bad
+
+
 def _listing(keys: list[str], describe: Callable[[str], str] = str) -> str:
     shown = ", ".join(describe(k) for k in keys[:SHOW_KEYS])
     more = f", ... ({len(keys) - SHOW_KEYS} more)" if len(keys) > SHOW_KEYS else ""
@@ -272,8 +285,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     return model.eval().requires_grad_(False), info
 
 
-def inspect_checkpoint(path: str | Path, hash: bool = True, prediction_type: str | None = None) -> dict:
-    """A JSON-friendly description of a checkpoint, for `batchsd inspect`; reads no tensor data.
+def inspect_checkpoint(path: str | Path, hash: bool = True, prediction_type: str | None = None,
+                       check_values: bool = False) -> dict:
+    """A JSON-friendly description of a checkpoint, for `batchsd inspect`; reads no tensor data unless
+    `check_values` (then each model tensor is read, one at a time, and those holding NaN or inf are
+    listed in "non_finite": such weights make blank images, and the file is not loadable).
     "family": "SD 1.x", "SD 2.x-v", "SD 2.x-eps", or "SD 2.x (prediction type unknown: ...)" for an
     SD 2.x single file that does not say it (not loadable as given: "error" says how to tell it);
     `prediction_type` as for load_model.
@@ -322,6 +338,12 @@ def inspect_checkpoint(path: str | Path, hash: bool = True, prediction_type: str
             "mis_shaped": {k: [list(a), list(b)] for k, (a, b) in report.mis_shaped.items()},
             "not_float": report.not_float, "non_tensor_entries": source.skipped,
         }
+        if check_values and cfg is not None:
+            out["non_finite"] = _non_finite_tensors(source, report.model)
+            if out["non_finite"] and out["loadable"]:
+                out["loadable"] = False
+                out["error"] = (f"{len(out['non_finite'])} weight tensor(s) hold NaN or inf values (first: "
+                                f"{out['non_finite'][0]}): the model would make blank images; re-download the file")
         files = source.identity_files
     if hash:
         out["sha256"] = checkpoint_sha256(files)

@@ -204,6 +204,22 @@ def test_fp8_files_load_converted_to_the_run_dtype(tmp_path, fp8):
     assert_model_equals(model, expected, torch.float32)        # fp8 values, exactly, in fp32
 
 
+def test_inspect_reads_the_weights_for_nan_and_inf(tmp_path):
+    sd = write_tiny(tmp_path / "ok.safetensors")
+    bad_key = sorted(sd)[3]
+    sd[bad_key] = sd[bad_key].clone()
+    sd[bad_key].view(-1)[0] = float("nan")
+    save_file(sd, str(tmp_path / "nan.safetensors"))
+    assert "non_finite" not in inspect_checkpoint(tmp_path / "nan.safetensors", hash=False)   # header only
+    report = inspect_checkpoint(tmp_path / "nan.safetensors", hash=False, check_values=True)
+    assert report["non_finite"] == [bad_key] and not report["loadable"] and "NaN or inf" in report["error"]
+    good = inspect_checkpoint(tmp_path / "ok.safetensors", hash=False, check_values=True)
+    assert good["non_finite"] == [] and good["loadable"]
+    from cli_support import invoke
+    r = invoke("inspect", str(tmp_path / "nan.safetensors"))
+    assert r.exit_code == 1 and bad_key in r.output
+
+
 def test_unsafe_pickle_is_refused_not_run(tmp_path):
     marker = tmp_path / "code-ran"
 
