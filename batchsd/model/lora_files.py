@@ -45,9 +45,11 @@ _PAIRS = (
 )
 _PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")  # attn processors
 _UNSUPPORTED = {  # marker in a key -> what the file is
-    "hada_": "a LyCORIS LoHa", "lokr_": "a LyCORIS LoKr", ".dora_scale": "a DoRA", ".diff": "a full-weight diff",
+    "hada_": "a LyCORIS LoHa", "lokr_": "a LyCORIS LoKr", ".dora_scale": "a DoRA",
     ".lora_mid.": "a LyCORIS LoCon with a mid (Tucker) kernel", ".lora_magnitude_vector": "a DoRA",
 }
+_FULL_DIFF_SUFFIXES = (".diff", ".diff_b")   # LyCORIS full-weight diffs (a key's end: model.diffusion_model. is not one)
+_CHECKPOINT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.embedders.")
 SHOWN_KEYS = 5   # keys named in a message
 
 
@@ -139,9 +141,15 @@ def read_lora(path: str | Path) -> LoraFile:
     adapter types (LoHa, LoKr, DoRA, ...), and down/up keys without their pair."""
     path = Path(path)
     tensors, metadata = _read_tensors(path)
+    if sum(k.startswith(_CHECKPOINT_PREFIXES) for k in tensors) > len(tensors) // 2:
+        raise LoraError(f"LoRA file {path} is a full model checkpoint, not a LoRA: give it as --model (or in the "
+                        "model column), and keep only LoRA files in the LoRA folder")
     for marker, kind in _UNSUPPORTED.items():
         if bad := [k for k in tensors if marker in k]:
             raise LoraError(f"LoRA file {path} is {kind} ({bad[0]}): only plain LoRA/LoCon (down/up pairs) is supported")
+    if bad := [k for k in tensors if k.endswith(_FULL_DIFF_SUFFIXES)]:
+        raise LoraError(f"LoRA file {path} is a full-weight diff ({bad[0]}): only plain LoRA/LoCon (down/up pairs) "
+                        "is supported")
     renamed = {}
     for key, value in tensors.items():
         if m := _PROCESSOR.search(key):
