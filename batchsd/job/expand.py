@@ -187,12 +187,14 @@ def expanded_table(manifest: Manifest, out_path: Path) -> pa.Table:
     prompt in `prompt` (and the template in `prompt_template`), a `model` column when rows name
     their own, pass-through columns with their types. `batchsd run` makes the same images from it as from `manifest`. An init image is written
     as given when `out_path` is in the manifest's folder, else as an absolute path."""
+    from batchsd.job.loras import column_loras, lora_record
     from batchsd.job.schema import MANIFEST_FIELDS
 
     same_folder = os.path.abspath(Path(out_path).parent) == os.path.abspath(Path(manifest.path).parent)
     records = []
     for r in manifest.rows:
         record = r.to_record()
+        record["loras"] = lora_record(column_loras(r))   # the prompt's tags stay in the prompt, read again
         if r.init_image is not None and not same_folder:
             record["init_image"] = r.init_image
         records.append(record)

@@ -144,6 +144,14 @@ class LoraFolder:
         return tuple(out)
 
 
+def column_loras(row) -> tuple:
+    """The part of a JobRow's LoRA set that its `loras` column gave: the set is the column's entries
+    followed by the a1111 prompt's tags (conditioning_columns.resolve_loras)."""
+    row_set = row.conditioning.get("loras") or ()
+    tags = prompt_loras(row.prompt) if row.conditioning.get("prompt_syntax") == "a1111" else []
+    return tuple(row_set[:len(row_set) - len(tags)])
+
+
 def lora_record(row_set) -> str | None:
     """The results' `loras` value: `name:multiplier:hash12` entries joined by ';' (None: no LoRA)."""
     if not row_set:

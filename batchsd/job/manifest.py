@@ -593,10 +593,6 @@ def read_manifest(path, options: ManifestOptions | None = None) -> Manifest:
     # each row's model's generation, where known now: its LoRAs are checked against it
     generations = [None if i in model_problems else models_facts[key].generation if key else options.model_generation
                    for i, key in enumerate(row_models)]
-    for found_problems in (syntax_problems(conditioning, prompts, negatives),
-                           resolve_loras(conditioning, prompts, options.lora_dir, generations)):
-        for i, found in found_problems.items():
-            bad.setdefault(i, []).extend(ManifestProblem(i + 1, name, why) for name, why in found)
     if warning := plain_syntax_warning(conditioning, prompts, negatives):
         warnings.append(warning)
 
@@ -648,11 +644,14 @@ def read_manifest(path, options: ManifestOptions | None = None) -> Manifest:
         rows, more = expand_rows(rows, n_per_row, [s is not None for s in seeds], compiled, templates)
         for i, found in more.items():
             bad.setdefault(i, []).extend(found)
-    # textual-inversion names in the final prompts (templates expanded); a data row with a problem is left out
+    # the final prompts (templates expanded): A1111 syntax batchsd refuses, each row's LoRA set (the
+    # column's entries, then the prompt's <lora:> tags), textual-inversion names; a data row with a
+    # problem is left out
+    rows, found_in_prompts = _prompt_conditioning(rows, options.lora_dir, generations)
     rows, named = resolve_embeddings(rows, options.embeddings_dir, lambda r: generations[r.data_row - 1])
-    for i, found in named.items():
+    for i, found in [*found_in_prompts.items(), *named.items()]:
         bad.setdefault(i, []).extend(ManifestProblem(i + 1, name, why) for name, why in found)
-    rows = [r for r in rows if r.data_row - 1 not in named]
+    rows = [r for r in rows if r.data_row - 1 not in named and r.data_row - 1 not in found_in_prompts]
     if expanding:
         extra_values = expanded_extras(extra_values, rows, with_template=bool(compiled))
         if compiled:
@@ -663,6 +662,21 @@ def read_manifest(path, options: ManifestOptions | None = None) -> Manifest:
         found = sorted(bad[i], key=lambda p: order[p.column])
         problems.extend(found if lines is None else [replace(p, line=lines[i]) for p in found])
     return Manifest(path, rows, problems, names, extra_columns, n, extra_types, extra_values, warnings=warnings)
+
+
+def _prompt_conditioning(rows: list[JobRow], lora_dir, generations: list) -> tuple[list[JobRow], dict]:
+    """Each row with its own conditioning, its LoRA set resolved from the loras column and its final
+    prompt's tags (conditioning_columns.resolve_loras), and {data row index: [(column, message)]}
+    (each message once per data row) for refused A1111 syntax and LoRAs that do not resolve."""
+    conditioning = [dict(r.conditioning) for r in rows]
+    prompts, negatives = [r.prompt for r in rows], [r.negative_prompt for r in rows]
+    found: dict[int, list[tuple[str, str]]] = {}
+    for per_row in (syntax_problems(conditioning, prompts, negatives),
+                    resolve_loras(conditioning, prompts, lora_dir, [generations[r.data_row - 1] for r in rows])):
+        for k, messages in per_row.items():
+            seen = found.setdefault(rows[k].data_row - 1, [])
+            seen.extend(m for m in messages if m not in seen)
+    return [replace(r, conditioning=c) for r, c in zip(rows, conditioning)], found
 
 
 def _empty_as_null(arr):

@@ -131,3 +131,29 @@ def test_a_lora_for_another_family_is_a_problem_before_any_model_loads(tmp_path,
     r = invoke("run", str(manifest), "--model", "tiny", "--out", str(tmp_path / "o"), *opts)
     assert r.exit_code == 2 and "nothing was run" in r.output and cached_tiny == []
     assert "data row 2, column 'loras'" in r.output   # --model tiny: row b is checked too
+
+
+def test_lora_tags_follow_the_prompt_each_row_draws_and_the_expanded_file_makes_the_same_rows(tmp_path, lora_dir):
+    """Tags are read from each row's final prompt (a template may draw one or not), and an expanded
+    manifest keeps them in its prompts only: run again, it gives the same LoRA sets (not the tags twice)."""
+    from batchsd.job.expand import write_expanded
+
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("id,prompt,loras,n_images,prompt_syntax\n"
+                        "k,a cat {<lora:style:0.8>|plain},,8,a1111\n"
+                        "t,a dog <lora:style:0.5>,detail:0.3,,a1111\n"
+                        "e,a [cat|dog] {here|there},,,a1111\n")
+    m = read_manifest(manifest, ManifestOptions(lora_dir=lora_dir))
+    assert [(p.row, p.column) for p in m.problems] == [(3, "prompt")] and "alternation" in m.problems[0].message
+    sets = {r.id: [(Path(p).stem, w) for p, w, _ in r.conditioning.get("loras", ())] for r in m.rows}
+    drawn = {r.id: r.prompt for r in m.rows}
+    assert {drawn[i] for i in sets if i.startswith("k")} == {"a cat <lora:style:0.8>", "a cat plain"}
+    for i in sets:
+        if i.startswith("k"):
+            assert sets[i] == ([("style", 0.8)] if "<lora:" in drawn[i] else []), (i, drawn[i])
+    assert sets["t"] == [("detail", 0.3), ("style", 0.5)]
+    write_expanded(m, tmp_path / "expanded.parquet")
+    again = read_manifest(tmp_path / "expanded.parquet", ManifestOptions(lora_dir=lora_dir))
+    assert again.problems == []
+    assert {r.id: r.conditioning.get("loras") for r in again.rows} == {r.id: r.conditioning.get("loras") for r in m.rows}
+    assert {r.id: r.params_hash() for r in again.rows} == {r.id: r.params_hash() for r in m.rows}
