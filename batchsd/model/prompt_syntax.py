@@ -5,7 +5,8 @@ A row's `prompt_syntax` says how its prompt and negative prompt are read:
     plain   the text as is, cut at 77 tokens: what diffusers' pipelines do (the parity reference)
     a1111   AUTOMATIC1111's reading (its modules/prompt_parser.py and sd_hijack_clip.py, with its
             default settings), implemented here from their documented behaviour:
-              (a)        a's weight x 1.1; ((a)) x 1.21; [a] / 1.1; (a:1.5) x 1.5 (nests: multiplies)
+              (a)        a's weight x 1.1; ((a)) x 1.21; [a] / 1.1; (a:1.5) and (a: 1.5 ) x 1.5
+                         (nests: multiplies)
               \\( \\) \\[ \\] \\\\   the literal characters
               BREAK      ends the current 75-token chunk
               an unbalanced ( or [ applies to the rest of the prompt, as in A1111
@@ -15,7 +16,8 @@ A row's `prompt_syntax` says how its prompt and negative prompt are read:
             chunk's hidden states are multiplied by their tokens' weights and scaled back to the
             chunk's original mean (A1111's "Original" emphasis); the chunks are concatenated.
             Refused, with the row and column named: prompt editing `[from:to:when]` and alternation
-            `[a|b]` (they change the conditioning during sampling; batchsd does not do that).
+            `[a|b]` (they change the conditioning during sampling; batchsd does not do that), and a
+            weight that is not a number (`(a:1.2.3)`, on which A1111 itself fails).
 
 Textual-inversion embeddings (model/embeddings.py) are named in a prompt by their file stem, under
 either syntax: `embedding_pattern` is the matching rule (case-insensitive, no letter right before or
@@ -44,11 +46,12 @@ BREAK_WEIGHT = -1.0          # marks a BREAK in parse_attention's output
 COMMA_ID = 267               # ",</w>" in CLIP's vocabulary
 BOS_ID, EOS_ID = 49406, 49407
 
-# one match per token of the attention syntax: escapes, brackets, a ":weight)" closer, plain text
+# one match per token of the attention syntax: escapes, brackets, a ":weight)" closer (spaces around
+# the number allowed, as A1111's current pattern does), plain text
 _ATTENTION = re.compile(r"""
 \\\(|\\\)|\\\[|\\]|\\\\|\\|
 \(|\[|
-:([+-]?[.\d]+)\)|
+:\s*([+-]?[.\d]+)\s*\)|
 \)|]|
 [^\\()\[\]:]+|
 :
@@ -66,9 +69,21 @@ def check_syntax(name: str) -> str:
     return name
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def unsupported_a1111(text: str) -> str | None:
     """Why `text` cannot be read as A1111 syntax here (prompt editing or alternation), or None."""
     unescaped = re.sub(r"\\.", "", text)
+    for m in _ATTENTION.finditer(unescaped):
+        if m.group(1) is not None and not _is_number(m.group(1)):   # A1111 itself stops with a ValueError
+            return (f"the emphasis weight {m.group(1)!r} is not a number: write (text:1.2), or put a "
+                    "backslash before the bracket for a literal ':'")
     if m := _EDITING.search(unescaped):
         return (f"prompt editing {m.group(0)!r} (A1111's [from:to:when]) changes the prompt during sampling, "
                 "which batchsd does not do: write one of its prompts, or put a backslash before each bracket")
