@@ -12,10 +12,8 @@ for their header when sizes are resolved (PIL reads the size lazily); `load_init
 under the same guards. Warnings that image libraries print about a file (PIL's "Corrupt EXIF data")
 are silenced: the image is used as stored, the same as without them.
 
-Pixels become 8-bit RGB. 16-bit grayscale (PIL modes I;16*: 16-bit PNG, TIFF) is scaled to 8 bits
-(v * 255 / 65535, rounded), where PIL's own convert("RGB") clips it to white. 32-bit integer or
-float pixels (modes I and F) carry no range batchsd could rely on (0..1? 0..255? 0..65535?): such an
-image fails its row, from its header, with the fix.
+Pixels become 8-bit RGB by model/init_pixels.py's rule (the Python API's too): 16-bit grayscale is
+scaled, 32-bit integer or float pixels fail the row from the header, with the fix.
 """
 from __future__ import annotations
 
@@ -31,6 +29,7 @@ from PIL import Image, ImageOps
 
 from batchsd.errors import InputError
 from batchsd.job.rows import JobRow
+from batchsd.model.init_pixels import init_image_problem, rgb_pixels
 from batchsd.model.request import MAX_SIZE, MIN_SIZE, SIZE_MULTIPLE
 
 
@@ -126,24 +125,10 @@ def _open_guarded(f: BinaryIO, path: str) -> Image.Image:
         image.close()
         raise InputError(f"init image {path} is too large to decode safely: {width}x{height} = "
                          f"{width * height:,} pixels, more than {MAX_INIT_IMAGE_PIXELS:,}; resize it first")
-    if image.mode in _NO_RANGE_MODES:
+    if why := init_image_problem(image):
         image.close()
-        raise InputError(f"init image {path} has {_NO_RANGE_MODES[image.mode]} pixels, whose range cannot be told "
-                         "from the file; save it as an 8- or 16-bit PNG")
+        raise InputError(f"init image {path} {why}")
     return image
-
-
-_NO_RANGE_MODES = {"I": "32-bit integer", "F": "32-bit float"}   # PIL modes
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB; 16-bit grayscale scaled, not clipped (module docstring)."""
-    if image.mode.startswith("I;16"):
-        import numpy as np
-
-        wide = np.asarray(image).astype(np.uint32)
-        image = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L")
-    return image.convert("RGB")
 
 
 _TRANSPOSED = {5, 6, 7, 8}   # EXIF orientations that swap width and height
@@ -201,7 +186,7 @@ def load_init_image(path: str) -> Image.Image:
                     upright = ImageOps.exif_transpose(image)
                 except Exception:   # a broken EXIF block: keep the pixels as stored
                     upright = image
-                return _to_rgb(upright)
+                return rgb_pixels(upright)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise InputError(f"init image {path} is too large to decode safely; resize it first") from None
         except (OSError, ValueError, SyntaxError) as e:

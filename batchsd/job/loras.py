@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 
 from batchsd.model.prompt_syntax import LORA_TAG
+from batchsd.model.request import MAX_LORA_MULTIPLIER
 
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
 DEFAULT_LORA_DIR = Path("weights") / "lora"
@@ -66,8 +67,9 @@ def _multiplier(text: str, entry: str) -> float:
         value = float(text)
     except ValueError:
         raise LoraProblem(f"{entry!r}: the multiplier {text!r} is not a number (e.g. name:0.8)") from None
-    if value != value or abs(value) > 100:
-        raise LoraProblem(f"{entry!r}: the multiplier must be a finite number between -100 and 100")
+    if value != value or abs(value) > MAX_LORA_MULTIPLIER:
+        raise LoraProblem(f"{entry!r}: the multiplier must be a finite number between -{MAX_LORA_MULTIPLIER:g} and "
+                          f"{MAX_LORA_MULTIPLIER:g}")
     return value
 
 

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from batchsd.errors import InputError
+from batchsd.model.hash_cache import stamp
 from batchsd.model.safe_pickle import PickleRefused, PickleUnreadable, load_pickle
 from batchsd.model.prompt_syntax import CHUNK_TOKENS, PLACEHOLDER_ID, EmbeddingRef, fragment_tokenizer
 from batchsd.model.tokenizer import BOS_ID, EOS_ID, MAX_LENGTH, SD2_PAD_ID, SD2_PAD_TOKEN
@@ -122,14 +123,13 @@ _read_lock = threading.Lock()
 
 
 def load_embedding(path: str | Path) -> Embedding:
-    """`read_embedding`, kept per (file, modification time, size): a run reads each file once, and a
+    """`read_embedding`, kept per file version (hash_cache.stamp): a run reads each file once, and a
     file replaced in place is read again."""
     path = Path(path)
     try:
-        stat = path.stat()
+        key = stamp([path])   # path, size, times and inode: a file saved over the old one is a new key
     except OSError:
         raise EmbeddingError(f"embedding file {path} does not exist") from None
-    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
     with _read_lock:
         if key not in _read_cache:
             _read_cache[key] = read_embedding(path)

@@ -44,8 +44,10 @@ from batchsd.model.fast.exact import exact_numerics, resolve_exact, rowwise_guid
 from batchsd.model.fast.host_copy import host_array, to_host
 from batchsd.model.fast.fused_attention import KernelUnavailable, use_fused_attention
 from batchsd.model.fast.packed_conv import pack_convolutions, pack_now
+from batchsd.model.hash_cache import stamp
+from batchsd.model.init_pixels import rgb_pixels
 from batchsd.model.fast.winograd import use_winograd_in_model
-from batchsd.model.request import SIZE_CONDITIONING, GenerationRow, check_row, row_batch_key
+from batchsd.model.request import SIZE_CONDITIONING, GenerationRow, check_row, plain_numbers, row_batch_key
 from batchsd.model.text_conditioning import EncodedPrompt, clip_skip_layers, encode_prompts, pad_to_chunks
 from batchsd.model.tokenizer import preload_tokenizer
 
@@ -100,6 +102,7 @@ class Pipeline:
         self._text_cache: OrderedDict[tuple, EncodedPrompt] = OrderedDict()   # _encode_text's keys -> states
         self.loras: tuple[tuple[str, float], ...] = ()   # the adapter set applied now (_use_loras)
         self._applied_loras = None
+        self._lora_signature: str | None = None   # file_signatures of self.loras' files when applied
         self.model.to(dtype=dtype, memory_format=self.memory_format)
         # a VAE that overflows in fp16 (cfg.vae.force_upcast, SDXL's) runs in fp32 under fp16, as
         # diffusers upcasts it (its fp16-rounded weights, converted)
@@ -201,11 +204,14 @@ class Pipeline:
     @torch.inference_mode()
     def generate(self, rows: Sequence[GenerationRow]) -> GenerationOutput:
         # 1. check inputs
+        if isinstance(rows, GenerationRow) or not isinstance(rows, Sequence):
+            raise InputError(f"generate() takes a list of GenerationRow, not {type(rows).__name__}: generate([row])")
         rows = list(rows)
         if not rows:
             raise InputError("generate() needs at least one row")
         for i, row in enumerate(rows):
             check_row(row, i)
+            rows[i] = row = plain_numbers(row)
             given = [name for name in SIZE_CONDITIONING if getattr(row, name) is not None]
             if given and self.family.unet_vector is None:
                 raise InputError(f"row {i}, {given[0]}: size/crop conditioning is SDXL's; this {self.family.label} "
@@ -263,24 +269,25 @@ class Pipeline:
             skips = [clip_skip_layers(self.family, r.clip_skip) for r in rows]
         except ValueError as e:
             raise InputError(f"clip_skip: {e}") from None
-        # (text, syntax, skip, embedding files): an embedding file's content is its path's while a run
-        # lasts (embeddings.load_embedding reads a replaced file again; the job hashes the files)
-        keys = [(r.negative_prompt if negative else r.prompt, r.prompt_syntax, skip, r.embeddings)
-                for r, skip in zip(rows, skips)]
-        fillers = [("", r.prompt_syntax, skip, ()) for r, skip in zip(rows, skips)]   # the empty prompt pads chunks
+        # (text, syntax, skip, embedding files, their file signatures): a file replaced at its path is
+        # read again (embeddings.load_embedding checks the same signature)
+        signatures = {r.embeddings: file_signatures(r.embeddings) for r in rows}
+        keys = [(r.negative_prompt if negative else r.prompt, r.prompt_syntax, skip, r.embeddings,
+                 signatures[r.embeddings]) for r, skip in zip(rows, skips)]
+        fillers = [("", r.prompt_syntax, skip, (), file_signatures(())) for r, skip in zip(rows, skips)]   # the empty prompt pads chunks
         needed = keys + (fillers if chunks > 1 else [])
         missing = list(dict.fromkeys(k for k in needed if k not in self._text_cache))
         # exact mode: each prompt alone (batch 1), so its states do not depend on the prompts it met
         groups: dict[tuple, list[str]] = {}
-        for text, syntax, skip, files in missing:
-            groups.setdefault((syntax, skip, files), []).append(text)
-        for (syntax, skip, files), texts in groups.items():
+        for text, syntax, skip, files, signature in missing:
+            groups.setdefault((syntax, skip, files, signature), []).append(text)
+        for (syntax, skip, files, signature), texts in groups.items():
             embeddings = self._embeddings(files, rows)
             for group in ([[t] for t in texts] if self.exact else [texts]):
                 with self._on_device(self.text_encoders), exact_numerics(self.exact, self.device):
                     encoded = encode_prompts(self.family, self.model, group, self.device, syntax, skip, embeddings)
                 for text, entry in zip(group, encoded):
-                    self._text_cache[(text, syntax, skip, files)] = entry
+                    self._text_cache[(text, syntax, skip, files, signature)] = entry
         for key in needed:
             self._text_cache.move_to_end(key)
         entries = [self._text_cache[k] for k in keys]
@@ -381,17 +388,18 @@ class Pipeline:
         written, so removing a set restores the model exactly); kept until another set is asked for, so a
         job whose batches are grouped by set applies each set once. Text encodings made under another
         set are dropped."""
-        if loras == self.loras:
+        signature = file_signatures(path for path, _ in loras)   # a file replaced at its path is read again
+        if loras == self.loras and (not loras or signature == self._lora_signature):
             return
         from batchsd.model.lora import apply_loras
 
         if self._applied_loras is not None:
             self._applied_loras.remove()
-            self._applied_loras, self.loras = None, ()
+            self._applied_loras, self.loras, self._lora_signature = None, (), None
             self._text_cache.clear()
         if loras:
             self._applied_loras = apply_loras(self.model, [(path, multiplier) for path, multiplier in loras])
-            self.loras = tuple(loras)
+            self.loras, self._lora_signature = tuple(loras), signature
             self._text_cache.clear()
 
     @contextlib.contextmanager
@@ -408,9 +416,19 @@ class Pipeline:
             torch.cuda.empty_cache()
 
 
+def file_signatures(paths) -> str | None:
+    """hash_cache.stamp of the files (size, times, inode): what tells a file replaced at the same path.
+    None when one is missing (its reader then raises the error)."""
+    try:
+        return stamp([Path(p) for p in paths])
+    except OSError:
+        return None
+
+
 def image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
-    """PIL image -> [1, 3, H, W] float32 in [-1, 1]; resized with Lanczos when its size differs (diffusers)."""
-    image = image.convert("RGB")
+    """PIL image -> [1, 3, H, W] float32 in [-1, 1] (8-bit RGB by init_pixels.rgb_pixels); resized with
+    Lanczos when its size differs (diffusers)."""
+    image = rgb_pixels(image)
     if image.size != (width, height):
         image = image.resize((width, height), resample=Image.LANCZOS)
     array = np.asarray(image, dtype=np.float32) / 255.0

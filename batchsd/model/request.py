@@ -7,11 +7,14 @@ neither torch nor numpy, so validating a manifest stays light (`import batchsd.j
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import numbers
+import os
+from dataclasses import dataclass, replace
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Mapping
 
 from batchsd.errors import InputError
+from batchsd.model.init_pixels import init_image_problem
 from batchsd.model.prompt_syntax import PROMPT_SYNTAXES, chunk_count, unsupported_a1111
 from batchsd.model.sampler_names import resolve_sampler
 
@@ -27,6 +30,7 @@ SEED_LIMIT = 2 ** 63           # seeds are 0 <= seed < SEED_LIMIT (a CPU generat
 MAX_CFG_SCALE = 100.0          # far above useful guidance; unbounded scales overflow into NaN (black) images
 MAX_CONDITIONING_SIZE = 16384  # SDXL's original_width/height and crop_top/left (pixels)
 MAX_CLIP_SKIP = 12             # A1111's range (1 = the text encoder's last layer)
+MAX_LORA_MULTIPLIER = 100.0    # |multiplier| of a LoRA; far above useful strengths (overflow beyond)
 
 # defaults
 DEFAULT_STEPS = 25
@@ -97,8 +101,33 @@ def resolve_size(row: GenerationRow, default_size: int = DEFAULT_SIZE) -> tuple[
     multiple of SIZE_MULTIPLE, else `default_size`."""
     if row.init_image is not None:
         w0, h0 = row.init_image.size
-        return (row.width or w0 // SIZE_MULTIPLE * SIZE_MULTIPLE, row.height or h0 // SIZE_MULTIPLE * SIZE_MULTIPLE)
-    return (row.width or default_size, row.height or default_size)
+        return (row.width if row.width is not None else w0 // SIZE_MULTIPLE * SIZE_MULTIPLE,
+                row.height if row.height is not None else h0 // SIZE_MULTIPLE * SIZE_MULTIPLE)
+    return (row.width if row.width is not None else default_size,
+            row.height if row.height is not None else default_size)
+
+
+def _whole(value) -> bool:
+    """An integer (numpy's too), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _real(value) -> bool:
+    """A finite real number (numpy's too), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_loras(loras, where: str = "loras") -> None:
+    """InputError unless `loras` is a sequence of (path, multiplier) pairs with finite multipliers
+    within +-MAX_LORA_MULTIPLIER (the job's `loras` column and tags follow the same rule)."""
+    if isinstance(loras, (str, bytes, os.PathLike)) or not isinstance(loras, (tuple, list)):
+        raise InputError(f"{where}: {loras!r} must be a tuple of (path, multiplier) pairs")
+    for entry in loras:
+        if not isinstance(entry, (tuple, list)) or len(entry) != 2 or not isinstance(entry[0], (str, os.PathLike)):
+            raise InputError(f"{where}: {entry!r} is not a (path, multiplier) pair")
+        if not _real(entry[1]) or abs(entry[1]) > MAX_LORA_MULTIPLIER:
+            raise InputError(f"{where}: the multiplier {entry[1]!r} of {entry[0]} must be a finite number between "
+                             f"-{MAX_LORA_MULTIPLIER:g} and {MAX_LORA_MULTIPLIER:g}")
 
 
 def row_batch_key(row: GenerationRow, default_size: int = DEFAULT_SIZE) -> tuple:
@@ -114,6 +143,16 @@ def row_batch_key(row: GenerationRow, default_size: int = DEFAULT_SIZE) -> tuple
                      prompt_chunks(row.prompt_syntax, row.prompt, row.negative_prompt, vectors), row.loras)
 
 
+def plain_numbers(row: GenerationRow) -> GenerationRow:
+    """`row` with its numbers as Python's int and float (numpy scalars pass `check_row` as numbers,
+    and torch takes only Python ints for seeds). Call after check_row."""
+    ints = {name: int(getattr(row, name)) for name in ("seed", "steps", "width", "height", "clip_skip",
+                                                       *SIZE_CONDITIONING) if getattr(row, name) is not None}
+    floats = {name: float(getattr(row, name)) for name in ("cfg_scale", "strength") if _real(getattr(row, name))}
+    loras = tuple((path, float(multiplier)) for path, multiplier in row.loras)
+    return replace(row, **ints, **floats, loras=loras, embeddings=tuple(row.embeddings))
+
+
 def check_row(row: GenerationRow, position: int = 0) -> None:
     """Raise InputError naming the field and the fix for a row that cannot be run as given."""
     where = f"row {position}"
@@ -121,8 +160,14 @@ def check_row(row: GenerationRow, position: int = 0) -> None:
     def bad(field_name: str, message: str) -> InputError:
         return InputError(f"{where}, {field_name}: {message}")
 
+    if not isinstance(row, GenerationRow):
+        raise InputError(f"{where}: {type(row).__name__} is not a GenerationRow")
     if not isinstance(row.prompt, str) or not isinstance(row.negative_prompt, str):
         raise bad("prompt", "prompt and negative_prompt must be strings")
+    check_loras(row.loras, f"{where}, loras")
+    if isinstance(row.embeddings, (str, bytes, os.PathLike)) or not isinstance(row.embeddings, (tuple, list)) \
+            or not all(isinstance(p, (str, os.PathLike)) for p in row.embeddings):
+        raise bad("embeddings", f"{row.embeddings!r} must be a tuple of embedding file paths")
     if row.prompt_syntax not in PROMPT_SYNTAXES:
         raise bad("prompt_syntax", f"{row.prompt_syntax!r} is not one of {', '.join(PROMPT_SYNTAXES)}")
     if row.prompt_syntax == "a1111":
@@ -138,12 +183,22 @@ def check_row(row: GenerationRow, position: int = 0) -> None:
         twice = sorted({s for s in stems if stems.count(s) > 1})
         raise bad("embeddings", f"two embedding files share the name {twice[0]!r}: a prompt names an "
                   "embedding by its file stem; rename one")
-    if not isinstance(row.seed, int) or not 0 <= row.seed < SEED_LIMIT:
+    if not _whole(row.seed) or not 0 <= row.seed < SEED_LIMIT:
         raise bad("seed", f"{row.seed!r} is not an integer in [0, 2**{SEED_LIMIT.bit_length() - 1})")
-    if not isinstance(row.steps, int) or not 1 <= row.steps <= MAX_STEPS:
+    if not _whole(row.steps) or not 1 <= row.steps <= MAX_STEPS:
         raise bad("steps", f"{row.steps!r} is not an integer in 1..{MAX_STEPS}")
-    if not math.isfinite(row.cfg_scale) or not 0 <= row.cfg_scale <= MAX_CFG_SCALE:
+    if not _real(row.cfg_scale) or not 0 <= row.cfg_scale <= MAX_CFG_SCALE:
         raise bad("cfg_scale", f"{row.cfg_scale!r} must be a finite number in 0..{MAX_CFG_SCALE:g}")
+    if row.init_image is not None:
+        if not (hasattr(row.init_image, "size") and hasattr(row.init_image, "mode") and hasattr(row.init_image, "convert")):
+            raise bad("init_image", f"a {type(row.init_image).__name__} is not a PIL image: open the file with "
+                      "PIL.Image.open(path)")
+        if why := init_image_problem(row.init_image):
+            raise bad("init_image", f"the image {why}")
+    for name in ("width", "height"):
+        value = getattr(row, name)
+        if value is not None and not _whole(value):
+            raise bad(name, f"{value!r} must be a whole number of pixels, or None for the default")
     try:
         resolve_sampler(row.sampler)
     except ValueError as e:
@@ -151,7 +206,9 @@ def check_row(row: GenerationRow, position: int = 0) -> None:
     width, height = resolve_size(row)
     for name, value in (("width", width), ("height", height)):
         if value % SIZE_MULTIPLE or not MIN_SIZE <= value <= MAX_SIZE:
-            raise bad(name, f"{value} must be a multiple of {SIZE_MULTIPLE} in {MIN_SIZE}..{MAX_SIZE}")
+            source = (f" (the init image's size, {row.init_image.size[0]}x{row.init_image.size[1]}, rounded down; pass "
+                      "width and height to resize it)") if getattr(row, name) is None and row.init_image is not None else ""
+            raise bad(name, f"{value} must be a multiple of {SIZE_MULTIPLE} in {MIN_SIZE}..{MAX_SIZE}{source}")
     for name in SIZE_CONDITIONING:
         value, low = getattr(row, name), 0 if name.startswith("crop") else 1
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
@@ -159,8 +216,8 @@ def check_row(row: GenerationRow, position: int = 0) -> None:
             raise bad(name, f"{value!r} must be an integer in {low}..{MAX_CONDITIONING_SIZE} (pixels), or empty "
                       f"for the default")
     if row.init_image is not None:
-        if not 0 < row.strength <= 1:
-            raise bad("strength", f"{row.strength!r} must be in (0, 1]")
+        if not _real(row.strength) or not 0 < row.strength <= 1:
+            raise bad("strength", f"{row.strength!r} must be a number in (0, 1]")
         if img2img_steps(row.steps, row.strength) < 1:
             raise bad("strength", f"strength {row.strength} x {row.steps} steps leaves 0 denoising steps; "
                       f"raise strength or steps so that steps * strength >= 1")

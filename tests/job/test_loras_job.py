@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from batchsd.job.loras import LoraProblem, parse_lora_list, prompt_loras
@@ -157,3 +158,24 @@ def test_lora_tags_follow_the_prompt_each_row_draws_and_the_expanded_file_makes_
     assert again.problems == []
     assert {r.id: r.conditioning.get("loras") for r in again.rows} == {r.id: r.conditioning.get("loras") for r in m.rows}
     assert {r.id: r.params_hash() for r in again.rows} == {r.id: r.params_hash() for r in m.rows}
+
+
+def test_a_lora_file_replaced_at_its_path_is_read_again(tmp_path, lora_dir):
+    """A long-lived Pipeline keeps a LoRA set applied between calls; a file replaced at the same path
+    (a retrained LoRA saved over the old one) is applied anew, as a fresh Pipeline would."""
+    import os
+
+    from batchsd import GenerationRow, Pipeline
+
+    path = tmp_path / "mine.safetensors"
+    unet, clip = build_reference_unet(TINY.unet, 1), build_reference_clip(TINY.clip, 2)
+    write_kohya_lora(tmp_path / "v1.safetensors", unet, {"te": clip}, seed=5)
+    write_kohya_lora(tmp_path / "v2.safetensors", unet, {"te": clip}, seed=6)
+    row = GenerationRow("a cat", seed=1, steps=2, width=64, height=64, sampler="euler", loras=((str(path), 1.0),))
+    pipe = Pipeline.load("tiny", device="cpu")
+    os.replace(tmp_path / "v1.safetensors", path)
+    first = pipe.generate([row]).latents
+    os.replace(tmp_path / "v2.safetensors", path)
+    second = pipe.generate([row]).latents
+    fresh = Pipeline.load("tiny", device="cpu").generate([row]).latents
+    assert not torch.equal(first, second) and torch.equal(second, fresh)

@@ -562,6 +562,10 @@ def test_16_bit_grayscale_init_images_are_scaled_and_32_bit_ones_refused(tmp_pat
         pixels = np.asarray(load_init_image(str(tmp_path / name)))
         assert pixels.shape == (64, 64, 3) and (pixels[..., 0] == pixels[..., 2]).all()
         assert np.abs(pixels[..., 0].astype(int) - np.round(ramp / 257.0)).max() == 0
+        from batchsd.model.pipeline import image_to_tensor   # the Python API reads it the same way
+        import torch
+        with Image.open(tmp_path / name) as im:
+            assert torch.equal(image_to_tensor(im, 64, 64), image_to_tensor(Image.fromarray(pixels), 64, 64))
     Image.fromarray(ramp.astype(np.float32)).save(tmp_path / "f32.tif")
     Image.fromarray(ramp.astype(np.int32)).save(tmp_path / "i32.tif")
     for name, kind in (("f32.tif", "32-bit float"), ("i32.tif", "32-bit integer")):

@@ -104,5 +104,48 @@ def test_check_row_limits():
     init = Image.new("RGB", (64, 64))
     with pytest.raises(InputError, match="leaves 0 denoising steps"):
         check_row(GenerationRow("a", steps=3, init_image=init, strength=0.2))
-    with pytest.raises(InputError, match=r"strength: 1\.5 must be in \(0, 1\]"):
+    with pytest.raises(InputError, match=r"strength: 1\.5 must be a number in \(0, 1\]"):
         check_row(GenerationRow("a", init_image=init, strength=1.5))
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(seed=True), r"seed: True is not an integer"),
+    (dict(steps=True), r"steps: True is not an integer"),
+    (dict(cfg_scale=None), r"cfg_scale: None must be a finite number"),
+    (dict(cfg_scale="7.5"), r"cfg_scale: '7\.5' must be a finite number"),
+    (dict(width=0), r"width: 0 must be a multiple of 8"),               # 0 is not "not given"
+    (dict(width="64"), r"width: '64' must be a whole number"),
+    (dict(height=64.0), r"height: 64\.0 must be a whole number"),
+    (dict(loras=None), r"loras: None must be a tuple of \(path, multiplier\) pairs"),
+    (dict(loras="x.safetensors"), r"loras: 'x\.safetensors' must be a tuple"),
+    (dict(loras=(("x.safetensors",),)), r"loras: \('x\.safetensors',\) is not a \(path, multiplier\) pair"),
+    (dict(loras=(("x.safetensors", math.nan),)), r"loras: the multiplier nan of x\.safetensors must be a finite "
+                                                   r"number between -100 and 100"),
+    (dict(loras=(("x.safetensors", 1e6),)), r"loras: the multiplier 1000000\.0 .* between -100 and 100"),
+    (dict(embeddings="foo.pt"), r"embeddings: 'foo\.pt' must be a tuple of embedding file paths"),
+    (dict(init_image="in.png"), r"init_image: a str is not a PIL image"),
+    (dict(init_image=Image.new("F", (64, 64))), r"init_image: the image has 32-bit float pixels"),
+    (dict(init_image=Image.new("I", (64, 64))), r"init_image: the image has 32-bit integer pixels"),
+    (dict(init_image=Image.new("RGB", (0, 64)), width=64, height=64), r"init_image: the image is 0x64: it has no pixels"),
+    (dict(init_image=Image.new("RGB", (5000, 64))), r"width: 5000 must be .* \(the init image's size, 5000x64, "
+                                                    r"rounded down; pass width and height to resize it\)"),
+    (dict(init_image=Image.new("RGB", (64, 64)), strength="0.5"), r"strength: '0\.5' must be a number"),
+])
+def test_check_row_names_the_field_for_values_of_the_wrong_type(fields, message):
+    """Wrong types are InputErrors naming the field, never a TypeError from deep inside torch or PIL."""
+    with pytest.raises(InputError, match=r"row 2, " + message):
+        check_row(GenerationRow("a", **fields), position=2)
+    with pytest.raises(InputError, match="not a GenerationRow"):
+        check_row("a prompt")
+
+
+def test_numpy_numbers_are_numbers():
+    np = pytest.importorskip("numpy")
+    from batchsd.model.request import plain_numbers
+
+    row = GenerationRow("a", seed=np.int64(5), steps=np.int32(20), cfg_scale=np.float32(7.5), width=np.int64(64),
+                        height=64, loras=(("x.safetensors", np.float64(0.5)),))
+    check_row(row)
+    plain = plain_numbers(row)
+    assert (plain.seed, plain.steps, plain.cfg_scale, plain.width, plain.loras) == (5, 20, 7.5, 64, (("x.safetensors", 0.5),))
+    assert type(plain.seed) is int and type(plain.cfg_scale) is float and type(plain.loras[0][1]) is float
