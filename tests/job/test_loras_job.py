@@ -160,18 +160,27 @@ def test_lora_tags_follow_the_prompt_each_row_draws_and_the_expanded_file_makes_
     assert {r.id: r.params_hash() for r in again.rows} == {r.id: r.params_hash() for r in m.rows}
 
 
-def test_a_lora_file_replaced_at_its_path_is_read_again(tmp_path, lora_dir):
-    """A long-lived Pipeline keeps a LoRA set applied between calls; a file replaced at the same path
-    (a retrained LoRA saved over the old one) is applied anew, as a fresh Pipeline would."""
+@pytest.mark.parametrize("kind", ["lora", "embedding"])
+def test_a_file_replaced_at_its_path_is_read_again(tmp_path, kind):
+    """A long-lived Pipeline keeps a LoRA set applied and text encodings cached between calls; a file
+    saved over the old one at the same path (a retrained LoRA or embedding) is read anew, as a fresh
+    Pipeline would."""
     import os
+
+    from safetensors.torch import save_file
 
     from batchsd import GenerationRow, Pipeline
 
     path = tmp_path / "mine.safetensors"
-    unet, clip = build_reference_unet(TINY.unet, 1), build_reference_clip(TINY.clip, 2)
-    write_kohya_lora(tmp_path / "v1.safetensors", unet, {"te": clip}, seed=5)
-    write_kohya_lora(tmp_path / "v2.safetensors", unet, {"te": clip}, seed=6)
-    row = GenerationRow("a cat", seed=1, steps=2, width=64, height=64, sampler="euler", loras=((str(path), 1.0),))
+    for version, seed in (("v1", 5), ("v2", 6)):
+        if kind == "lora":
+            unet, clip = build_reference_unet(TINY.unet, 1), build_reference_clip(TINY.clip, 2)
+            write_kohya_lora(tmp_path / f"{version}.safetensors", unet, {"te": clip}, seed=seed)
+        else:
+            vectors = torch.randn(2, TINY.clip.width, generator=torch.Generator().manual_seed(seed))
+            save_file({"emb_params": vectors}, str(tmp_path / f"{version}.safetensors"))
+    given = dict(loras=((str(path), 1.0),)) if kind == "lora" else dict(embeddings=(str(path),))
+    row = GenerationRow("a photo of mine", seed=1, steps=2, width=64, height=64, sampler="euler", **given)
     pipe = Pipeline.load("tiny", device="cpu")
     os.replace(tmp_path / "v1.safetensors", path)
     first = pipe.generate([row]).latents
