@@ -165,8 +165,11 @@ def test_missing_init_image_fails_that_row_only(tmp_path):
     (["--winograd", "maybe"], "maybe"),
     (["--model", "nowhere/model.safetensors"], "does not exist"),
     (["--out", ""], "is empty"),
+    (["--model", "dangling.safetensors"], "a link to nowhere/x.safetensors, which does not exist"),
 ] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "CUDA is not available")]))
-def test_bad_cli_values_exit_2(tmp_path, args, message):
+def test_bad_cli_values_exit_2(tmp_path, args, message, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dangling.safetensors").symlink_to("nowhere/x.safetensors")
     manifest = write_csv(tmp_path / "jobs.csv", ["a,a cat,,1,2,7.5,euler,64,64,,,"])
     r = invoke("run", str(manifest), *(["--model", "tiny"] if "--model" not in args else []), *args)
     assert r.exit_code == 2

@@ -321,7 +321,11 @@ def test_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="no such file"):
         load_model(tmp_path / "absent.safetensors")
     (tmp_path / "folder").mkdir()
-    with pytest.raises(CheckpointError, match="diffusers model folder"):
+    with pytest.raises(CheckpointError, match="diffusers model folder.*; it has none of them"):
+        load_model(tmp_path / "folder")
+    for part in ("unet", "text_encoder"):
+        (tmp_path / "folder" / part).mkdir()
+    with pytest.raises(CheckpointError, match="it has unet/, text_encoder/ but no vae/"):
         load_model(tmp_path / "folder")
     sd = compose_original(*random_components(TINY, 10).values(), torch.float16)
     save_file(sd, str(tmp_path / "cut.safetensors"))
