@@ -139,5 +139,5 @@ def plain_syntax_warning(conditioning: list[dict], prompts: list, negatives: lis
         return None
     first = rows[0]
     return (f"{len(rows)} row(s) have prompts written in A1111 syntax (e.g. data row {first + 1}: emphasis "
-            f"brackets, BREAK or escapes) that are read as plain text: pass --prompt-syntax a1111 (or a "
-            f"prompt_syntax column) to read them as A1111 does")
+            f"brackets, BREAK, escapes or <lora:> tags) that are read as plain text: pass --prompt-syntax a1111 "
+            f"(or a prompt_syntax column) to read them as A1111 does")

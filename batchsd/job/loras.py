@@ -66,7 +66,10 @@ def _multiplier(text: str, entry: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise LoraProblem(f"{entry!r}: the multiplier {text!r} is not a number (e.g. name:0.8)") from None
+        two = ":" in text   # A1111's <lora:name:te:unet>, separate text-encoder and UNet multipliers
+        raise LoraProblem(f"{entry!r}: " + (f"separate text-encoder and UNet multipliers ({text!r}) are not supported; "
+                                            "give one (name:0.8)" if two else
+                                            f"the multiplier {text!r} is not a number (e.g. name:0.8)")) from None
     if value != value or abs(value) > MAX_LORA_MULTIPLIER:
         raise LoraProblem(f"{entry!r}: the multiplier must be a finite number between -{MAX_LORA_MULTIPLIER:g} and "
                           f"{MAX_LORA_MULTIPLIER:g}")

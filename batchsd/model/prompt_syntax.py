@@ -60,7 +60,7 @@ _BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
 # inside one [...] group without nested brackets: prompt editing "[a:b:0.5]" / "[a:0.5]" / "[a::0.5]"
 _EDITING = re.compile(r"\[[^\[\]]*:\s*[+-]?(?:\d+\.?\d*|\.\d+)\s*\]")
 _ALTERNATION = re.compile(r"\[[^\[\]]*\|[^\[\]]*\]")
-_A1111_MARKS = re.compile(r"\([^()]*\)|\[[^\[\]]*\]|\bBREAK\b|\\[()\[\]]")
+_A1111_MARKS = re.compile(r"\([^()]*\)|\[[^\[\]]*\]|\bBREAK\b|\\[()\[\]]|<lora:", re.I)
 
 
 def check_syntax(name: str) -> str:
@@ -94,7 +94,8 @@ def unsupported_a1111(text: str) -> str | None:
 
 
 def looks_like_a1111(text: str) -> bool:
-    """Whether a prompt read as plain text probably means A1111 syntax (emphasis, BREAK, escapes)."""
+    """Whether a prompt read as plain text probably means A1111 syntax (emphasis, BREAK, escapes, a
+    <lora:...> tag, which plain text does not apply)."""
     return bool(_A1111_MARKS.search(text))
 
 

@@ -43,6 +43,8 @@ def test_parsing():
     for bad in ("style:abc", "style:nan", ":0.5"):
         with pytest.raises(LoraProblem):
             parse_lora_list(bad)
+    with pytest.raises(LoraProblem, match="separate text-encoder and UNet multipliers .* give one"):
+        prompt_loras("<lora:style:0.8:0.5>")        # A1111's two-multiplier form
 
 
 def test_manifest_resolves_and_groups(tmp_path, lora_dir):

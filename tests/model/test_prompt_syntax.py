@@ -69,6 +69,7 @@ def test_emphasis_and_escapes_are_not_refused(text):
 
 def test_looks_like_a1111():
     assert looks_like_a1111("a (cat:1.2)") and looks_like_a1111("a BREAK b") and looks_like_a1111("[dog]")
+    assert looks_like_a1111("a cat <lora:style:0.8>")    # plain text does not apply the tag: warned
     assert not looks_like_a1111("a photo of a cat, 4k") and not looks_like_a1111("a (cat")
 
 
