@@ -67,3 +67,16 @@ def _is_regular_file(path: Path) -> bool:
         return stat.S_ISREG(os.lstat(path).st_mode)
     except OSError:
         return False
+
+
+def stray_images(folder: Path, suffix: str, row_ids) -> list[str]:
+    """The images (`*<suffix>`, temporary files aside) in `folder` that no id of `row_ids` names: rows
+    removed or renamed since they were made. A loader reading the folder takes them too; batchsd never
+    deletes them (they are the user's files), the run warns."""
+    expected = {rid + suffix for rid in row_ids}
+    try:
+        with os.scandir(folder) as entries:
+            return sorted(e.name for e in entries
+                          if e.name.endswith(suffix) and not e.name.startswith(".") and e.name not in expected)
+    except OSError:
+        return []

@@ -32,6 +32,7 @@ from batchsd.job.layout import check_plain_folders, check_shard_count, job_summa
 from batchsd.job.lock import out_dir_lock
 from batchsd.job.options import RunOptions, RunSummary, UsageError, summary_record
 from batchsd.job.outputs.claim import claim_output
+from batchsd.job.present import stray_images
 from batchsd.job.progress import RunProgress
 from batchsd.job.reader import Job
 from batchsd.job.model_choice import prediction_type_override
@@ -104,6 +105,14 @@ class RunSession:
                                results_path=layout.results_path, extras=job.manifest.extras)
         for quarantined in self.journal.quarantined:      # files in the journal folder that are not ours
             self.console.print(f"[yellow]warning:[/yellow] {escape(str(quarantined))}")
+        if opts.output.format in ("files", "imagefolder"):   # loose images: one file per row
+            folder = layout.output_dir(opts.output.format)
+            if stray := stray_images(folder, opts.output.suffix, (r.id for r in job.manifest.rows)):
+                shown = ", ".join(stray[:3]) + (" ..." if len(stray) > 3 else "")
+                self.console.print(f"[yellow]warning:[/yellow] {escape(str(folder))} holds {len(stray)} image(s) that "
+                                   f"no row of the manifest names ({escape(shown)}): rows removed or renamed since "
+                                   "they were made, which a loader reading the folder takes too; move them away if "
+                                   "the dataset must be the manifest's rows only")
         for path, why in self.journal.unreadable:   # damaged on disk: skipped, its rows made again
             message = f"journal part {path} cannot be read ({why}): the rows it recorded are made again (move the file away to stop this warning)"
             self.console.print(f"[yellow]warning:[/yellow] {escape(message)}")

@@ -217,6 +217,16 @@ def test_verify_remakes_images_damaged_since_they_were_made(tmp_path):
     assert r.exit_code == 2 and "drop --verify" in r.output
 
 
+def test_images_of_rows_removed_from_the_manifest_are_named_in_a_warning(tmp_path):
+    manifest = write_csv(tmp_path / "jobs.csv", rows_for(3))
+    out = tmp_path / "out"
+    assert invoke("run", str(manifest), "--model", "tiny", "--out", str(out)).exit_code == 0
+    write_csv(manifest, rows_for(3)[:1])                         # rows r01 and r02 removed
+    r = invoke("run", str(manifest), "--model", "tiny", "--out", str(out))
+    assert r.exit_code == 0 and "holds 2 image(s) that no row of the manifest names (r01.png, r02.png)" in r.output
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["r00.png", "r01.png", "r02.png"]   # not deleted
+
+
 def test_changed_params_are_redone_others_skipped(tmp_path):
     manifest = write_csv(tmp_path / "jobs.csv", rows_for(3))
     assert invoke("run", str(manifest), "--model", "tiny").exit_code == 0
