@@ -81,7 +81,7 @@ from batchsd.job.expand import (MAX_N_IMAGES, N_IMAGES, TEMPLATE_COLUMN, SeedRan
 from batchsd.job.model_choice import resolve_row_models
 from batchsd.job.manifest_formats import (JSONL_SUFFIXES, PARQUET_SUFFIXES, TXT_SUFFIXES, FormatProblems, read_jsonl,
                                           read_parquet, read_txt)
-from batchsd.job.prompt_template import PromptTemplates
+from batchsd.job.prompt_template import PromptTemplates, has_syntax
 from batchsd.job.rows import (SAFE_ID_RE, JobRow, Manifest, ManifestOptions, ManifestProblem, default_id, id_problem,
                               seed_from_id)
 from batchsd.job.schema import RESULT_NAMES
@@ -595,6 +595,12 @@ def read_manifest(path, options: ManifestOptions | None = None) -> Manifest:
                    for i, key in enumerate(row_models)]
     if warning := plain_syntax_warning(conditioning, prompts, negatives):
         warnings.append(warning)
+    if TEMPLATE_COLUMN not in names:   # templates are read in `prompt` only; the negative prompt is used as written
+        templated = [i for i, n in enumerate(negatives) if isinstance(n, str) and has_syntax(n)]
+        if templated:
+            warnings.append(f"{len(templated)} row(s) have a negative_prompt that looks like a prompt template (e.g. "
+                            f"data row {templated[0] + 1}: {{a|b}} or __wildcard__): templates are expanded in "
+                            "prompt only, so it is used as written")
 
     # img2img: strength only with an init image; at least one denoising step
     init_paths: dict[int, str] = {}

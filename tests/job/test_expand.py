@@ -325,3 +325,11 @@ def test_the_example_job_makes_8_rows():
     assert [r.id for r in rows] == ["fox-0", "fox-1", "fox-2", "fox-3", "lighthouse-0", "lighthouse-1",
                                     "lighthouse-2", "teapot"]
     assert rows[-1].prompt == "a porcelain teapot, (detailed:1.2), {red} glaze stays as written"
+
+
+def test_a_template_in_negative_prompt_is_used_as_written_with_a_warning(tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("id,prompt,negative_prompt\na,a {cat|dog},{ugly|blurry}\nb,a cow,plain\n")
+    m = read_manifest(manifest)
+    assert m.problems == [] and {r.negative_prompt for r in m.rows} == {"{ugly|blurry}", "plain"}
+    assert any("negative_prompt that looks like a prompt template (e.g. data row 1" in str(w) for w in m.warnings)
