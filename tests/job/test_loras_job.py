@@ -190,3 +190,12 @@ def test_a_file_replaced_at_its_path_is_read_again(tmp_path, kind):
     second = pipe.generate([row]).latents
     fresh = Pipeline.load("tiny", device="cpu").generate([row]).latents
     assert not torch.equal(first, second) and torch.equal(second, fresh)
+
+
+def test_a_lora_tag_in_negative_prompt_is_warned_about(tmp_path, lora_dir):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("id,prompt,negative_prompt,prompt_syntax\na,a cat,<lora:style:0.8> ugly,a1111\n")
+    m = read_manifest(manifest, ManifestOptions(lora_dir=lora_dir))
+    assert m.problems == [] and "loras" not in m.rows[0].conditioning
+    assert any("<lora:...> tag in negative_prompt (e.g. data row 1)" in str(w) and "not applied" in str(w)
+               for w in m.warnings)
