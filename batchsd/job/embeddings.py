@@ -17,10 +17,10 @@ The folder is listed without torch; torch is imported only to read the files a r
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import replace
 from pathlib import Path
 
+from batchsd.job.present import file_sha256
 from batchsd.job.rows import JobRow
 from batchsd.model.prompt_syntax import embedding_pattern
 
@@ -36,14 +36,6 @@ def embedding_files(folder: Path) -> dict[str, list[Path]]:
             if path.suffix.lower() in EMBEDDING_SUFFIXES and path.is_file():
                 found.setdefault(path.stem, []).append(path.resolve())
     return found
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def resolve_embeddings(rows: list[JobRow], folder: Path | None, generation_of=None
@@ -71,7 +63,7 @@ def resolve_embeddings(rows: list[JobRow], folder: Path | None, generation_of=No
 
                 try:
                     embedding = load_embedding(paths[0])
-                    known[name] = (str(paths[0]), embedding.vectors, _sha256(paths[0]))
+                    known[name] = (str(paths[0]), embedding.vectors, file_sha256(paths[0]))
                     two_tables[name] = len(embedding.tables) > 1
                 except EmbeddingError as e:
                     known[name] = (f"{e}: replace the file, or move it out of {folder}/ (every embedding there "

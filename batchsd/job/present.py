@@ -7,6 +7,7 @@ output.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 from pathlib import Path
@@ -67,6 +68,15 @@ def _is_regular_file(path: Path) -> bool:
         return stat.S_ISREG(os.lstat(path).st_mode)
     except OSError:
         return False
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of the file's bytes, streamed (OSError when it cannot be read)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def stray_images(folder: Path, suffix: str, row_ids) -> list[str]:

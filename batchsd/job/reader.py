@@ -13,7 +13,7 @@ from batchsd.job.init_images import resolve_image_sizes
 from batchsd.job.layout import RunLayout
 from batchsd.job.manifest import read_manifest
 from batchsd.job.options import ManifestInvalid, RunOptions, UsageError
-from batchsd.job.outputs.spec import check_pass_through
+from batchsd.job.outputs.spec import check_pass_through, check_verify
 from batchsd.job.rows import JobRow, Manifest, ManifestOptions
 from batchsd.job.shards import ShardSpec
 
@@ -82,11 +82,10 @@ def read_job(opts: RunOptions) -> Job:
     manifest, rows, row_errors = read_rows(opts.manifest, opts.limit, shard, opts.manifest_options)
     try:
         check_pass_through(opts.output, manifest.extra_types)
+        if opts.verify:
+            check_verify(opts.output.format)
     except InputError as e:
         raise UsageError(str(e)) from None
-    if opts.verify and opts.output.sharded:
-        raise UsageError(f"--verify hashes each row's image file; --format {opts.output.format} keeps the images "
-                         "inside dataset shards, each written whole with a done marker: drop --verify")
     job_ids = [r.id for r in manifest.rows[: opts.limit]]   # every shard's rows (a None limit slices all)
     out_dir = Path(opts.out_dir) if opts.out_dir is not None else default_out_dir(Path(opts.manifest))
     return Job(manifest, rows, row_errors, out_dir, RunLayout(out_dir, shard), job_ids)

@@ -25,13 +25,12 @@ or shards: layout.RunLayout) are skipped and their records copied into the run's
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from batchsd.job.journal import Journal, PriorRecord, latest_records
-from batchsd.job.present import existing_files
+from batchsd.job.present import existing_files, file_sha256
 from batchsd.job.rows import JobRow
 
 DONE, MAKE, FAILED = "done", "make", "failed"
@@ -177,14 +176,10 @@ def row_states(rows: Sequence[JobRow], prior: dict[str, PriorRecord], out_dir: P
 def _image_verified(out_dir: Path, rec: PriorRecord) -> bool:
     if not rec.image_sha256 or not rec.image_path:
         return False
-    digest = hashlib.sha256()
     try:
-        with open(out_dir / rec.image_path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
+        return file_sha256(out_dir / rec.image_path) == rec.image_sha256
     except OSError:
         return False
-    return digest.hexdigest() == rec.image_sha256
 
 
 def decide(rows: Sequence[JobRow], prior: dict, out_dir: Path, *, made_with: RowModels, save_latents: bool,

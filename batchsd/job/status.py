@@ -108,7 +108,7 @@ def collect_status(out_dir: Path, manifest: Path | None = None, limit: int | Non
     from batchsd.job.lock import is_locked
     from batchsd.job.merge import merge_shard_results, merged_is_whole
     from batchsd.job.outputs.claim import output_settings
-    from batchsd.job.outputs.spec import SHARD_FORMATS
+    from batchsd.job.outputs.spec import check_verify
     from batchsd.job.reader import read_rows
     from batchsd.job.resume import row_states
     from batchsd.job.run_meta import read_run_metas
@@ -139,9 +139,8 @@ def collect_status(out_dir: Path, manifest: Path | None = None, limit: int | Non
         raise InputError(f"the manifest {manifest} cannot be read as a job now:\n{e}") from None
     count = _shard_count(out_dir)
     prior = read_prior(out_dir)
-    if verify and (output_settings(out_dir) or {}).get("format") in SHARD_FORMATS:
-        raise InputError("--verify hashes each row's image file; this folder keeps its images inside dataset "
-                         "shards (each written whole with a done marker): drop --verify")
+    if verify:
+        check_verify(str((output_settings(out_dir) or {}).get("format") or "files"))
     states = row_states(rows, prior, out_dir, made_with=_recorded_models(newest),
                         save_latents=newest.get("save_latents") is True, verify=verify)
     shards = [Tally(i) for i in range(count)]

@@ -87,3 +87,10 @@ def check_pass_through(spec: OutputSpec, names) -> None:
         raise InputError(f"the manifest's column {taken[0]!r} has the name of a column --format {spec.format} "
                          f"writes itself ({', '.join(FORMAT_COLUMNS[spec.format])}); rename it in the manifest "
                          f"(e.g. to 'src_{taken[0]}') or choose another --format")
+
+
+def check_verify(output_format: str) -> None:
+    """InputError for --verify with a format whose images are not one file per row."""
+    if output_format in SHARD_FORMATS:
+        raise InputError(f"--verify hashes each row's image file; --format {output_format} keeps the images inside "
+                         "dataset shards, each written whole with a done marker: drop --verify")
