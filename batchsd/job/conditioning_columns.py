@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from batchsd.job.loras import LoraFolder, LoraProblem, parse_lora_list, prompt_loras
-from batchsd.model.prompt_syntax import PROMPT_SYNTAXES, looks_like_a1111, unsupported_a1111
+from batchsd.model.prompt_syntax import LORA_TAG, PROMPT_SYNTAXES, looks_like_a1111, unsupported_a1111
 from batchsd.model.request import MAX_CLIP_SKIP, MAX_CONDITIONING_SIZE, SIZE_CONDITIONING
 
 CONDITIONING_COLUMNS = (*SIZE_CONDITIONING, "clip_skip", "prompt_syntax", "loras")
@@ -141,3 +141,15 @@ def plain_syntax_warning(conditioning: list[dict], prompts: list, negatives: lis
     return (f"{len(rows)} row(s) have prompts written in A1111 syntax (e.g. data row {first + 1}: emphasis "
             f"brackets, BREAK, escapes or <lora:> tags) that are read as plain text: pass --prompt-syntax a1111 "
             f"(or a prompt_syntax column) to read them as A1111 does")
+
+
+def negative_lora_tag_warning(conditioning: list[dict], negatives: list) -> str | None:
+    """A warning when A1111-syntax negative prompts hold <lora:...> tags, or None: a row's LoRA set is
+    applied to both passes of guidance and comes from prompt and the loras column only, so the tag is
+    removed and not applied."""
+    rows = [i for i, (given, n) in enumerate(zip(conditioning, negatives))
+            if given.get("prompt_syntax") == "a1111" and isinstance(n, str) and LORA_TAG.search(n)]
+    if not rows:
+        return None
+    return (f"{len(rows)} row(s) have a <lora:...> tag in negative_prompt (e.g. data row {rows[0] + 1}): LoRAs are "
+            "read from prompt and the loras column only, so the tag is removed and not applied")

@@ -72,8 +72,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from batchsd.job.column_map import apply_column_map, lookalike_warnings, normalized
-from batchsd.job.conditioning_columns import (CONDITIONING_COLUMNS, parse_conditioning, plain_syntax_warning,
-                                              resolve_loras, syntax_problems)
+from batchsd.job.conditioning_columns import (CONDITIONING_COLUMNS, negative_lora_tag_warning, parse_conditioning,
+                                              plain_syntax_warning, resolve_loras, syntax_problems)
 from batchsd.job.embeddings import resolve_embeddings
 from batchsd.job.expand import (MAX_N_IMAGES, N_IMAGES, TEMPLATE_COLUMN, SeedRange, compile_templates, expand_rows,
                                 expanded_extras, image_counts, may_hold_templates, needs_expansion,
@@ -82,7 +82,6 @@ from batchsd.job.model_choice import resolve_row_models
 from batchsd.job.manifest_formats import (JSONL_SUFFIXES, PARQUET_SUFFIXES, TXT_SUFFIXES, FormatProblems, read_jsonl,
                                           read_parquet, read_txt)
 from batchsd.job.prompt_template import PromptTemplates, has_syntax
-from batchsd.model.prompt_syntax import LORA_TAG
 from batchsd.job.rows import (SAFE_ID_RE, JobRow, Manifest, ManifestOptions, ManifestProblem, default_id, id_problem,
                               seed_from_id)
 from batchsd.job.schema import RESULT_NAMES
@@ -596,11 +595,8 @@ def read_manifest(path, options: ManifestOptions | None = None) -> Manifest:
                    for i, key in enumerate(row_models)]
     if warning := plain_syntax_warning(conditioning, prompts, negatives):
         warnings.append(warning)
-    tagged = [i for i, (given, n) in enumerate(zip(conditioning, negatives))
-              if given.get("prompt_syntax") == "a1111" and isinstance(n, str) and LORA_TAG.search(n)]
-    if tagged:   # a LoRA set is the row's, for both passes of guidance: it comes from prompt and loras only
-        warnings.append(f"{len(tagged)} row(s) have a <lora:...> tag in negative_prompt (e.g. data row {tagged[0] + 1}): "
-                        "LoRAs are read from prompt and the loras column only, so the tag is removed and not applied")
+    if warning := negative_lora_tag_warning(conditioning, negatives):
+        warnings.append(warning)
     if TEMPLATE_COLUMN not in names:   # templates are read in `prompt` only; the negative prompt is used as written
         templated = [i for i, n in enumerate(negatives) if isinstance(n, str) and has_syntax(n)]
         if templated:
