@@ -268,22 +268,21 @@ def apply_diffusers_configs(cfg: SDConfig, configs: Mapping[str, Mapping]) -> SD
     if clip2 is not None and (text := configs.get("text_encoder_2")):
         clip2 = _text_config(clip2, text, "text_encoder_2")
     if unet_config := configs.get("unet"):
+        unet_channels = [unet.model_channels * m for m in unet.channel_mult]   # each level's
         _agrees_with_weights(unet_config, "unet", {
             "in_channels": unet.in_channels, "out_channels": unet.out_channels,
-            "cross_attention_dim": unet.context_dim,
-            "block_out_channels": [unet.model_channels * m for m in unet.channel_mult]})
+            "cross_attention_dim": unet.context_dim, "block_out_channels": unet_channels})
         unet = _unet_heads(unet, unet_config)
         unet = replace(unet, linear_proj=bool(unet_config.get("use_linear_projection", unet.linear_proj)),
                        eps=_positive(unet_config, "norm_eps", unet.eps, "unet"),
-                       groups=_groups(unet_config, unet.groups, [unet.model_channels * m for m in unet.channel_mult],
-                                      "unet"))
+                       groups=_groups(unet_config, unet.groups, unet_channels, "unet"))
     if vae_config := configs.get("vae"):
-        _agrees_with_weights(vae_config, "vae", {
-            "latent_channels": vae.latent_channels,
-            "block_out_channels": [vae.base_channels * m for m in vae.channel_mult]})
+        vae_channels = [vae.base_channels * m for m in vae.channel_mult]
+        _agrees_with_weights(vae_config, "vae", {"latent_channels": vae.latent_channels,
+                                                 "block_out_channels": vae_channels})
         # force_upcast: only a family whose VAE upcasts (SDXL's; diffusers' SD 1.x/2.x pipelines never
         # do, whatever the config says) reads it, and a false there (a fixed fp16 VAE) turns it off
-        vae = replace(vae, groups=_groups(vae_config, vae.groups, [vae.base_channels * m for m in vae.channel_mult], "vae"),
+        vae = replace(vae, groups=_groups(vae_config, vae.groups, vae_channels, "vae"),
                       scaling_factor=_positive(vae_config, "scaling_factor", vae.scaling_factor, "vae"),
                       force_upcast=vae.force_upcast and bool(vae_config.get("force_upcast", True)))
     return replace(cfg, clip=clip, clip2=clip2, unet=unet, vae=vae)
