@@ -274,7 +274,8 @@ class Pipeline:
         signatures = {r.embeddings: file_signatures(r.embeddings) for r in rows}
         keys = [(r.negative_prompt if negative else r.prompt, r.prompt_syntax, skip, r.embeddings,
                  signatures[r.embeddings]) for r, skip in zip(rows, skips)]
-        fillers = [("", r.prompt_syntax, skip, (), file_signatures(())) for r, skip in zip(rows, skips)]   # the empty prompt pads chunks
+        no_files = file_signatures(())
+        fillers = [("", r.prompt_syntax, skip, (), no_files) for r, skip in zip(rows, skips)]   # pads the chunks
         needed = keys + (fillers if chunks > 1 else [])
         missing = list(dict.fromkeys(k for k in needed if k not in self._text_cache))
         # exact mode: each prompt alone (batch 1), so its states do not depend on the prompts it met
