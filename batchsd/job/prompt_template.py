@@ -9,6 +9,9 @@ The syntax (A1111 Dynamic Prompts' convention, the part of it batchsd reads):
 - A brace pair without a `|` at its own level is text, kept as written (`{red}` stays `{red}`), so
   prompts that use braces for other things are unchanged. A1111's attention syntax `(word:1.2)`,
   `[word]` and alternation `[cat|dog]` use no braces and are left alone, as is a `|` outside braces.
+  Inside a group too, a `|` within square brackets is A1111's alternation, not a separator
+  (`{[cat|dog]|owl}` has two alternatives, as in Dynamic Prompts); `\\[` and `\\]` (A1111's literal
+  brackets) open and close nothing.
 - `\\{`, `\\}`, `\\|` and `\\_` are the literal characters (`\\_\\_init__` is the text `__init__`);
   any other backslash stays as written (`\\(` keeps A1111's meaning).
 - A `{` that is never closed or a `}` that closes nothing is a problem (write `\\{`); so are Dynamic
@@ -101,12 +104,23 @@ class PromptTemplates:
         stopped, whether it stopped at '|')."""
         nodes: list = []
         buf: list[str] = []
+        brackets = 0                    # open A1111 '[' at this level: a '|' inside them is text
         n = len(text)
         while i < n:
             c = text[i]
             if c == "\\" and i + 1 < n and text[i + 1] in _ESCAPES:
                 buf.append(text[i + 1])
                 i += 2
+            elif c == "\\" and i + 1 < n and text[i + 1] in "[]":
+                buf.append(text[i:i + 2])     # A1111's literal bracket, kept with its backslash
+                i += 2
+            elif c in "[]":
+                brackets = brackets + 1 if c == "[" else max(brackets - 1, 0)
+                buf.append(c)
+                i += 1
+            elif c == "|" and inside and brackets:
+                buf.append(c)
+                i += 1
             elif c == "{":
                 group, i = self._group(text, i, chain)
                 if buf:

@@ -146,6 +146,19 @@ def test_nested_and_empty_alternatives():
     assert seen == {"a big cat!", "a small cat!", "a dog!", "a big cat", "a small cat", "a dog"}
 
 
+
+def test_a1111_alternation_inside_a_group_is_not_a_separator():
+    templates = PromptTemplates()
+    nodes = templates.compile("a {[cat|dog] photo|owl} [x|y]")
+    seen = {templates.render(nodes, f"r{k}") for k in range(100)}
+    assert seen == {"a [cat|dog] photo [x|y]", "a owl [x|y]"}
+    nodes = templates.compile("{[a|[b|c]]|d|e}")                      # nested brackets
+    assert {templates.render(nodes, f"r{k}") for k in range(100)} == {"[a|[b|c]]", "d", "e"}
+    nodes = templates.compile(r"{\[x|y\]|z}")                         # A1111's literal brackets open nothing
+    assert {templates.render(nodes, f"r{k}") for k in range(100)} == {r"\[x", r"y\]", "z"}
+    nodes = templates.compile("{[{red|blue}|green]|owl}")              # a group inside the brackets still draws
+    assert {templates.render(nodes, f"r{k}") for k in range(200)} == {"[red|green]", "[blue|green]", "owl"}
+
 @pytest.mark.parametrize("template, words", [
     ("a {red|blue", "'{' at character 3 is never closed"),
     ("a red} car", "'}' at character 6 closes no '{'"),
