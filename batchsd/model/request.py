@@ -174,8 +174,7 @@ def check_row(row: GenerationRow, position: int = 0) -> None:
         for name in ("prompt", "negative_prompt"):
             if why := unsupported_a1111(getattr(row, name)):
                 raise bad(name, why)
-    if row.clip_skip is not None and (isinstance(row.clip_skip, bool) or not isinstance(row.clip_skip, int)
-                                      or not 1 <= row.clip_skip <= MAX_CLIP_SKIP):
+    if row.clip_skip is not None and (not _whole(row.clip_skip) or not 1 <= row.clip_skip <= MAX_CLIP_SKIP):
         raise bad("clip_skip", f"{row.clip_skip!r} must be an integer in 1..{MAX_CLIP_SKIP} (1 = the last layer), "
                   f"or empty")
     stems = [PurePath(p).stem.lower() for p in row.embeddings]
@@ -211,8 +210,7 @@ def check_row(row: GenerationRow, position: int = 0) -> None:
             raise bad(name, f"{value} must be a multiple of {SIZE_MULTIPLE} in {MIN_SIZE}..{MAX_SIZE}{source}")
     for name in SIZE_CONDITIONING:
         value, low = getattr(row, name), 0 if name.startswith("crop") else 1
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                  or not low <= value <= MAX_CONDITIONING_SIZE):
+        if value is not None and (not _whole(value) or not low <= value <= MAX_CONDITIONING_SIZE):
             raise bad(name, f"{value!r} must be an integer in {low}..{MAX_CONDITIONING_SIZE} (pixels), or empty "
                       f"for the default")
     if row.init_image is not None:

@@ -149,3 +149,11 @@ def test_numpy_numbers_are_numbers():
     plain = plain_numbers(row)
     assert (plain.seed, plain.steps, plain.cfg_scale, plain.width, plain.loras) == (5, 20, 7.5, 64, (("x.safetensors", 0.5),))
     assert type(plain.seed) is int and type(plain.cfg_scale) is float and type(plain.loras[0][1]) is float
+    sdxl_fields = dict(clip_skip=np.int64(2), original_width=np.int32(1024), original_height=np.uint16(768),
+                       crop_top=np.int64(0), crop_left=np.int8(16))
+    plain = plain_numbers(GenerationRow("a", **sdxl_fields))
+    check_row(GenerationRow("a", **sdxl_fields))
+    assert (plain.clip_skip, plain.original_width, plain.original_height, plain.crop_top, plain.crop_left) == \
+        (2, 1024, 768, 0, 16) and type(plain.clip_skip) is int and type(plain.crop_left) is int
+    with pytest.raises(InputError, match="clip_skip"):
+        check_row(GenerationRow("a", clip_skip=np.float64(2.0)))
