@@ -125,8 +125,8 @@ def _make_rows(session: RunSession, pipe, rich_bar: bool | None) -> RunSummary:
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchsd-reader")
     not_loaded: list[str] = []
     stop = StopRequested(console)
-    # signals stay handled through the final flush (a second one raises KeyboardInterrupt); the
-    # progress display lasts until the writer has written its last batch
+    # signals stay handled through the final flush (a second one raises KeyboardInterrupt until the
+    # run is finishing); the progress display lasts until the writer has written its last batch
     with stop, progress:
         try:
             if session.failing:
@@ -152,6 +152,7 @@ def _make_rows(session: RunSession, pipe, rich_bar: bool | None) -> RunSummary:
         except KeyboardInterrupt:  # second signal: the batch in flight is dropped
             stop.signal_name = stop.signal_name or "SIGINT"
         finally:
+            stop.finishing()
             reader.shutdown(wait=True, cancel_futures=True)
             writer.close()
         session.summary.images_dir = session.job.layout.output_dir(opts.output.format)

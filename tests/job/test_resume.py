@@ -184,6 +184,31 @@ def test_sigterm_finishes_the_batch_flushes_and_exits_143(tmp_path):
     assert not (out / "summary.json").exists()   # the done marker is only written by a finished run
 
 
+
+def test_signals_while_the_run_is_finishing_do_not_break_the_flush(tmp_path, monkeypatch):
+    """Two SIGTERMs while the writer writes its last rows (a scheduler's TERM, repeated): the rows and
+    the results are written, no traceback; signals after the last batch are no interruption."""
+    from batchsd.job.writer import ResultWriter
+
+    close = ResultWriter.close
+
+    def close_under_signals(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)                        # the handlers have run before the flush goes on
+        close(self)
+
+    monkeypatch.setattr(ResultWriter, "close", close_under_signals)
+    manifest = write_csv(tmp_path / "jobs.csv", rows_for(3))
+    out = tmp_path / "out"
+    r = invoke("run", str(manifest), "--model", "tiny", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)
+    assert "already stopping; writing the finished rows" in r.output
+    df = results_df(out)
+    assert sorted(df.index) == ["r00", "r01", "r02"] and (df["status"] == "ok").all()
+    assert (out / "summary.json").exists()
+
 def test_exit_codes():
     s = RunSummary(out_dir=Path("."))
     assert s.exit_code == 0
