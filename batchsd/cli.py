@@ -449,7 +449,7 @@ def status(
     """Rows ok, failed and missing, per shard and overall; loads no model.
 
     Exit 0: every row ok; 1: every row made, some failed; 3: some rows not made yet; 2: usage error.
-    When every shard is done it also writes OUT/results.parquet if the last shard did not.
+    When no row is missing and no shard runs, it writes the whole job's results if missing or out of date.
     """
     from batchsd.errors import BatchSDError
     from batchsd.job.status import collect_status, print_status

@@ -1,12 +1,19 @@
-"""The whole job's results from its shards: when every shard of a sharded run is done, its
-results parts are merged into <out>/results.parquet (all rows in manifest order, the same table an
-unsharded run writes) and <out>/summary.json (the shards' figures added up).
+"""The whole job's results from its shards: once every row of a sharded job is done (or failed) by
+resume's rule under the current manifest, <out>/results.parquet (all rows in manifest order, the
+same table an unsharded run writes) and <out>/summary.json (with an unsharded summary's keys).
+
+Which record a row gets is read_prior's rule over every journal of the folder (each shard's and the
+unsharded one): the latest, so an unsharded fix-up run or a shard's --retry-errors is never undone
+by a later merge. Pass-through columns are the current manifest's (as compaction writes them).
+Rows still to make (no record, a record for other parameters or another model, files gone) mean no
+merge and no done marker: `merge_job_results` says which shards to run again. Numerics are not
+compared: each record carries its own, and shards may run on other devices.
 
 With --format webdataset it also writes webdataset/sizes.json, open_clip's {tar name: samples}
 file, over every process shard's tars (a process shard writes only its own files while it runs).
 
-The shard that finishes last does it (session.finish), or `batchsd status`. Safe to run from
-several shards at once: each writes the same content through an atomic rename.
+The shard that completes the job does it (session.finish), or `batchsd status`. Safe to run from
+several processes at once: each writes the same content through an atomic rename.
 """
 from __future__ import annotations
 
@@ -18,10 +25,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchsd.job.atomic import atomic_write_bytes, atomic_write_table
-from batchsd.job.layout import (RESULTS_PARTS_DIR, WEBDATASET_SIZES_FILE, WEBDATASET_STATS_SUFFIX, RunLayout,
-                                job_results_path, job_summary_path)
+from batchsd.job.journal import PriorRecord, latest_records
+from batchsd.job.layout import (WEBDATASET_SIZES_FILE, WEBDATASET_STATS_SUFFIX, RunLayout, job_results_path,
+                                job_summary_path)
+from batchsd.job.resume import MAKE
+from batchsd.job.rows import JobRow
 from batchsd.job.run_meta import read_summary, write_summary
-from batchsd.job.shards import ShardSpec
+from batchsd.job.schema import now_utc, overlay_extras
+from batchsd.job.shards import ShardSpec, shard_of
 
 
 def merged_is_whole(out_dir: Path, ids: Sequence[str]) -> bool:
@@ -36,54 +47,68 @@ def merged_is_whole(out_dir: Path, ids: Sequence[str]) -> bool:
     return have.issuperset(ids)
 
 
-def merge_shard_results(out_dir: Path, count: int, manifest_ids: Sequence[str],
-                        required_ids: Sequence[str] | None = None) -> bool:
-    """Write <out>/results.parquet and <out>/summary.json from the `count` shards' parts when every
-    shard is done and the parts hold a record of every row of the job (`required_ids`, default all
-    `manifest_ids`). Returns whether it wrote them."""
+def merge_job_results(out_dir: Path, count: int, rows: Sequence[JobRow], states: Sequence[str],
+                      prior: dict[str, PriorRecord], *, schema: pa.Schema, extras: pa.Table | None,
+                      summary: dict | None) -> str | None:
+    """Write the whole job's results.parquet and summary.json (module docstring). `rows`: the job's rows
+    (every shard's, after --limit, sizes resolved); `states`: resume.row_states of them over every
+    journal (`prior`: read_prior of the folder); `summary`: a run's summary_record to take the
+    run-level keys from (None: the newest shard's done marker). Returns None when written, else why not."""
     out_dir = Path(out_dir)
+    to_make = [r for r, state in zip(rows, states) if state == MAKE]
+    if to_make:
+        shards = sorted({shard_of(r.id, count) for r in to_make})
+        return (f"{len(to_make)} row(s) of the job are not done under the current manifest ("
+                f"{', '.join(r.id for r in to_make[:3])}{' ...' if len(to_make) > 3 else ''}: no record, or one for "
+                f"other parameters, another model, or files gone): run shard(s) {', '.join(map(str, shards[:20]))} "
+                "again (they resume)")
     layouts = [RunLayout(out_dir, ShardSpec(i, count, "merge")) for i in range(count)]
-    summaries = [read_summary(lay.summary_path) for lay in layouts]
-    if any(s is None for s in summaries):
-        return False  # a shard is not done
-    tables = []
-    for lay in layouts:
-        try:
-            tables.append(pq.read_table(lay.results_path))
-        except Exception:  # noqa: BLE001 - missing or unreadable part: not mergeable now
-            return False
-    table = pa.concat_tables(tables, promote_options="permissive")
+    shard_summaries = [s for lay in layouts if (s := read_summary(lay.summary_path)) is not None]
+    if summary is None:
+        if not shard_summaries:
+            return "no shard has finished a run yet"
+        summary = max(shard_summaries, key=lambda s: str(s.get("finished_at", "")))
+    by_journal: dict[str, list[str]] = {}
+    for r in rows:
+        by_journal.setdefault(prior[r.id].parts_dir, []).append(r.id)
+    table = pa.concat_tables([latest_records(Path(d), schema, ids) for d, ids in by_journal.items()],
+                             promote_options="permissive")
     where = {rid: i for i, rid in enumerate(table.column("id").to_pylist())}
-    if any(rid not in where for rid in (manifest_ids if required_ids is None else required_ids)):
-        return False
-    table = table.take(pa.array([where[rid] for rid in manifest_ids if rid in where], type=pa.int64()))
+    table = table.take(pa.array([where[r.id] for r in rows], type=pa.int64()))
+    if extras is not None:
+        table = overlay_extras(table, extras)
+    if _same_table(job_results_path(out_dir), table) and read_summary(job_summary_path(out_dir)) is not None:
+        return None     # merged before, and nothing changed since: the done marker keeps its time
     atomic_write_table(job_results_path(out_dir), table)
     from batchsd.job.outputs.claim import output_settings
 
     settings = output_settings(out_dir) or {}
     if settings.get("format") == "webdataset":
         write_webdataset_sizes(RunLayout(out_dir).webdataset_dir)
-    total = {k: sum(int(s.get(k) or 0) for s in summaries)
-             for k in ("rows", "ok", "failed", "skipped", "previously_failed", "pending")}
     statuses = table.column("status").to_pylist()
-    models = list({(m.get("name"), m.get("sha256")): m for s in summaries for m in (s.get("models") or [])
-                   if isinstance(m, dict)}.values())   # every shard's, first use first
-    if not models and summaries[0].get("model"):          # shards of a version before per-row models
-        models = [{"name": summaries[0].get("model"), "sha256": summaries[0].get("model_sha256")}]
+    ok, failed = statuses.count("ok"), statuses.count("error")
+    elapsed = sum(float(s.get("elapsed_s") or 0) for s in shard_summaries)
+    made = sum(int(s.get("ok") or 0) for s in shard_summaries)
+    models = list({(m.get("name"), m.get("sha256")): m for s in [summary, *shard_summaries]
+                   for m in (s.get("models") or []) if isinstance(m, dict)}.values())   # first use first
     write_summary(job_summary_path(out_dir), {
-        "complete": True, "shards": count, "out_dir": str(out_dir),
-        "results": str(job_results_path(out_dir)),
-        "results_parts": str(out_dir / RESULTS_PARTS_DIR / "*.parquet"),
-        "manifest": summaries[0].get("manifest"),
+        **summary,
+        "results": str(job_results_path(out_dir)), "shard_index": None, "shard_count": count,
         "model": models[0].get("name") if len(models) == 1 else None,
         "model_sha256": models[0].get("sha256") if len(models) == 1 else None, "models": models,
-        "rows": table.num_rows, "ok": statuses.count("ok"), "failed": statuses.count("error"),
-        "made_in_last_runs": total["ok"] + total["failed"],
-        "elapsed_s_sum": round(sum(float(s.get("elapsed_s") or 0) for s in summaries), 3),
-        "finished_at": max(str(s.get("finished_at", "")) for s in summaries),
-        "exit_code": 1 if statuses.count("error") else 0,
+        # the whole job's table: ok and failed rows; nothing skipped or pending once merged
+        "rows": table.num_rows, "ok": ok, "failed": failed, "skipped": 0, "previously_failed": 0, "pending": 0,
+        "elapsed_s": round(elapsed, 3), "images_per_s": round(made / elapsed, 4) if elapsed > 0 else 0.0,
+        "finished_at": now_utc().isoformat(), "exit_code": 1 if failed else 0,
     })
-    return True
+    return None
+
+
+def _same_table(path: Path, table: pa.Table) -> bool:
+    try:
+        return pq.read_table(path).equals(table)
+    except Exception:  # noqa: BLE001 - absent or unreadable: not the same
+        return False
 
 
 def write_webdataset_sizes(folder: Path) -> dict[str, int]:

@@ -61,6 +61,17 @@ class Job:
     def shard(self) -> ShardSpec | None:
         return self.layout.shard if self.layout.sharded else None
 
+    def whole_job_rows(self) -> list[JobRow]:
+        """Every shard's rows after --limit, in manifest order, sizes resolved: this run's as they are,
+        the other shards' resolved now (one init image header read per img2img row), as they read them."""
+        if self.shard is None:
+            return list(self.rows)
+        mine = {r.id: r for r in self.rows}
+        rows = self.manifest.rows[:len(self.job_ids)]
+        resolved, _ = resolve_image_sizes([r for r in rows if r.id not in mine])
+        by_index = {r.index: r for r in resolved}
+        return [mine.get(r.id) or by_index.get(r.index, r) for r in rows]
+
     def journal_ids(self) -> list[str]:
         """The manifest ids this run's results file covers, in manifest order."""
         shard = self.shard

@@ -137,6 +137,11 @@ class RowModels:
     def model(self, row: JobRow) -> ModelIdentity | None:
         return self.of(row)[0]
 
+    def models_only(self) -> "RowModels":
+        """The same models with no numerics compared (a job's merged table: shards may run on other
+        devices or dtypes; each record carries its own numerics)."""
+        return RowModels({key: (model, None) for key, (model, _) in self.by_key.items()}, self.default_key)
+
     def keys_in_order(self, rows: Sequence[JobRow]) -> list[str | None]:
         """The keys `rows` use, in order of first use."""
         return list(dict.fromkeys(self.key(r) for r in rows))

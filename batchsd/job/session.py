@@ -216,10 +216,22 @@ class RunSession:
         self.journal.compact()
         self._finished = True
         if s.pending == 0:
-            write_summary(self.layout.summary_path, summary_record(self.opts, s))
+            record = summary_record(self.opts, s)
+            write_summary(self.layout.summary_path, record)
             if self.job.shard is not None:
-                from batchsd.job.merge import merge_shard_results
-
-                s.merged = merge_shard_results(self.job.out_dir, self.job.shard.count,
-                                               [r.id for r in self.job.manifest.rows], self.job.job_ids)
+                s.merged = self._merge(record)
         return s
+
+    def _merge(self, record: dict) -> bool:
+        """The whole job's results and done marker, when every row of it is done (merge.py)."""
+        from batchsd.job.merge import merge_job_results
+        from batchsd.job.resume import row_states
+
+        job = self.job
+        rows = job.whole_job_rows()
+        prior = read_prior(job.out_dir)
+        made_with = self.made_with.models_only() if self.made_with is not None else None
+        states = row_states(rows, prior, job.out_dir, made_with=made_with, save_latents=self.opts.save_latents)
+        why_not = merge_job_results(job.out_dir, job.shard.count, rows, states, prior, schema=self.journal.schema,
+                                    extras=job.manifest.extras, summary=record)
+        return why_not is None   # else `batchsd status` says which shards have rows to make

@@ -24,8 +24,8 @@ With --format webdataset or parquet, each process shard's dataset shards are cou
 written (their done marker is there: layout.RunLayout.dataset_shard_marker) of planned
 (ceil(its rows / --shard-size)).
 
-When every shard of a sharded run is done, the shard that finished last (or `batchsd status`)
-writes the whole job's results table (merge.py).
+When every row of a sharded job is done (or failed), the shard run that completes it (or `batchsd
+status`, when no shard is running) writes the whole job's results table and done marker (merge.py).
 """
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def collect_status(out_dir: Path, manifest: Path | None = None, limit: int | Non
                    merge: bool = True, verify: bool = False) -> StatusReport:
     from batchsd.job.journal import read_prior
     from batchsd.job.lock import is_locked
-    from batchsd.job.merge import merge_shard_results, merged_is_whole
+    from batchsd.job.merge import merge_job_results, merged_is_whole
     from batchsd.job.outputs.claim import output_settings
     from batchsd.job.outputs.spec import check_verify
     from batchsd.job.reader import read_rows
@@ -168,10 +168,13 @@ def collect_status(out_dir: Path, manifest: Path | None = None, limit: int | Non
     _count_dataset_shards(report, out_dir)
     report.merged = job_results_path(out_dir).is_file() and count == 1
     if count > 1:
-        ids = [r.id for r in rows]
-        report.merged = merged_is_whole(out_dir, ids)
-        if merge and not report.merged and all(t.state == "done" for t in shards):
-            report.merged = merge_shard_results(out_dir, count, ids)
+        report.merged = merged_is_whole(out_dir, [r.id for r in rows])
+        if merge and not overall.missing and not report.running:   # written again: it may predate a later run
+            from batchsd.job.schema import results_schema
+
+            why_not = merge_job_results(out_dir, count, rows, states, prior, schema=results_schema(whole.extra_types),
+                                        extras=whole.extras, summary=None)
+            report.merged = report.merged or why_not is None
     return report
 
 

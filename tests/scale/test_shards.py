@@ -111,7 +111,7 @@ def test_concurrent_shards_equal_one_process_run(tmp_path):
     merged = pd.read_parquet(out / "results.parquet").set_index("id")
     worst = assert_same_run(tmp_path / "one", ref, out, merged)
     summary = json.loads((out / "summary.json").read_text())
-    assert (summary["complete"], summary["shards"], summary["rows"], summary["ok"], summary["failed"]) == (True, 3, 12, 11, 1)
+    assert (summary["complete"], summary["shard_count"], summary["rows"], summary["ok"], summary["failed"]) == (True, 3, 12, 11, 1)
     print(f"max pixel diff sharded vs one process: {worst}/255")
 
     r = invoke("status", str(out))
@@ -270,3 +270,53 @@ def test_prior_across_journals_and_shared_temp_cleanup(tmp_path):
     os.utime(old, (time.time() - 7200, time.time() - 7200))
     assert atomic.remove_stale_temps(images, min_age_s=3600) == 1
     assert young.exists() and not old.exists()
+
+
+def test_the_merged_table_is_the_latest_record_of_every_row_under_the_current_manifest(tmp_path):
+    """The whole job's results.parquet and summary.json: never older than a later run's records, never
+    written while a row is not done under the current manifest, with its current pass-through values."""
+    manifest = write_manifest(tmp_path / "m.csv", 6)
+    out = tmp_path / "out"
+    run_cli = lambda *extra: invoke("run", str(manifest), "--model", "tiny", "--out", str(out), *extra)   # noqa: E731
+    first = [i for i in (f"r{k:02d}" for k in range(6)) if shard_of(i, 2) == 0][0]
+    assert run_cli("--shard", "0/2").exit_code == 1          # the 'bad' row fails in one of them
+    text = manifest.read_text()
+    manifest.write_text(text.replace(f"{first},prompt number", f"{first},a changed prompt number"))
+    r = run_cli("--shard", "1/2")
+    assert r.exit_code in (0, 1) and "every shard is done" not in r.output
+    assert not (out / "summary.json").exists()               # a row of shard 0 is stale: no done marker
+    status = invoke("status", str(out))
+    assert status.exit_code == 3 and "run shard(s) 0 again" in status.output
+    # an unsharded fix-up makes that row; a later no-op shard run must not put the old record back
+    assert run_cli().exit_code == 1
+    manifest.write_text(manifest.read_text().replace(",t1\n", ",t1-now\n"))   # a pass-through value changes
+    r = run_cli("--shard", "1/2")
+    assert "every shard is done" in r.output, r.output
+    merged = pd.read_parquet(out / "results.parquet").set_index("id")
+    assert merged.loc[first, "prompt"].startswith("a changed prompt")
+    assert merged.loc["r01", "tag"] == "t1-now"
+    summary = json.loads((out / "summary.json").read_text())
+    unsharded = json.loads((tmp_path / "out" / ".batchsd" / "shard-00001-of-00002" / "summary.json").read_text())
+    assert set(summary) == set(unsharded)
+    assert (summary["complete"], summary["shard_count"], summary["rows"], summary["ok"], summary["failed"]) == \
+        (True, 2, 7, 6, 1)
+    stamp = (out / "summary.json").stat().st_mtime_ns
+    assert invoke("status", str(out)).exit_code == 1 and (out / "summary.json").stat().st_mtime_ns == stamp
+
+
+def test_a_merged_limited_job_is_not_complete(tmp_path):
+    manifest = write_manifest(tmp_path / "m.csv", 6)
+    out = tmp_path / "out"
+    for k in range(2):
+        invoke("run", str(manifest), "--model", "tiny", "--out", str(out), "--shard", f"{k}/2", "--limit", "4")
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["complete"], summary["limit"], summary["beyond_limit"], summary["rows"]) == (False, 4, 3, 4)
+
+
+def test_a_shard_run_in_a_finished_unsharded_folder_leaves_a_done_marker(tmp_path):
+    manifest = write_manifest(tmp_path / "m.csv", 4)
+    out = tmp_path / "out"
+    assert invoke("run", str(manifest), "--model", "tiny", "--out", str(out)).exit_code == 1
+    r = invoke("run", str(manifest), "--model", "tiny", "--out", str(out), "--shard", "1/3")
+    assert "0 to make" in r.output and "every shard is done" in r.output, r.output
+    assert json.loads((out / "summary.json").read_text())["complete"] is True
