@@ -74,6 +74,17 @@ def test_tiny_rows_equal_across_batch_sizes_and_threads(tiny_exact):
         assert count_equal(run_rows(tiny_exact, groups, batch, threads), ref) == (n, n), (batch, threads)
 
 
+def test_tiny_non_square_rows_equal_across_threads(tiny_exact):
+    """Sizes whose deep levels hold 2, 3 or 6 tokens (SDPA with 2-3 queries, fp32 linears with 5-7 or
+    9-11 rows are thread-dependent)."""
+    groups = [[GenerationRow(f"a bee {i}", seed=9 + i, steps=2, sampler="ddim", width=w, height=h) for i in range(2)]
+              for w, h in ((128, 64), (64, 128), (136, 64))]
+    groups.append([GenerationRow("a cfg 1 row", seed=3, steps=2, cfg_scale=1.0, width=192, height=128)])  # 6 tokens
+    ref = run_rows(tiny_exact, groups, batch=1, threads=1)
+    for threads in (2, 3):
+        assert count_equal(run_rows(tiny_exact, groups, 2, threads), ref) == (7, 7), threads
+
+
 def test_tiny_rows_differ_across_batch_sizes_without_exact_mode():
     """The same comparison with exact mode off finds differences: the test above can fail."""
     pipe = Pipeline.load("tiny", device="cpu", dtype="fp32", exact=False)
@@ -103,6 +114,12 @@ def test_pins_keep_thread_dependent_ops_equal_across_thread_counts():
         "gelu": lambda: F.gelu(x),
         "sigmoid": lambda: torch.sigmoid(x * 1.702),
     }
+    for queries in (1, 2, 3):
+        q, kv = torch.randn(2, 8, queries, 40, generator=g), torch.randn(2, 8, 77, 40, generator=g)
+        ops[f"sdpa, {queries} queries"] = lambda q=q, kv=kv: F.scaled_dot_product_attention(q, kv, kv)
+    for rows in (5, 6, 7, 9, 10, 11):
+        a, weight = torch.randn(rows, 320, generator=g), torch.randn(320, 320, generator=g)
+        ops[f"linear, {rows} rows"] = lambda a=a, weight=weight: F.linear(a, weight)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

@@ -11,14 +11,21 @@ Two halves make it, each with the reason it is needed:
   embedding), and channels_last GroupNorm sums per-thread partials over N*H*W.
 - **Thread pins** (`ExactNumerics`, CPU tensors only): the few ops whose result depends on how ATen
   or oneDNN splits the work between threads run on one thread. Every other op was measured
-  thread-invariant at fixed shapes (MKL and oneDNN GEMMs, large convolutions, LayerNorm, NCHW or
-  small GroupNorm, SDPA with more than one query). The pinned ops:
+  thread-invariant at fixed shapes (MKL and oneDNN GEMMs from 12 rows, large convolutions,
+  LayerNorm, NCHW or small GroupNorm, SDPA with 4 or more query tokens). The pinned ops:
     * GroupNorm on a channels_last input with H*W >= GROUPNORM_SPLIT_HW (ATen's per-thread
       partial sums over N*H*W);
     * silu, gelu, sigmoid (each thread's chunk ends in a scalar tail whose bits differ from the
       vectorised body, so the chunk boundaries, i.e. the thread count, move elements between them),
       from ELEMENTWISE_SERIAL elements up (below it ATen runs them on one thread anyway);
-    * scaled_dot_product_attention with one query token (the 1x1 middle block of 64 px images);
+    * scaled_dot_product_attention with fewer than FEW_QUERIES query tokens (the 1x1, 1x2 or 1x3
+      middle block of 64 px and of non-square images such as 128x64; fp32 with 1-3 queries over most
+      key counts, e.g. the text's 77, gave other bits at 1, 2, 3 and 4 threads; 4-24 queries at head
+      dims 40-160 and 5-600 keys never did);
+    * linear (F.linear, so every nn.Linear) with fewer than LINEAR_PIN_ROWS rows (the tokens times
+      the batch of a small deep level: 3 tokens x 2 at 136x64, 6 tokens x 1 for a cfg 1 row at
+      192x128; MKL's fp32 sgemm gave other bits at 1, 2 and 3 threads with 5-7 and 9-11 rows, at
+      widths 32-1280, and never from 12 rows up nor with 1-4 or 8);
     * oneDNN's packed convolution (PackedConv2d) when its output work B*OH*OW*C_out per thread is
       below CONV_PIN_WORK (oneDNN's fp32 blocking depends on the thread count for small outputs;
       the threshold is empirical, for oneDNN 3.12 on AVX512, checked up to 16 threads).
@@ -48,6 +55,8 @@ from batchsd.errors import InputError
 GROUPNORM_SPLIT_HW = 1024     # ATen's channels_last GroupNorm sums per-thread partials from this H*W up
 ELEMENTWISE_SERIAL = 32768    # ATen's GRAIN_SIZE: an elementwise op on fewer elements runs on one thread anyway
 CONV_PIN_WORK = 16384         # pin a packed conv whose B*OH*OW*C_out per thread is below this
+FEW_QUERIES = 4              # pin SDPA with fewer query tokens (measured: 1-3 thread-dependent, 4+ not)
+LINEAR_PIN_ROWS = 12         # pin a linear with fewer rows (fp32 MKL: 5-7 and 9-11 rows thread-dependent)
 
 
 def default_exact(device_type: str, compile: str | None = None) -> bool:
@@ -98,9 +107,14 @@ def _pin_group_norm(args, kwargs) -> bool:
     return channels_last and x.shape[2] * x.shape[3] >= GROUPNORM_SPLIT_HW
 
 
-def _pin_one_query(args, kwargs) -> bool:
+def _pin_few_queries(args, kwargs) -> bool:
     q = args[0] if args else kwargs.get("query")
-    return _on_cpu(q) and q.shape[-2] == 1
+    return _on_cpu(q) and q.shape[-2] < FEW_QUERIES
+
+
+def _pin_few_rows(args, kwargs) -> bool:
+    x = args[0] if args else kwargs.get("input")
+    return _on_cpu(x) and x.dim() >= 1 and x.numel() < LINEAR_PIN_ROWS * x.shape[-1]
 
 
 def _pin_small_conv(args, kwargs) -> bool:
@@ -122,7 +136,8 @@ _PINS: dict[object, Callable] = {
     F.gelu: _pin_elementwise,
     torch.sigmoid: _pin_elementwise,
     torch.Tensor.sigmoid: _pin_elementwise,
-    F.scaled_dot_product_attention: _pin_one_query,
+    F.scaled_dot_product_attention: _pin_few_queries,
+    F.linear: _pin_few_rows,
     torch.ops.mkldnn._convolution_pointwise: _pin_small_conv,
 }
 
