@@ -28,6 +28,17 @@ SAFE_ID_RE = re.compile(r"(?!(?i:con|prn|aux|nul|com[1-9]|lpt[1-9])(?:\.|$))[A-Z
 _ID_BAD_CHAR_RE = re.compile(r"[^A-Za-z0-9._-]")
 
 
+def _portable(conditioning: dict[str, Any]) -> dict[str, Any]:
+    """The conditioning with its files named by content: a LoRA as (multiplier, sha256), an embedding
+    as (name, sha256), the name being what a prompt calls it (loras.row_set, embeddings.py)."""
+    out = dict(conditioning)
+    if "loras" in out:
+        out["loras"] = [[multiplier, digest] for _, multiplier, digest in out["loras"]]
+    if "embeddings" in out:
+        out["embeddings"] = [[Path(path).stem, digest] for path, _, digest in out["embeddings"]]
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class JobRow:
     index: int                 # 0-based position in the job's rows (after expansion; expand.py)
@@ -70,20 +81,23 @@ class JobRow:
     def params_hash(self) -> str:
         """sha256 hex of everything in the row that affects the image; the resume key.
 
-        Covers prompt, negative_prompt, seed, steps, cfg_scale, sampler, width, height, the init
-        image's absolute path and strength, and for img2img rows only the init image's content
-        (`init_image_sha256`: an image replaced in place is made again). Not the id, not
-        pass-through columns, not the model. Text-to-image keys are unchanged since v1, so their
-        outputs are never remade by an upgrade. width/height and the image hash are hashed as the
-        row holds them: hash rows after `init_images.resolve_image_sizes`, which fills both in.
+        Covers prompt, negative_prompt, seed, steps, cfg_scale, sampler, width, height, strength,
+        the conditioning columns, and the files a row reads by their content only (the init image's
+        `init_image_sha256`: an image replaced in place is made again; each LoRA's and embedding's
+        hash), never by where they are: the key, which the results and the image metadata carry,
+        is the same in any folder the job is regenerated in. Not the id, not pass-through columns,
+        not the model. Text-to-image keys without files are unchanged since v1, so their outputs
+        are never remade by an upgrade. width/height and the image hash are hashed as the row holds
+        them: hash rows after `init_images.resolve_image_sizes`, which fills both in.
         """
         key = ["batchsd-params-v1", self.prompt, self.negative_prompt, self.seed, self.steps,
-               float(self.cfg_scale), self.sampler, self.width, self.height, self.init_image,
+               float(self.cfg_scale), self.sampler, self.width, self.height,
+               None if self.init_image is None else "init image",
                None if self.strength is None else float(self.strength)]
         if self.init_image is not None:
             key.append(self.init_image_sha256)
         if self.conditioning:   # only when given: rows without them keep their v1 keys
-            key.append(sorted(self.conditioning.items()))
+            key.append(sorted(_portable(self.conditioning).items()))
         return hashlib.sha256(json.dumps(key, ensure_ascii=False).encode()).hexdigest()
 
     def to_record(self) -> dict:

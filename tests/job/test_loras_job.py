@@ -199,3 +199,30 @@ def test_a_lora_tag_in_negative_prompt_is_warned_about(tmp_path, lora_dir):
     assert m.problems == [] and "loras" not in m.rows[0].conditioning
     assert any("<lora:...> tag in negative_prompt (e.g. data row 1)" in str(w) and "not applied" in str(w)
                for w in m.warnings)
+
+
+def test_a_job_moved_to_another_folder_makes_the_same_bytes(monkeypatch, tiny_pipe, tmp_path, lora_dir):
+    """An img2img row with a LoRA, regenerated from a copy of the project in another folder: the same
+    image bytes and params_hash (the files count by content, not by where they are)."""
+    import shutil
+
+    serve_tiny(monkeypatch, tiny_pipe)
+    monkeypatch.delenv("BATCHSD_MODEL", raising=False)
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copytree(lora_dir, project / "lora")
+    Image.new("RGB", (64, 64), (200, 90, 30)).save(project / "init.png")
+    pd.DataFrame([dict(id="i", prompt="a cat", seed=1, steps=4, init_image="init.png", strength=0.5, loras="style"),
+                  dict(id="t", prompt="a dog", seed=2, steps=2, width=64, height=64, loras="detail:0.5")]
+                 ).to_parquet(project / "m.parquet")
+    moved = tmp_path / "elsewhere" / "deeper" / "project"
+    shutil.copytree(project, moved)
+    outputs = []
+    for folder in (project, moved):
+        monkeypatch.chdir(folder)
+        r = invoke("run", "m.parquet", "--model", "tiny", "--out", "out", "--lora-dir", "lora")
+        assert r.exit_code == 0, r.output
+        outputs.append({p.name: p.read_bytes() for p in (folder / "out" / "images").iterdir()})
+        table = pq.read_table(folder / "out" / "results.parquet").to_pandas().set_index("id")
+        outputs.append(table["params_hash"].to_dict())
+    assert outputs[0] == outputs[2] and outputs[1] == outputs[3] and len(outputs[0]) == 2
