@@ -263,9 +263,12 @@ def print_status(console, report: StatusReport) -> None:
         todo = [f"{t.index}" for t in report.shards if t.missing]
         if report.running:
             running = [str(t.index) for t in report.shards if t.state == "running"]
+            idle = [str(t.index) for t in report.shards if t.missing and t.state != "running"]
             who = "a run is" if report.shard_count == 1 else f"shard(s) {', '.join(running[:20])} are"
-            console.print(f"[yellow]{o.missing} row(s) still to make: {who} in progress now (its lock is held); "
-                          "check again later[/yellow]")
+            also = (f"; shard(s) {', '.join(idle[:20])}{' ...' if len(idle) > 20 else ''} have rows to make and no "
+                    "run: start them (they resume)" if idle else "; check again later")
+            console.print(f"[yellow]{o.missing} row(s) still to make: {who} in progress now (its lock is held)"
+                          f"{also}[/yellow]")
         else:
             hint = (f"run shard(s) {', '.join(todo[:20])}{' ...' if len(todo) > 20 else ''} again"
                     if report.shard_count > 1 else "run the same command again")

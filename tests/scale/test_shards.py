@@ -320,3 +320,18 @@ def test_a_shard_run_in_a_finished_unsharded_folder_leaves_a_done_marker(tmp_pat
     r = invoke("run", str(manifest), "--model", "tiny", "--out", str(out), "--shard", "1/3")
     assert "0 to make" in r.output and "every shard is done" in r.output, r.output
     assert json.loads((out / "summary.json").read_text())["complete"] is True
+
+
+def test_status_while_one_shard_runs_names_the_shards_without_a_run(tmp_path):
+    from batchsd.job.layout import RunLayout
+    from batchsd.job.lock import out_dir_lock
+
+    manifest = write_manifest(tmp_path / "m.csv", 6)
+    out = tmp_path / "out"
+    invoke("run", str(manifest), "--model", "tiny", "--out", str(out), "--shard", "0/3")
+    lay = RunLayout(out, ShardSpec(0, 3, "test"))
+    with out_dir_lock(out, lay.lock_path):                  # shard 0 "running"; shards 1 and 2 never started
+        r = invoke("status", str(out))
+    assert r.exit_code == 3 and "shard(s) 0 are in progress" in r.output
+    idle = [str(k) for k in (1, 2) if any(shard_of(i, 3) == k for i in [f"r{j:02d}" for j in range(6)] + ["bad"])]
+    assert idle and f"shard(s) {', '.join(idle)} have rows to make and no run: start them" in " ".join(r.output.split())
