@@ -228,8 +228,10 @@ class RunSession:
         from batchsd.job.resume import row_states
 
         job = self.job
-        rows = job.whole_job_rows()
         prior = read_prior(job.out_dir)
+        if any(rid not in prior for rid in job.job_ids):
+            return False        # rows no run has made yet (other shards at work): no need to read more
+        rows = job.whole_job_rows()
         made_with = self.made_with.models_only() if self.made_with is not None else None
         states = row_states(rows, prior, job.out_dir, made_with=made_with, save_latents=self.opts.save_latents)
         why_not = merge_job_results(job.out_dir, job.shard.count, rows, states, prior, schema=self.journal.schema,
