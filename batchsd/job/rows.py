@@ -29,11 +29,14 @@ _ID_BAD_CHAR_RE = re.compile(r"[^A-Za-z0-9._-]")
 
 
 def _portable(conditioning: dict[str, Any]) -> dict[str, Any]:
-    """The conditioning with its files named by content: a LoRA as (multiplier, sha256), an embedding
-    as (name, sha256), the name being what a prompt calls it (loras.row_set, embeddings.py)."""
+    """The conditioning with its files named by content: a LoRA as (multiplier, its A1111 hash, the
+    sha256 of its safetensors header, where a PEFT file's alpha is), an embedding as (name, sha256),
+    the name being what a prompt calls it (loras.row_set, embeddings.py)."""
     out = dict(conditioning)
-    if "loras" in out:
-        out["loras"] = [[multiplier, digest] for _, multiplier, digest in out["loras"]]
+    if out.get("loras"):
+        from batchsd.model.lora_files import lora_header_sha256
+
+        out["loras"] = [[multiplier, digest, lora_header_sha256(path)] for path, multiplier, digest in out["loras"]]
     if "embeddings" in out:
         out["embeddings"] = [[Path(path).stem, digest] for path, _, digest in out["embeddings"]]
     return out

@@ -20,8 +20,10 @@ goes in a model is lora.py's business.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,6 +181,25 @@ def read_lora(path: str | Path) -> LoraFile:
         raise LoraError(f"LoRA file {path}: {len(unpaired or unknown) or 'no'} {what}"
                         + (f" (first: {', '.join(shown)})" if shown else " and no LoRA layers"))
     return LoraFile(path, tuple(layers))
+
+
+def lora_header_sha256(path: str | Path) -> str | None:
+    """sha256 of a .safetensors file's JSON header (None for other files, whose lora_hash covers the
+    whole file). The header holds what lora_hash leaves out and a PEFT file's alpha lives in
+    (`lora_adapter_metadata`), so a resume key needs both. Cached per file version."""
+    if Path(path).suffix != ".safetensors":
+        return None
+    try:
+        stat = os.stat(path)
+        return _header_sha256(str(path), stat.st_mtime_ns, stat.st_size)
+    except OSError:
+        return None          # gone since the row was read: loading it says so
+
+
+@functools.lru_cache(maxsize=256)
+def _header_sha256(path: str, mtime_ns: int, size: int) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read(int.from_bytes(f.read(8), "little"))).hexdigest()
 
 
 def lora_hash(path: str | Path) -> str:

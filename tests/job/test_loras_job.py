@@ -226,3 +226,22 @@ def test_a_job_moved_to_another_folder_makes_the_same_bytes(monkeypatch, tiny_pi
         table = pq.read_table(folder / "out" / "results.parquet").to_pandas().set_index("id")
         outputs.append(table["params_hash"].to_dict())
     assert outputs[0] == outputs[2] and outputs[1] == outputs[3] and len(outputs[0]) == 2
+
+
+def test_loras_with_the_same_tensors_and_another_alpha_are_other_parameters(tmp_path):
+    """A PEFT file keeps its alpha in the safetensors header, which A1111's LoRA hash leaves out: the
+    resume key reads the header too."""
+    from ref_lora import write_peft_lora
+
+    folder = tmp_path / "lora"
+    folder.mkdir()
+    unet, clip = build_reference_unet(TINY.unet, 1), build_reference_clip(TINY.clip, 2)
+    write_peft_lora(folder / "soft.safetensors", unet, {"text_encoder": clip}, alpha=1.0, seed=3)
+    write_peft_lora(folder / "strong.safetensors", unet, {"text_encoder": clip}, alpha=64.0, seed=3)
+    path = tmp_path / "m.csv"
+    path.write_text("id,prompt,seed,steps,width,height,loras\nsoft,a cat,1,2,64,64,soft\nstrong,a cat,1,2,64,64,strong\n")
+    m = read_manifest(path, ManifestOptions(lora_dir=folder))
+    assert not m.problems
+    soft, strong = m.rows
+    assert soft.conditioning["loras"][0][2] == strong.conditioning["loras"][0][2]      # the same A1111 hash
+    assert soft.params_hash() != strong.params_hash()
