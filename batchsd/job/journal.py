@@ -140,10 +140,11 @@ class Journal:
         return part_files(self.parts_dir)
 
     def _quarantine_foreign_parts(self) -> None:
-        """Rename the readable part-named files that are not ours (one footer read per part)."""
+        """Rename the readable part-named files that are not ours; list those that cannot be read
+        whole (decoded, as read_prior and compaction read them: a damaged column is found too)."""
         for path in self.part_files().values():
             try:
-                reason = foreign_part_reason(pq.read_schema(path))
+                reason = foreign_part_reason(pq.read_table(path).schema)
             except Exception as e:  # noqa: BLE001 - unreadable: left alone (see _latest_table), reported
                 self.unreadable.append((path, f"{type(e).__name__}: {e}"))
                 continue
@@ -331,8 +332,10 @@ def read_prior(out_dir: Path, parts_dirs: Sequence[Path] | None = None) -> dict[
                 part_schema = pq.read_schema(path)
                 if foreign_part_reason(part_schema) is not None:
                     continue            # not ours (the Journal that owns the folder renames it)
-                names = part_schema.names
-                t = pq.read_table(path, columns=[c for c in RESUME_COLUMNS if c in names])
+                # every column decoded, not only the resume columns: a part whose other columns are
+                # damaged must be skipped here too (its rows made again), as compaction and the
+                # merge skip it, never counted done with a record nothing else can read
+                t = pq.read_table(path)
             except Exception:  # noqa: BLE001
                 continue
             cols = {c: t.column(c).to_pylist() if c in t.column_names else [None] * t.num_rows

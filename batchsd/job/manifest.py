@@ -613,6 +613,11 @@ def read_manifest(path, options: ManifestOptions | None = None) -> Manifest:
                     i + 1, "strength", "strength is set but init_image is empty; strength only applies "
                     "to img2img: give an init_image or leave strength empty"))
             continue
+        if "\0" in init or _URL_RE.match(init):
+            why = ("holds a NUL character, which no file path can" if "\0" in init else
+                   f"{init[:80]!r} is a URL: batchsd reads init images from files only; download it and give its path")
+            bad.setdefault(i, []).append(ManifestProblem(i + 1, "init_image", why))
+            continue
         init_paths[i] = os.path.abspath(os.path.join(base, os.path.expanduser(init)))
         if strength is None:
             strengths[i] = strength = DEFAULT_STRENGTH
@@ -692,9 +697,21 @@ def _empty_as_null(arr):
     return pc.if_else(pc.equal(arr, ""), pa.scalar(None, arr.type), arr)
 
 
+_URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+://")   # http://, https://, s3://, file://... (not C:\\ paths)
+
+
 def _no_denoise_steps_message(steps: int, strength: float) -> str:
-    min_steps = math.ceil(1 / strength)
-    while img2img_steps(min_steps, strength) < 1:
-        min_steps += 1
-    return (f"steps={steps} with strength={strength:g} runs int({steps}*{strength:g}) = 0 denoising steps; "
-            f"raise strength to at least {1 / steps:.4g} or steps to at least {min_steps}")
+    """The problem of a row whose steps * strength < 1, with fixes that work: the strength rounded up
+    (4 significant digits) so that int(steps * strength) >= 1, and a step count only within 1..MAX_STEPS."""
+    scale = 10.0 ** (3 - math.floor(math.log10(1 / steps)))
+    need = math.ceil(scale / steps) / scale
+    while img2img_steps(steps, need) < 1:
+        need += 1 / scale
+    fix = f"raise strength to at least {need:.4g}"
+    if strength > 0 and 1 / strength <= MAX_STEPS:     # else no step count in range gives a step
+        n = max(steps + 1, math.ceil(1 / strength))
+        while n <= MAX_STEPS and img2img_steps(n, strength) < 1:
+            n += 1
+        if n <= MAX_STEPS:
+            fix += f" or steps to at least {n}"
+    return f"steps={steps} with strength={strength!r} runs int({steps} * strength) = 0 denoising steps; {fix}"

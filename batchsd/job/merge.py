@@ -31,7 +31,7 @@ from batchsd.job.layout import (WEBDATASET_SIZES_FILE, WEBDATASET_STATS_SUFFIX, 
 from batchsd.job.resume import MAKE
 from batchsd.job.rows import JobRow
 from batchsd.job.run_meta import read_summary, write_summary
-from batchsd.job.schema import now_utc, overlay_extras
+from batchsd.job.schema import MANIFEST_NAMES, RESULT_NAMES, now_utc, overlay_extras
 from batchsd.job.shards import ShardSpec, shard_of
 
 
@@ -71,9 +71,13 @@ def merge_job_results(out_dir: Path, count: int, rows: Sequence[JobRow], states:
     by_journal: dict[str, list[str]] = {}
     for r in rows:
         by_journal.setdefault(prior[r.id].parts_dir, []).append(r.id)
-    table = pa.concat_tables([latest_records(Path(d), schema, ids) for d, ids in by_journal.items()],
-                             promote_options="permissive")
+    tables = [latest_records(Path(d), schema, ids) for d, ids in by_journal.items()]
+    if extras is not None:   # pass-through columns come from the manifest: the records' (of any type) are dropped
+        tables = [t.select([c for c in t.column_names if c in MANIFEST_NAMES or c in RESULT_NAMES]) for t in tables]
+    table = pa.concat_tables(tables, promote_options="permissive")
     where = {rid: i for i, rid in enumerate(table.column("id").to_pylist())}
+    if lost := [r.id for r in rows if r.id not in where]:    # a part read a moment ago is gone (compacted)
+        return f"the records of {len(lost)} row(s) ({', '.join(lost[:3])}) changed while merging; run status again"
     table = table.take(pa.array([where[r.id] for r in rows], type=pa.int64()))
     if extras is not None:
         table = overlay_extras(table, extras)

@@ -32,7 +32,7 @@ from batchsd.job.layout import check_plain_folders, check_shard_count, job_summa
 from batchsd.job.lock import out_dir_lock
 from batchsd.job.options import RunOptions, RunSummary, UsageError, summary_record
 from batchsd.job.outputs.claim import claim_output
-from batchsd.job.present import stray_images
+from batchsd.job.present import existing_files, stray_images
 from batchsd.job.progress import RunProgress
 from batchsd.job.reader import Job
 from batchsd.job.model_choice import prediction_type_override
@@ -131,9 +131,31 @@ class RunSession:
         self.todo, self.summary.skipped, self.summary.previously_failed = decide(
             job.rows, prior, job.out_dir, made_with=made_with, save_latents=opts.save_latents,
             overwrite=opts.overwrite, retry_errors=opts.retry_errors, verify=opts.verify)
+        self._keep_rows_whose_init_image_went(prior)
         adopt_records(self.journal, job.rows, self.todo, prior)
         self.failing = [(r, job.row_errors[r.id]) for r in self.todo if r.id in job.row_errors]
         self.runnable = [r for r in self.todo if r.id not in job.row_errors]
+
+    def _keep_rows_whose_init_image_went(self, prior: dict) -> None:
+        """A row made earlier whose init image cannot be read now (moved, deleted, a share that is
+        down) cannot be checked against it, nor made again: its ok record and image are kept (counted
+        as skipped, with a warning) rather than replaced by an error record, which in a shard format
+        would take the image out of its shard. --overwrite fails them as any unreadable row."""
+        job = self.job
+        if self.opts.overwrite:
+            return
+        candidates = [r for r in self.todo if r.id in job.row_errors and (rec := prior.get(r.id)) is not None
+                      and rec.status == "ok" and rec.image_path]
+        present = existing_files(job.out_dir, [prior[r.id].image_path for r in candidates]) if candidates else set()
+        kept = {r.id for r in candidates if prior[r.id].image_path in present}
+        if not kept:
+            return
+        self.todo = [r for r in self.todo if r.id not in kept]
+        self.summary.skipped += len(kept)
+        first = next(r for r in candidates if r.id in kept)
+        self.console.print(f"[yellow]warning:[/yellow] {len(kept)} row(s) made earlier have an init image that cannot "
+                           f"be read now (e.g. {escape(first.id)}: {escape(job.row_errors[first.id])}); their images are "
+                           "kept as made, unchecked: restore the files to let resume check them")
 
     def _check_same_job(self) -> None:
         """An output folder holds one manifest's job: refuse one that holds another's (two

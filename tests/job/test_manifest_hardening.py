@@ -582,3 +582,24 @@ def test_part_named_fifo_or_folder_is_ignored(tmp_path, no_hang):
     assert set(reopened.part_files()) == {0} and set(read_prior(tmp_path)) == {"a"}
     reopened.append([record("b")])                            # a new part never lands on them
     assert reopened.compact() == 1 and set(read_prior(tmp_path)) == {"a", "b"}
+
+
+def test_init_image_urls_nul_characters_and_tiny_strengths_are_row_problems(tmp_path):
+    """No traceback and no endless loop: each is a problem of its row, with a fix that works."""
+    from batchsd.job.manifest import read_manifest
+    from batchsd.model.request import img2img_steps
+
+    table = pa.table({"id": ["zero", "url", "tiny", "denormal", "close", "ok"],
+                      "prompt": ["p"] * 6,
+                      "init_image": ["a\0.png", "https://example.com/a.png", "a.png", "a.png", "a.png", None],
+                      "strength": [0.5, 0.5, 1e-300, 5e-324, 0.3333, None],
+                      "steps": [2, 2, 2, 2, 3, 2]})
+    pq.write_table(table, tmp_path / "m.parquet")
+    m = read_manifest(tmp_path / "m.parquet")
+    found = {(p.row, p.column): p.message for p in m.problems}
+    assert set(found) == {(1, "init_image"), (2, "init_image"), (3, "strength"), (4, "strength"), (5, "strength")}
+    assert "NUL" in found[(1, "init_image")] and "is a URL" in found[(2, "init_image")]
+    assert "raise strength to at least 0.5" in found[(3, "strength")] and "steps to" not in found[(3, "strength")]
+    assert "raise strength to at least 0.3334 or steps to at least 4" in found[(5, "strength")]
+    assert img2img_steps(3, 0.3334) == 1 and img2img_steps(4, 0.3333) == 1
+    assert [r.id for r in m.rows] == ["ok"]

@@ -384,3 +384,27 @@ def test_one_run_per_output_folder(tmp_path):
     assert r.exit_code == 2 and "another batchsd run is writing to" in r.output
     assert not (out / "images").exists()
     assert invoke("run", str(manifest), "--model", "tiny", "--out", str(out)).exit_code == 0  # released
+
+
+@pytest.mark.parametrize("fmt", ["files", "parquet"])
+def test_a_made_row_whose_init_image_went_keeps_its_image(tmp_path, fmt):
+    """An init image moved away after its row was made: the rerun keeps the row's result and image
+    (a warning says so) instead of failing it over finished work; --overwrite fails it."""
+    Image.new("RGB", (64, 64), (10, 120, 200)).save(tmp_path / "a.png")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("id,prompt,init_image,strength,steps,width,height\na1,x,a.png,0.5,2,64,64\nt1,z,,,2,64,64\n")
+    out = tmp_path / "out"
+    args = ("run", str(manifest), "--model", "tiny", "--out", str(out), "--format", fmt)
+    assert invoke(*args).exit_code == 0
+    before = results_df(out)
+    files = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and ".batchsd" not in p.parts
+             and p.suffix in (".png", ".parquet") and p.name != "results.parquet"}
+    (tmp_path / "a.png").rename(tmp_path / "a.png.moved")
+    r = invoke(*args)
+    assert r.exit_code == 0 and "have an init image that cannot be read now" in r.output, r.output
+    assert "0 to make" in r.output
+    after = results_df(out)
+    assert after.loc["a1", "status"] == "ok" and after.loc["a1", "image_sha256"] == before.loc["a1", "image_sha256"]
+    assert {p: (out / p).read_bytes() for p in files} == files
+    r = invoke(*args, "--overwrite")
+    assert r.exit_code == 1 and results_df(out).loc["a1", "status"] == "error"
