@@ -323,3 +323,24 @@ def test_unreadable_part_is_skipped_not_deleted(tmp_path):
     j2.compact()
     assert bad.exists()
     assert list(pd.read_parquet(tmp_path / layout.RESULTS_FILE)["id"]) == ["a", "b"]
+
+
+def test_a_part_with_a_damaged_column_is_unreadable_everywhere(tmp_path):
+    """Damage inside a column chunk that the resume columns do not read (the prompt's): the part is
+    listed for the warning and skipped by read_prior as by compaction, so its rows are made again,
+    never counted done with a record the results cannot hold."""
+    j = Journal(tmp_path, results_schema({}), ["a", "b"])
+    j.append([result("a", prompt="x" * 5000)])
+    part = layout.RunLayout(tmp_path).parts_dir / "part-00000000.parquet"
+    meta = pq.ParquetFile(part).metadata.row_group(0)
+    prompt = next(meta.column(i) for i in range(meta.num_columns) if meta.column(i).path_in_schema == "prompt")
+    data = bytearray(part.read_bytes())
+    start = prompt.data_page_offset + 20
+    data[start:start + 40] = b"\xab" * 40
+    part.write_bytes(bytes(data))
+    with pytest.raises(Exception):
+        pq.read_table(part)
+    assert pq.read_table(part, columns=["id", "status"]).num_rows == 1      # the resume columns still read
+    j2 = Journal(tmp_path, results_schema({}), ["a", "b"])
+    assert [p for p, _ in j2.unreadable] == [part]
+    assert read_prior(tmp_path) == {}
