@@ -92,9 +92,10 @@ def merge_job_results(out_dir: Path, count: int, rows: Sequence[JobRow], states:
     statuses = table.column("status").to_pylist()
     ok, failed = statuses.count("ok"), statuses.count("error")
     elapsed = sum(float(s.get("elapsed_s") or 0) for s in shard_summaries)
-    made = sum(int(s.get("ok") or 0) for s in shard_summaries)
-    models = list({(m.get("name"), m.get("sha256")): m for s in [summary, *shard_summaries]
-                   for m in (s.get("models") or []) if isinstance(m, dict)}.values())   # first use first
+    made_ok = sum(int(s.get("ok") or 0) for s in shard_summaries)
+    made = [(name, sha) for name, sha, status in zip(*(table.column(c).to_pylist() for c in ("model", "model_sha256",
+                                                                                             "status"))) if status == "ok"]
+    models = [{"name": name, "sha256": sha} for name, sha in dict.fromkeys(made)]   # the table's, first use first
     write_summary(job_summary_path(out_dir), {
         **summary,
         "results": str(job_results_path(out_dir)), "shard_index": None, "shard_count": count,
@@ -102,7 +103,7 @@ def merge_job_results(out_dir: Path, count: int, rows: Sequence[JobRow], states:
         "model_sha256": models[0].get("sha256") if len(models) == 1 else None, "models": models,
         # the whole job's table: ok and failed rows; nothing skipped or pending once merged
         "rows": table.num_rows, "ok": ok, "failed": failed, "skipped": 0, "previously_failed": 0, "pending": 0,
-        "elapsed_s": round(elapsed, 3), "images_per_s": round(made / elapsed, 4) if elapsed > 0 else 0.0,
+        "elapsed_s": round(elapsed, 3), "images_per_s": round(made_ok / elapsed, 4) if elapsed > 0 else 0.0,
         "finished_at": now_utc().isoformat(), "exit_code": 1 if failed else 0,
     })
     return None

@@ -249,7 +249,15 @@ class RunSession:
         from batchsd.job.merge import merge_job_results
         from batchsd.job.resume import row_states
 
+        from batchsd.job.layout import RunLayout
+        from batchsd.job.lock import is_locked
+        from batchsd.job.shards import ShardSpec
+
         job = self.job
+        others = [RunLayout(job.out_dir, ShardSpec(i, job.shard.count, "merge")) for i in range(job.shard.count)
+                  if i != job.shard.index]
+        if any(is_locked(lay.lock_path) for lay in others):
+            return False        # another shard is running (it may be remaking rows): it merges when it ends
         prior = read_prior(job.out_dir)
         if any(rid not in prior for rid in job.job_ids):
             return False        # rows no run has made yet (other shards at work): no need to read more

@@ -168,7 +168,7 @@ def collect_status(out_dir: Path, manifest: Path | None = None, limit: int | Non
     _count_dataset_shards(report, out_dir)
     report.merged = job_results_path(out_dir).is_file() and count == 1
     if count > 1:
-        report.merged = merged_is_whole(out_dir, [r.id for r in rows])
+        report.merged = not overall.missing and merged_is_whole(out_dir, [r.id for r in rows])
         if merge and not overall.missing and not report.running:   # written again: it may predate a later run
             from batchsd.job.schema import results_schema
 

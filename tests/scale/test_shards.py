@@ -335,3 +335,21 @@ def test_status_while_one_shard_runs_names_the_shards_without_a_run(tmp_path):
     assert r.exit_code == 3 and "shard(s) 0 are in progress" in r.output
     idle = [str(k) for k in (1, 2) if any(shard_of(i, 3) == k for i in [f"r{j:02d}" for j in range(6)] + ["bad"])]
     assert idle and f"shard(s) {', '.join(idle)} have rows to make and no run: start them" in " ".join(r.output.split())
+
+
+def test_a_pass_through_column_that_changed_type_between_shards_merges(tmp_path):
+    out, path = tmp_path / "out", tmp_path / "m.parquet"
+    rows = dict(id=[f"r{i}" for i in range(4)], prompt=["a cat"] * 4, seed=[1, 2, 3, 4], steps=[2] * 4,
+                width=[64] * 4, height=[64] * 4)
+    pd.DataFrame({**rows, "note": ["x", "y", "z", "w"]}).to_parquet(path)
+    assert invoke("run", str(path), "--model", "tiny", "--out", str(out), "--shard", "0/2").exit_code == 0
+    pd.DataFrame({**rows, "note": [1, 2, 3, 4]}).to_parquet(path)
+    r = invoke("run", str(path), "--model", "tiny", "--out", str(out), "--shard", "1/2")
+    assert r.exit_code == 0 and "every shard is done" in r.output, r.output
+    merged = pd.read_parquet(out / "results.parquet")
+    assert merged["note"].tolist() == [1, 2, 3, 4]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["models"] == [{"name": "tiny-random", "sha256": None}]
+    pd.DataFrame({**rows, "prompt": ["a dog"] + ["a cat"] * 3, "note": [1, 2, 3, 4]}).to_parquet(path)
+    report = json.loads(invoke("status", str(out), "--json").output)
+    assert report["overall"]["missing"] == 1 and report["merged"] is False
