@@ -197,17 +197,24 @@ def _size_parser(name: str) -> Callable:
     return parse
 
 
+def _shown(v, limit: int = 80) -> str:
+    """A value as a problem shows it: its repr, cut to `limit` characters (an embedded image's bytes
+    would fill the terminal)."""
+    text = repr(v)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _text_parser(fix: str, blank_is_empty: bool = False) -> Callable:
     def parse(v):
         if not isinstance(v, str):
-            raise _Bad(f"{v!r} ({type(v).__name__}) is not text; {fix}")
+            raise _Bad(f"{_shown(v)} ({type(v).__name__}) is not text; {fix}")
         return None if blank_is_empty and not v.strip() else v
     return parse
 
 
 def _parse_prompt(v):
     if not isinstance(v, str):
-        raise _Bad(f"{v!r} ({type(v).__name__}) is not text; write the prompt as text")
+        raise _Bad(f"{_shown(v)} ({type(v).__name__}) is not text; write the prompt as text")
     return v if v.strip() else None
 
 
@@ -223,7 +230,7 @@ def _parse_id(v):
             raise _Bad(f"{v!r} is not a usable id; write ids as text")
         return str(int(v))
     if not isinstance(v, str):
-        raise _Bad(f"{v!r} ({type(v).__name__}) is not text; write the id as text")
+        raise _Bad(f"{_shown(v)} ({type(v).__name__}) is not text; write the id as text")
     return v if v.strip() else None
 
 
@@ -576,7 +583,8 @@ def read_manifest(path, options: ManifestOptions | None = None) -> Manifest:
     samplers = column("sampler", _sampler_parser(resolve_sampler), DEFAULT_SAMPLER)
     widths = column("width", _size_parser("width"))
     heights = column("height", _size_parser("height"))
-    inits = column("init_image", _text_parser("write the init image's path as text", blank_is_empty=True))
+    inits = column("init_image", _text_parser("write the init image's path as text (images embedded in the "
+                                              "manifest are not read: save each to a file)", blank_is_empty=True))
     strengths = column("strength", _float_parser(lambda x: 0 < x <= 1,
                                                  "use a number with 0 < strength <= 1 (e.g. 0.75)"))
     counts = column(N_IMAGES, _int_parser(1, MAX_N_IMAGES, f"use a whole number from 1 to {MAX_N_IMAGES:,} "

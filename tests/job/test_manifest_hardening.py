@@ -603,3 +603,14 @@ def test_init_image_urls_nul_characters_and_tiny_strengths_are_row_problems(tmp_
     assert "raise strength to at least 0.3334 or steps to at least 4" in found[(5, "strength")]
     assert img2img_steps(3, 0.3334) == 1 and img2img_steps(4, 0.3333) == 1
     assert [r.id for r in m.rows] == ["ok"]
+
+
+def test_an_image_embedded_in_init_image_is_shown_short(tmp_path):
+    from batchsd.job.manifest import read_manifest
+
+    png = b"\x89PNG" + bytes(range(256)) * 40
+    pq.write_table(pa.table({"prompt": ["x", "y"], "init_image": pa.array([{"bytes": png, "path": None}] * 2)}),
+                   tmp_path / "m.parquet")
+    m = read_manifest(tmp_path / "m.parquet")
+    assert [(p.row, p.column) for p in m.problems] == [(1, "init_image"), (2, "init_image")]
+    assert all(len(p.message) < 400 and "save each to a file" in p.message for p in m.problems)
