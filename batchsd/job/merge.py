@@ -28,6 +28,7 @@ from batchsd.job.atomic import atomic_write_bytes, atomic_write_table
 from batchsd.job.journal import PriorRecord, latest_records
 from batchsd.job.layout import (WEBDATASET_SIZES_FILE, WEBDATASET_STATS_SUFFIX, RunLayout, job_results_path,
                                 job_summary_path)
+from batchsd.job.present import existing_files
 from batchsd.job.resume import MAKE
 from batchsd.job.rows import JobRow
 from batchsd.job.run_meta import read_summary, write_summary
@@ -49,11 +50,13 @@ def merged_is_whole(out_dir: Path, ids: Sequence[str]) -> bool:
 
 def merge_job_results(out_dir: Path, count: int, rows: Sequence[JobRow], states: Sequence[str],
                       prior: dict[str, PriorRecord], *, schema: pa.Schema, extras: pa.Table | None,
-                      summary: dict | None) -> str | None:
+                      summary: dict | None, beyond_limit_ids: Sequence[str] = ()) -> str | None:
     """Write the whole job's results.parquet and summary.json (module docstring). `rows`: the job's rows
     (every shard's, after --limit, sizes resolved); `states`: resume.row_states of them over every
     journal (`prior`: read_prior of the folder); `summary`: a run's summary_record to take the
-    run-level keys from (None: the newest shard's done marker). Returns None when written, else why not."""
+    run-level keys from (None: the newest shard's done marker); `beyond_limit_ids`: the manifest rows
+    --limit leaves out, whose latest records the table keeps too (an error, or ok with its image in
+    place), as an unsharded run's compaction does. Returns None when written, else why not."""
     out_dir = Path(out_dir)
     to_make = [r for r, state in zip(rows, states) if state == MAKE]
     if to_make:
@@ -68,17 +71,21 @@ def merge_job_results(out_dir: Path, count: int, rows: Sequence[JobRow], states:
         if not shard_summaries:
             return "no shard has finished a run yet"
         summary = max(shard_summaries, key=lambda s: str(s.get("finished_at", "")))
+    more = [rid for rid in beyond_limit_ids if rid in prior]
+    ok_paths = {rid: prior[rid].image_path for rid in more if prior[rid].status == "ok"}
+    present = existing_files(out_dir, [p for p in ok_paths.values() if p])
+    ids = [r.id for r in rows] + [rid for rid in more if rid not in ok_paths or ok_paths[rid] in present]
     by_journal: dict[str, list[str]] = {}
-    for r in rows:
-        by_journal.setdefault(prior[r.id].parts_dir, []).append(r.id)
+    for rid in ids:
+        by_journal.setdefault(prior[rid].parts_dir, []).append(rid)
     tables = [latest_records(Path(d), schema, ids) for d, ids in by_journal.items()]
     if extras is not None:   # pass-through columns come from the manifest: the records' (of any type) are dropped
         tables = [t.select([c for c in t.column_names if c in MANIFEST_NAMES or c in RESULT_NAMES]) for t in tables]
     table = pa.concat_tables(tables, promote_options="permissive")
     where = {rid: i for i, rid in enumerate(table.column("id").to_pylist())}
-    if lost := [r.id for r in rows if r.id not in where]:    # a part read a moment ago is gone (compacted)
+    if lost := [rid for rid in ids if rid not in where]:    # a part read a moment ago is gone (compacted)
         return f"the records of {len(lost)} row(s) ({', '.join(lost[:3])}) changed while merging; run status again"
-    table = table.take(pa.array([where[r.id] for r in rows], type=pa.int64()))
+    table = table.take(pa.array([where[rid] for rid in ids], type=pa.int64()))
     if extras is not None:
         table = overlay_extras(table, extras)
     if _same_table(job_results_path(out_dir), table) and read_summary(job_summary_path(out_dir)) is not None:
@@ -89,12 +96,12 @@ def merge_job_results(out_dir: Path, count: int, rows: Sequence[JobRow], states:
     settings = output_settings(out_dir) or {}
     if settings.get("format") == "webdataset":
         write_webdataset_sizes(RunLayout(out_dir).webdataset_dir)
-    statuses = table.column("status").to_pylist()
+    statuses = table.column("status").to_pylist()[:len(rows)]     # the job's rows (not those beyond --limit)
     ok, failed = statuses.count("ok"), statuses.count("error")
     elapsed = sum(float(s.get("elapsed_s") or 0) for s in shard_summaries)
     made_ok = sum(int(s.get("ok") or 0) for s in shard_summaries)
-    made = [(name, sha) for name, sha, status in zip(*(table.column(c).to_pylist() for c in ("model", "model_sha256",
-                                                                                             "status"))) if status == "ok"]
+    made = [(name, sha) for name, sha, status in zip(*(table.column(c).to_pylist()[:len(rows)]
+                                                       for c in ("model", "model_sha256", "status"))) if status == "ok"]
     models = [{"name": name, "sha256": sha} for name, sha in dict.fromkeys(made)]   # the table's, first use first
     write_summary(job_summary_path(out_dir), {
         **summary,
@@ -102,7 +109,7 @@ def merge_job_results(out_dir: Path, count: int, rows: Sequence[JobRow], states:
         "model": models[0].get("name") if len(models) == 1 else None,
         "model_sha256": models[0].get("sha256") if len(models) == 1 else None, "models": models,
         # the whole job's table: ok and failed rows; nothing skipped or pending once merged
-        "rows": table.num_rows, "ok": ok, "failed": failed, "skipped": 0, "previously_failed": 0, "pending": 0,
+        "rows": len(rows), "ok": ok, "failed": failed, "skipped": 0, "previously_failed": 0, "pending": 0,
         "elapsed_s": round(elapsed, 3), "images_per_s": round(made_ok / elapsed, 4) if elapsed > 0 else 0.0,
         "finished_at": now_utc().isoformat(), "exit_code": 1 if failed else 0,
     })

@@ -265,5 +265,6 @@ class RunSession:
         made_with = self.made_with.models_only() if self.made_with is not None else None
         states = row_states(rows, prior, job.out_dir, made_with=made_with, save_latents=self.opts.save_latents)
         why_not = merge_job_results(job.out_dir, job.shard.count, rows, states, prior, schema=self.journal.schema,
-                                    extras=job.manifest.extras, summary=record)
+                                    extras=job.manifest.extras, summary=record,
+                                    beyond_limit_ids=[r.id for r in job.manifest.rows[len(job.job_ids):]])
         return why_not is None   # else `batchsd status` says which shards have rows to make

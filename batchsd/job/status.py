@@ -173,7 +173,8 @@ def collect_status(out_dir: Path, manifest: Path | None = None, limit: int | Non
             from batchsd.job.schema import results_schema
 
             why_not = merge_job_results(out_dir, count, rows, states, prior, schema=results_schema(whole.extra_types),
-                                        extras=whole.extras, summary=None)
+                                        extras=whole.extras, summary=None,
+                                        beyond_limit_ids=[r.id for r in whole.rows[len(rows):]])
             report.merged = report.merged or why_not is None
     return report
 

@@ -311,6 +311,13 @@ def test_a_merged_limited_job_is_not_complete(tmp_path):
         invoke("run", str(manifest), "--model", "tiny", "--out", str(out), "--shard", f"{k}/2", "--limit", "4")
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["complete"], summary["limit"], summary["beyond_limit"], summary["rows"]) == (False, 4, 3, 4)
+    # the whole manifest made, then one shard run again with --limit: the table keeps every made row
+    full = tmp_path / "full"
+    for k in range(2):
+        invoke("run", str(manifest), "--model", "tiny", "--out", str(full), "--shard", f"{k}/2")
+    invoke("run", str(manifest), "--model", "tiny", "--out", str(full), "--shard", "1/2", "--limit", "2")
+    assert len(pd.read_parquet(full / "results.parquet")) == 7
+    assert json.loads((full / "summary.json").read_text())["rows"] == 2
 
 
 def test_a_shard_run_in_a_finished_unsharded_folder_leaves_a_done_marker(tmp_path):
