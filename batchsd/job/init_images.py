@@ -117,8 +117,12 @@ def _open_guarded(f: BinaryIO, path: str) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise InputError(f"init image {path} is too large to decode safely (more than "
                          f"{MAX_INIT_IMAGE_PIXELS:,} pixels); resize it first") from None
-    except (Image.UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise InputError(f"init image {path} cannot be read as an image ({e}); "
+    except Image.UnidentifiedImageError:   # its message names the file object, not the file
+        empty = os.fstat(f.fileno()).st_size == 0 if hasattr(f, "fileno") else False
+        raise InputError(f"init image {path!r} {'is empty' if empty else 'is not an image file PIL can read'}; "
+                         "use a PNG, JPEG or WebP file") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise InputError(f"init image {path!r} cannot be read as an image ({e}); "
                          "use a PNG, JPEG or WebP file") from None
     width, height = image.size
     if width * height > MAX_INIT_IMAGE_PIXELS:

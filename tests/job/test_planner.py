@@ -68,7 +68,11 @@ def test_missing_and_corrupt_images_fail_their_rows_only(tmp_path):
     assert [r.index for r in resolved] == [1, 5]
     assert set(failures) == {0, 2, 3, 4}
     assert "not found" in failures[0] and "missing.png" in failures[0] and "manifest's folder" in failures[0]
-    assert "cannot be read as an image" in failures[2] and "cannot be read as an image" in failures[3]
+    assert "is not an image file PIL can read" in failures[2] and "is not an image file PIL can read" in failures[3]
+    assert "BufferedReader" not in failures[2]                       # PIL's message names a file object
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    assert "is empty" in resolve_image_sizes([job(0, None, None, init=str(empty))])[1][0]
     assert "folder" in failures[4]
 
 
