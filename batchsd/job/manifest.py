@@ -387,6 +387,25 @@ class _BadRows(Exception):
         self.problems = problems
 
 
+def _check_closed_quote(path: Path, table: pa.Table) -> None:
+    """_BadRows when the file ends inside a quoted field: the CSV reader takes an unclosed quote as
+    running to the end of the file, so the rows after it would silently become part of one value.
+    Such a field is the last row's last value, and the file then ends with '"' + that value (quotes
+    doubled) where a closed one ends with a quote and at most a line break."""
+    if not table.num_rows or not table.num_columns:
+        return
+    last = table.column(table.num_columns - 1)[table.num_rows - 1].as_py() or ""
+    tail = ('"' + last.replace('"', '""')).encode()
+    with open(path, "rb") as f:
+        f.seek(max(0, path.stat().st_size - len(tail) - 2))
+        end = f.read()
+    if not end.rstrip(b"\r\n").endswith(b'"') and end.endswith(tail):
+        raise _BadRows([ManifestProblem(table.num_rows, table.column_names[-1],
+                                        "opens a quote that is never closed, so the rest of the file was read as this "
+                                        f"one value ({_shown(last, 60)}); close the quote, or write a quote inside a "
+                                        "value as \"\"")])
+
+
 def _read_csv(path: Path) -> pa.Table:
     """A CSV file with every cell as text (empty cells as ""). A row longer than the read block
     (pyarrow: "straddling object ... try to increase block size") is read by retrying with a block
@@ -409,7 +428,9 @@ def _read_csv(path: Path) -> pa.Table:
             names = pacsv.open_csv(path, read_options=read, parse_options=parse).schema.names
             convert = pacsv.ConvertOptions(column_types={n: pa.string() for n in names},
                                            strings_can_be_null=False, quoted_strings_can_be_null=False)
-            return pacsv.read_csv(path, read_options=read, parse_options=parse, convert_options=convert)
+            table = pacsv.read_csv(path, read_options=read, parse_options=parse, convert_options=convert)
+            _check_closed_quote(path, table)
+            return table
         except pa.ArrowInvalid as e:
             if "straddling" in str(e):
                 if block < limit:

@@ -614,3 +614,24 @@ def test_an_image_embedded_in_init_image_is_shown_short(tmp_path):
     m = read_manifest(tmp_path / "m.parquet")
     assert [(p.row, p.column) for p in m.problems] == [(1, "init_image"), (2, "init_image")]
     assert all(len(p.message) < 400 and "save each to a file" in p.message for p in m.problems)
+
+
+@pytest.mark.parametrize("text, row, closed", [
+    ('id,seed,prompt\na,1,a cat\nb,2,"a dog\n', 2, False),
+    ('id,seed,prompt\na,1,a cat\nb,2,"a dog', 2, False),
+    ('id,seed,prompt\na,1,"a cat\nb,2,a dog\n', 1, False),          # would swallow row b without a word
+    ('id,seed,prompt\na,1,a cat\nb,2,"a ""dog"""\n', None, True),
+    ('id,seed,prompt\na,1,a cat\nb,2,a 5" dog\n', None, True),
+    ('id,seed,prompt\na,1,a cat\nb,2,"two\nlines"', None, True),
+])
+def test_a_quote_never_closed_at_the_end_of_a_csv_is_a_problem(tmp_path, text, row, closed):
+    from batchsd.job.manifest import read_manifest
+
+    path = tmp_path / "m.csv"
+    path.write_text(text)
+    m = read_manifest(path)
+    if closed:
+        assert not m.problems and len(m.rows) == 2
+    else:
+        assert [(p.row, p.column) for p in m.problems] == [(row, "prompt")]
+        assert "never closed" in m.problems[0].message
