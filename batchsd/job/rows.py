@@ -97,8 +97,8 @@ class JobRow:
                float(self.cfg_scale), self.sampler, self.width, self.height,
                None if self.init_image is None else "init image",
                None if self.strength is None else float(self.strength)]
-        if self.init_image is not None:
-            key.append(self.init_image_sha256)
+        if self.init_image is not None:   # an image that cannot be read has no content hash: its path as written
+            key.append(self.init_image_sha256 or ["unreadable", self.init_image_given])
         if self.conditioning:   # only when given: rows without them keep their v1 keys
             key.append(sorted(_portable(self.conditioning).items()))
         return hashlib.sha256(json.dumps(key, ensure_ascii=False).encode()).hexdigest()

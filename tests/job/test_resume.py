@@ -408,3 +408,14 @@ def test_a_made_row_whose_init_image_went_keeps_its_image(tmp_path, fmt):
     assert {p: (out / p).read_bytes() for p in files} == files
     r = invoke(*args, "--overwrite")
     assert r.exit_code == 1 and results_df(out).loc["a1", "status"] == "error"
+
+
+def test_a_failed_row_repointed_to_another_missing_init_image_is_tried_again(tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("id,prompt,init_image,strength,steps,width,height\na1,x,gone1.png,0.5,2,64,64\n")
+    out = tmp_path / "out"
+    assert invoke("run", str(manifest), "--model", "tiny", "--out", str(out)).exit_code == 1
+    manifest.write_text(manifest.read_text().replace("gone1.png", "gone2.png"))
+    r = invoke("run", str(manifest), "--model", "tiny", "--out", str(out))
+    assert r.exit_code == 1 and "1 to make" in r.output, r.output
+    assert "gone2.png" in results_df(out).loc["a1", "error"]
