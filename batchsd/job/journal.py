@@ -329,15 +329,14 @@ def read_prior(out_dir: Path, parts_dirs: Sequence[Path] | None = None) -> dict[
         mine: dict[str, PriorRecord] = {}
         for seq, path in sorted(part_files(parts_dir).items()):
             try:
-                part_schema = pq.read_schema(path)
-                if foreign_part_reason(part_schema) is not None:
-                    continue            # not ours (the Journal that owns the folder renames it)
                 # every column decoded, not only the resume columns: a part whose other columns are
                 # damaged must be skipped here too (its rows made again), as compaction and the
                 # merge skip it, never counted done with a record nothing else can read
                 t = pq.read_table(path)
             except Exception:  # noqa: BLE001
                 continue
+            if foreign_part_reason(t.schema) is not None:
+                continue                # not ours (the Journal that owns the folder renames it)
             cols = {c: t.column(c).to_pylist() if c in t.column_names else [None] * t.num_rows
                     for c in RESUME_COLUMNS}
             for i, rid in enumerate(cols["id"]):

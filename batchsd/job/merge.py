@@ -78,7 +78,7 @@ def merge_job_results(out_dir: Path, count: int, rows: Sequence[JobRow], states:
     by_journal: dict[str, list[str]] = {}
     for rid in ids:
         by_journal.setdefault(prior[rid].parts_dir, []).append(rid)
-    tables = [latest_records(Path(d), schema, ids) for d, ids in by_journal.items()]
+    tables = [latest_records(Path(d), schema, journal_ids) for d, journal_ids in by_journal.items()]
     if extras is not None:   # pass-through columns come from the manifest: the records' (of any type) are dropped
         tables = [t.select([c for c in t.column_names if c in MANIFEST_NAMES or c in RESULT_NAMES]) for t in tables]
     table = pa.concat_tables(tables, promote_options="permissive")

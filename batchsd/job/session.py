@@ -28,18 +28,19 @@ from rich.markup import escape
 
 from batchsd.job.atomic import remove_stale_temps
 from batchsd.job.journal import Journal, read_prior
-from batchsd.job.layout import check_plain_folders, check_shard_count, job_summary_path
-from batchsd.job.lock import out_dir_lock
+from batchsd.job.layout import RunLayout, check_plain_folders, check_shard_count, job_summary_path
+from batchsd.job.lock import is_locked, out_dir_lock
 from batchsd.job.options import RunOptions, RunSummary, UsageError, summary_record
 from batchsd.job.outputs.claim import claim_output
 from batchsd.job.present import existing_files, stray_images
 from batchsd.job.progress import RunProgress
 from batchsd.job.reader import Job
 from batchsd.job.model_choice import prediction_type_override
-from batchsd.job.resume import RowModels, adopt_records, decide
+from batchsd.job.resume import RowModels, adopt_records, decide, row_states
 from batchsd.job.rows import JobRow
 from batchsd.job.run_meta import clear_summary, read_run_metas, write_run_meta, write_summary
 from batchsd.job.schema import now_utc, results_schema
+from batchsd.job.shards import ShardSpec
 
 # Temp files younger than this in images/ and latents/ may be another live process's (shards and
 # Ray actors share those folders); older ones are a killed run's and are removed.
@@ -247,11 +248,6 @@ class RunSession:
     def _merge(self, record: dict) -> bool:
         """The whole job's results and done marker, when every row of it is done (merge.py)."""
         from batchsd.job.merge import merge_job_results
-        from batchsd.job.resume import row_states
-
-        from batchsd.job.layout import RunLayout
-        from batchsd.job.lock import is_locked
-        from batchsd.job.shards import ShardSpec
 
         job = self.job
         others = [RunLayout(job.out_dir, ShardSpec(i, job.shard.count, "merge")) for i in range(job.shard.count)

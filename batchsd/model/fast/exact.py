@@ -19,16 +19,14 @@ Two halves make it, each with the reason it is needed:
       vectorised body, so the chunk boundaries, i.e. the thread count, move elements between them),
       from ELEMENTWISE_SERIAL elements up (below it ATen runs them on one thread anyway);
     * scaled_dot_product_attention with fewer than FEW_QUERIES query tokens (the 1x1, 1x2 or 1x3
-      middle block of 64 px and of non-square images such as 128x64; fp32 with 1-3 queries over most
-      key counts, e.g. the text's 77, gave other bits at 1, 2, 3 and 4 threads; 4-24 queries at head
-      dims 40-160 and 5-600 keys never did);
+      middle block of 64 px and of non-square images such as 128x64);
     * linear (F.linear, so every nn.Linear) with fewer than LINEAR_PIN_ROWS rows (the tokens times
-      the batch of a small deep level: 3 tokens x 2 at 136x64, 6 tokens x 1 for a cfg 1 row at
-      192x128; MKL's fp32 sgemm gave other bits at 1, 2 and 3 threads with 5-7 and 9-11 rows, at
-      widths 32-1280, and never from 12 rows up nor with 1-4 or 8);
+      the batch of a small deep level, e.g. 136x64, or a cfg 1 row at 192x128: MKL's fp32 sgemm
+      splits such calls by thread count);
     * oneDNN's packed convolution (PackedConv2d) when its output work B*OH*OW*C_out per thread is
       below CONV_PIN_WORK (oneDNN's fp32 blocking depends on the thread count for small outputs;
       the threshold is empirical, for oneDNN 3.12 on AVX512, checked up to 16 threads).
+  The measurements behind the thresholds: docs/reproducibility.md, "Where the dependence enters".
 
 `ExactNumerics` is a torch function mode that an exact Pipeline enters around its model calls
 (text encoders, each UNet forward, the VAE), so it is active for those calls on that thread only
@@ -55,8 +53,8 @@ from batchsd.errors import InputError
 GROUPNORM_SPLIT_HW = 1024     # ATen's channels_last GroupNorm sums per-thread partials from this H*W up
 ELEMENTWISE_SERIAL = 32768    # ATen's GRAIN_SIZE: an elementwise op on fewer elements runs on one thread anyway
 CONV_PIN_WORK = 16384         # pin a packed conv whose B*OH*OW*C_out per thread is below this
-FEW_QUERIES = 4              # pin SDPA with fewer query tokens (measured: 1-3 thread-dependent, 4+ not)
-LINEAR_PIN_ROWS = 12         # pin a linear with fewer rows (fp32 MKL: 5-7 and 9-11 rows thread-dependent)
+FEW_QUERIES = 4              # pin SDPA with fewer query tokens
+LINEAR_PIN_ROWS = 12         # pin a linear with fewer rows
 
 
 def default_exact(device_type: str, compile: str | None = None) -> bool:
