@@ -196,6 +196,9 @@ def test_numerics_recorded_and_a_change_remakes_rows(tmp_path):
     from batchsd.model.devices import cpu_kind
     assert (ok["cpu"] == str(cpu_kind())).all() and not ok["winograd"].any()
     assert pd.isna(table.loc["bad", "cpu"])     # it failed before the model (as its numerics: none)
+    # and in summary.json whether MKL ran in its strict reproducible mode (fast/exact.mkl_strict)
+    from batchsd.model.fast.exact import mkl_strict
+    assert json.loads((out / "summary.json").read_text())["mkl_strict"] == mkl_strict()
     made_exact = dict(ok["finished_at"])
 
     output, table, meta = run()                                   # nothing changed: nothing made

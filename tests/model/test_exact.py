@@ -5,6 +5,9 @@ can fail); the default and the flags' rules."""
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,7 +19,7 @@ from batchsd import GenerationRow, Pipeline
 from batchsd.errors import InputError
 from batchsd.model.config import TINY
 from batchsd.model.family import SD1
-from batchsd.model.fast.exact import ExactNumerics, default_exact, resolve_exact
+from batchsd.model.fast.exact import ExactNumerics, default_exact, mkl_strict, resolve_exact
 from ref_checkpoint import random_sd15_checkpoint
 
 
@@ -132,6 +135,44 @@ def test_pins_keep_thread_dependent_ops_equal_across_thread_counts():
                 assert torch.get_num_threads() == threads    # restored after each pinned call
     finally:
         torch.set_num_threads(before)
+
+
+def test_mkl_strict_mode_keeps_fp32_linears_of_few_rows_equal_across_thread_counts():
+    """batchsd's import sets MKL's strict mode (fast/exact.py): the deep levels' linears (tens to
+    hundreds of rows, K up to 5120), which MKL otherwise splits over K by thread on some CPUs, give
+    the bits of one thread at any thread count, with no pin."""
+    if mkl_strict() is None:
+        pytest.skip("torch has no MKL here")
+    assert mkl_strict()
+    g = torch.Generator().manual_seed(0)
+    shapes = [(16, 1280, 1280), (128, 1280, 320), (256, 2560, 640), (512, 5120, 1280), (384, 3072, 768)]
+    ops = {(m, k, n): (torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) / k ** 0.5)
+           for m, k, n in shapes}
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ref = {s: F.linear(*ab) for s, ab in ops.items()}
+        for threads in (2, 3, 4):
+            torch.set_num_threads(threads)
+            for s, ab in ops.items():
+                assert torch.equal(F.linear(*ab), ref[s]), (s, threads)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_exact_mode_says_when_mkl_is_not_strict():
+    """A user's own MKL_CBWR is kept, and an exact Pipeline warns that fp32 rows may then follow the
+    thread count (and records it); without it, the mode is strict."""
+    if mkl_strict() is None:
+        pytest.skip("torch has no MKL here")
+    code = ("import logging, batchsd; from batchsd import Pipeline; logging.basicConfig(); "
+            "p = Pipeline.load('tiny', device='cpu', dtype='fp32'); print('strict', p.mkl_strict)")
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
+    plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**env, "MKL_CBWR": "AUTO"})
+    assert plain.returncode == 0, plain.stderr
+    assert "strict False" in plain.stdout and "MKL_CBWR=AUTO" in plain.stderr and "thread count" in plain.stderr
+    default = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert "strict True" in default.stdout and "MKL" not in default.stderr, default.stderr
 
 
 def test_default_and_flags():

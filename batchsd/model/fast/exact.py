@@ -27,6 +27,14 @@ Two halves make it, each with the reason it is needed:
       below CONV_PIN_WORK (oneDNN's fp32 blocking depends on the thread count for small outputs;
       the threshold is empirical, for oneDNN 3.12 on AVX512, checked up to 16 threads).
   The measurements behind the thresholds: docs/reproducibility.md, "Where the dependence enters".
+- **MKL's strict mode** (`mkl_strict`): on some CPUs (an Intel Xeon with AMX, 2026-12-07) MKL's fp32
+  GEMM splits the sum over K between threads for calls of up to 512 rows at K >= 1280, so nearly
+  every linear of a UNet's deep levels follows the thread count; pins would run most of them on one
+  thread. MKL's strict conditional-numerical-reproducibility mode (MKL_CBWR=AUTO,STRICT) keeps its
+  fastest code path for the CPU and fixes the split, at no measured cost. MKL reads the setting at
+  its first call, so `import batchsd` sets it (batchsd/__init__.py); an exact Pipeline checks that
+  it took and warns where it did not (torch's first product ran before batchsd was imported, or
+  the user set MKL_CBWR to another value).
 
 `ExactNumerics` is a torch function mode that an exact Pipeline enters around its model calls
 (text encoders, each UNet forward, the VAE), so it is active for those calls on that thread only
@@ -42,6 +50,10 @@ different bits; the device type recorded with a result is "cpu", not the CPU mod
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
+import logging
+import os
 from typing import Callable, Sequence
 
 import torch
@@ -55,6 +67,32 @@ ELEMENTWISE_SERIAL = 32768    # ATen's GRAIN_SIZE: an elementwise op on fewer el
 CONV_PIN_WORK = 16384         # pin a packed conv whose B*OH*OW*C_out per thread is below this
 FEW_QUERIES = 4              # pin SDPA with fewer query tokens
 LINEAR_PIN_ROWS = 12         # pin a linear with fewer rows
+
+
+_MKL_CBWR_ALL, _MKL_CBWR_STRICT = -1, 0x10000    # mkl_cbwr.h: the whole mode, its strict bit
+
+
+@functools.lru_cache(maxsize=1)
+def mkl_strict() -> bool | None:
+    """Whether MKL runs in strict reproducible mode in this process (the module docstring); None
+    where torch has no MKL to ask (no such library or symbol: another BLAS, another platform)."""
+    try:
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+        get = lib.mkl_serv_cbwr_get
+    except (OSError, AttributeError):
+        return None
+    get.restype, get.argtypes = ctypes.c_int, [ctypes.c_int]
+    return bool(get(_MKL_CBWR_ALL) & _MKL_CBWR_STRICT)
+
+
+def warn_unless_mkl_strict(log: logging.Logger) -> bool | None:
+    """mkl_strict(), with a warning that names the fix when MKL is there and not strict."""
+    strict = mkl_strict()
+    if strict is False:
+        log.warning("exact mode: MKL is not in its strict reproducible mode in this process (MKL_CBWR=%s), so "
+                    "fp32 rows may depend on the thread count on this CPU; set MKL_CBWR=AUTO,STRICT, or import "
+                    "batchsd before torch computes its first product", os.environ.get("MKL_CBWR", "unset"))
+    return strict
 
 
 def default_exact(device_type: str, compile: str | None = None) -> bool:
