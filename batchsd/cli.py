@@ -216,7 +216,7 @@ def run(
     attention: Attention = typer.Option(Attention.auto, "--attention", case_sensitive=False,
                                         help="CPU, bf16: the UNet's attention by batchsd's fused kernel (compiled once "
                                              "per machine with the C++ compiler, $CXX or g++) or by torch's. auto: "
-                                             "fused on CPUs with avx512-bf16 and no AMX, torch's elsewhere or when "
+                                             "fused on CPUs with avx512-bf16 (a tile kernel where they have AMX), torch's elsewhere or when "
                                              "the kernel cannot be built (a warning says why). Rounding differs "
                                              "between the two; recorded in the results and summary.json."),
     exact: Optional[bool] = typer.Option(None, "--exact/--no-exact",

@@ -9,8 +9,8 @@ on every run (docs/performance.md has the measurements behind each rule):
     --dtype auto        fp32                                   fp32 (bf16 is ~3x faster there but its
                                                                images differ from fp32's: ask for it)
     --winograd auto     on for bf16/fp16, off for fp32         off (oneDNN's AMX convolutions beat it)
-    --attention auto    fused (fast/fused_attention.py) for    torch's (not measured against the
-                        bf16 on CPUs with avx512-bf16, else    fused kernel on AMX yet)
+    --attention auto    fused (fast/fused_attention.py) for    fused, the tile kernel, for bf16
+                        bf16 on CPUs with avx512-bf16, else
                         torch's scaled_dot_product_attention
 """
 from __future__ import annotations
@@ -110,12 +110,12 @@ def default_winograd(device: torch.device, dtype: torch.dtype, kind: CpuKind | N
 
 
 def default_attention(device: torch.device, dtype: torch.dtype, kind: CpuKind | None = None) -> bool:
-    """`--attention auto`: the fused kernel on the CPU for bf16 where the CPU has avx512-bf16 and no
-    AMX; torch's everywhere else (the table above)."""
+    """`--attention auto`: the fused kernel on the CPU for bf16 where the CPU has avx512-bf16 (every
+    CPU with AMX has it; fused_attention.kernel_source picks the tile kernel there); torch's
+    everywhere else (the table above)."""
     if device.type != "cpu" or dtype != torch.bfloat16:
         return False
-    kind = kind or cpu_kind()
-    return kind.avx512_bf16 and not kind.amx
+    return (kind or cpu_kind()).avx512_bf16
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

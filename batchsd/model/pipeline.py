@@ -40,7 +40,7 @@ from batchsd.model.config import TINY, TINY_MODEL, TINY_MODEL_NAME
 from batchsd.model.devices import cpu_kind, default_attention, default_winograd, resolve_device, resolve_dtype
 from batchsd.model.family import SD1, ModelFamily, TextConditioning, check_prediction_type
 from batchsd.model.fast.compiled_unet import CompiledUNet
-from batchsd.model.fast.exact import exact_numerics, resolve_exact, rowwise_guided_eps
+from batchsd.model.fast.exact import exact_numerics, mkl_strict, resolve_exact, rowwise_guided_eps, warn_unless_mkl_strict
 from batchsd.model.fast.host_copy import host_array, to_host
 from batchsd.model.fast.fused_attention import KernelUnavailable, use_fused_attention
 from batchsd.model.fast.packed_conv import pack_convolutions, pack_now
@@ -93,6 +93,8 @@ class Pipeline:
         self.exact = resolve_exact(False if exact is None and chunked else exact, device.type, compile)
         if self.exact and chunked:
             raise InputError(f"exact mode decodes one image per VAE call: vae_chunk={vae_chunk} needs exact=False")
+        # MKL's strict reproducible mode (fast/exact.py), recorded on the CPU; exact mode warns without it
+        self.mkl_strict = None if device.type != "cpu" else warn_unless_mkl_strict(log) if self.exact else mkl_strict()
         if vae_chunk is None:
             vae_chunk = 1 if self.exact else CUDA_VAE_CHUNK if device.type == "cuda" else CPU_VAE_CHUNK
         self.vae_chunk = vae_chunk
@@ -168,7 +170,7 @@ class Pipeline:
         `exact`: exact mode (fast/exact.py) on/off, or None for the default (on for the CPU unless
         compiled, off on CUDA).
         `fused_attention` (CPU, bf16): True/False, or None for the default (devices.default_attention:
-        on for bf16 on CPUs with avx512-bf16 and no AMX)."""
+        on for bf16 on CPUs with avx512-bf16, the tile kernel where they have AMX)."""
         preload_tokenizer()          # importing transformers overlaps with building the model and the load
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)

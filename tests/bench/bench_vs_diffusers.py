@@ -422,7 +422,8 @@ def report(res: dict) -> str:
     out = [f"date {res['date']}, torch {res['torch']}, diffusers {res['diffusers']}, threads {res['threads']}, "
            f"load average at start {res['loadavg']}, code {res['git']}, command `{res['command']}`",
            f"{res['cpu']}; CPU allocator tuned in this process (both sides): {res['allocator_tuned']}; "
-           f"batchsd --winograd {res.get('winograd', 'auto')} (auto: on for bf16, off for fp32)",
+           f"batchsd --winograd {res.get('winograd', 'auto')} (auto: as shipped, devices.default_winograd), "
+           f"--attention {res.get('attention', 'auto')}",
            f"matmul roof (torch.mm 4096^2, best of 3): fp32 {res['roof']['fp32']:.3f} TFLOP/s, "
            f"bf16 {res['roof']['bf16']:.3f} TFLOP/s"]
     if res.get("unet"):
@@ -504,7 +505,10 @@ def main() -> None:
     ap.add_argument("--startup-dtypes", default="run",
                     help="comma list of fp32,bf16 for the start-up children; default: the run's dtype (--e2e-dtype) only")
     ap.add_argument("--winograd", choices=["auto", "on", "off"], default="auto",
-                    help="batchsd's Winograd convolutions (Pipeline winograd=); auto: as shipped (on for bf16, off for fp32)")
+                    help="batchsd's Winograd convolutions (Pipeline winograd=); auto: as shipped (devices.default_winograd)")
+    ap.add_argument("--attention", choices=["auto", "fused", "torch"], default="auto",
+                    help="batchsd's bf16 UNet attention in figure 1 (Pipeline fused_attention=; the other figures' children "
+                         "run as shipped); auto: as shipped (devices.default_attention)")
     ap.add_argument("--profile", action="store_true", help="print an op breakdown of one UNet step per side and exit")
     ap.add_argument("--json", type=Path, help="also write the raw results here")
     ap.add_argument("--child", choices=["batchsd", "diffusers"], help=argparse.SUPPRESS)
@@ -513,6 +517,7 @@ def main() -> None:
     ap.add_argument("--e2e-spec", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     winograd = {"auto": None, "on": True, "off": False}[args.winograd]
+    attention = {"auto": None, "fused": True, "torch": False}[args.attention]
     if args.child and args.e2e_spec:
         return e2e_child(args.child, args.e2e_spec, args.threads, winograd)
     if args.child:
@@ -530,7 +535,8 @@ def main() -> None:
                diffusers=diffusers.__version__, threads=args.threads, cpu=bc.cpu_description(),
                loadavg=" ".join(f"{x:.1f}" for x in os.getloadavg()),
                command="python tests/bench/" + " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-               git=bc.git_state(), e2e_dtype=e2e_dtype, winograd=args.winograd)
+               git=bc.git_state(), e2e_dtype=e2e_dtype, winograd=args.winograd,
+               attention=args.attention)
     path = bc.random_checkpoint()
     res["roof"] = {"fp32": bc.matmul_roof(torch.float32), "bf16": bc.matmul_roof(torch.bfloat16)}
     log(f"roof {res['roof']}")
@@ -556,17 +562,18 @@ def main() -> None:
         log(f"diffusers loaded fp32 in {time.perf_counter() - t0:.1f}s")
 
         def to_bf16():
+            from batchsd.model.devices import default_winograd
             from batchsd.model.fast.winograd import use_winograd_in_model
 
             for m in (ours.model, theirs.unet, theirs.vae, theirs.text_encoder):
                 m.to(torch.bfloat16)
             ours.dtype = torch.bfloat16
             ours._text_cache.clear()
-            if winograd is not False:     # what Pipeline(dtype=bf16) does by default
+            # Winograd and the attention kernel by Pipeline(dtype=bf16)'s rules (devices.py: Winograd
+            # off with AMX, the fused kernel where the CPU has avx512-bf16) unless --winograd says
+            if winograd or (winograd is None and default_winograd(ours.device, torch.bfloat16, ours.cpu_kind)):
                 ours.winograd = use_winograd_in_model(ours.model) > 0 or ours.winograd
-            # and its attention rule (devices.default_attention: the fused kernel where the CPU has
-            # avx512-bf16 and no AMX), as Pipeline(dtype=bf16) applies it
-            ours.fused_attention = ours._use_fused_attention(None, ours.device, torch.bfloat16, None)
+            ours.fused_attention = ours._use_fused_attention(attention, ours.device, torch.bfloat16, None)
             log(f"batchsd bf16: Winograd {ours.winograd}, fused attention {ours.fused_attention}")
 
         if args.profile:

@@ -1,6 +1,8 @@
 """The fused bf16 attention kernel (batchsd/model/fast/fused_attention.py) against a float64
-reference and torch's own bf16 scaled_dot_product_attention, its invariances, and the rule that
-picks it (devices.default_attention)."""
+reference and torch's own bf16 scaled_dot_product_attention, its invariances, and the rules that
+pick it (devices.default_attention) and its source (fused_attention.kernel_source). The numerical
+tests check the kernel this machine runs: the tile kernel (attention_amx.cpp) on CPUs with AMX, the
+vector kernel (attention_bf16.cpp) on the others; both sources are compiled everywhere."""
 from __future__ import annotations
 
 import logging
@@ -34,8 +36,9 @@ def heads(b: int, n: int, h: int, d: int, scale: float = 1.0, seed: int = 0) -> 
 
 
 # (batch, heads, queries, keys, head size): SD 1.5's three head sizes, SDXL's 64, cross-attention to
-# 77 tokens, and sizes with tails in every blocking (24-row query blocks, 16-key blocks, 64-key tiles,
-# odd key counts for the key pairs, 16-channel head vectors)
+# 77 tokens, and sizes with tails in every blocking of either kernel (24- and 32-row query blocks,
+# 16- and 32-key blocks, 64-key tiles, odd key counts for the key pairs, 16-channel head vectors,
+# 32-channel tile rows)
 SHAPES = [(2, 8, 256, 256, 40), (2, 8, 64, 64, 80), (1, 8, 16, 16, 160), (2, 4, 130, 130, 64),
           (2, 8, 200, 77, 40), (1, 3, 37, 19, 38), (1, 2, 5, 1, 2), (1, 1, 25, 83, 250), (2, 2, 49, 65, 16)]
 
@@ -95,13 +98,55 @@ def test_supports_only_what_the_kernel_takes():
 
 
 def test_auto_attention_is_keyed_on_the_cpu_kind():
-    """--attention auto: fused for bf16 on CPUs with avx512-bf16 and no AMX (devices.py's table)."""
+    """--attention auto: fused for bf16 on CPUs with avx512-bf16, AMX or not (devices.py's table)."""
     cpu = torch.device("cpu")
     dot, plain, amx = CpuKind("AVX512", False, avx512_bf16=True), CpuKind("AVX512", False), \
         CpuKind("AVX512", True, avx512_bf16=True)
-    assert default_attention(cpu, torch.bfloat16, dot)
-    assert not default_attention(cpu, torch.bfloat16, plain) and not default_attention(cpu, torch.bfloat16, amx)
+    assert default_attention(cpu, torch.bfloat16, dot) and default_attention(cpu, torch.bfloat16, amx)
+    assert not default_attention(cpu, torch.bfloat16, plain)
     assert not default_attention(cpu, torch.float32, dot) and not default_attention(torch.device("cuda"), torch.bfloat16, dot)
+
+
+def test_the_kernel_is_chosen_by_the_cpu_kind(monkeypatch):
+    """The tile kernel where AMX tiles are usable, the vector kernel elsewhere: a rule of the CPU, so
+    that one machine runs the same code on every run."""
+    monkeypatch.setattr(fa, "cpu_kind", lambda: CpuKind("AVX512", True, avx512_bf16=True))
+    assert fa.kernel_source() is fa.AMX
+    monkeypatch.setattr(fa, "cpu_kind", lambda: CpuKind("AVX512", False, avx512_bf16=True))
+    assert fa.kernel_source() is fa.AVX512_BF16
+    assert {fa.AMX.symbol, fa.AVX512_BF16.symbol} == {"batchsd_attention_amx", "batchsd_attention_bf16"}
+
+
+@pytest.mark.parametrize("source", [fa.AVX512_BF16, fa.AMX], ids=["avx512-bf16", "amx"])
+def test_both_kernels_compile_on_any_machine(source, monkeypatch, tmp_path):
+    """Each source builds (compiling needs no such CPU), so a kernel that only an AMX machine runs
+    cannot break unseen; what each computes is checked above on the machines that have it."""
+    if fa.shutil.which(__import__("os").environ.get("CXX") or "g++") is None:
+        pytest.skip("no C++ compiler here")
+    monkeypatch.setenv("BATCHSD_CACHE_DIR", str(tmp_path))
+    try:
+        built = fa.build(source)
+    except fa.KernelUnavailable as e:
+        if "unrecognized" in str(e) or "amx" in str(e).lower():
+            pytest.skip(f"this compiler does not know the AMX flags: {e}")
+        raise
+    assert built.is_file() and built.name.startswith(source.path.stem + "-")
+    symbols = fa.subprocess.run(["nm", "-D", str(built)], capture_output=True, text=True).stdout \
+        if fa.shutil.which("nm") else source.symbol
+    assert source.symbol in symbols
+
+
+def test_the_kernel_leaves_torch_bf16_matmuls_as_they_were(kernel_here):
+    """The tile kernel loads its own tile configuration on torch's OpenMP threads and puts torch's
+    back (torch's brgemm keeps one between calls): bf16 products after a kernel call equal those before."""
+    g = torch.Generator().manual_seed(5)
+    a, w = torch.randn(300, 640, generator=g).bfloat16(), torch.randn(320, 640, generator=g).bfloat16()
+    qa, ka = torch.randn(2, 4, 200, 64, generator=g).bfloat16(), torch.randn(2, 4, 200, 64, generator=g).bfloat16()
+    before = (F.linear(a, w), a @ w.T, F.scaled_dot_product_attention(qa, ka, ka))
+    q = heads(2, 100, 8, 40)
+    fa.fused_attention(q, q, q)
+    after = (F.linear(a, w), a @ w.T, F.scaled_dot_product_attention(qa, ka, ka))
+    assert all(torch.equal(x, y) for x, y in zip(before, after))
 
 
 def test_cpu_flags_are_read(tmp_path):
@@ -124,7 +169,7 @@ def test_pipeline_marks_the_unet_by_the_rule(kernel_here, monkeypatch):
     assert pipe.fused_attention and attentions > 0 and _count_fused(pipe) == attentions
     assert not Pipeline.load("tiny", device="cpu", dtype="bf16", fused_attention=False).fused_attention
     assert not Pipeline.load("tiny", device="cpu", dtype="fp32").fused_attention
-    monkeypatch.setattr(pipeline_module, "cpu_kind", lambda: CpuKind("AVX512", True, avx512_bf16=True))
+    monkeypatch.setattr(pipeline_module, "cpu_kind", lambda: CpuKind("AVX512", False))
     pipe = Pipeline.load("tiny", device="cpu", dtype="bf16")
     assert not pipe.fused_attention and _count_fused(pipe) == 0
     assert Pipeline.load("tiny", device="cpu", dtype="bf16", fused_attention=True).fused_attention
@@ -153,12 +198,11 @@ def test_a_kernel_that_cannot_be_built_is_said(monkeypatch, tmp_path, caplog):
 def test_a_compile_error_is_said(monkeypatch, tmp_path):
     broken = tmp_path / "broken.cpp"
     broken.write_text("this is not C++\n")
-    monkeypatch.setattr(fa, "SOURCE", broken)
     monkeypatch.setenv("BATCHSD_CACHE_DIR", str(tmp_path / "cache"))
     if fa.shutil.which("g++") is None and not __import__("os").environ.get("CXX"):
         pytest.skip("no C++ compiler here")
     with pytest.raises(fa.KernelUnavailable, match="broken.cpp .*failed"):
-        fa.build()
+        fa.build(fa.KernelSource(broken, fa.FLAGS, "batchsd_attention_bf16"))
     assert not list((tmp_path / "cache" / "kernels").glob("*.tmp"))   # nothing half-written is left
 
 

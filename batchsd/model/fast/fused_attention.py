@@ -1,21 +1,26 @@
-"""Fused bf16 attention for the UNet on CPUs with AVX512-BF16: attention_bf16.cpp, compiled once per
+"""Fused bf16 attention for the UNet on the CPU: one C++ kernel per kind of CPU, compiled once per
 machine and loaded with ctypes.
 
-Why: torch's CPU flash attention runs bf16 at its fp32 rate (both products through a generic GEMM),
-so in a bf16 UNet step it took about half the time (docs/performance.md, "Where the bf16 step
-goes"). The kernel here runs both products with VDPBF16PS and keeps the softmax between them in
-fp32, block by block in the cache.
+    CPU                 source               both products by
+    AMX                 attention_amx.cpp    TDPBF16PS on 16 x 16 tiles (the tile unit)
+    avx512-bf16, no AMX attention_bf16.cpp   VDPBF16PS on 16-lane vectors
+
+Why: torch's CPU flash attention runs bf16 at its fp32 rate without AMX (both products through a
+generic GEMM), so in a bf16 UNet step it took about half the time; with AMX it is faster but its
+softmax and head-size-40 products leave it at a quarter of the bf16 roof (docs/performance.md, "Where
+the bf16 step goes"). The kernels run both products in bf16 and keep the softmax between them in
+fp32, block by block in the cache. Which one runs is a rule of the CPU's kind (`kernel_source`), so
+one machine runs the same code, and gives the same bits, on every run.
 
 Building: the C++ source (no torch headers, so it compiles in about a second) is compiled with the
-C++ compiler (`$CXX`, else `g++`) and FLAGS into
+C++ compiler (`$CXX`, else `g++`) and its flags into
 
-    $BATCHSD_CACHE_DIR/kernels/attention_bf16-<hash>.so     (default: ~/.cache/batchsd, as hash_cache)
+    $BATCHSD_CACHE_DIR/kernels/<source stem>-<hash>.so     (default: ~/.cache/batchsd, as hash_cache)
 
 where the hash covers the source, the flags and the compiler's version, so a changed compiler or
-source builds anew, and one machine loads the same code on every run. The file is written under a
-temporary name and renamed, so processes that build at once (a SLURM array) never load half a
-file. With the cache off (BATCHSD_CACHE_DIR=off) or not writable, each process builds into a
-temporary folder, removed once the library is loaded.
+source builds anew. The file is written under a temporary name and renamed, so processes that build
+at once (a SLURM array) never load half a file. With the cache off (BATCHSD_CACHE_DIR=off) or not
+writable, each process builds into a temporary folder, removed once the library is loaded.
 
 The library links OpenMP with `-fopenmp`; libgomp.so.1 is then the one torch already loaded (the
 same soname), so the kernel's threads are torch's OpenMP threads, and `torch.get_num_threads()`
@@ -41,12 +46,25 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from batchsd.model.devices import has_avx512_bf16
+from dataclasses import dataclass
+
+from batchsd.model.devices import cpu_kind, has_avx512_bf16
 from batchsd.model.hash_cache import cache_root
 
-SOURCE = Path(__file__).with_name("attention_bf16.cpp")
 FLAGS = ("-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16",
          "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared")
+
+
+@dataclass(frozen=True)
+class KernelSource:
+    path: Path              # the C++ source
+    flags: tuple[str, ...]  # the compiler's flags
+    symbol: str             # the entry point, the same signature in every source
+
+
+AVX512_BF16 = KernelSource(Path(__file__).with_name("attention_bf16.cpp"), FLAGS, "batchsd_attention_bf16")
+AMX = KernelSource(Path(__file__).with_name("attention_amx.cpp"), FLAGS + ("-mamx-tile", "-mamx-bf16"),
+                   "batchsd_attention_amx")
 MAX_HEAD = 256                 # the kernel's widest head (16 vectors of 16 channels)
 BUILD_TIMEOUT_S = 300
 TEMP_PREFIX = "batchsd-kernels-"   # a per-process build folder (no writable cache), removed once loaded
@@ -66,19 +84,26 @@ def _compiler() -> str:
     return path
 
 
-def _library_name(cxx: str) -> str:
+def kernel_source() -> KernelSource:
+    """The kernel for this CPU: the tile kernel where AMX tiles are usable, else the vector one."""
+    return AMX if cpu_kind().amx else AVX512_BF16
+
+
+def _library_name(cxx: str, source: KernelSource) -> str:
     try:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise KernelUnavailable(f"the C++ compiler {cxx} does not run: {e}") from None
-    digest = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version]).encode()).hexdigest()
-    return f"attention_bf16-{digest[:16]}.so"
+    digest = hashlib.sha256("\0".join([source.path.read_text(), " ".join(source.flags), version]).encode()).hexdigest()
+    return f"{source.path.stem}-{digest[:16]}.so"
 
 
-def build() -> Path:
-    """The compiled library, built now unless this machine's cache has it."""
+def build(source: KernelSource | None = None) -> Path:
+    """The compiled library of `source` (default: kernel_source()), built now unless this machine's
+    cache has it."""
+    source = source or kernel_source()
     cxx = _compiler()
-    name = _library_name(cxx)
+    name = _library_name(cxx, source)
     root = cache_root()
     folder = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX)) if root is None else root / "kernels"
     target = folder / name
@@ -92,26 +117,28 @@ def build() -> Path:
         folder = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX))
         target, tmp = folder / name, str(folder / (name + ".tmp"))
     try:
-        done = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+        done = subprocess.run([cxx, *source.flags, str(source.path), "-o", tmp], capture_output=True, text=True,
                               timeout=BUILD_TIMEOUT_S)
     except (OSError, subprocess.SubprocessError) as e:
         Path(tmp).unlink(missing_ok=True)
-        raise KernelUnavailable(f"building {SOURCE.name} with {cxx} failed: {e}") from None
+        raise KernelUnavailable(f"building {source.path.name} with {cxx} failed: {e}") from None
     if done.returncode != 0:
         Path(tmp).unlink(missing_ok=True)
         first = (done.stderr.strip().splitlines() or ["no message"])[0]
-        raise KernelUnavailable(f"building {SOURCE.name} with {cxx} failed (exit {done.returncode}): {first}")
+        raise KernelUnavailable(f"building {source.path.name} with {cxx} failed (exit {done.returncode}): {first}")
     os.replace(tmp, target)
     return target
 
 
 @functools.lru_cache(maxsize=1)
 def kernel():
-    """The loaded entry point (built on first use); KernelUnavailable when it cannot be had, or when
-    the CPU lacks avx512-bf16 (the library would stop the process with an illegal instruction)."""
+    """The loaded entry point of kernel_source() (built on first use); KernelUnavailable when it cannot
+    be had, or when the CPU lacks avx512-bf16 (the library would stop the process with an illegal
+    instruction; every AMX CPU has it)."""
     if not has_avx512_bf16():
         raise KernelUnavailable("this CPU has no avx512-bf16 instructions, which the fused kernel needs")
-    path = build()
+    source = kernel_source()
+    path = build(source)
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as e:
@@ -119,7 +146,7 @@ def kernel():
     finally:
         if path.parent.name.startswith(TEMP_PREFIX):      # loaded (or not): the file is no longer needed
             shutil.rmtree(path.parent, ignore_errors=True)
-    fn = lib.batchsd_attention_bf16
+    fn = getattr(lib, source.symbol)
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 4 + [_I64] * 5 + [ctypes.POINTER(_I64)] * 4 + [ctypes.c_float, ctypes.c_int]
     return fn
@@ -157,10 +184,13 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     out = torch.empty(B, N, H, d, dtype=q.dtype).transpose(1, 2)
     if out.numel() == 0:
         return out
-    rc = kernel()(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, H, N, k.shape[2], d,
-                  _strides(q), _strides(k), _strides(v), _strides(out), d ** -0.5, torch.get_num_threads())
+    with torch.profiler.record_function("batchsd::fused_attention"):     # seen by torch.profiler
+        rc = kernel()(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, H, N, k.shape[2], d,
+                      _strides(q), _strides(k), _strides(v), _strides(out), d ** -0.5, torch.get_num_threads())
     if rc == 1:
         raise MemoryError(f"fused attention: out of memory for q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if rc == 3:
+        raise RuntimeError("fused attention: the operating system refused this process the AMX tiles")
     if rc != 0:
         raise RuntimeError(f"fused attention refused q {tuple(q.shape)}, k {tuple(k.shape)} (code {rc})")
     return out
