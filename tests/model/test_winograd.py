@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from batchsd.model.config import TINY
+from batchsd.model.devices import CpuKind
 from batchsd.model.stable_diffusion import StableDiffusionModel
 from batchsd.model.pipeline import GenerationRow, Pipeline
 from batchsd.model.fast.packed_conv import onednn_available, pack_convolutions, PackedConv2d
@@ -103,12 +104,16 @@ def test_folded_upsample_conv_of_a_winograd_conv_stays_packed():
 def test_pipeline_default_is_on_for_bf16_off_for_fp32(monkeypatch):
     import batchsd.model.pipeline as pipeline_module
 
-    # TINY's convolutions are narrower than MIN_CHANNELS: let every 3x3 conv count, to see the rule
+    # TINY's convolutions are narrower than MIN_CHANNELS: let every 3x3 conv count, to see the rule;
+    # the CPU's kind as the rule sees it (devices.default_winograd: off with AMX), whatever this one is
     monkeypatch.setattr(pipeline_module, "use_winograd_in_model", lambda m: use_winograd_in_model(m, min_channels=1))
-    for dtype, option, expected in [("fp32", None, False), ("bf16", None, True), ("fp32", True, True),
-                                    ("bf16", False, False)]:
-        pipe = Pipeline.load("tiny", device="cpu", dtype=dtype, winograd=option)
-        assert pipe.winograd is expected, (dtype, option)
+    plain, amx = CpuKind("AVX512", False), CpuKind("AVX512", True, avx512_bf16=True)
+    for kind, dtype, option, expected in [(plain, "fp32", None, False), (plain, "bf16", None, True),
+                                          (plain, "fp32", True, True), (plain, "bf16", False, False),
+                                          (amx, "bf16", None, False), (amx, "bf16", True, True)]:
+        monkeypatch.setattr(pipeline_module, "cpu_kind", lambda kind=kind: kind)
+        pipe = Pipeline.load("tiny", device="cpu", dtype=dtype, winograd=option, fused_attention=False)
+        assert pipe.winograd is expected, (kind, dtype, option)
         marked = [m for m in pipe.model.unet.modules() if isinstance(m, WinogradConv2d) and m.winograd]
         assert bool(marked) is expected
     assert not Pipeline.load("tiny", device="cpu", dtype="bf16", winograd=True, compile="default").winograd
@@ -121,7 +126,7 @@ def test_pipeline_builds_the_transformed_weights_at_load(monkeypatch):
 
     monkeypatch.setattr(pipeline_module, "use_winograd_in_model", lambda m: use_winograd_in_model(m, min_channels=1))
     rows = [GenerationRow("a cat", seed=1, steps=2, width=64, height=64, sampler="euler")]
-    pipe = Pipeline.load("tiny", device="cpu", dtype="bf16")
+    pipe = Pipeline.load("tiny", device="cpu", dtype="bf16", winograd=True)
     # not built: the VAE encoder's (image-to-image only) and each upsample's own conv (only folded)
     skipped = {id(m) for m in pipe.model.vae.encoder.modules()}
     skipped |= {id(m.conv) for m in pipe.model.modules() if isinstance(m, NearestUpsampleConv)}
@@ -129,7 +134,7 @@ def test_pipeline_builds_the_transformed_weights_at_load(monkeypatch):
     assert len(built) > 10 and all(m._derived is not None for m in built)
     assert all(torch.equal(m.transformed_weight(), transform_weight(m.weight)) for m in built)
     monkeypatch.setattr(pipeline_module, "pack_now", lambda *modules: 0)
-    lazy = Pipeline.load("tiny", device="cpu", dtype="bf16")
+    lazy = Pipeline.load("tiny", device="cpu", dtype="bf16", winograd=True)
     assert all(m._derived is None for m in marked(lazy.model))
     assert torch.equal(lazy.generate(rows).latents, pipe.generate(rows).latents)
 
