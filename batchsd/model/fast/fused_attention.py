@@ -41,12 +41,11 @@ import os
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-
-from dataclasses import dataclass
 
 from batchsd.model.devices import cpu_kind, has_avx512_bf16
 from batchsd.model.hash_cache import cache_root
