@@ -222,8 +222,9 @@ def run(
     exact: Optional[bool] = typer.Option(None, "--exact/--no-exact",
                                          help="Exact mode: a row's image and latents are the same bytes whatever its "
                                               "batch, shard, engine or thread count (for one model, dtype, device "
-                                              "type, CPU kind and torch version). Default: on for the CPU, off on "
-                                              "CUDA and with --compile. README 'Reproducibility'."),
+                                              "type, CPU kind and torch version; bf16 on CPUs with AMX: not across "
+                                              "thread counts). Default: on for the CPU, off on CUDA and with "
+                                              "--compile. README 'Reproducibility'."),
     shard: Optional[str] = typer.Option(None, "--shard", metavar="I/N",
                                         help="Make only shard I of N (numbered from 0): the rows with "
                                              "shard_of(id, N) == I. Default: from the launcher's environment "

@@ -45,7 +45,9 @@ activations): a mode covers every module of every family without copying their f
 
 On CUDA only the fixed shapes apply (no pins); whether that is bitwise stable there is not
 measured. Bits still depend on the CPU's kernel dispatch (ISA, AMX), so two kinds of CPU give
-different bits; the device type recorded with a result is "cpu", not the CPU model.
+different bits; the device type recorded with a result is "cpu", not the CPU model. In bf16 on CPUs
+with AMX, oneDNN's products follow the thread count at most of the UNet's shapes and no pin covers
+them (docs/reproducibility.md): there exact mode gives batch invariance only.
 """
 from __future__ import annotations
 
