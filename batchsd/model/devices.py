@@ -6,8 +6,9 @@ of timings taken at start-up, so that one machine makes the same choices, and so
 on every run (docs/performance.md has the measurements behind each rule):
 
     choice              no AMX                                 AMX
-    --dtype auto        fp32                                   fp32 (bf16 is ~3x faster there but its
-                                                               images differ from fp32's: ask for it)
+    --dtype auto        fp32                                   fp32 (bf16 is several times faster
+                                                               there but its images differ from
+                                                               fp32's: ask for it)
     --winograd auto     on for bf16/fp16, off for fp32         off (oneDNN's AMX convolutions beat it)
     --attention auto    fused (fast/fused_attention.py) for    fused, the tile kernel, for bf16
                         bf16 on CPUs with avx512-bf16, else

@@ -5,7 +5,9 @@ tests check the kernel this machine runs: the tile kernel (attention_amx.cpp) on
 vector kernel (attention_bf16.cpp) on the others; both sources are compiled everywhere."""
 from __future__ import annotations
 
+import ctypes
 import logging
+import re
 
 import pytest
 import torch
@@ -127,13 +129,12 @@ def test_both_kernels_compile_on_any_machine(source, monkeypatch, tmp_path):
     try:
         built = fa.build(source)
     except fa.KernelUnavailable as e:
-        if "unrecognized" in str(e) or "amx" in str(e).lower():
+        # only an older compiler that rejects the flags themselves is skipped, not an error in the source
+        if re.search(r"(unrecognized|unknown) (command[- ]line option|argument).*-mamx", str(e)):
             pytest.skip(f"this compiler does not know the AMX flags: {e}")
         raise
     assert built.is_file() and built.name.startswith(source.path.stem + "-")
-    symbols = fa.subprocess.run(["nm", "-D", str(built)], capture_output=True, text=True).stdout \
-        if fa.shutil.which("nm") else source.symbol
-    assert source.symbol in symbols
+    assert hasattr(ctypes.CDLL(str(built)), source.symbol)   # loading runs none of its instructions
 
 
 def test_the_kernel_leaves_torch_bf16_matmuls_as_they_were(kernel_here):

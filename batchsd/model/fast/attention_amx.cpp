@@ -40,9 +40,9 @@ static void configure_tiles() {
 }
 
 // e^((s - m) * scale) as 2^t with t = s * c - m * c, c = scale * log2(e): t = n + f, n an integer,
-// |f| <= 1/2, 2^f by a degree-5 polynomial fitted for relative error (1.1e-7 on [-1/2, 1/2], fp32's own
-// rounding), scaled by 2^n. Fewer operations than Cephes' e^x (attention_bf16.cpp): the softmax is
-// the half of this kernel's time that is not on the tiles.
+// |f| <= 1/2, 2^f by a degree-5 polynomial fitted for relative error (about fp32's own rounding on
+// [-1/2, 1/2]), scaled by 2^n. Fewer operations than Cephes' e^x (attention_bf16.cpp): the softmax
+// runs on the vector units, beside the tiles (its share of the time: docs/performance.md).
 static inline __m512 exp2_scaled(__m512 s, __m512 c, __m512 neg_mc) {
     const __m512 t = _mm512_fmadd_ps(s, c, neg_mc);
     const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -101,7 +101,7 @@ static inline void tile_2x1(const bf16* a, int64_t lda, int64_t a_step, const bf
     _tile_stored(2, c + 16 * ldc, ldc * 4);
 }
 
-// Linux hands out AMX tile state only on request, once per process (torch's oneDNN asks too).
+// Linux hands out AMX tile state only on request, per process (torch's oneDNN asks too).
 static int request_tiles() {
     const long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
     return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 ? 0 : 3;
@@ -115,7 +115,8 @@ extern "C" int batchsd_attention_amx(const bf16* q, const bf16* k, const bf16* v
                                      const int64_t* qs, const int64_t* ks, const int64_t* vs, const int64_t* os,
                                      float scale, int nthreads) {
     if (D % 2 || D > 256 || Lk < 1) return 2;
-    if (request_tiles()) return 3;
+    static const int tiles_refused = request_tiles();   // once per process
+    if (tiles_refused) return 3;
     // keys padded to 32 (one probability tile row), channels to 32 for Q K^T and to 16 for P V
     const int64_t NK = (Lk + 31) / 32 * 32, DQ = (D + 31) / 32 * 32, NC = DQ / KC,
                   DV = (D + 15) / 16 * 16, NV = DV / 16, BH = B * H;

@@ -27,14 +27,14 @@ Two halves make it, each with the reason it is needed:
       below CONV_PIN_WORK (oneDNN's fp32 blocking depends on the thread count for small outputs;
       the threshold is empirical, for oneDNN 3.12 on AVX512, checked up to 16 threads).
   The measurements behind the thresholds: docs/reproducibility.md, "Where the dependence enters".
-- **MKL's strict mode** (`mkl_strict`): on some CPUs (an Intel Xeon with AMX, 2026-12-07) MKL's fp32
-  GEMM splits the sum over K between threads for calls of up to 512 rows at K >= 1280, so nearly
-  every linear of a UNet's deep levels follows the thread count; pins would run most of them on one
-  thread. MKL's strict conditional-numerical-reproducibility mode (MKL_CBWR=AUTO,STRICT) keeps its
-  fastest code path for the CPU and fixes the split, at no measured cost. MKL reads the setting at
-  its first call, so `import batchsd` sets it (batchsd/__init__.py); an exact Pipeline checks that
-  it took and warns where it did not (torch's first product ran before batchsd was imported, or
-  the user set MKL_CBWR to another value).
+- **MKL's strict mode** (`mkl_strict`): on some CPUs (Intel Xeons with AMX) MKL's fp32 GEMM splits
+  the sum over K between threads for calls of a few hundred rows, so most linears of a UNet's deep
+  levels follow the thread count; pins would run most of them on one thread. MKL's strict
+  conditional-numerical-reproducibility mode (batchsd.MKL_CBWR_STRICT) keeps MKL's code path for the
+  CPU and fixes the split (shapes and cost: docs/reproducibility.md). MKL reads the setting at its
+  first call, so `import batchsd` sets it (batchsd/__init__.py); an exact Pipeline checks that it
+  took and warns where it did not (torch's first product ran before batchsd was imported, or the
+  user set MKL_CBWR to another value).
 
 `ExactNumerics` is a torch function mode that an exact Pipeline enters around its model calls
 (text encoders, each UNet forward, the VAE), so it is active for those calls on that thread only
@@ -62,6 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from batchsd import MKL_CBWR_STRICT
 from batchsd.errors import InputError
 
 GROUPNORM_SPLIT_HW = 1024     # ATen's channels_last GroupNorm sums per-thread partials from this H*W up
@@ -71,7 +72,7 @@ FEW_QUERIES = 4              # pin SDPA with fewer query tokens
 LINEAR_PIN_ROWS = 12         # pin a linear with fewer rows
 
 
-_MKL_CBWR_ALL, _MKL_CBWR_STRICT = -1, 0x10000    # mkl_cbwr.h: the whole mode, its strict bit
+_CBWR_ALL, _CBWR_STRICT_BIT = -1, 0x10000    # mkl_cbwr.h: ask for the whole mode; its strict bit
 
 
 @functools.lru_cache(maxsize=1)
@@ -84,7 +85,7 @@ def mkl_strict() -> bool | None:
     except (OSError, AttributeError):
         return None
     get.restype, get.argtypes = ctypes.c_int, [ctypes.c_int]
-    return bool(get(_MKL_CBWR_ALL) & _MKL_CBWR_STRICT)
+    return bool(get(_CBWR_ALL) & _CBWR_STRICT_BIT)
 
 
 def warn_unless_mkl_strict(log: logging.Logger) -> bool | None:
@@ -92,8 +93,9 @@ def warn_unless_mkl_strict(log: logging.Logger) -> bool | None:
     strict = mkl_strict()
     if strict is False:
         log.warning("exact mode: MKL is not in its strict reproducible mode in this process (MKL_CBWR=%s), so "
-                    "fp32 rows may depend on the thread count on this CPU; set MKL_CBWR=AUTO,STRICT, or import "
-                    "batchsd before torch computes its first product", os.environ.get("MKL_CBWR", "unset"))
+                    "fp32 rows may depend on the thread count on this CPU; set MKL_CBWR=%s, or import "
+                    "batchsd before torch computes its first product", os.environ.get("MKL_CBWR", "unset"),
+                    MKL_CBWR_STRICT)
     return strict
 
 
