@@ -37,10 +37,11 @@ from torch.overrides import TorchFunctionMode
 
 from batchsd.errors import CheckpointError
 from batchsd.model import hash_cache
-from batchsd.model.checkpoint_files import SourceTensor, materialize, open_checkpoint
+from batchsd.model.checkpoint_files import SourceTensor, empty_for, materialize, open_checkpoint, read_into
 from batchsd.model.config import SDConfig
 from batchsd.model.family import (SD1, SUPPORTED, AmbiguousPredictionType, CheckpointHints, ModelFamily,
                                   check_prediction_type, detect_family, resolve_family)
+from batchsd.model.page_advice import populate_ahead
 from batchsd.model.stable_diffusion import CLIP_PREFIX
 
 log = logging.getLogger(__name__)
@@ -266,10 +267,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
             log.warning("%s: ignoring unknown tensors %s", source.path, _listing(report.extra))
         sha256 = pool.submit(checkpoint_sha256, source.identity_files)
 
+        # every tensor allocated first, so that a second thread can map their pages ahead of the reads
+        state_dict = {key: empty_for(source, key, dtype, device, memory_format) for key in expected}
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # copies are memory-bound; extra threads only contend (page faults)
         try:
-            state_dict = {key: materialize(source, key, dtype, device, memory_format) for key in expected}
+            with populate_ahead(list(state_dict.values())):
+                for key, out in state_dict.items():
+                    read_into(source, key, out)
         finally:
             torch.set_num_threads(threads)
         model.load_state_dict(state_dict, strict=True, assign=True)

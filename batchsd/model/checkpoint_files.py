@@ -8,7 +8,7 @@ tensors under original-layout keys with their shapes and dtypes, the data not re
 - `.ckpt`/`.pt`/`.bin`: `torch.load(weights_only=True, mmap=True)` with the inert training metadata
   of safe_pickle.py; a pickle that needs anything else is refused (CheckpointError), never executed. Tensors at
   the top level or under `state_dict`. Each tensor's pages are dropped from the private mapping
-  once copied (`_PageDropper`, madvise), so the mapping does not grow to the whole file.
+  once copied (page_advice.PageDropper), so the mapping does not grow to the whole file.
 - a diffusers folder (`unet/`, `vae/`, `text_encoder/`, each with `*.safetensors`, `.fp16`
   variants or a sharded index): its files' keys renamed to the original layout by
   `diffusers_layout`, and its components' config.json files (and scheduler/scheduler_config.json)
@@ -23,10 +23,8 @@ Beside a single file, an A1111-style `<checkpoint stem>.yaml` (the LDM config) i
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import math
-import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -38,6 +36,7 @@ import torch
 
 from batchsd.errors import CheckpointError
 from batchsd.model.diffusers_layout import KEY_MAPS, fused_groups, is_transposed, original_shape
+from batchsd.model.page_advice import PageDropper
 from batchsd.model.safe_pickle import PickleRefused, PickleUnreadable, load_pickle
 from batchsd.model.stable_diffusion import CLIP_PREFIX, ORIGINAL_PREFIX, SD2_PREFIX, SDXL_PREFIX
 
@@ -80,43 +79,6 @@ def _pread_into(out: torch.Tensor, fd: int, offset: int) -> torch.Tensor:
     return out
 
 
-class _PageDropper:
-    """Drops the pages of a tensor read through a private file mapping (torch.load mmap) once it has
-    been copied out, so the mapping does not accumulate the whole file in the process's memory.
-
-    Only addresses inside a mapping of one of the checkpoint's own files are touched (found in
-    /proc/self/maps); dropped pages of a private file mapping that was never written to are read
-    again from the file on the next access, so no data can be lost. No-op where unsupported.
-    """
-
-    def __init__(self, files: Iterable[Path]):
-        self.ranges: list[tuple[int, int]] = []
-        names = {os.path.realpath(f) for f in files}
-        try:
-            with open("/proc/self/maps") as maps:
-                for line in maps:
-                    parts = line.split(maxsplit=5)
-                    if len(parts) == 6 and parts[5].rstrip("\n") in names and parts[1].endswith("p"):
-                        start, end = (int(x, 16) for x in parts[0].split("-"))
-                        self.ranges.append((start, end))
-            if self.ranges:
-                libc = ctypes.CDLL(None, use_errno=True)
-                libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-                self.madvise = libc.madvise
-        except (OSError, AttributeError):
-            self.ranges = []
-
-    def __call__(self, tensor: torch.Tensor) -> None:
-        start = tensor.data_ptr()
-        end = start + tensor.numel() * tensor.element_size()
-        if not any(lo <= start and end <= hi for lo, hi in self.ranges):
-            return
-        page = mmap.PAGESIZE
-        lo, hi = -(-start // page) * page, end // page * page  # whole pages inside the tensor only
-        if hi > lo:
-            self.madvise(lo, hi - lo, 4)  # MADV_DONTNEED
-
-
 class Source:
     """The tensors of a checkpoint (file or diffusers folder) under original-layout keys."""
 
@@ -129,7 +91,7 @@ class Source:
         self.skipped: list[str] = []  # non-tensor entries of a pickled state dict
         self.fds: list[int] = []
         self.identity_files: list[Path] = files      # what the model's sha256 is computed over
-        self._scratch = torch.empty(0, dtype=torch.uint8)
+        self._scratch: dict[str, torch.Tensor] = {}
         self.drop_pages: Callable[[torch.Tensor], None] = lambda t: None
 
     def add_file(self, path: Path, rename: Callable[[list[str]], dict[str, str]], layout: str | None) -> None:
@@ -172,16 +134,20 @@ class Source:
             shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
             self.tensors[base] = SourceTensor(shape, parts[0].dtype, parts=parts)
 
-    def scratch(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A reused CPU buffer for reads that need converting; sized once for the largest tensor."""
+    def scratch(self, shape: tuple[int, ...], dtype: torch.dtype, slot: str = "tensor") -> torch.Tensor:
+        """A reused CPU buffer, one per slot, grown when too small: "tensor" for whole tensors (sized
+        once for the largest); "chunk", "fp32" and "converted" for the steps of `_read_converted`."""
         nbytes = math.prod(shape) * dtype.itemsize
-        if self._scratch.numel() < nbytes:
-            largest = max(math.prod(t.shape) * t.dtype.itemsize for t in self.tensors.values() if not t.parts)
-            self._scratch = torch.empty(max(nbytes, largest), dtype=torch.uint8)
-        return self._scratch[:nbytes].view(dtype).view(shape)
+        buffer = self._scratch.get(slot)
+        if buffer is None or buffer.numel() < nbytes:
+            if slot == "tensor":
+                nbytes = max([nbytes] + [math.prod(t.shape) * t.dtype.itemsize
+                                         for t in self.tensors.values() if not t.parts])
+            buffer = self._scratch[slot] = torch.empty(nbytes, dtype=torch.uint8)
+        return buffer[:math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
 
     def close(self) -> None:
-        self._scratch = torch.empty(0, dtype=torch.uint8)
+        self._scratch.clear()
         for fd in self.fds:
             os.close(fd)
         self.fds.clear()
@@ -464,19 +430,30 @@ def open_checkpoint(path: str | Path) -> Source:
     except BaseException:
         source.close()
         raise
-    source.drop_pages = _PageDropper(source.files)
+    source.drop_pages = PageDropper(source.files)
     return source
 
 
 def materialize(source: Source, key: str, dtype: torch.dtype, device: torch.device,
                  memory_format: torch.memory_format) -> torch.Tensor:
-    """One tensor in the target dtype/device (4-D ones in `memory_format`), freshly allocated; at most
-    one reused buffer on the side."""
-    t = source.tensors[key]
-    out = torch.empty(t.shape, dtype=dtype, device=device,
-                      memory_format=memory_format if len(t.shape) == 4 else torch.contiguous_format)
-    _read_into(source, t, out)
+    """One tensor in the target dtype/device (4-D ones in `memory_format`), freshly allocated; the
+    buffers on the side (Source.scratch) are reused."""
+    out = empty_for(source, key, dtype, device, memory_format)
+    read_into(source, key, out)
     return out
+
+
+def empty_for(source: Source, key: str, dtype: torch.dtype, device: torch.device,
+              memory_format: torch.memory_format) -> torch.Tensor:
+    """An uninitialized tensor for `key` in the target dtype/device (4-D ones in `memory_format`)."""
+    shape = source.tensors[key].shape
+    return torch.empty(shape, dtype=dtype, device=device,
+                       memory_format=memory_format if len(shape) == 4 else torch.contiguous_format)
+
+
+def read_into(source: Source, key: str, out: torch.Tensor) -> None:
+    """The tensor `key` into `out` (an `empty_for` tensor), converted to its dtype, device and layout."""
+    _read_into(source, source.tensors[key], out)
 
 
 def _read_into(source: Source, t: SourceTensor, out: torch.Tensor) -> None:
@@ -494,5 +471,34 @@ def _read_into(source: Source, t: SourceTensor, out: torch.Tensor) -> None:
         source.drop_pages(view)
     elif t.dtype == out.dtype and out.device.type == "cpu" and out.is_contiguous():
         _pread_into(out, *t.raw)  # file -> model tensor, no intermediate
+    elif out.device.type == "cpu" and len(t.shape) > 0:
+        _read_converted(source, t, out)
     else:
         out.copy_(_pread_into(source.scratch(t.shape, t.dtype), *t.raw))
+
+
+# elements per chunk of `_read_converted`: its file bytes and their fp32 copy stay in L2 while converted
+CONVERT_CHUNK = 1 << 17
+HALF_FLOATS = (torch.float16, torch.bfloat16)
+
+
+def _read_converted(source: Source, t: SourceTensor, out: torch.Tensor) -> None:
+    """`t` (stored contiguous) into CPU tensor `out` of another dtype or layout, in blocks of rows read
+    into a small buffer and converted while in cache, not the whole tensor through memory twice.
+    Each step is one torch copies fast: fp16 <-> bf16 goes through fp32 (torch converts between the
+    two 16-bit floats one element at a time, to and from fp32 vectorized; the rounding is the same,
+    fp16 -> fp32 being exact), and a change of layout (channels_last) is done in out's dtype, after
+    the conversion (a copy that converts and permutes at once runs element by element)."""
+    fd, offset = t.raw
+    row = math.prod(t.shape[1:])
+    rows_per_chunk = max(1, CONVERT_CHUNK // max(row, 1))
+    via_fp32 = t.dtype != out.dtype and t.dtype in HALF_FLOATS and out.dtype in HALF_FLOATS
+    for first in range(0, t.shape[0], rows_per_chunk):
+        shape = (min(rows_per_chunk, t.shape[0] - first), *t.shape[1:])
+        chunk = _pread_into(source.scratch(shape, t.dtype, "chunk"), fd, offset + first * row * t.dtype.itemsize)
+        if via_fp32:
+            chunk = source.scratch(shape, torch.float32, "fp32").copy_(chunk)
+        dst = out[first:first + shape[0]]
+        if not dst.is_contiguous() and chunk.dtype != dst.dtype:
+            chunk = source.scratch(shape, dst.dtype, "converted").copy_(chunk)
+        dst.copy_(chunk)
