@@ -69,14 +69,18 @@ class SourceTensor:
 
 def _pread_into(out: torch.Tensor, fd: int, offset: int) -> torch.Tensor:
     """Read out.nbytes bytes at `offset` of an open file straight into a contiguous CPU tensor."""
-    buffer = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+    _pread_bytes(memoryview(out.reshape(-1).view(torch.uint8).numpy()), fd, offset)
+    return out
+
+
+def _pread_bytes(buffer: memoryview, fd: int, offset: int) -> None:
+    """Fill `buffer` with the bytes at `offset` of an open file."""
     done = 0
     while done < len(buffer):
         n = os.preadv(fd, [buffer[done:]], offset + done)
         if n <= 0:
             raise CheckpointError(f"unexpected end of file reading {len(buffer)} bytes at {offset}")
         done += n
-    return out
 
 
 class Source:
@@ -467,7 +471,10 @@ def _read_into(source: Source, t: SourceTensor, out: torch.Tensor) -> None:
         out.copy_(_pread_into(source.scratch(t.shape[::-1], t.dtype), *t.raw).t())
     elif t.raw is None:  # .ckpt: a view of the file mapping
         view = t.read()
-        out.copy_(view)
+        if out.device.type == "cpu" and view.dim() > 0:
+            _read_converted(source, t, out, view)
+        else:
+            out.copy_(view)
         source.drop_pages(view)
     elif t.dtype == out.dtype and out.device.type == "cpu" and out.is_contiguous():
         _pread_into(out, *t.raw)  # file -> model tensor, no intermediate
@@ -482,23 +489,36 @@ CONVERT_CHUNK = 1 << 17
 HALF_FLOATS = (torch.float16, torch.bfloat16)
 
 
-def _read_converted(source: Source, t: SourceTensor, out: torch.Tensor) -> None:
-    """`t` (stored contiguous) into CPU tensor `out` of another dtype or layout, in blocks of rows read
-    into a small buffer and converted while in cache, not the whole tensor through memory twice.
-    Each step is one torch copies fast: fp16 <-> bf16 goes through fp32 (torch converts between the
+def _read_converted(source: Source, t: SourceTensor, out: torch.Tensor, view: torch.Tensor | None = None) -> None:
+    """`t` into CPU tensor `out` of another dtype or layout, in blocks of rows converted while in
+    cache, not the whole tensor through memory twice: each block read into a small buffer (`t` stored
+    contiguous, safetensors) or taken from `view` (.ckpt: the tensor in the file mapping).
+    Each step is a copy torch vectorizes: fp16 <-> bf16 goes through fp32 (torch converts between the
     two 16-bit floats one element at a time, to and from fp32 vectorized; the rounding is the same,
     fp16 -> fp32 being exact), and a change of layout (channels_last) is done in out's dtype, after
     the conversion (a copy that converts and permutes at once runs element by element)."""
-    fd, offset = t.raw
     row = math.prod(t.shape[1:])
-    rows_per_chunk = max(1, CONVERT_CHUNK // max(row, 1))
-    via_fp32 = t.dtype != out.dtype and t.dtype in HALF_FLOATS and out.dtype in HALF_FLOATS
+    rows_per_chunk = max(1, min(t.shape[0], CONVERT_CHUNK // max(row, 1)))
+    block = (rows_per_chunk, *t.shape[1:])
+    # the buffers' views made once per tensor, not per block (the last block takes their first rows)
+    if view is None:
+        fd, offset = t.raw
+        read = source.scratch(block, t.dtype, "chunk")
+        read_bytes = memoryview(read.view(-1).view(torch.uint8).numpy())
+    via_fp32 = source.scratch(block, torch.float32, "fp32") \
+        if t.dtype != out.dtype and t.dtype in HALF_FLOATS and out.dtype in HALF_FLOATS else None
+    # a layout change (channels_last) is done after the conversion, in out's dtype
+    converted = source.scratch(block, out.dtype, "converted") \
+        if not out.is_contiguous() and t.dtype != out.dtype else None
+    row_bytes = row * t.dtype.itemsize
     for first in range(0, t.shape[0], rows_per_chunk):
-        shape = (min(rows_per_chunk, t.shape[0] - first), *t.shape[1:])
-        chunk = _pread_into(source.scratch(shape, t.dtype, "chunk"), fd, offset + first * row * t.dtype.itemsize)
-        if via_fp32:
-            chunk = source.scratch(shape, torch.float32, "fp32").copy_(chunk)
-        dst = out[first:first + shape[0]]
-        if not dst.is_contiguous() and chunk.dtype != dst.dtype:
-            chunk = source.scratch(shape, dst.dtype, "converted").copy_(chunk)
-        dst.copy_(chunk)
+        n = min(rows_per_chunk, t.shape[0] - first)
+        if view is None:
+            _pread_bytes(read_bytes[:n * row_bytes], fd, offset + first * row_bytes)
+            chunk = read[:n]
+        else:
+            chunk = view[first:first + n]
+        for step in (via_fp32, converted):
+            if step is not None:
+                chunk = step[:n].copy_(chunk)
+        out[first:first + n].copy_(chunk)

@@ -27,8 +27,11 @@ def every_16_bit_pattern(dtype: torch.dtype) -> torch.Tensor:
 
 
 def open_file(path, tensors: dict[str, torch.Tensor]) -> Source:
-    save_file(tensors, str(path))
-    source = Source(path, "safetensors", "single-file", [path])
+    if path.suffix == ".safetensors":
+        save_file(tensors, str(path))
+    else:
+        torch.save(tensors, path)
+    source = Source(path, path.suffix[1:], "single-file", [path])
     source.add_file(path, lambda keys: {k: k for k in keys}, None)
     return source
 
@@ -39,20 +42,23 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
         ((a == b) | (a.isnan() & b.isnan())).all()) and torch.equal(a.signbit() & ~a.isnan(), b.signbit() & ~b.isnan())
 
 
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
 @pytest.mark.parametrize("chunk", [checkpoint_files.CONVERT_CHUNK, 100, 1])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("source_dtype,target", [(s, t) for s in FLOATS[:2] for t in FLOATS if s != t]
                          + [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16)])
-def test_read_converts_like_torch_bit_for_bit(tmp_path, monkeypatch, chunk, memory_format, source_dtype, target):
+def test_read_converts_like_torch_bit_for_bit(tmp_path, monkeypatch, suffix, chunk, memory_format, source_dtype,
+                                              target):
     """Every value of the file's dtype (16-bit ones: all bit patterns), read in blocks of `chunk`
-    elements, into either layout: torch's direct conversion of the same tensor, and the layout asked for."""
+    elements, into either layout, from either format: torch's direct conversion of the same tensor,
+    in the layout asked for."""
     monkeypatch.setattr(checkpoint_files, "CONVERT_CHUNK", chunk)
     if source_dtype == torch.float32:
         values = torch.randn(1024, 4, 4, 4, generator=torch.Generator().manual_seed(0)) * 1e3
         values.view(-1)[:4] = torch.tensor([float("inf"), -float("inf"), float("nan"), 1e-40])
     else:
         values = every_16_bit_pattern(source_dtype)
-    with open_file(tmp_path / "t.safetensors", {"w": values, "b": values[:, 0, 0, 0].contiguous()}) as source:
+    with open_file(tmp_path / f"t{suffix}", {"w": values, "b": values[:, 0, 0, 0].contiguous()}) as source:
         for key, expected in (("w", values.to(target, memory_format=memory_format)), ("b", values[:, 0, 0, 0].to(target))):
             out = empty_for(source, key, target, torch.device("cpu"), memory_format)
             read_into(source, key, out)
