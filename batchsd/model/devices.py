@@ -119,6 +119,14 @@ def default_attention(device: torch.device, dtype: torch.dtype, kind: CpuKind | 
     return (kind or cpu_kind()).avx512_bf16
 
 
+def default_fused_geglu(device: torch.device, dtype: torch.dtype, kind: CpuKind | None = None) -> bool:
+    """The UNet's GEGLU by oneDNN's fused linears (fast/fused_geglu.py): on the CPU for bf16 with AMX,
+    where it was measured (docs/performance.md); torch's ops everywhere else."""
+    if device.type != "cpu" or dtype != torch.bfloat16:
+        return False
+    return (kind or cpu_kind()).amx
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """`auto` is fp16 on CUDA and fp32 on CPU (bf16 is faster on CPUs with AMX/avx512-bf16: ask for it)."""
     name = (name or "auto").strip().lower()

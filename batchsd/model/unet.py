@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from batchsd.model.config import UNetConfig
 from batchsd.model.fast.fused_attention import fused_attention, supports
+from batchsd.model.fast.fused_geglu import fused_geglu
 from batchsd.model.fast.upsample import NearestUpsampleConv
 
 # The GroupNorm in front of each spatial transformer uses eps 1e-6 in SD 1.x (CompVis Normalize()
@@ -124,8 +125,11 @@ class GEGLU(nn.Module):
     def __init__(self, dim: int, inner_dim: int):
         super().__init__()
         self.proj = nn.Linear(dim, inner_dim * 2)
+        self.fused_epilogue = False   # fast/fused_geglu.py: oneDNN linears with gelu and the product fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_epilogue:
+            return fused_geglu(x, self.proj.weight, self.proj.bias)
         value, gate = self.proj(x).chunk(2, dim=-1)
         return F.gelu(gate).mul_(value)   # gelu's fresh output multiplied in place: the same values
 
