@@ -79,7 +79,7 @@ class RunSummary:
     compile_s: float = 0.0               # --compile: seconds spent compiling the UNet (first call per shape)
     winograd: bool = False               # the wide CPU convolutions ran as Winograd (--winograd; rounding differs)
     fused_attention: bool = False        # the UNet's attention ran the fused bf16 kernel (--attention; rounding differs)
-    fused_geglu: bool = False            # the GEGLU ran as oneDNN fused linears (fused_geglu.py; rounding differs)
+    fused_epilogues: bool = False        # GEGLU, residual adds in oneDNN linears (fused_epilogues.py; rounding differs)
     cpu: str | None = None               # the CPU's kind the speed choices were keyed on (devices.cpu_kind)
     mkl_strict: bool | None = None       # MKL's strict reproducible mode was on (fast/exact.mkl_strict; None: no MKL)
     images_dir: Path | None = None       # where the images went (--format's folder; None: images/)
@@ -113,6 +113,7 @@ def summary_record(opts: RunOptions, s: RunSummary) -> dict:
         "previously_failed": s.previously_failed, "pending": s.pending, "batch_size": s.batch_size,
         "elapsed_s": round(s.elapsed_s, 3), "images_per_s": round(s.images_per_s, 4),
         "compile_s": round(s.compile_s, 3), "winograd": s.winograd,
-        "fused_attention": s.fused_attention, "fused_geglu": s.fused_geglu, "cpu": s.cpu, "mkl_strict": s.mkl_strict,
+        "fused_attention": s.fused_attention, "fused_epilogues": s.fused_epilogues, "cpu": s.cpu,
+        "mkl_strict": s.mkl_strict,
         "finished_at": now_utc().isoformat(), "exit_code": s.exit_code,
     }

@@ -148,7 +148,7 @@ def _make_rows(session: RunSession, pipe, rich_bar: bool | None) -> RunSummary:
                 choices = speed_choices(pipe)
                 session.summary.winograd, session.summary.cpu = choices["winograd"], choices["cpu"]
                 session.summary.fused_attention = choices["fused_attention"]
-                session.summary.fused_geglu = choices["fused_geglu"]
+                session.summary.fused_epilogues = choices["fused_epilogues"]
                 session.summary.mkl_strict = getattr(pipe, "mkl_strict", None)   # fast/exact.mkl_strict
                 session.summary.compile_s += sum(getattr(pipe.unet, "compile_seconds", {}).values())
         except KeyboardInterrupt:  # second signal: the batch in flight is dropped

@@ -59,7 +59,7 @@ RESULT_FIELDS: list[pa.Field] = [
     pa.field("cpu", pa.string()),                         # devices.CpuKind; null on CUDA
     pa.field("winograd", pa.bool_()),                     # the wide 3x3 convolutions ran as Winograd
     pa.field("fused_attention", pa.bool_()),              # the UNet's attention ran the fused bf16 kernel
-    pa.field("fused_geglu", pa.bool_()),                  # the UNet's GEGLU ran as oneDNN's fused linears
+    pa.field("fused_epilogues", pa.bool_()),              # GEGLU and residual adds ran in oneDNN linears' epilogues
     pa.field("elapsed_s", pa.float64()),
     pa.field("finished_at", pa.timestamp("us", tz="UTC")),
     pa.field("params_hash", pa.string()),

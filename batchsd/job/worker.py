@@ -161,13 +161,13 @@ def _error_text(e: BaseException) -> str:
 
 
 def speed_choices(pipe) -> dict:
-    """The results' `cpu`, `winograd`, `fused_attention` and `fused_geglu`: the CPU kind the speed
+    """The results' `cpu`, `winograd`, `fused_attention` and `fused_epilogues`: the CPU kind the speed
     choices were keyed on (devices.cpu_kind; None off the CPU), whether Winograd ran, whether the fused
-    attention ran and whether the UNet's GEGLU ran as oneDNN's fused linears."""
+    attention ran and whether the transformers' GEGLU and residual adds ran in oneDNN linears' epilogues."""
     kind = getattr(pipe, "cpu_kind", None)
     return {"cpu": None if kind is None else str(kind), "winograd": bool(getattr(pipe, "winograd", False)),
             "fused_attention": bool(getattr(pipe, "fused_attention", False)),
-            "fused_geglu": bool(getattr(pipe, "fused_geglu", False))}
+            "fused_epilogues": bool(getattr(pipe, "fused_epilogues", False))}
 
 
 def record(row: JobRow, model, numerics=None, choices: dict | None = None) -> dict:

@@ -119,9 +119,9 @@ def default_attention(device: torch.device, dtype: torch.dtype, kind: CpuKind | 
     return (kind or cpu_kind()).avx512_bf16
 
 
-def default_fused_geglu(device: torch.device, dtype: torch.dtype, kind: CpuKind | None = None) -> bool:
-    """The UNet's GEGLU by oneDNN's fused linears (fast/fused_geglu.py): on the CPU for bf16 with AMX,
-    where it was measured (docs/performance.md); torch's ops everywhere else."""
+def default_fused_epilogues(device: torch.device, dtype: torch.dtype, kind: CpuKind | None = None) -> bool:
+    """The transformers' GEGLU and residual adds in oneDNN linears' epilogues (fast/fused_epilogues.py):
+    on the CPU for bf16 with AMX, where they were measured (docs/performance.md); torch's ops elsewhere."""
     if device.type != "cpu" or dtype != torch.bfloat16:
         return False
     return (kind or cpu_kind()).amx

@@ -37,14 +37,14 @@ from PIL import Image
 from batchsd.errors import InputError
 from batchsd.model import samplers
 from batchsd.model.config import TINY, TINY_MODEL, TINY_MODEL_NAME
-from batchsd.model.devices import (cpu_kind, default_attention, default_fused_geglu, default_winograd, resolve_device,
+from batchsd.model.devices import (cpu_kind, default_attention, default_fused_epilogues, default_winograd, resolve_device,
                                   resolve_dtype)
 from batchsd.model.family import SD1, ModelFamily, TextConditioning, check_prediction_type
 from batchsd.model.fast.compiled_unet import CompiledUNet
 from batchsd.model.fast.exact import exact_numerics, mkl_strict, resolve_exact, rowwise_guided_eps, warn_unless_mkl_strict
 from batchsd.model.fast.host_copy import host_array, to_host
 from batchsd.model.fast.fused_attention import KernelUnavailable, use_fused_attention
-from batchsd.model.fast import fused_geglu as geglu
+from batchsd.model.fast import fused_epilogues as epilogues
 from batchsd.model.fast.packed_conv import pack_convolutions, pack_now
 from batchsd.model.hash_cache import stamp
 from batchsd.model.init_pixels import rgb_pixels
@@ -77,7 +77,7 @@ class Pipeline:
                  name: str, sha256: str | None = None, low_memory: bool = False, vae_chunk: int | None = None,
                  channels_last: bool = True, compile: str | None = None, pack_weights: bool = True,
                  winograd: bool | None = None, family: ModelFamily = SD1, exact: bool | None = None,
-                 fused_attention: bool | None = None, fused_geglu: bool | None = None):
+                 fused_attention: bool | None = None, fused_epilogues: bool | None = None):
         self.model = model.eval().requires_grad_(False)   # family.model_class: .cfg, .unet, .vae, .text_encoder
         self.family = family
         self.cfg = model.cfg
@@ -133,14 +133,15 @@ class Pipeline:
         # devices.default_attention, keyed on the CPU's kind; a kernel that cannot be built under auto
         # leaves torch's attention, with a warning and recorded (self.fused_attention False)
         self.fused_attention = self._use_fused_attention(fused_attention, device, dtype, compile)
-        # the UNet's GEGLU by oneDNN linears with gelu and the product in their epilogues
-        # (fast/fused_geglu.py): None (auto) = devices.default_fused_geglu (bf16 with AMX)
-        if fused_geglu and (device.type != "cpu" or compile or not geglu.available()):
-            raise InputError("the fused GEGLU runs on the CPU with oneDNN, not under --compile")
-        auto = pack_weights and not compile and default_fused_geglu(device, dtype, self.cpu_kind) and geglu.available()
-        self.fused_geglu = bool(fused_geglu or (fused_geglu is None and auto))
-        if self.fused_geglu:
-            geglu.use_fused_geglu(self.model.unet)
+        # the transformers' GEGLU and residual adds in oneDNN linears' epilogues (fast/fused_epilogues.py):
+        # None (auto) = devices.default_fused_epilogues (bf16 with AMX)
+        if fused_epilogues and (device.type != "cpu" or compile or not epilogues.available()):
+            raise InputError("the fused linear epilogues run on the CPU with oneDNN, not under --compile")
+        auto = pack_weights and not compile and default_fused_epilogues(device, dtype, self.cpu_kind) \
+            and epilogues.available()
+        self.fused_epilogues = bool(fused_epilogues or (fused_epilogues is None and auto))
+        if self.fused_epilogues:
+            epilogues.use_fused_epilogues(self.model.unet)
         # the UNet forward as called by the sampler: eager, or torch.compile'd (compiled_unet.CompiledUNet)
         self.unet = CompiledUNet(self.model.unet, compile, device) if compile else self.model.unet
         # the family's text encoders (SDXL has two), moved together in low-memory mode
@@ -167,7 +168,7 @@ class Pipeline:
     def load(cls, model: str | Path, device: str = "auto", dtype: str = "auto",
              low_memory: bool = False, compile: str | None = None, winograd: bool | None = None,
              prediction_type: str | None = None, exact: bool | None = None,
-             fused_attention: bool | None = None, fused_geglu: bool | None = None) -> "Pipeline":
+             fused_attention: bool | None = None, fused_epilogues: bool | None = None) -> "Pipeline":
         """`model`: "tiny" (deterministic random SD 1.x TINY preset, no file) or a checkpoint path
         (single-file .safetensors/.ckpt or a diffusers folder) of a family in family.FAMILIES.
         `prediction_type`: "epsilon" | "v_prediction" | None: what the UNet predicts, when the checkpoint
@@ -181,8 +182,8 @@ class Pipeline:
         compiled, off on CUDA).
         `fused_attention` (CPU, bf16): True/False, or None for the default (devices.default_attention:
         on for bf16 on CPUs with avx512-bf16, the tile kernel where they have AMX).
-        `fused_geglu` (CPU): True/False, or None for the default (devices.default_fused_geglu: on for
-        bf16 on CPUs with AMX)."""
+        `fused_epilogues` (CPU): the transformers' GEGLU and residual adds in oneDNN linears' epilogues:
+        True/False, or None for the default (devices.default_fused_epilogues: on for bf16 with AMX)."""
         preload_tokenizer()          # importing transformers overlaps with building the model and the load
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
@@ -192,7 +193,7 @@ class Pipeline:
                 SD1, scheduler=replace(SD1.scheduler, prediction_type=check_prediction_type(prediction_type)))
             return cls(SD1.model_class.random(TINY, seed=0), dev, dt, name=TINY_MODEL_NAME,
                        low_memory=low_memory, compile=compile, winograd=winograd, family=family, exact=exact,
-                       fused_attention=fused_attention, fused_geglu=fused_geglu)
+                       fused_attention=fused_attention, fused_epilogues=fused_epilogues)
         from batchsd.model.checkpoint import load_model
 
         # convolution weights land in channels_last, the layout Pipeline keeps them in (no second copy)
@@ -201,7 +202,7 @@ class Pipeline:
         return cls(sd_model, dev, dt, name=Path(model).stem if Path(model).is_file() else Path(model).name,
                    sha256=info.sha256, low_memory=low_memory, compile=compile, winograd=winograd,
                    family=info.model_family, exact=exact, fused_attention=fused_attention,
-                   fused_geglu=fused_geglu)
+                   fused_epilogues=fused_epilogues)
 
     @staticmethod
     def batch_key(row: GenerationRow) -> tuple:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from batchsd.model.config import UNetConfig
 from batchsd.model.fast.fused_attention import fused_attention, supports
-from batchsd.model.fast.fused_geglu import fused_geglu
+from batchsd.model.fast.fused_epilogues import fused_geglu, hooked, linear_add
 from batchsd.model.fast.upsample import NearestUpsampleConv
 
 # The GroupNorm in front of each spatial transformer uses eps 1e-6 in SD 1.x (CompVis Normalize()
@@ -103,8 +103,10 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(context_dim, dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(dim, dim))  # index 1 was dropout
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        # x: [B, N, dim], context: [B, M, context_dim] -> [B, N, dim]
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        # x: [B, N, dim], context: [B, M, context_dim] -> [B, N, dim] (+ residual [B, N, dim], added in
+        # to_out's epilogue: fast/fused_epilogues.py)
         context = x if context is None else context
         B, N, C = x.shape
         M = context.shape[1]
@@ -116,7 +118,10 @@ class CrossAttention(nn.Module):
         else:
             h = F.scaled_dot_product_attention(q, k, v)                    # [B, heads, N, d]
         h = h.transpose(1, 2).reshape(B, N, C)
-        return self.to_out(h)
+        if residual is None:
+            return self.to_out(h)
+        out = self.to_out[0]
+        return self.to_out(h).add_(residual) if hooked(out) else linear_add(h, out.weight, out.bias, residual)
 
 
 class GEGLU(nn.Module):
@@ -125,10 +130,10 @@ class GEGLU(nn.Module):
     def __init__(self, dim: int, inner_dim: int):
         super().__init__()
         self.proj = nn.Linear(dim, inner_dim * 2)
-        self.fused_epilogue = False   # fast/fused_geglu.py: oneDNN linears with gelu and the product fused
+        self.fused_epilogue = False   # fast/fused_epilogues.py: gelu and the product in oneDNN linears
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused_epilogue:
+        if self.fused_epilogue and not hooked(self.proj):
             return fused_geglu(x, self.proj.weight, self.proj.bias)
         value, gate = self.proj(x).chunk(2, dim=-1)
         return F.gelu(gate).mul_(value)   # gelu's fresh output multiplied in place: the same values
@@ -140,8 +145,12 @@ class FeedForward(nn.Module):
         # net.0 GEGLU, net.1 dropout, net.2 linear (checkpoint indices)
         self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        # residual: added in the last linear's epilogue (fast/fused_epilogues.py)
+        if residual is None:
+            return self.net(x)
+        h, out = self.net[0](x), self.net[2]
+        return out(h).add_(residual) if hooked(out) else linear_add(h, out.weight, out.bias, residual)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -156,9 +165,14 @@ class BasicTransformerBlock(nn.Module):
         self.attn2 = CrossAttention(dim, cfg.context_dim, heads)
         self.norm3 = nn.LayerNorm(dim, eps=cfg.transformer_eps)
         self.ff = FeedForward(dim)
+        self.fused_epilogue = False   # fast/fused_epilogues.py: residuals added in the output linears
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         # x: [B, N, dim], context: [B, M, context_dim]
+        if self.fused_epilogue:
+            x = self.attn1(self.norm1(x), residual=x)
+            x = self.attn2(self.norm2(x), context, residual=x)
+            return self.ff(self.norm3(x), residual=x)
         # residuals added in place to each sublayer's fresh output (x + h == h + x, one buffer less)
         x = self.attn1(self.norm1(x)).add_(x)
         x = self.attn2(self.norm2(x), context).add_(x)
@@ -178,6 +192,7 @@ class SpatialTransformer(nn.Module):
         self.proj_in = proj()
         self.transformer_blocks = nn.ModuleList(BasicTransformerBlock(cfg, channels) for _ in range(depth))
         self.proj_out = proj()
+        self.fused_epilogue = False   # fast/fused_epilogues.py: the input added in proj_out's epilogue
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         # x: [B, C, h, w], context: [B, M, context_dim] -> [B, C, h, w]
@@ -186,6 +201,10 @@ class SpatialTransformer(nn.Module):
         h = F.linear(h, self.proj_in.weight.view(C, C), self.proj_in.bias)  # 1x1 conv as matmul
         for block in self.transformer_blocks:
             h = block(h, context)
+        if self.fused_epilogue and x.is_contiguous(memory_format=torch.channels_last):
+            tokens = x.permute(0, 2, 3, 1).reshape(B, H * W, C)              # a view of x's NHWC memory
+            h = linear_add(h, self.proj_out.weight.view(C, C), self.proj_out.bias, tokens)
+            return h.view(B, H, W, C).permute(0, 3, 1, 2)                     # [B, C, h, w] channels_last
         h = F.linear(h, self.proj_out.weight.view(C, C), self.proj_out.bias)
         h = h.view(B, H, W, C).permute(0, 3, 1, 2)                          # [B, C, h, w] channels_last view
         return x + h  # x first: the sum takes x's memory format (NCHW in, NCHW out)

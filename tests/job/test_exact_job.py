@@ -194,7 +194,7 @@ def test_numerics_recorded_and_a_change_remakes_rows(tmp_path):
     assert ok["exact"].all()
     # the speed choices, per row: the CPU kind (with the processor) and Winograd (off: fp32)
     from batchsd.model.devices import cpu_kind
-    assert (ok["cpu"] == str(cpu_kind())).all() and not ok["winograd"].any() and not ok["fused_geglu"].any()
+    assert (ok["cpu"] == str(cpu_kind())).all() and not ok["winograd"].any() and not ok["fused_epilogues"].any()
     assert pd.isna(table.loc["bad", "cpu"])     # it failed before the model (as its numerics: none)
     # and in summary.json whether MKL ran in its strict reproducible mode (fast/exact.mkl_strict)
     from batchsd.model.fast.exact import mkl_strict
@@ -216,10 +216,10 @@ def test_numerics_recorded_and_a_change_remakes_rows(tmp_path):
     assert set(table.loc[OK_IDS, "dtype"]) == {"bfloat16"} and meta["dtype"] == "bfloat16"
     assert set(table.loc[OK_IDS, "prediction_type"]) == {"epsilon"} and meta["prediction_type"] == "epsilon"
     # bf16's speed choices as the CPU's kind decides them, per row and in summary.json
-    from batchsd.model.devices import default_fused_geglu
-    fused_geglu = default_fused_geglu(torch.device("cpu"), torch.bfloat16)
-    assert set(table.loc[OK_IDS, "fused_geglu"]) == {fused_geglu}
-    assert json.loads((out / "summary.json").read_text())["fused_geglu"] is fused_geglu
+    from batchsd.model.devices import default_fused_epilogues
+    fused = default_fused_epilogues(torch.device("cpu"), torch.bfloat16)
+    assert set(table.loc[OK_IDS, "fused_epilogues"]) == {fused}
+    assert json.loads((out / "summary.json").read_text())["fused_epilogues"] is fused
     # the same file read with another prediction type makes other images: again
     output, table, meta = run("--dtype", "bf16", "--no-exact", "--prediction-type", "v_prediction")
     assert f"{len(OK_IDS)} to make" in output
