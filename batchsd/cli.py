@@ -3,7 +3,7 @@
     batchsd run MANIFEST [--model PATH|tiny] [--out DIR] [--batch-size N] [--device auto|cpu|cuda[:N]]
                          [--dtype auto|fp32|fp16|bf16] [--save-latents] [--limit N] [--dry-run]
                          [--overwrite] [--retry-errors] [--low-memory] [--compile MODE] [--winograd auto|on|off]
-                         [--attention auto|fused|torch]
+                         [--attention auto|fused|torch] [--epilogues auto|fused|torch]
                          [--shard I/N] [--shard-count N] [--engine local|ray] [--workers K]
                          [--format files|webdataset|parquet|imagefolder] [--image-format png|jpg|webp]
                          [--quality Q] [--shard-size N] [--captions]
@@ -52,6 +52,12 @@ class Winograd(str, enum.Enum):
 
 
 class Attention(str, enum.Enum):
+    auto = "auto"
+    fused = "fused"
+    torch = "torch"
+
+
+class Epilogues(str, enum.Enum):
     auto = "auto"
     fused = "fused"
     torch = "torch"
@@ -219,6 +225,11 @@ def run(
                                              "fused on CPUs with avx512-bf16 (a tile kernel where they have AMX), torch's elsewhere or when "
                                              "the kernel cannot be built (a warning says why). Rounding differs "
                                              "between the two; recorded in the results and summary.json."),
+    epilogues: Epilogues = typer.Option(Epilogues.auto, "--epilogues", case_sensitive=False,
+                                        help="CPU: the UNet transformers' GEGLU and residual adds in the epilogues of "
+                                             "oneDNN linears (fused) or as torch's separate ops. auto: fused for bf16 "
+                                             "on CPUs with AMX, torch's elsewhere (keyed on the CPU's kind). Rounding "
+                                             "differs between the two; recorded in the results and summary.json."),
     exact: Optional[bool] = typer.Option(None, "--exact/--no-exact",
                                          help="Exact mode: a row's image and latents are the same bytes whatever its "
                                               "batch, shard, engine or thread count (for one model, dtype, device "
@@ -306,6 +317,7 @@ def run(
                       compile=None if compile is Compile.none else compile.value,
                       winograd={"auto": None, "on": True, "off": False}[winograd.value], exact=exact,
                       fused_attention={"auto": None, "fused": True, "torch": False}[attention.value],
+                      fused_epilogues={"auto": None, "fused": True, "torch": False}[epilogues.value],
                       shard=None if spec is None or spec.is_whole else spec, reuse_out=reuse_out,
                       prediction_type=prediction_type.value if prediction_type else None, output=output,
                       manifest_options=_manifest_options(column_map, wildcards, prompt_syntax, lora_dir,

@@ -48,6 +48,7 @@ class RunOptions:
     compile: str | None = None       # torch.compile mode for the UNet (COMPILE_MODES in model/fast), None: eager
     winograd: bool | None = None     # CPU Winograd convolutions (winograd.py); None: the Pipeline's default
     fused_attention: bool | None = None  # CPU bf16 fused attention (fused_attention.py); None: the Pipeline's default
+    fused_epilogues: bool | None = None  # CPU fused linear epilogues (fused_epilogues.py); None: the Pipeline's default
     shard: ShardSpec | None = None   # make only this shard's rows (shards.py); None or count 1: all rows
     prediction_type: str | None = None  # what the UNet predicts when the checkpoint does not say (SD 2.x)
     reuse_out: bool = False          # let --out hold this job though it holds another manifest's

@@ -91,7 +91,7 @@ def _load(session: RunSession, key: str):
     console.print(f"loading model {escape(key)} ...")
     pipe = Pipeline.load(key, device=opts.device, dtype=opts.dtype, low_memory=opts.low_memory, compile=opts.compile,
                          winograd=opts.winograd, prediction_type=opts.prediction_type, exact=opts.exact,
-                         fused_attention=opts.fused_attention)
+                         fused_attention=opts.fused_attention, fused_epilogues=opts.fused_epilogues)
     if why := loaded_mismatch(pipe, *session.made_with.by_key[key]):
         raise RuntimeError(f"{why}: was the file replaced during the run?")
     return pipe

@@ -135,8 +135,9 @@ class Pipeline:
         self.fused_attention = self._use_fused_attention(fused_attention, device, dtype, compile)
         # the transformers' GEGLU and residual adds in oneDNN linears' epilogues (fast/fused_epilogues.py):
         # None (auto) = devices.default_fused_epilogues (bf16 with AMX)
-        if fused_epilogues and (device.type != "cpu" or compile or not epilogues.available()):
-            raise InputError("the fused linear epilogues run on the CPU with oneDNN, not under --compile")
+        if fused_epilogues and (device.type != "cpu" or dtype != torch.bfloat16 or compile or not epilogues.available()):
+            raise InputError("the fused linear epilogues run bf16 on the CPU (with oneDNN), not under --compile: "
+                             "use --dtype bf16 --device cpu, or --epilogues auto")
         auto = pack_weights and not compile and default_fused_epilogues(device, dtype, self.cpu_kind) \
             and epilogues.available()
         self.fused_epilogues = bool(fused_epilogues or (fused_epilogues is None and auto))
@@ -182,7 +183,7 @@ class Pipeline:
         compiled, off on CUDA).
         `fused_attention` (CPU, bf16): True/False, or None for the default (devices.default_attention:
         on for bf16 on CPUs with avx512-bf16, the tile kernel where they have AMX).
-        `fused_epilogues` (CPU): the transformers' GEGLU and residual adds in oneDNN linears' epilogues:
+        `fused_epilogues` (CPU, bf16): the transformers' GEGLU and residual adds in oneDNN linears' epilogues:
         True/False, or None for the default (devices.default_fused_epilogues: on for bf16 with AMX)."""
         preload_tokenizer()          # importing transformers overlaps with building the model and the load
         dev = resolve_device(device)

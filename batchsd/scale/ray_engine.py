@@ -92,6 +92,7 @@ class MakerConfig:
     compile: str | None
     winograd: bool | None
     fused_attention: bool | None
+    fused_epilogues: bool | None
     prediction_type: str | None
     exact: bool | None     # as asked (None: the device's default)
     numerics: Numerics     # what the driver planned the resume decision with
@@ -119,7 +120,8 @@ class RowMaker:
         self.cfg = cfg
         self.pipe = Pipeline.load(cfg.model, device=cfg.device, dtype=cfg.dtype, low_memory=cfg.low_memory,
                                   compile=cfg.compile, winograd=cfg.winograd, prediction_type=cfg.prediction_type,
-                                  exact=cfg.exact, fused_attention=cfg.fused_attention)
+                                  exact=cfg.exact, fused_attention=cfg.fused_attention,
+                                  fused_epilogues=cfg.fused_epilogues)
         if why := loaded_mismatch(self.pipe, cfg.identity, cfg.numerics):
             raise RuntimeError(f"on this Ray node, {why}: every node must see the same model file and have the "
                                "same torch version and device type")
@@ -222,7 +224,7 @@ def run_ray(opts: RunOptions, *, workers: int = 1, console: Console | None = Non
                     cfg = MakerConfig(model=key, identity=identity,
                                       device="cuda" if use_gpu else "cpu", dtype=opts.dtype,
                                       low_memory=opts.low_memory, compile=opts.compile, winograd=opts.winograd,
-                                      fused_attention=opts.fused_attention,
+                                      fused_attention=opts.fused_attention, fused_epilogues=opts.fused_epilogues,
                                       prediction_type=opts.prediction_type, exact=opts.exact, numerics=numerics,
                                       out_dir=str(job.out_dir.resolve()), save_latents=opts.save_latents,
                                       batch_size=opts.batch_size, schema=session.journal.schema,

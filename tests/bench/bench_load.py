@@ -3,8 +3,10 @@ alternating: load wall time and the child's process CPU time.
 
     python tests/bench/bench_load.py                    # the SDXL bench file if built, else SD 1.5's; bf16; 2 pairs
     python tests/bench/bench_load.py --model PATH --dtype fp32 --reps 3
+    python tests/bench/bench_load.py --against HEAD~2   # this checkout against another commit (cache on)
 
-With the cache off the file is hashed in a thread beside the load (checkpoint.load_model); with it on,
+`--against REV` loads with this checkout's batchsd and with REV's (a temporary git worktree),
+alternating, both with the cache on. With the cache off the file is hashed in a thread beside the load (checkpoint.load_model); with it on,
 the hash is read from the cache, which the first child fills (not timed). The header prints the CPU
 (bench_common.cpu_description), torch, load average, the commit and the command.
 """
@@ -35,9 +37,10 @@ print(json.dumps(dict(load_s=time.perf_counter() - t0, cpu_s=time.process_time()
 """
 
 
-def child(model: str, dtype: str, cache: str) -> dict:
-    env = dict(os.environ, BATCHSD_CACHE_DIR=cache)
-    done = subprocess.run([sys.executable, "-c", CHILD, model, dtype], cwd=REPO, env=env, capture_output=True,
+def child(model: str, dtype: str, cache: str, code: Path = REPO) -> dict:
+    """One load in a fresh process, with the batchsd package of the checkout at `code`."""
+    env = dict(os.environ, BATCHSD_CACHE_DIR=cache, PYTHONPATH=str(code))
+    done = subprocess.run([sys.executable, "-c", CHILD, model, dtype], cwd=code, env=env, capture_output=True,
                           text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -47,6 +50,7 @@ def main() -> None:
     ap.add_argument("--model", help="checkpoint (default: the SDXL bench file if built, else SD 1.5's)")
     ap.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
     ap.add_argument("--reps", type=int, default=2, help="off/on pairs")
+    ap.add_argument("--against", metavar="REV", help="compare this checkout's load with commit REV's instead")
     args = ap.parse_args()
     sdxl = CACHE / "sdxl-random-bf16.safetensors"
     model = args.model or str(sdxl if sdxl.is_file() else random_checkpoint())
@@ -54,16 +58,26 @@ def main() -> None:
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; command: python tests/bench/"
           f"{' '.join([Path(sys.argv[0]).name] + sys.argv[1:])}")
     print(f"# {model}, {Path(model).stat().st_size / 1e9:.2f} GB, {args.dtype}")
-    with tempfile.TemporaryDirectory() as cache:
+    with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as other:
         child(model, args.dtype, cache)                       # fills the cache (and the page cache)
-        runs: dict[str, list[dict]] = {"off": [], "on": []}
-        for _ in range(args.reps):
-            for name, where in (("off", "off"), ("on", cache)):
-                runs[name].append(child(model, args.dtype, where))
-                print(f"cache {name:3s}: load {runs[name][-1]['load_s']:.1f} s, process CPU {runs[name][-1]['cpu_s']:.1f} s",
-                      flush=True)
+        if args.against:
+            subprocess.run(["git", "worktree", "add", "--detach", other, args.against], cwd=REPO, check=True,
+                           capture_output=True)
+            sides = {"this checkout": (cache, REPO), args.against: (cache, Path(other))}
+        else:
+            sides = {"cache off": ("off", REPO), "cache on": (cache, REPO)}
+        runs: dict[str, list[dict]] = {name: [] for name in sides}
+        try:
+            for _ in range(args.reps):
+                for name, (where, code) in sides.items():
+                    runs[name].append(child(model, args.dtype, where, code))
+                    print(f"{name}: load {runs[name][-1]['load_s']:.2f} s, process CPU {runs[name][-1]['cpu_s']:.1f} s",
+                          flush=True)
+        finally:
+            if args.against:
+                subprocess.run(["git", "worktree", "remove", "--force", other], cwd=REPO, capture_output=True)
     for name, rs in runs.items():
-        print(f"median, cache {name}: load {median([r['load_s'] for r in rs]):.2f} s, "
+        print(f"median, {name}: load {median([r['load_s'] for r in rs]):.2f} s, "
               f"process CPU {median([r['cpu_s'] for r in rs]):.2f} s")
 
 

@@ -177,6 +177,22 @@ def test_bad_cli_values_exit_2(tmp_path, args, message, monkeypatch):
     assert not (tmp_path / "outputs" / "jobs" / "images").exists()
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch build")
+def test_epilogues_flag_is_recorded_per_row_and_in_the_summary(tmp_path):
+    """--epilogues fused|torch (bf16 on the CPU) runs what it says, in the results and summary.json;
+    fused with fp32 is refused with the fix named, and the rows are left unmade, not failed."""
+    manifest = write_csv(tmp_path / "jobs.csv", ["a,a cat,,1,2,7.5,euler,64,64,,,"])
+    for flag, expected in (("fused", True), ("torch", False)):
+        out = tmp_path / flag
+        r = invoke("run", str(manifest), "--model", "tiny", "--dtype", "bf16", "--epilogues", flag, "--out", str(out))
+        assert r.exit_code == 0, r.output
+        assert pd.read_parquet(out / "results.parquet")["fused_epilogues"].tolist() == [expected]
+        assert json.loads((out / "summary.json").read_text())["fused_epilogues"] is expected
+    r = invoke("run", str(manifest), "--model", "tiny", "--dtype", "fp32", "--epilogues", "fused",
+               "--out", str(tmp_path / "fp32"))
+    assert r.exit_code != 0 and "--epilogues auto" in re.sub(r"\s+", " ", r.output)
+
+
 def test_run_with_a_loaded_pipeline(tmp_path, tiny_pipe, cached_tiny):
     """runner.run(opts, pipe=...) (Python API, benchmarks) makes the job with that pipeline, loads nothing."""
     from batchsd.job.options import RunOptions
