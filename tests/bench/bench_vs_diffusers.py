@@ -509,6 +509,7 @@ def main() -> None:
     ap.add_argument("--attention", choices=["auto", "fused", "torch"], default="auto",
                     help="batchsd's bf16 UNet attention in figure 1 (Pipeline fused_attention=; the other figures' children "
                          "run as shipped); auto: as shipped (devices.default_attention)")
+    ap.add_argument("--unet-reps", type=int, help="repeats per size and dtype of figure 1 (default: 3 / 2, --quick 2)")
     ap.add_argument("--profile", action="store_true", help="print an op breakdown of one UNet step per side and exit")
     ap.add_argument("--json", type=Path, help="also write the raw results here")
     ap.add_argument("--child", choices=["batchsd", "diffusers"], help=argparse.SUPPRESS)
@@ -574,7 +575,14 @@ def main() -> None:
             if winograd or (winograd is None and default_winograd(ours.device, torch.bfloat16, ours.cpu_kind)):
                 ours.winograd = use_winograd_in_model(ours.model) > 0 or ours.winograd
             ours.fused_attention = ours._use_fused_attention(attention, ours.device, torch.bfloat16, None)
-            log(f"batchsd bf16: Winograd {ours.winograd}, fused attention {ours.fused_attention}")
+            # the fused linear epilogues by Pipeline(dtype=bf16)'s rule (devices.default_fused_epilogues)
+            from batchsd.model.devices import default_fused_epilogues
+            from batchsd.model.fast import fused_epilogues
+
+            if default_fused_epilogues(ours.device, torch.bfloat16, ours.cpu_kind) and fused_epilogues.available():
+                ours.fused_epilogues = fused_epilogues.use_fused_epilogues(ours.model.unet) > 0
+            log(f"batchsd bf16: Winograd {ours.winograd}, fused attention {ours.fused_attention}, "
+                f"fused epilogues {ours.fused_epilogues}")
 
         if args.profile:
             print(profile_step(ours, theirs, torch.float32, 256, "contig"))
@@ -585,6 +593,8 @@ def main() -> None:
         # (size, reps, warm-up): 256 first, so that 512 can skip its (costly) warm-up
         fp32_plan = [(256, 2, True)] if args.quick else [(256, 3, True), (512, 2, False)]
         bf16_plan = [(256, 2, True)] if args.quick else [(256, 2, True), (512, 2, False)]
+        if args.unet_reps:
+            fp32_plan, bf16_plan = ([(size, args.unet_reps, warm) for size, _, warm in plan] for plan in (fp32_plan, bf16_plan))
         for size, reps, warm in fp32_plan:
             res["unet"] += bench_unet(ours, theirs, torch.float32, size, reps, warm)
         to_bf16()
