@@ -52,9 +52,7 @@ def use_fused_epilogues(unet: nn.Module) -> int:
     BasicTransformerBlock, SpatialTransformer) to run these; returns how many."""
     if not available():
         raise RuntimeError("this torch build has no oneDNN fused linear (torch.ops.mkldnn._linear_pointwise)")
-    marked = 0
-    for m in unet.modules():
-        if hasattr(m, "fused_epilogue"):
-            m.fused_epilogue = True
-            marked += 1
-    return marked
+    marked = [m for m in unet.modules() if hasattr(m, "fused_epilogue")]
+    for m in marked:
+        m.fused_epilogue = True
+    return len(marked)
