@@ -10,7 +10,7 @@ it makes no separate pass through memory:
 
 Rounding: torch's ops round each linear's output to the dtype, then gelu's, then the product or
 the sum; here gelu (erf), the product and the sum are computed on the fp32 accumulators and
-rounded once. Not the same bits; no less accurate (tests/model/test_fused_epilogues.py measures
+rounded once. Not the same bits; as accurate (tests/model/test_fused_epilogues.py measures
 both against float64). `auto` uses them on CPUs with AMX in bf16 (devices.default_fused_epilogues),
 where they were measured (docs/performance.md).
 
