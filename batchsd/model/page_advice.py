@@ -78,10 +78,9 @@ class PageDropper:
             self.madvise(lo, hi - lo, MADV_DONTNEED)
 
 
-def _populate(tensors: Sequence[torch.Tensor], stop: threading.Event) -> None:
-    madvise = _madvise()
+def _populate(madvise: Callable[[int, int, int], int], tensors: Sequence[torch.Tensor], stop: threading.Event) -> None:
     for t in tensors:
-        if stop.is_set() or madvise is None:
+        if stop.is_set():
             return
         lo, hi = _whole_pages(t)
         if hi > lo and madvise(lo, hi - lo, MADV_POPULATE_WRITE) != 0:
@@ -96,11 +95,12 @@ def populate_ahead(tensors: Sequence[torch.Tensor]) -> Iterator[None]:
     body fills them in the same order; waits for the thread on exit. `madvise` runs without the GIL
     (ctypes releases it), so the two threads overlap."""
     cpu = [t for t in tensors if t.device.type == "cpu" and t.numel()]
-    if not cpu or _madvise() is None:
+    madvise = _madvise()
+    if not cpu or madvise is None:
         yield
         return
     stop = threading.Event()
-    thread = threading.Thread(target=_populate, args=(cpu, stop), name="batchsd-populate", daemon=True)
+    thread = threading.Thread(target=_populate, args=(madvise, cpu, stop), name="batchsd-populate", daemon=True)
     thread.start()
     try:
         yield

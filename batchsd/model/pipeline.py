@@ -37,11 +37,12 @@ from PIL import Image
 from batchsd.errors import InputError
 from batchsd.model import samplers
 from batchsd.model.config import TINY, TINY_MODEL, TINY_MODEL_NAME
-from batchsd.model.devices import (cpu_kind, default_attention, default_fused_epilogues, default_winograd, resolve_device,
-                                  resolve_dtype)
+from batchsd.model.devices import (cpu_kind, default_attention, default_fused_epilogues, default_winograd,
+                                  resolve_device, resolve_dtype)
 from batchsd.model.family import SD1, ModelFamily, TextConditioning, check_prediction_type
 from batchsd.model.fast.compiled_unet import CompiledUNet
-from batchsd.model.fast.exact import exact_numerics, mkl_strict, resolve_exact, rowwise_guided_eps, warn_unless_mkl_strict
+from batchsd.model.fast.exact import (exact_numerics, mkl_strict, resolve_exact, rowwise_guided_eps,
+                                      warn_unless_mkl_strict)
 from batchsd.model.fast.host_copy import host_array, to_host
 from batchsd.model.fast.fused_attention import KernelUnavailable, use_fused_attention
 from batchsd.model.fast import fused_epilogues as epilogues
@@ -135,19 +136,24 @@ class Pipeline:
         self.fused_attention = self._use_fused_attention(fused_attention, device, dtype, compile)
         # the transformers' GEGLU and residual adds in oneDNN linears' epilogues (fast/fused_epilogues.py):
         # None (auto) = devices.default_fused_epilogues (bf16 with AMX)
-        if fused_epilogues and (device.type != "cpu" or dtype != torch.bfloat16 or compile or not epilogues.available()):
-            raise InputError("the fused linear epilogues run bf16 on the CPU (with oneDNN), not under --compile: "
-                             "use --dtype bf16 --device cpu, or --epilogues auto")
-        auto = pack_weights and not compile and default_fused_epilogues(device, dtype, self.cpu_kind) \
-            and epilogues.available()
-        self.fused_epilogues = bool(fused_epilogues or (fused_epilogues is None and auto))
-        if self.fused_epilogues:
-            epilogues.use_fused_epilogues(self.model.unet)
+        self.fused_epilogues = self._use_fused_epilogues(fused_epilogues, device, dtype, compile, pack_weights)
         # the UNet forward as called by the sampler: eager, or torch.compile'd (compiled_unet.CompiledUNet)
         self.unet = CompiledUNet(self.model.unet, compile, device) if compile else self.model.unet
         # the family's text encoders (SDXL has two), moved together in low-memory mode
         self.text_encoders = torch.nn.ModuleList(
             [m for m in (self.model.text_encoder, getattr(self.model, "text_encoder_2", None)) if m is not None])
+
+    def _use_fused_epilogues(self, asked: bool | None, device: torch.device, dtype: torch.dtype,
+                             compile: str | None, pack_weights: bool = True) -> bool:
+        if asked and (device.type != "cpu" or dtype != torch.bfloat16 or compile or not epilogues.available()):
+            raise InputError("the fused linear epilogues run bf16 on the CPU (with oneDNN), not under --compile: "
+                             "use --dtype bf16 --device cpu, or --epilogues auto")
+        if asked is None:
+            asked = pack_weights and not compile and default_fused_epilogues(device, dtype, self.cpu_kind) \
+                and epilogues.available()
+        if asked:
+            epilogues.use_fused_epilogues(self.model.unet)
+        return bool(asked)
 
     def _use_fused_attention(self, asked: bool | None, device: torch.device, dtype: torch.dtype,
                              compile: str | None) -> bool:

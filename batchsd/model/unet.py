@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from batchsd.model.config import UNetConfig
 from batchsd.model.fast.fused_attention import fused_attention, supports
-from batchsd.model.fast.fused_epilogues import fused_geglu, hooked, linear_add
+from batchsd.model.fast.fused_epilogues import add_after, fused_geglu, hooked, linear_add
 from batchsd.model.fast.upsample import NearestUpsampleConv
 
 # The GroupNorm in front of each spatial transformer uses eps 1e-6 in SD 1.x (CompVis Normalize()
@@ -118,10 +118,7 @@ class CrossAttention(nn.Module):
         else:
             h = F.scaled_dot_product_attention(q, k, v)                    # [B, heads, N, d]
         h = h.transpose(1, 2).reshape(B, N, C)
-        if residual is None:
-            return self.to_out(h)
-        out = self.to_out[0]
-        return self.to_out(h).add_(residual) if hooked(out) else linear_add(h, out.weight, out.bias, residual)
+        return self.to_out(h) if residual is None else add_after(self.to_out[0], h, residual)
 
 
 class GEGLU(nn.Module):
@@ -147,10 +144,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         # residual: added in the last linear's epilogue (fast/fused_epilogues.py)
-        if residual is None:
-            return self.net(x)
-        h, out = self.net[0](x), self.net[2]
-        return out(h).add_(residual) if hooked(out) else linear_add(h, out.weight, out.bias, residual)
+        return self.net(x) if residual is None else add_after(self.net[2], self.net[0](x), residual)
 
 
 class BasicTransformerBlock(nn.Module):

@@ -570,17 +570,13 @@ def main() -> None:
                 m.to(torch.bfloat16)
             ours.dtype = torch.bfloat16
             ours._text_cache.clear()
-            # Winograd and the attention kernel by Pipeline(dtype=bf16)'s rules (devices.py: Winograd
-            # off with AMX, the fused kernel where the CPU has avx512-bf16) unless --winograd says
+            # Winograd, the attention kernel and the epilogues by Pipeline(dtype=bf16)'s rules (devices.py:
+            # Winograd off with AMX, the fused kernel where the CPU has avx512-bf16, the epilogues with AMX)
+            # unless --winograd says
             if winograd or (winograd is None and default_winograd(ours.device, torch.bfloat16, ours.cpu_kind)):
                 ours.winograd = use_winograd_in_model(ours.model) > 0 or ours.winograd
             ours.fused_attention = ours._use_fused_attention(attention, ours.device, torch.bfloat16, None)
-            # the fused linear epilogues by Pipeline(dtype=bf16)'s rule (devices.default_fused_epilogues)
-            from batchsd.model.devices import default_fused_epilogues
-            from batchsd.model.fast import fused_epilogues
-
-            if default_fused_epilogues(ours.device, torch.bfloat16, ours.cpu_kind) and fused_epilogues.available():
-                ours.fused_epilogues = fused_epilogues.use_fused_epilogues(ours.model.unet) > 0
+            ours.fused_epilogues = ours._use_fused_epilogues(None, ours.device, torch.bfloat16, None)
             log(f"batchsd bf16: Winograd {ours.winograd}, fused attention {ours.fused_attention}, "
                 f"fused epilogues {ours.fused_epilogues}")
 

@@ -47,6 +47,14 @@ def linear_add(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residu
     return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
 
 
+def add_after(linear: nn.Linear, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """linear(x) + residual: in the linear's epilogue, or, where a forward hook is on it (`hooked`), by
+    calling the module and adding after it (torch's ops, so its hook runs)."""
+    if hooked(linear):
+        return linear(x).add_(residual)
+    return linear_add(x, linear.weight, linear.bias, residual)
+
+
 def use_fused_epilogues(unet: nn.Module) -> int:
     """Marks every module of `unet` with a `fused_epilogue` attribute (unet.GEGLU,
     BasicTransformerBlock, SpatialTransformer) to run these; returns how many."""
