@@ -121,7 +121,8 @@ def default_attention(device: torch.device, dtype: torch.dtype, kind: CpuKind | 
 
 def default_fused_epilogues(device: torch.device, dtype: torch.dtype, kind: CpuKind | None = None) -> bool:
     """The transformers' GEGLU and residual adds in oneDNN linears' epilogues (fast/fused_epilogues.py):
-    on the CPU for bf16 with AMX, where they were measured (docs/performance.md); torch's ops elsewhere."""
+    on the CPU for bf16 with AMX, where they are faster; torch's ops elsewhere (without AMX they measured
+    a tie: docs/performance.md, the choices table)."""
     if device.type != "cpu" or dtype != torch.bfloat16:
         return False
     return (kind or cpu_kind()).amx
