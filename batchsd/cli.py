@@ -51,16 +51,15 @@ class Winograd(str, enum.Enum):
     off = "off"
 
 
-class Attention(str, enum.Enum):
+class FusedOrTorch(str, enum.Enum):
+    """--attention and --epilogues: batchsd's fused CPU path, torch's ops, or the CPU kind's default."""
     auto = "auto"
     fused = "fused"
     torch = "torch"
 
-
-class Epilogues(str, enum.Enum):
-    auto = "auto"
-    fused = "fused"
-    torch = "torch"
+    @property
+    def asked(self) -> bool | None:
+        return {"auto": None, "fused": True, "torch": False}[self.value]
 
 
 class Compile(str, enum.Enum):
@@ -219,13 +218,13 @@ def run(
                                            "for a transformed copy of their weights (16/9 of their size). auto: on for "
                                            "bf16/fp16 on CPUs without AMX, off with AMX and for fp32 (keyed on the "
                                            "CPU's kind, recorded in summary.json). Figures: docs/performance.md."),
-    attention: Attention = typer.Option(Attention.auto, "--attention", case_sensitive=False,
+    attention: FusedOrTorch = typer.Option(FusedOrTorch.auto, "--attention", case_sensitive=False,
                                         help="CPU, bf16: the UNet's attention by batchsd's fused kernel (compiled once "
                                              "per machine with the C++ compiler, $CXX or g++) or by torch's. auto: "
                                              "fused on CPUs with avx512-bf16 (a tile kernel where they have AMX), torch's elsewhere or when "
                                              "the kernel cannot be built (a warning says why). Rounding differs "
                                              "between the two; recorded in the results and summary.json."),
-    epilogues: Epilogues = typer.Option(Epilogues.auto, "--epilogues", case_sensitive=False,
+    epilogues: FusedOrTorch = typer.Option(FusedOrTorch.auto, "--epilogues", case_sensitive=False,
                                         help="CPU: the UNet transformers' GEGLU and residual adds in the epilogues of "
                                              "oneDNN linears (fused) or as torch's separate ops. auto: fused for bf16 "
                                              "on CPUs with AMX, torch's elsewhere (keyed on the CPU's kind). Rounding "
@@ -316,8 +315,7 @@ def run(
                       overwrite=overwrite, retry_errors=retry_errors, verify=verify, low_memory=low_memory,
                       compile=None if compile is Compile.none else compile.value,
                       winograd={"auto": None, "on": True, "off": False}[winograd.value], exact=exact,
-                      fused_attention={"auto": None, "fused": True, "torch": False}[attention.value],
-                      fused_epilogues={"auto": None, "fused": True, "torch": False}[epilogues.value],
+                      fused_attention=attention.asked, fused_epilogues=epilogues.asked,
                       shard=None if spec is None or spec.is_whole else spec, reuse_out=reuse_out,
                       prediction_type=prediction_type.value if prediction_type else None, output=output,
                       manifest_options=_manifest_options(column_map, wildcards, prompt_syntax, lora_dir,

@@ -13,6 +13,7 @@ on every run (docs/performance.md has the measurements behind each rule):
     --attention auto    fused (fast/fused_attention.py) for    fused, the tile kernel, for bf16
                         bf16 on CPUs with avx512-bf16, else
                         torch's scaled_dot_product_attention
+    --epilogues auto    torch's ops (a tie there)              fused (fast/fused_epilogues.py) for bf16
 """
 from __future__ import annotations
 

@@ -570,8 +570,7 @@ def main() -> None:
                 m.to(torch.bfloat16)
             ours.dtype = torch.bfloat16
             ours._text_cache.clear()
-            # Winograd, the attention kernel and the epilogues by Pipeline(dtype=bf16)'s rules (devices.py:
-            # Winograd off with AMX, the fused kernel where the CPU has avx512-bf16, the epilogues with AMX)
+            # Winograd, the attention kernel and the epilogues by Pipeline(dtype=bf16)'s rules (devices.py),
             # unless --winograd says
             if winograd or (winograd is None and default_winograd(ours.device, torch.bfloat16, ours.cpu_kind)):
                 ours.winograd = use_winograd_in_model(ours.model) > 0 or ours.winograd
