@@ -208,7 +208,10 @@ def run(
     verify: bool = typer.Option(False, "--verify", help="Hash each done row's image and make it again when the "
                                 "bytes are not those its result recorded (a damaged or edited file). Reads every "
                                 "done image; loose-file formats only."),
-    low_memory: bool = typer.Option(False, "--low-memory", help="CUDA: keep idle model parts in CPU memory."),
+    low_memory: bool = typer.Option(False, "--low-memory", help="CUDA: keep idle model parts in CPU memory. CPU "
+                                    "(a checkpoint file or folder): never hold the text encoders and the UNet "
+                                    "together; each is read again from the checkpoint when the job switches "
+                                    "between encoding prompts and denoising (the same images)."),
     compile: Compile = typer.Option(Compile.none, "--compile", case_sensitive=False,
                                     help="torch.compile the UNet: default, reduce-overhead (CUDA graphs on CUDA) "
                                          "or max-autotune. Compiles once per image size (minutes); the time is "

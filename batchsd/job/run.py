@@ -185,5 +185,7 @@ def _run_model(pipe, rows, made_with: RowModels, writer, reader: ThreadPoolExecu
         bad = [(r, errors[r.id]) for r in batch.rows if r.id in errors]
         if bad:
             writer.submit(failed_rows(bad, made_with.model))
-        worker.run_rows([r for r in batch.rows if r.id not in errors], images)
+        todo = [r for r in batch.rows if r.id not in errors]
+        worker.encode_ahead(todo, (batches[j].rows for j in range(i + 1, len(batches))))
+        worker.run_rows(todo, images)
     return worker.batch_size

@@ -16,9 +16,10 @@ overflowing dtype) fails alone with that reason; the rows beside it in the batch
 """
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from rich.console import Console
 
@@ -90,17 +91,19 @@ class Worker:
             self._run_chunk(chunk, images)
             i += len(chunk)
 
+    def encode_ahead(self, batch: Sequence[JobRow], later: Iterable[Sequence[JobRow]]) -> None:
+        """Low-memory mode on the CPU: the prompts of the next batch and of the batches `later` (lazily
+        read, in run order) encoded in one go when the next batch needs its text encoders
+        (Pipeline.encode_ahead); nothing otherwise."""
+        if not getattr(self.pipe, "low_memory_cpu", False) or not batch:
+            return
+        rows = (generation_row(r, {}) for rows in itertools.chain([batch], later) for r in rows)
+        self.pipe.encode_ahead(rows, now=len(batch))
+
     def _run_chunk(self, chunk: list[JobRow], images: dict) -> None:
-        from batchsd.job.conditioning_columns import generation_fields
-        from batchsd.model.pipeline import GenerationRow
         from batchsd.job.writer import BatchResult
 
-        gen_rows = [GenerationRow(prompt=r.prompt, negative_prompt=r.negative_prompt, seed=r.seed, steps=r.steps,
-                                  cfg_scale=r.cfg_scale, sampler=r.sampler, width=r.width, height=r.height,
-                                  init_image=images.get(r.id),
-                                  strength=r.strength if r.strength is not None else 0.75,
-                                  **generation_fields(r.conditioning))
-                    for r in chunk]
+        gen_rows = [generation_row(r, images) for r in chunk]
         t0 = time.perf_counter()
         try:
             out = self.pipe.generate(gen_rows)
@@ -147,6 +150,18 @@ class Worker:
         release_free_memory()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def generation_row(row: JobRow, images: dict[str, object]):
+    """A job row as the pipeline's GenerationRow, with its init image from `images` (by row id)."""
+    from batchsd.job.conditioning_columns import generation_fields
+    from batchsd.model.pipeline import GenerationRow
+
+    return GenerationRow(prompt=row.prompt, negative_prompt=row.negative_prompt, seed=row.seed, steps=row.steps,
+                         cfg_scale=row.cfg_scale, sampler=row.sampler, width=row.width, height=row.height,
+                         init_image=images.get(row.id),
+                         strength=row.strength if row.strength is not None else 0.75,
+                         **generation_fields(row.conditioning))
 
 
 def _first_line(e: BaseException) -> str:

@@ -217,6 +217,7 @@ class CheckpointInfo:
     # the family as resolved for this checkpoint (its prediction type, scheduler values and default
     # size, which a diffusers folder's configs may set): what Pipeline runs it with
     model_family: ModelFamily | None = None
+    files_stamp: str = ""               # hash_cache.stamp of the files read: read_part checks it
 
     @property
     def short_hash(self) -> str:
@@ -238,12 +239,14 @@ def _hints(source, prediction_type: str | None) -> CheckpointHints:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                memory_format: torch.memory_format = torch.contiguous_format, prediction_type: str | None = None,
-               ) -> tuple[nn.Module, CheckpointInfo]:
+               defer: tuple[str, ...] = ()) -> tuple[nn.Module, CheckpointInfo]:
     """Load a single-file checkpoint or diffusers folder into an eval-mode model of its family
     (SD 1.x: StableDiffusionModel, SD 2.x: StableDiffusion2Model).
     4-D tensors (convolution weights) are written straight in `memory_format` (Pipeline: channels_last),
     so no second copy is made to change their layout.
     `prediction_type`: "epsilon" | "v_prediction" | None (what the checkpoint says: family.py's rule).
+    `defer`: components (family prefixes' names, e.g. "unet") whose tensors are checked but not read:
+    they stay on the meta device until `read_part` reads them (residency.CpuReread).
 
     Raises CheckpointError (missing / mis-shaped / unexpected tensors named, unsafe pickle, unsupported
     model, an SD 2.x single file that does not say its prediction type). The file's sha256 is computed
@@ -267,27 +270,53 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
             log.warning("%s: ignoring unknown tensors %s", source.path, _listing(report.extra))
         sha256 = pool.submit(checkpoint_sha256, source.identity_files)
 
-        # every tensor allocated first, so that a second thread can map their pages ahead of the reads
-        state_dict = {key: empty_for(source, key, dtype, device, memory_format) for key in expected}
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # copies are memory-bound; extra threads only contend (page faults)
-        try:
-            with populate_ahead(list(state_dict.values())):
-                for key, out in state_dict.items():
-                    read_into(source, key, out)
-        finally:
-            torch.set_num_threads(threads)
-        model.load_state_dict(state_dict, strict=True, assign=True)
+        deferred = tuple(family.prefixes[name] for name in defer)
+        files_stamp = hash_cache.stamp(source.identity_files)
+        state_dict = _read_tensors(source, [k for k in expected if not k.startswith(deferred)], dtype, device,
+                                   memory_format)
+        model.load_state_dict(state_dict, strict=not deferred, assign=True)
         del state_dict
-        left_on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        left_on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
+                        if t.is_meta and not n.startswith(deferred)]
         if left_on_meta:  # a module with a non-persistent buffer would need computing after the load
             raise RuntimeError(f"tensors not materialized by the checkpoint: {left_on_meta[:SHOW_KEYS]}")
         info = CheckpointInfo(
             path=source.path, format=source.format, layout=source.layout,
             dtype=_dtype_summary(source.tensors, report.model), config_name=cfg.name, config=cfg,
             family=family.name, sha256=sha256.result(), extra_keys=tuple(report.extra),
-            ignored_count=len(report.ignored), model_family=family)
+            ignored_count=len(report.ignored), model_family=family, files_stamp=files_stamp)
     return model.eval().requires_grad_(False), info
+
+
+def _read_tensors(source, keys: list[str], dtype: torch.dtype, device: torch.device,
+                  memory_format: torch.memory_format) -> dict[str, torch.Tensor]:
+    """The tensors `keys` of `source`, each in a freshly allocated tensor of the target dtype/device."""
+    # every tensor allocated first, so that a second thread can map their pages ahead of the reads
+    state_dict = {key: empty_for(source, key, dtype, device, memory_format) for key in keys}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # copies are memory-bound; extra threads only contend (page faults)
+    try:
+        with populate_ahead(list(state_dict.values())):
+            for key, out in state_dict.items():
+                read_into(source, key, out)
+    finally:
+        torch.set_num_threads(threads)
+    return state_dict
+
+
+def read_part(path: str | Path, model: nn.Module, part: nn.Module, dtype: torch.dtype,
+              memory_format: torch.memory_format, files_stamp: str) -> None:
+    """Read `part` (a submodule of `model`, as `load_model` built it) again from the checkpoint at `path`,
+    converted as `load_model` converts it (the same bits), replacing its tensors. CheckpointError when
+    the files are no longer those `load_model` read (`files_stamp`, CheckpointInfo.files_stamp)."""
+    prefix = next(name for name, m in model.named_modules() if m is part) + "."
+    with open_checkpoint(path) as source:
+        if hash_cache.stamp(source.identity_files) != files_stamp:
+            raise CheckpointError(f"{source.path} changed since the run loaded it (it reads part of the model "
+                                  "again, --low-memory): put the file back, or run again to use the new one")
+        keys = [prefix + key for key in part.state_dict()]
+        state_dict = _read_tensors(source, keys, dtype, torch.device("cpu"), memory_format)
+    part.load_state_dict({key[len(prefix):]: t for key, t in state_dict.items()}, strict=True, assign=True)
 
 
 def inspect_checkpoint(path: str | Path, hash: bool = True, prediction_type: str | None = None,

@@ -227,7 +227,8 @@ def _fit(layer: LoraLayer, base: tuple[int, ...], like: torch.Tensor) -> _Term |
             return f"down {tuple(layer.down.shape)} / up {tuple(layer.up.shape)} do not fit conv weight {base}"
         up = up[:, :, None, None]
     alpha = rank if layer.alpha is None else layer.alpha
-    to = dict(device=like.device, dtype=like.dtype)      # the layer's: no copy per call
+    # the layer's (no copy per call); the CPU for a layer whose weights are freed (residency.py)
+    to = dict(device=torch.device("cpu") if like.is_meta else like.device, dtype=like.dtype)
     return _Term(down.to(**to).contiguous(), up.to(**to).contiguous(), alpha / rank)
 
 

@@ -23,12 +23,11 @@ checkpoint); the flow above is the same for every family (SD 1.x, SD 2.x-eps, SD
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -50,6 +49,7 @@ from batchsd.model.fast.packed_conv import pack_convolutions, pack_now
 from batchsd.model.hash_cache import stamp
 from batchsd.model.init_pixels import rgb_pixels
 from batchsd.model.fast.winograd import use_winograd_in_model
+from batchsd.model.residency import AllHeld, CpuReread, GpuOffload, is_released
 from batchsd.model.request import SIZE_CONDITIONING, GenerationRow, check_row, plain_numbers, row_batch_key
 from batchsd.model.text_conditioning import EncodedPrompt, clip_skip_layers, encode_prompts, pad_to_chunks
 from batchsd.model.tokenizer import preload_tokenizer
@@ -57,6 +57,7 @@ from batchsd.model.tokenizer import preload_tokenizer
 log = logging.getLogger(__name__)
 
 TEXT_CACHE_SIZE = 256
+ENCODE_AHEAD = TEXT_CACHE_SIZE // 2   # texts Pipeline.encode_ahead encodes at most, well within the cache
 # images per VAE call (decode, and encode for image-to-image). On the CPU one at a time: a larger
 # chunk's activations outgrow the caches, so it is no faster, and the process peak grows with the
 # chunk (figures: docs/performance.md). On CUDA, 4 keeps the GPU busy.
@@ -78,7 +79,8 @@ class Pipeline:
                  name: str, sha256: str | None = None, low_memory: bool = False, vae_chunk: int | None = None,
                  channels_last: bool = True, compile: str | None = None, pack_weights: bool = True,
                  winograd: bool | None = None, family: ModelFamily = SD1, exact: bool | None = None,
-                 fused_attention: bool | None = None, fused_epilogues: bool | None = None):
+                 fused_attention: bool | None = None, fused_epilogues: bool | None = None,
+                 source: tuple[Path, str] | None = None):
         self.model = model.eval().requires_grad_(False)   # family.model_class: .cfg, .unet, .vae, .text_encoder
         self.family = family
         self.cfg = model.cfg
@@ -88,7 +90,11 @@ class Pipeline:
         self.name = name
         self.sha256 = sha256
         self.short_hash = sha256[:10] if sha256 else None
+        # low memory: on CUDA idle parts wait in CPU memory; on the CPU the text encoders and the UNet are
+        # never held together, a freed one read again from `source` (checkpoint path, files stamp):
+        # residency.py. `low_memory_cpu` is decided by Pipeline.load, which then leaves the UNet unread.
         self.low_memory = low_memory and device.type == "cuda"
+        self.low_memory_cpu = low_memory and device.type == "cpu" and source is not None
         # exact mode (fast/exact.py): a row's bits depend on the row alone, not on its batch or the
         # thread count; None = the device's default (exact.default_exact: on for the CPU), off where
         # a VAE chunk other than 1 is asked for (exact mode decodes one image per call)
@@ -113,7 +119,8 @@ class Pipeline:
         # diffusers upcasts it (its fp16-rounded weights, converted)
         self.vae_dtype = torch.float32 if dtype == torch.float16 and self.cfg.vae.force_upcast else dtype
         self.model.vae.to(dtype=self.vae_dtype)
-        self.model.to(torch.device("cpu") if self.low_memory else device)
+        if not self.low_memory_cpu:          # (then the model is on the CPU, its UNet on meta until used)
+            self.model.to(torch.device("cpu") if self.low_memory else device)
         # CPU, not under torch.compile (whose graphs take the plain modules): the wide 3x3 convs by
         # Winograd F(2x2,3x3) (fast/winograd.py), faster but with 16/9 of their weights more memory:
         # None (auto) = devices.default_winograd, keyed on the CPU's kind (off with AMX, off for fp32,
@@ -129,7 +136,7 @@ class Pipeline:
             # packed, and the Winograd weights transformed, at load, not at the first call: fewer fresh
             # pages (packed_conv.pack_now); the VAE encoder, which only image-to-image rows call, still at
             # its first call
-            pack_now(self.model.unet, self.model.vae.decoder)
+            pack_now(*[m for m in (self.model.unet, self.model.vae.decoder) if not is_released(m)])
         # the UNet's attention by the fused bf16 kernel (fast/fused_attention.py): None (auto) =
         # devices.default_attention, keyed on the CPU's kind; a kernel that cannot be built under auto
         # leaves torch's attention, with a warning and recorded (self.fused_attention False)
@@ -139,9 +146,18 @@ class Pipeline:
         self.fused_epilogues = self._use_fused_epilogues(fused_epilogues, device, dtype, compile, pack_weights)
         # the UNet forward as called by the sampler: eager, or torch.compile'd (compiled_unet.CompiledUNet)
         self.unet = CompiledUNet(self.model.unet, compile, device) if compile else self.model.unet
-        # the family's text encoders (SDXL has two), moved together in low-memory mode
+        # the family's text encoders (SDXL has two), held or freed together (residency.py)
         self.text_encoders = torch.nn.ModuleList(
             [m for m in (self.model.text_encoder, getattr(self.model, "text_encoder_2", None)) if m is not None])
+        self.pack_weights = pack_weights and device.type == "cpu" and not compile
+        self.residency = (GpuOffload(device) if self.low_memory else
+                          CpuReread(self.model, *source, dtype, self.memory_format, self.text_encoders,
+                                    self.model.unet, self._after_unet_read) if self.low_memory_cpu else AllHeld())
+
+    def _after_unet_read(self, unet: torch.nn.Module) -> None:
+        """The UNet read again (residency.CpuReread): its convolutions packed now, as at load."""
+        if self.pack_weights:
+            pack_now(unet)
 
     def _use_fused_epilogues(self, asked: bool | None, device: torch.device, dtype: torch.dtype,
                              compile: str | None, pack_weights: bool = True) -> bool:
@@ -204,12 +220,18 @@ class Pipeline:
         from batchsd.model.checkpoint import load_model
 
         # convolution weights land in channels_last, the layout Pipeline keeps them in (no second copy)
+        # low memory on the CPU: the UNet is read at its first use, once the first prompts are encoded
+        reread = low_memory and dev.type == "cpu"
+        if reread and compile:
+            raise InputError("--low-memory on the CPU reads the UNet again while the job runs, which --compile's "
+                             "graphs do not follow: drop one of them")
         sd_model, info = load_model(model, device="cpu" if low_memory else dev, dtype=dt,
-                                    memory_format=torch.channels_last, prediction_type=prediction_type)
+                                    memory_format=torch.channels_last, prediction_type=prediction_type,
+                                    defer=("unet",) if reread else ())
         return cls(sd_model, dev, dt, name=Path(model).stem if Path(model).is_file() else Path(model).name,
                    sha256=info.sha256, low_memory=low_memory, compile=compile, winograd=winograd,
                    family=info.model_family, exact=exact, fused_attention=fused_attention,
-                   fused_epilogues=fused_epilogues)
+                   fused_epilogues=fused_epilogues, source=(info.path, info.files_stamp) if reread else None)
 
     @staticmethod
     def batch_key(row: GenerationRow) -> tuple:
@@ -292,26 +314,10 @@ class Pipeline:
             skips = [clip_skip_layers(self.family, r.clip_skip) for r in rows]
         except ValueError as e:
             raise InputError(f"clip_skip: {e}") from None
-        # (text, syntax, skip, embedding files, their file signatures): a file replaced at its path is
-        # read again (embeddings.load_embedding checks the same signature)
-        signatures = {r.embeddings: file_signatures(r.embeddings) for r in rows}
-        keys = [(r.negative_prompt if negative else r.prompt, r.prompt_syntax, skip, r.embeddings,
-                 signatures[r.embeddings]) for r, skip in zip(rows, skips)]
-        no_files = file_signatures(())
-        fillers = [("", r.prompt_syntax, skip, (), no_files) for r, skip in zip(rows, skips)]   # pads the chunks
+        keys = [self._text_key(r, skip, negative) for r, skip in zip(rows, skips)]
+        fillers = [self._text_key(r, skip, filler=True) for r, skip in zip(rows, skips)]   # pads the chunks
         needed = keys + (fillers if chunks > 1 else [])
-        missing = list(dict.fromkeys(k for k in needed if k not in self._text_cache))
-        # exact mode: each prompt alone (batch 1), so its states do not depend on the prompts it met
-        groups: dict[tuple, list[str]] = {}
-        for text, syntax, skip, files, signature in missing:
-            groups.setdefault((syntax, skip, files, signature), []).append(text)
-        for (syntax, skip, files, signature), texts in groups.items():
-            embeddings = self._embeddings(files, rows)
-            for group in ([[t] for t in texts] if self.exact else [texts]):
-                with self._on_device(self.text_encoders), exact_numerics(self.exact, self.device):
-                    encoded = encode_prompts(self.family, self.model, group, self.device, syntax, skip, embeddings)
-                for text, entry in zip(group, encoded):
-                    self._text_cache[(text, syntax, skip, files, signature)] = entry
+        self._encode_missing(needed, rows)
         for key in needed:
             self._text_cache.move_to_end(key)
         entries = [self._text_cache[k] for k in keys]
@@ -328,6 +334,73 @@ class Pipeline:
             pooled = torch.stack([torch.zeros_like(e.pooled) if zero and k[0] == "" else e.pooled
                                   for k, e in zip(keys, entries)])
         return TextConditioning(torch.stack(padded), [e.truncated for e in entries], pooled)
+
+    @staticmethod
+    def _text_key(row: GenerationRow, skip: int, negative: bool = False, filler: bool = False) -> tuple:
+        """The text cache's key of a row's prompt (negative prompt; the empty text that pads its chunks):
+        (text, syntax, skip, embedding files, their file signatures). A file replaced at its path is read
+        again (embeddings.load_embedding checks the same signature)."""
+        if filler:
+            return "", row.prompt_syntax, skip, (), file_signatures(())
+        return (row.negative_prompt if negative else row.prompt, row.prompt_syntax, skip, row.embeddings,
+                file_signatures(row.embeddings))
+
+    def _encode_missing(self, keys: list[tuple], rows: list[GenerationRow], skip_bad: bool = False) -> None:
+        """Encode the `keys` (_text_key) the cache lacks into it. `skip_bad`: a group whose embedding
+        files or prompts raise InputError is left out (encode_ahead; its own batch reports it)."""
+        missing = list(dict.fromkeys(k for k in keys if k not in self._text_cache))
+        # exact mode: each prompt alone (batch 1), so its states do not depend on the prompts it met
+        groups: dict[tuple, list[str]] = {}
+        for text, syntax, skip, files, signature in missing:
+            groups.setdefault((syntax, skip, files, signature), []).append(text)
+        for (syntax, skip, files, signature), texts in groups.items():
+            try:
+                embeddings = self._embeddings(files, rows)
+                for group in ([[t] for t in texts] if self.exact else [texts]):
+                    with self._on_device(self.text_encoders), exact_numerics(self.exact, self.device):
+                        encoded = encode_prompts(self.family, self.model, group, self.device, syntax, skip,
+                                                 embeddings)
+                    for text, entry in zip(group, encoded):
+                        self._text_cache[(text, syntax, skip, files, signature)] = entry
+            except InputError:
+                if not skip_bad:
+                    raise
+
+    @torch.inference_mode()
+    def encode_ahead(self, rows: Iterable[GenerationRow], now: int) -> int:
+        """Encode into the text cache the texts of the rows to come (`rows`, in the order they will run,
+        the first `now` of them the next generate call's) when that call would encode any: in
+        low-memory mode on the CPU (residency.CpuReread) each encoding frees the UNet, so the text
+        encoders are then read once for many batches instead of once per batch. Only rows with the
+        first row's LoRA set (their encodings depend on it), at most ENCODE_AHEAD texts; rows whose
+        text settings are invalid are passed over (their own generate call reports them). Returns how
+        many texts it encoded."""
+        keys: list[tuple] = []
+        chosen: list[GenerationRow] = []
+        loras = None
+        for i, row in enumerate(rows):
+            if loras is None:
+                loras = tuple(tuple(pair) for pair in row.loras)
+            if tuple(tuple(pair) for pair in row.loras) != loras:
+                break
+            try:
+                skip = clip_skip_layers(self.family, row.clip_skip)
+            except ValueError:
+                continue
+            row_keys = [self._text_key(row, skip), self._text_key(row, skip, negative=True),
+                        self._text_key(row, skip, filler=True)]
+            keys += [k for k in row_keys if k not in self._text_cache and k not in keys]
+            chosen.append(row)
+            if (i + 1 == now and not keys) or len(keys) >= ENCODE_AHEAD:
+                break
+        if not keys:
+            return 0
+        try:
+            self._use_loras(loras)
+        except InputError:          # a LoRA set that cannot be applied: its own generate call says why
+            return 0
+        self._encode_missing(keys, chosen, skip_bad=True)
+        return sum(k in self._text_cache for k in keys)
 
     def _embeddings(self, files: tuple[str, ...], rows: list[GenerationRow]) -> dict:
         """The embedding files -> {name: Embedding}, each checked against this model's text encoders;
@@ -426,18 +499,9 @@ class Pipeline:
             self.loras, self._lora_signature = tuple(loras), signature
             self._text_cache.clear()
 
-    @contextlib.contextmanager
     def _on_device(self, module: torch.nn.Module):
-        """Low-memory mode: a model sits on the GPU only while it is used."""
-        if not self.low_memory:
-            yield
-            return
-        module.to(self.device)
-        try:
-            yield
-        finally:
-            module.to("cpu")
-            torch.cuda.empty_cache()
+        """Around each use of a part (the text encoders, the UNet, the VAE): residency.py."""
+        return self.residency.using(module)
 
 
 def file_signatures(paths) -> str | None:

@@ -171,9 +171,12 @@ def bench_unet(dtype_name: str, sizes: list[int], rounds: int, threads: int, lay
 
 
 # ---------------------------------------------------------------- 2-3. start-up and RSS
-def startup_child(side: str, dtype_name: str, size: int, steps: int, threads: int, e2e_rows: int) -> None:
+def startup_child(side: str, dtype_name: str, size: int, steps: int, threads: int, e2e_rows: int,
+                  low_memory: bool = False) -> None:
     """One fresh process: load from the single file, make one image, save it as PNG; then (e2e_rows)
-    that many more rows in one generate call, timed, saved as PNGs; CHILD json."""
+    that many more rows in one generate call, timed, saved as PNGs; CHILD json. `low_memory`: batchsd
+    loads with --low-memory and, as a job does (Worker.encode_ahead), encodes the later rows' prompts
+    with the first's."""
     torch.set_num_threads(threads)
     t_import = time.perf_counter() - T_PROCESS
     path, folder = model_paths()
@@ -183,12 +186,17 @@ def startup_child(side: str, dtype_name: str, size: int, steps: int, threads: in
         from batchsd.model.fast.allocator import tune_cpu_allocator
 
         tune_cpu_allocator()
-        pipe = bc.load_batchsd(path, dtype_name)
+        pipe = bc.load_batchsd(path, dtype_name, low_memory=low_memory)
         load_s, rss_load = time.perf_counter() - t0, bc.peak_rss_gib(own=True)
 
+        def rows(n: int, seed: int) -> list:
+            return [GenerationRow(f"{PROMPT}, {i}", seed=seed + i, steps=steps, cfg_scale=7.5, sampler="euler",
+                                  width=size, height=size) for i in range(n)]
+
         def generate(n: int, seed: int) -> list:
-            return pipe.generate([GenerationRow(f"{PROMPT}, {i}", seed=seed + i, steps=steps, cfg_scale=7.5,
-                                                sampler="euler", width=size, height=size) for i in range(n)]).images
+            if low_memory and seed == 1:
+                pipe.encode_ahead(iter(rows(1, 1) + rows(e2e_rows, 100)), now=1)
+            return pipe.generate(rows(n, seed)).images
     else:
         from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
         from diffusers.utils import logging as dlogging
@@ -224,7 +232,8 @@ def startup_child(side: str, dtype_name: str, size: int, steps: int, threads: in
                                      loadavg=loadavg(), **e2e)))
 
 
-def bench_startup(dtype_name: str, size: int, steps: int, threads: int, reps: int, e2e_rows: int) -> list[dict]:
+def bench_startup(dtype_name: str, size: int, steps: int, threads: int, reps: int, e2e_rows: int,
+                  low_memory: bool = False) -> list[dict]:
     path, _ = model_paths()
     with open(path, "rb") as f:             # into the page cache, as far as it fits, for both sides
         while f.read(1 << 26):
@@ -236,7 +245,8 @@ def bench_startup(dtype_name: str, size: int, steps: int, threads: int, reps: in
             t0 = time.perf_counter()
             rec = bc.run_child(__file__, "--child", "startup", "--side", side, "--dtype", dtype_name, "--startup-size",
                                str(size), "--startup-steps", str(steps), "--threads", str(threads),
-                               "--e2e-rows", str(e2e_rows), what=f"{side} start-up child")
+                               "--e2e-rows", str(e2e_rows), *(["--low-memory"] if low_memory else []),
+                               what=f"{side} start-up child")
             rec.update(wall_s=time.perf_counter() - t0, rep=rep, dtype=dtype_name, size=size, steps=steps)
             out.append(rec)
             log(f"startup {side} rep {rep}: wall {rec['wall_s']:.1f}s (load {rec['load_s']:.1f}s), peak RSS "
@@ -279,7 +289,8 @@ def report(res: dict) -> str:
     startup = res.get("startup", [])
     if startup:
         s0 = startup[0]
-        out += ["", f"Start-up and memory: a fresh subprocess per side, {s0['dtype']} from the bf16 single file "
+        out += ["", f"Start-up and memory: a fresh subprocess per side (batchsd --low-memory: {res.get('low_memory')}), "
+                f"{s0['dtype']} from the bf16 single file "
                 f"(diffusers: from_single_file), one {s0['size']}x{s0['size']} image, {s0['steps']} steps euler, saved as "
                 f"PNG; medians of {len(startup) // 2} runs per side, sides alternating; load averages "
                 f"{', '.join(r['loadavg'].split()[0] for r in startup)}",
@@ -324,6 +335,8 @@ def main() -> None:
     ap.add_argument("--startup-reps", type=int, default=1, help="start-up runs per side (alternating)")
     ap.add_argument("--e2e-rows", type=int, default=0,
                     help="after its first image, each start-up child makes this many more rows in one call, timed")
+    ap.add_argument("--low-memory", action="store_true",
+                    help="start-up: batchsd with --low-memory (text encoders and UNet never held together)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--json", type=Path, help="also write the raw results here")
     ap.add_argument("--child", choices=["unet", "startup"], help=argparse.SUPPRESS)
@@ -334,7 +347,8 @@ def main() -> None:
         return unet_child(args.side, args.dtype, sizes, args.threads, args.diffusers_layout, args.batchsd_exact,
                           args.winograd, args.attention)
     if args.child == "startup":
-        return startup_child(args.side, args.dtype, args.startup_size, args.startup_steps, args.threads, args.e2e_rows)
+        return startup_child(args.side, args.dtype, args.startup_size, args.startup_steps, args.threads, args.e2e_rows,
+                             args.low_memory)
 
     import diffusers
 
@@ -344,14 +358,14 @@ def main() -> None:
                amx=bool(torch.cpu._is_amx_tile_supported()), loadavg=loadavg(), git=bc.git_state(),
                command="python tests/bench/" + " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
                diffusers_layout=args.diffusers_layout, batchsd_exact=args.batchsd_exact, winograd=args.winograd,
-               attention=args.attention)
+               attention=args.attention, low_memory=args.low_memory)
     model_paths()
     res["roof"] = {"fp32": bc.matmul_roof(torch.float32), "bf16": bc.matmul_roof(torch.bfloat16)}
     log(f"{res['cpu']}, load average {res['loadavg']}, roof {res['roof']}")
     only = set(args.only.split(","))
     if "startup" in only:
         res["startup"] = bench_startup(args.dtype, args.startup_size, args.startup_steps, args.threads, args.startup_reps,
-                                       args.e2e_rows)
+                                       args.e2e_rows, args.low_memory)
     if "unet" in only:
         res["tflop"] = {str(s): sdxl_unet_tflop(s) for s in sizes}
         res["unet"] = bench_unet(args.dtype, sizes, args.rounds, args.threads, args.diffusers_layout, args.batchsd_exact,
