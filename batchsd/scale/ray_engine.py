@@ -150,8 +150,10 @@ class RowMaker:
             if runnable:
                 self.batch_size = batch_size_for(self.batch_size, self.pipe, runnable)
                 worker = Worker(self.pipe, self.batch_size, writer.submit, self.console)
-                for planned in plan_batches(runnable, self.batch_size):
-                    worker.run_rows(planned.rows, images)
+                planned = plan_batches(runnable, self.batch_size)
+                for i, batch_rows in enumerate(b.rows for b in planned):
+                    worker.encode_ahead(batch_rows, (planned[j].rows for j in range(i + 1, len(planned))))
+                    worker.run_rows(batch_rows, images)
                 self.batch_size = worker.batch_size
         finally:
             writer.close()
