@@ -2,7 +2,7 @@
 
     batchsd run MANIFEST [--model PATH|tiny] [--out DIR] [--batch-size N] [--device auto|cpu|cuda[:N]]
                          [--dtype auto|fp32|fp16|bf16] [--save-latents] [--limit N] [--dry-run]
-                         [--overwrite] [--retry-errors] [--low-memory] [--compile MODE] [--winograd auto|on|off]
+                         [--overwrite] [--retry-errors] [--[no-]low-memory] [--compile MODE] [--winograd auto|on|off]
                          [--attention auto|fused|torch] [--epilogues auto|fused|torch]
                          [--shard I/N] [--shard-count N] [--engine local|ray] [--workers K]
                          [--format files|webdataset|parquet|imagefolder] [--image-format png|jpg|webp]
@@ -208,10 +208,11 @@ def run(
     verify: bool = typer.Option(False, "--verify", help="Hash each done row's image and make it again when the "
                                 "bytes are not those its result recorded (a damaged or edited file). Reads every "
                                 "done image; loose-file formats only."),
-    low_memory: bool = typer.Option(False, "--low-memory", help="CUDA: keep idle model parts in CPU memory. CPU "
-                                    "(a checkpoint file or folder): never hold the text encoders and the UNet "
-                                    "together; each is read again from the checkpoint when the job switches "
-                                    "between encoding prompts and denoising (the same images)."),
+    low_memory: Optional[bool] = typer.Option(
+        None, "--low-memory/--no-low-memory", show_default="on for the CPU, off on CUDA",
+        help="CPU (a checkpoint file or folder): never hold the text encoders and the UNet together; each is "
+             "read again from the checkpoint when the job switches between encoding prompts and denoising "
+             "(the same images). CUDA: keep idle model parts in CPU memory."),
     compile: Compile = typer.Option(Compile.none, "--compile", case_sensitive=False,
                                     help="torch.compile the UNet: default, reduce-overhead (CUDA graphs on CUDA) "
                                          "or max-autotune. Compiles once per image size (minutes); the time is "

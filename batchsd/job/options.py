@@ -44,7 +44,7 @@ class RunOptions:
     overwrite: bool = False
     retry_errors: bool = False
     verify: bool = False             # a done row's image must hash to its recorded image_sha256 (resume.row_states)
-    low_memory: bool = False
+    low_memory: bool | None = None         # None: devices.default_low_memory
     compile: str | None = None       # torch.compile mode for the UNet (COMPILE_MODES in model/fast), None: eager
     winograd: bool | None = None     # CPU Winograd convolutions (winograd.py); None: the Pipeline's default
     fused_attention: bool | None = None  # CPU bf16 fused attention (fused_attention.py); None: the Pipeline's default

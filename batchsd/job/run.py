@@ -99,8 +99,9 @@ def _load(session: RunSession, key: str):
 
 def _describe(pipe, console: Console, plan: str) -> None:
     hash_note = f", hash {pipe.short_hash}" if pipe.short_hash else ""
-    console.print(f"model {escape(pipe.name)}{hash_note} on {pipe.device} ({str(pipe.dtype).removeprefix('torch.')}): "
-                  f"{plan}")
+    held = ", text encoders and UNet held in turn (--low-memory)" if getattr(pipe, "low_memory_cpu", False) else ""
+    console.print(f"model {escape(pipe.name)}{hash_note} on {pipe.device} ({str(pipe.dtype).removeprefix('torch.')}"
+                  f"{held}): {plan}")
     if pipe.sha256 is None:
         console.print("[bold yellow]model 'tiny' has random weights: its images are noise. "
                       "It is for trying the tool and for tests; pass a real checkpoint (SD 1.x, 2.x or SDXL) for pictures.[/bold yellow]")

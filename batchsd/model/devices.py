@@ -14,6 +14,11 @@ on every run (docs/performance.md has the measurements behind each rule):
                         bf16 on CPUs with avx512-bf16, else
                         torch's scaled_dot_product_attention
     --epilogues auto    torch's ops (a tie there)              fused (fast/fused_epilogues.py) for bf16
+
+Not a speed choice, keyed on the device alone (`default_low_memory`): `batchsd run`'s --low-memory
+is on for the CPU (the text encoders and the UNet held in turn, model/residency.py: the same bits,
+about a quarter less peak memory for SDXL) and off on CUDA (there it moves idle parts to CPU memory,
+which costs speed).
 """
 from __future__ import annotations
 
@@ -127,6 +132,13 @@ def default_fused_epilogues(device: torch.device, dtype: torch.dtype, kind: CpuK
     if device.type != "cpu" or dtype != torch.bfloat16:
         return False
     return (kind or cpu_kind()).amx
+
+
+def default_low_memory(device: torch.device) -> bool:
+    """`batchsd run`'s --low-memory when not given: on for the CPU, off on CUDA (the docstring above).
+    Pipeline.load's own default stays off: without a job's look-ahead (Pipeline.encode_ahead) each
+    generate call with new prompts would read the UNet again."""
+    return device.type == "cpu"
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -36,8 +36,8 @@ from PIL import Image
 from batchsd.errors import InputError
 from batchsd.model import samplers
 from batchsd.model.config import TINY, TINY_MODEL, TINY_MODEL_NAME
-from batchsd.model.devices import (cpu_kind, default_attention, default_fused_epilogues, default_winograd,
-                                  resolve_device, resolve_dtype)
+from batchsd.model.devices import (cpu_kind, default_attention, default_fused_epilogues, default_low_memory,
+                                  default_winograd, resolve_device, resolve_dtype)
 from batchsd.model.family import SD1, ModelFamily, TextConditioning, check_prediction_type
 from batchsd.model.fast.compiled_unet import CompiledUNet
 from batchsd.model.fast.exact import (exact_numerics, mkl_strict, resolve_exact, rowwise_guided_eps,
@@ -189,11 +189,15 @@ class Pipeline:
 
     @classmethod
     def load(cls, model: str | Path, device: str = "auto", dtype: str = "auto",
-             low_memory: bool = False, compile: str | None = None, winograd: bool | None = None,
+             low_memory: bool | None = False, compile: str | None = None, winograd: bool | None = None,
              prediction_type: str | None = None, exact: bool | None = None,
              fused_attention: bool | None = None, fused_epilogues: bool | None = None) -> "Pipeline":
         """`model`: "tiny" (deterministic random SD 1.x TINY preset, no file) or a checkpoint path
         (single-file .safetensors/.ckpt or a diffusers folder) of a family in family.FAMILIES.
+        `low_memory`: True/False, or None for devices.default_low_memory (on for the CPU): on the CPU the
+        text encoders and the UNet held in turn (residency.CpuReread; call `encode_ahead` with the rows
+        to come, or each generate call with new prompts reads the UNet again), on CUDA idle parts in
+        CPU memory.
         `prediction_type`: "epsilon" | "v_prediction" | None: what the UNet predicts, when the checkpoint
         does not say it (an SD 2.x single file without its `<stem>.yaml`) or to override what it says
         (the rule: family.py).
@@ -210,6 +214,8 @@ class Pipeline:
         preload_tokenizer()          # importing transformers overlaps with building the model and the load
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
+        if low_memory is None:
+            low_memory = default_low_memory(dev)
         exact = resolve_exact(exact, dev.type, compile)     # its InputError before the weights are read
         if str(model) == TINY_MODEL:
             family = SD1 if prediction_type is None else replace(

@@ -88,7 +88,7 @@ class MakerConfig:
     identity: ModelIdentity  # what the driver planned the resume decision with, as `numerics`
     device: str
     dtype: str
-    low_memory: bool
+    low_memory: bool | None
     compile: str | None
     winograd: bool | None
     fused_attention: bool | None

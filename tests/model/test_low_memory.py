@@ -147,7 +147,10 @@ def test_a_checkpoint_changed_during_the_run_is_named(sdxl, tmp_path):
         low.generate([row("a new prompt", 2)])
 
 
-def test_low_memory_refuses_compile_and_leaves_tiny_held(sdxl):
+def test_low_memory_defaults_refuses_compile_and_leaves_tiny_held(sdxl):
+    # batchsd run's default (None: devices.default_low_memory) is on for the CPU; the API's is off
+    assert isinstance(Pipeline.load(sdxl["path"], device="cpu", low_memory=None).residency, CpuReread)
+    assert isinstance(Pipeline.load(sdxl["path"], device="cpu").residency, AllHeld)
     with pytest.raises(InputError, match="--low-memory on the CPU"):
         Pipeline.load(sdxl["path"], device="cpu", dtype="fp32", low_memory=True, compile="default")
     tiny = Pipeline.load("tiny", device="cpu", low_memory=True)     # no file to read again from
@@ -167,9 +170,10 @@ def test_a_job_with_low_memory_makes_the_same_files(tmp_path):
     manifest.write_text("id,prompt,seed,steps,width,height\n" +
                         "".join(f"r{i},prompt number {i % 4},{i},2,64,64\n" for i in range(6)))
     made = {}
-    for name, extra in [("held", []), ("low", ["--low-memory"])]:
+    for name, extra in [("held", ["--no-low-memory"]), ("low", [])]:          # on by default for the CPU
         r = invoke("run", str(manifest), "--model", str(ckpt), "--out", str(tmp_path / name), "--batch-size", "2",
-                   *extra)
+                   "--device", "cpu", *extra)
         assert r.exit_code == 0, r.output
+        assert ("held in turn" in r.output) == (name == "low")
         made[name] = {p.name: p.read_bytes() for p in sorted((tmp_path / name / "images").glob("*.png"))}
     assert len(made["held"]) == 6 and made["held"] == made["low"]
