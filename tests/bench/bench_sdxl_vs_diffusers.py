@@ -22,6 +22,8 @@ Figures
      7.5), a fresh subprocess per side: batchsd `Pipeline.load` against diffusers'
      `StableDiffusionXLPipeline.from_single_file` (configs from the local folder, no watermarker), sides
      alternating; the file is read once first so both find it in the page cache as far as it fits.
+     batchsd runs as `batchsd run` does on the CPU: --low-memory (text encoders and UNet held in turn,
+     the later rows' prompts encoded with the first's); --low-memory off holds every part.
   3. Peak RSS (each child's own VmHWM) while loading and over the whole start-up run.
   4. With --e2e-rows N: in the same start-up children, after the first image, N more rows in one
      generate call (Pipeline.generate / the diffusers pipeline with lists of prompts and generators),
@@ -245,7 +247,7 @@ def bench_startup(dtype_name: str, size: int, steps: int, threads: int, reps: in
             t0 = time.perf_counter()
             rec = bc.run_child(__file__, "--child", "startup", "--side", side, "--dtype", dtype_name, "--startup-size",
                                str(size), "--startup-steps", str(steps), "--threads", str(threads),
-                               "--e2e-rows", str(e2e_rows), *(["--low-memory"] if low_memory else []),
+                               "--e2e-rows", str(e2e_rows), "--low-memory", "on" if low_memory else "off",
                                what=f"{side} start-up child")
             rec.update(wall_s=time.perf_counter() - t0, rep=rep, dtype=dtype_name, size=size, steps=steps)
             out.append(rec)
@@ -335,8 +337,9 @@ def main() -> None:
     ap.add_argument("--startup-reps", type=int, default=1, help="start-up runs per side (alternating)")
     ap.add_argument("--e2e-rows", type=int, default=0,
                     help="after its first image, each start-up child makes this many more rows in one call, timed")
-    ap.add_argument("--low-memory", action="store_true",
-                    help="start-up: batchsd with --low-memory (text encoders and UNet never held together)")
+    ap.add_argument("--low-memory", choices=["on", "off"], default="on",
+                    help="start-up: batchsd with --low-memory (text encoders and UNet never held together; "
+                         "`batchsd run`'s default on the CPU) or --no-low-memory")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--json", type=Path, help="also write the raw results here")
     ap.add_argument("--child", choices=["unet", "startup"], help=argparse.SUPPRESS)
@@ -348,7 +351,7 @@ def main() -> None:
                           args.winograd, args.attention)
     if args.child == "startup":
         return startup_child(args.side, args.dtype, args.startup_size, args.startup_steps, args.threads, args.e2e_rows,
-                             args.low_memory)
+                             args.low_memory == "on")
 
     import diffusers
 
@@ -365,7 +368,7 @@ def main() -> None:
     only = set(args.only.split(","))
     if "startup" in only:
         res["startup"] = bench_startup(args.dtype, args.startup_size, args.startup_steps, args.threads, args.startup_reps,
-                                       args.e2e_rows, args.low_memory)
+                                       args.e2e_rows, args.low_memory == "on")
     if "unet" in only:
         res["tflop"] = {str(s): sdxl_unet_tflop(s) for s in sizes}
         res["unet"] = bench_unet(args.dtype, sizes, args.rounds, args.threads, args.diffusers_layout, args.batchsd_exact,
