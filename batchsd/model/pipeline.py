@@ -385,6 +385,8 @@ class Pipeline:
         chosen: list[GenerationRow] = []
         loras = None
         for i, row in enumerate(rows):
+            if i == now and not keys:          # the next call encodes nothing: nothing to do yet
+                break
             if loras is None:
                 loras = tuple(tuple(pair) for pair in row.loras)
             if tuple(tuple(pair) for pair in row.loras) != loras:
@@ -397,7 +399,7 @@ class Pipeline:
                         self._text_key(row, skip, filler=True)]
             keys += [k for k in row_keys if k not in self._text_cache and k not in keys]
             chosen.append(row)
-            if (i + 1 == now and not keys) or len(keys) >= ENCODE_AHEAD:
+            if len(keys) >= ENCODE_AHEAD:
                 break
         if not keys:
             return 0

@@ -93,3 +93,25 @@ def test_ray_engine_matches_one_process_run_and_resumes(tmp_path, local_ray):
     finally:
         torch.set_num_threads(threads)
     assert (local.ok, local.skipped, local.previously_failed) == (0, 7, 1)
+
+
+def test_ray_engine_with_a_checkpoint_holds_parts_in_turn_and_makes_the_same_bytes(tmp_path, local_ray):
+    """A checkpoint file on the CPU: Ray's actors run with --low-memory's default (text encoders and UNet
+    held in turn, the prompts of the batches to come encoded ahead, residency.py); their bytes equal a
+    local run that holds every part."""
+    from safetensors.torch import save_file
+
+    from batchsd.model.config import TINY
+    from batchsd.model.stable_diffusion import StableDiffusionModel
+
+    ckpt = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in StableDiffusionModel.random(TINY, seed=2).state_dict().items()}, str(ckpt))
+    manifest = write_manifest(tmp_path)
+    held = run(RunOptions(manifest=manifest, model=str(ckpt), out_dir=tmp_path / "held", batch_size=2, device="cpu",
+                          low_memory=False), rich_bar=False)
+    s = run_ray(RunOptions(manifest=manifest, model=str(ckpt), out_dir=tmp_path / "ray", batch_size=2, device="cpu"),
+                workers=2, rich_bar=False, rows_per_call=4)
+    assert (held.ok, s.ok) == (7, 7)
+    a, b = table(tmp_path / "held"), table(tmp_path / "ray")
+    done = a.index[a["status"] == "ok"]
+    assert a.loc[done, "image_sha256"].tolist() == b.loc[done, "image_sha256"].tolist()
