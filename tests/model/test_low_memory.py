@@ -23,6 +23,7 @@ from batchsd.model.residency import AllHeld, CpuReread, is_released  # noqa: E40
 from ref_lora import write_kohya_lora  # noqa: E402
 from ref_sdxl import SDXL_TEST, build_reference_sdxl, write_sdxl_folder, write_sdxl_single_file  # noqa: E402
 from test_lora import unet_sgm_names  # noqa: E402
+from test_pipeline_parity import init_image  # noqa: E402
 from cli_support import invoke  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -45,10 +46,12 @@ def row(prompt: str, seed: int, **kwargs) -> GenerationRow:
 
 
 def batches(lora) -> list[list[GenerationRow]]:
-    """Three calls: new texts, new texts again, then the first texts under a LoRA (which drops the
-    text cache: the text encoders run with the adapter's text-encoder terms)."""
+    """Four calls: new texts, new texts again, the first texts under a LoRA (which drops the text
+    cache: the text encoders run with the adapter's text-encoder terms), image-to-image with new texts
+    (the VAE's encoder, held throughout)."""
     return [[row("a red cube", 1)], [row("a blue sphere on grass", 2), row("a cat", 3)],
-            [row("a red cube", 4, loras=((str(lora), 0.8),))]]
+            [row("a red cube", 4, loras=((str(lora), 0.8),))],
+            [row("a watercolour of a harbour", 5, init_image=init_image(64, 64), strength=0.6)]]
 
 
 @pytest.mark.parametrize("dtype,speed", [
@@ -67,8 +70,8 @@ def test_low_memory_gives_the_same_bits(sdxl, dtype, speed):
         assert torch.equal(a.latents, b.latents)
         assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a.images, b.images))
         assert is_released(low.text_encoders) and not is_released(low.model.unet)
-    # the UNet read at the first batch and after each re-encoding; the text encoders read for batches 2, 3
-    assert low.residency.reads == {"text": 2, "unet": 3}
+    # the UNet read at the first batch and after each re-encoding; the text encoders for batches 2-4
+    assert low.residency.reads == {"text": 3, "unet": 4}
 
 
 def held_bytes(module: torch.nn.Module) -> int:
@@ -115,6 +118,20 @@ def test_a_diffusers_folder_is_read_again_the_same(sdxl):
     held = Pipeline.load(sdxl["folder"], device="cpu", dtype="fp32")
     low = Pipeline.load(sdxl["folder"], device="cpu", dtype="fp32", low_memory=True)
     for batch in batches(sdxl["lora"])[:2]:
+        assert torch.equal(held.generate(batch).latents, low.generate(batch).latents)
+    assert low.residency.reads == {"text": 1, "unet": 2}
+
+
+def test_a_ckpt_file_is_read_again_the_same(tmp_path):
+    """A pickled .ckpt (read through torch.load's mapping) read again gives the same bits."""
+    from batchsd.model.config import TINY
+    from batchsd.model.stable_diffusion import StableDiffusionModel
+
+    path = tmp_path / "tiny.ckpt"
+    torch.save({"state_dict": StableDiffusionModel.random(TINY, seed=3).state_dict()}, path)
+    held = Pipeline.load(path, device="cpu", dtype="fp32")
+    low = Pipeline.load(path, device="cpu", dtype="fp32", low_memory=True)
+    for batch in ([row("a red cube", 1)], [row("a blue sphere", 2)], [row("a red cube", 3)]):
         assert torch.equal(held.generate(batch).latents, low.generate(batch).latents)
     assert low.residency.reads == {"text": 1, "unet": 2}
 
