@@ -23,6 +23,7 @@ checkpoint); the flow above is the same for every family (SD 1.x, SD 2.x-eps, SD
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
@@ -40,6 +41,7 @@ from batchsd.model.devices import (cpu_kind, default_attention, default_fused_ep
                                   default_winograd, resolve_device, resolve_dtype)
 from batchsd.model.family import SD1, ModelFamily, TextConditioning, check_prediction_type
 from batchsd.model.fast.compiled_unet import CompiledUNet
+from batchsd.model.fast.context_projections import reuse_context_projections
 from batchsd.model.fast.exact import (exact_numerics, mkl_strict, resolve_exact, rowwise_guided_eps,
                                       warn_unless_mkl_strict)
 from batchsd.model.fast.host_copy import host_array, to_host
@@ -146,6 +148,7 @@ class Pipeline:
         self.fused_epilogues = self._use_fused_epilogues(fused_epilogues, device, dtype, compile, pack_weights)
         # the UNet forward as called by the sampler: eager, or torch.compile'd (compiled_unet.CompiledUNet)
         self.unet = CompiledUNet(self.model.unet, compile, device) if compile else self.model.unet
+        self.compiled = bool(compile)
         # the family's text encoders (SDXL has two), held or freed together (residency.py)
         self.text_encoders = torch.nn.ModuleList(
             [m for m in (self.model.text_encoder, getattr(self.model, "text_encoder_2", None)) if m is not None])
@@ -301,7 +304,7 @@ class Pipeline:
         # 4. denoise
         eps_model = self._guided_eps_model(cond.context, uncond.context, [float(r.cfg_scale) for r in rows],
                                            y_cond, y_uncond)
-        with self._on_device(self.model.unet):
+        with self._on_device(self.model.unet), self._context_projections():
             latents = samplers.sample(sampler, eps_model, latents, schedule, generators, start=start)
 
         # 5-6. decode and convert
@@ -471,6 +474,11 @@ class Pipeline:
             return eps
 
         return eps_model
+
+    def _context_projections(self):
+        """Around the sampling loop: the cross-attentions' K/V projections of the text context kept
+        across steps (fast/context_projections.py), in eager mode (not under torch.compile)."""
+        return contextlib.nullcontext() if self.compiled else reuse_context_projections(self.model.unet)
 
     def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
         """Latents -> images, `vae_chunk` at a time; on CUDA a chunk's pixels travel to the host (uint8,

@@ -98,6 +98,8 @@ class CrossAttention(nn.Module):
         super().__init__()
         self.heads = heads
         self.fused = False
+        # id(context) -> (context, k, v) while fast/context_projections.reuse_context_projections holds
+        self.context_cache: dict | None = None
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_k = nn.Linear(context_dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim, dim, bias=False)
@@ -107,18 +109,28 @@ class CrossAttention(nn.Module):
                 residual: torch.Tensor | None = None) -> torch.Tensor:
         # x: [B, N, dim], context: [B, M, context_dim] -> [B, N, dim] (+ residual [B, N, dim], added in
         # to_out's epilogue: fast/fused_epilogues.py)
-        context = x if context is None else context
         B, N, C = x.shape
-        M = context.shape[1]
         q = self.to_q(x).view(B, N, self.heads, -1).transpose(1, 2)        # [B, heads, N, d]
-        k = self.to_k(context).view(B, M, self.heads, -1).transpose(1, 2)  # [B, heads, M, d]
-        v = self.to_v(context).view(B, M, self.heads, -1).transpose(1, 2)  # [B, heads, M, d]
+        if context is None or self.context_cache is None:
+            k, v = self._keys_values(x if context is None else context)
+        else:   # the text context, the same tensor at every step: its projections kept (context_projections.py)
+            kept = self.context_cache.get(id(context))
+            if kept is None or kept[0] is not context:
+                kept = self.context_cache[id(context)] = (context, *self._keys_values(context))
+            k, v = kept[1], kept[2]
         if self.fused and supports(q, k, v):
             h = fused_attention(q, k, v)                                   # [B, heads, N, d]
         else:
             h = F.scaled_dot_product_attention(q, k, v)                    # [B, heads, N, d]
         h = h.transpose(1, 2).reshape(B, N, C)
         return self.to_out(h) if residual is None else add_after(self.to_out[0], h, residual)
+
+    def _keys_values(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # context: [B, M, context_dim] -> k, v: [B, heads, M, d]
+        B, M = context.shape[:2]
+        k = self.to_k(context).view(B, M, self.heads, -1).transpose(1, 2)
+        v = self.to_v(context).view(B, M, self.heads, -1).transpose(1, 2)
+        return k, v
 
 
 class GEGLU(nn.Module):

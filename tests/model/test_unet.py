@@ -248,3 +248,31 @@ def test_sd15_full_width_parity_8x8():
           f"{time.perf_counter() - start:.1f} s")
     assert expected.abs().max() > 0.5
     assert diff <= TOL
+
+
+# ---------------------------------------------------------------------------------------------
+# the cross-attentions' K/V projections kept across steps (fast/context_projections.py)
+
+def test_context_projections_kept_give_the_same_bits_and_are_computed_once(tiny_pair, monkeypatch):
+    from batchsd.model.fast.context_projections import reuse_context_projections
+
+    cfg, _, ours = tiny_pair
+    x, t, context = inputs(cfg, 16, 16, batch=2)
+    other = context.clone()                                 # equal values, another tensor: computed again
+    calls = []
+    keys_values = unet_module.CrossAttention._keys_values
+    monkeypatch.setattr(unet_module.CrossAttention, "_keys_values",
+                        lambda self, c: calls.append(c is context) or keys_values(self, c))
+    cross = sum(1 for m in ours.modules() if isinstance(m, unet_module.CrossAttention)) // 2   # attn2 of each block
+    with torch.no_grad():
+        plain = [ours(x + i, t, context) for i in range(3)]
+        assert calls.count(True) == 3 * cross               # every step projects the context again
+        calls.clear()
+        with reuse_context_projections(ours) as kept_by:
+            assert kept_by == 2 * cross
+            reused = [ours(x + i, t, context) for i in range(3)]
+            assert calls.count(True) == cross               # once per cross-attention, at the first step
+            ours(x, t, other)
+            assert calls.count(False) == 4 * cross + cross  # self-attention at each of 4 calls; `other` once
+        assert all(m.context_cache is None for m in ours.modules() if isinstance(m, unet_module.CrossAttention))
+    assert all(torch.equal(a, b) for a, b in zip(plain, reused))

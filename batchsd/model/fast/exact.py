@@ -209,15 +209,20 @@ def rowwise_guided_eps(unet: Callable, cond: torch.Tensor, uncond: torch.Tensor,
     then combines as the batched path does, e = e_uncond + s * (e_cond - e_uncond) with s a float32
     tensor, under ExactNumerics on the CPU."""
     scale = [torch.tensor([s], dtype=torch.float32, device=device).view(-1, 1, 1, 1) for s in scales]
+    # each row's context (and vector) built once: the same tensors at every step, whose cross-attention
+    # projections the UNet may keep (fast/context_projections.py)
+    contexts = [torch.cat([uncond[i:i + 1], cond[i:i + 1]]) if s != 1.0 else cond[i:i + 1]
+                for i, s in enumerate(scales)]
+    extras = [() if y_cond is None else
+              ((torch.cat([y_uncond[i:i + 1], y_cond[i:i + 1]]) if s != 1.0 else y_cond[i:i + 1]),)
+              for i, s in enumerate(scales)]
 
     def eps_model(x: torch.Tensor, t: float) -> torch.Tensor:
         outs = []
         for i, s in enumerate(scales):
             row, guided = slice(i, i + 1), s != 1.0
             x_in = torch.cat([x[row], x[row]]) if guided else x[row]
-            context = torch.cat([uncond[row], cond[row]]) if guided else cond[row]
-            extra = () if y_cond is None else \
-                ((torch.cat([y_uncond[row], y_cond[row]]) if guided else y_cond[row]),)
+            context, extra = contexts[i], extras[i]
             timesteps = torch.full((x_in.shape[0],), float(t), dtype=torch.float32, device=x.device)
             with exact_numerics(True, device):
                 out = unet(x_in.to(dtype).contiguous(memory_format=memory_format), timesteps, context, *extra).float()
