@@ -7,9 +7,10 @@ use of a part in `residency.using(part)`.
 - `CpuReread` (`--low-memory` on the CPU): the text encoders and the UNet are never held together.
   The UNet is not read at load; using the text encoders frees the UNet, using the UNet frees the text
   encoders, and a freed part is read again from the checkpoint (`checkpoint.read_part`) when it is
-  next used. The VAE is held throughout (it is small). Peak memory is then the larger of the two
-  parts, not their sum; the price is reading a part again each time the work switches between
+  next used. The VAE is held throughout (it is small). The weights held are then the larger of the
+  two parts, not their sum; the price is reading a part again each time the work switches between
   encoding prompts and denoising (`Pipeline.encode_ahead` makes that once per many batches).
+  `batchsd run` turns it on for the CPU (devices.default_low_memory).
 
 The same bits either way: a part read again is read and converted exactly as at load, its speed
 paths (packed convolutions, Winograd, fused kernels: marks on the modules, which survive a release)
