@@ -1,7 +1,7 @@
 """Where a model's parts (text encoders, UNet, VAE) are held while rows run: `Pipeline` wraps each
 use of a part in `residency.using(part)`.
 
-- `AllHeld`: every part on the run's device the whole time (the default).
+- `AllHeld`: every part on the run's device the whole time (Pipeline.load's default, and CUDA's).
 - `GpuOffload` (`--low-memory` on CUDA): a part sits on the GPU only while it is used, in CPU memory
   otherwise.
 - `CpuReread` (`--low-memory` on the CPU): the text encoders and the UNet are never held together.
