@@ -194,3 +194,24 @@ def test_a_job_with_low_memory_makes_the_same_files(tmp_path):
         assert ("held in turn" in r.output) == (name == "low")
         made[name] = {p.name: p.read_bytes() for p in sorted((tmp_path / name / "images").glob("*.png"))}
     assert len(made["held"]) == 6 and made["held"] == made["low"]
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_sd2_files_are_read_again_the_same(tmp_path, prediction):
+    """SD 2.x (OpenCLIP under `cond_stage_model.model.`): a v-prediction file whose yaml says so and an
+    epsilon file given its prediction type; a long A1111 prompt (2 chunks, padded by the empty text)."""
+    from ref_sd2 import SD2_TEST, build_reference_sd2, write_ldm_yaml, write_sd2_single_file
+
+    path = write_sd2_single_file(tmp_path / "sd2.safetensors", build_reference_sd2(SD2_TEST, prediction))
+    kwargs = {}
+    if prediction == "v_prediction":
+        write_ldm_yaml(tmp_path / "sd2.yaml", prediction)
+    else:
+        kwargs["prediction_type"] = prediction
+    held = Pipeline.load(path, device="cpu", dtype="fp32", **kwargs)
+    low = Pipeline.load(path, device="cpu", dtype="fp32", low_memory=True, **kwargs)
+    assert low.family.scheduler.prediction_type == prediction
+    long = "a very detailed painting of a lighthouse on a cliff at dusk, " * 8
+    for batch in ([row("a red cube", 1)], [row(long, 2, prompt_syntax="a1111")], [row("a cat", 3)]):
+        assert torch.equal(held.generate(batch).latents, low.generate(batch).latents)
+    assert low.residency.reads == {"text": 2, "unet": 3}
