@@ -17,8 +17,8 @@ on every run (docs/performance.md has the measurements behind each rule):
 
 Not a speed choice, keyed on the device alone (`default_low_memory`): `batchsd run`'s --low-memory
 is on for the CPU (the text encoders and the UNet held in turn, model/residency.py: the same bits,
-about a quarter less peak memory for SDXL) and off on CUDA (there it moves idle parts to CPU memory,
-which costs speed).
+less peak memory; figures in docs/performance.md) and off on CUDA (there it moves idle parts to CPU
+memory, which costs speed).
 """
 from __future__ import annotations
 

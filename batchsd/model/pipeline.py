@@ -130,7 +130,8 @@ class Pipeline:
         # not on every call (packed_conv.PackedConv2d)
         self.cpu_kind = cpu_kind() if device.type == "cpu" else None
         self.winograd = False
-        if pack_weights and device.type == "cpu" and not compile:
+        self.pack_weights = pack_weights and device.type == "cpu" and not compile   # (and at each UNet read)
+        if self.pack_weights:
             if winograd or (winograd is None and default_winograd(device, dtype, self.cpu_kind)):
                 self.winograd = use_winograd_in_model(self.model) > 0
             pack_convolutions(self.model.unet)
@@ -152,7 +153,6 @@ class Pipeline:
         # the family's text encoders (SDXL has two), held or freed together (residency.py)
         self.text_encoders = torch.nn.ModuleList(
             [m for m in (self.model.text_encoder, getattr(self.model, "text_encoder_2", None)) if m is not None])
-        self.pack_weights = pack_weights and device.type == "cpu" and not compile
         self.residency = (GpuOffload(device) if self.low_memory else
                           CpuReread(self.model, *source, dtype, self.memory_format, self.text_encoders,
                                     self.model.unet, self._after_unet_read) if self.low_memory_cpu else AllHeld())
@@ -323,8 +323,9 @@ class Pipeline:
             skips = [clip_skip_layers(self.family, r.clip_skip) for r in rows]
         except ValueError as e:
             raise InputError(f"clip_skip: {e}") from None
-        keys = [self._text_key(r, skip, negative) for r, skip in zip(rows, skips)]
-        fillers = [self._text_key(r, skip, filler=True) for r, skip in zip(rows, skips)]   # pads the chunks
+        signatures: dict = {}
+        keys = [self._text_key(r, skip, signatures, negative) for r, skip in zip(rows, skips)]
+        fillers = [self._text_key(r, skip, signatures, filler=True) for r, skip in zip(rows, skips)]  # pads chunks
         needed = keys + (fillers if chunks > 1 else [])
         self._encode_missing(needed, rows)
         for key in needed:
@@ -345,14 +346,17 @@ class Pipeline:
         return TextConditioning(torch.stack(padded), [e.truncated for e in entries], pooled)
 
     @staticmethod
-    def _text_key(row: GenerationRow, skip: int, negative: bool = False, filler: bool = False) -> tuple:
+    def _text_key(row: GenerationRow, skip: int, signatures: dict, negative: bool = False,
+                  filler: bool = False) -> tuple:
         """The text cache's key of a row's prompt (negative prompt; the empty text that pads its chunks):
         (text, syntax, skip, embedding files, their file signatures). A file replaced at its path is read
-        again (embeddings.load_embedding checks the same signature)."""
-        if filler:
-            return "", row.prompt_syntax, skip, (), file_signatures(())
-        return (row.negative_prompt if negative else row.prompt, row.prompt_syntax, skip, row.embeddings,
-                file_signatures(row.embeddings))
+        again (embeddings.load_embedding checks the same signature). `signatures`: the caller's
+        files -> file_signatures, so each set of files is looked at once per call."""
+        files = () if filler else row.embeddings
+        if files not in signatures:
+            signatures[files] = file_signatures(files)
+        text = "" if filler else row.negative_prompt if negative else row.prompt
+        return text, row.prompt_syntax, skip, files, signatures[files]
 
     def _encode_missing(self, keys: list[tuple], rows: list[GenerationRow], skip_bad: bool = False) -> None:
         """Encode the `keys` (_text_key) the cache lacks into it. `skip_bad`: a group whose embedding
@@ -386,20 +390,21 @@ class Pipeline:
         many texts it encoded."""
         keys: list[tuple] = []
         chosen: list[GenerationRow] = []
+        signatures: dict = {}
         loras = None
         for i, row in enumerate(rows):
             if i == now and not keys:          # the next call encodes nothing: nothing to do yet
                 break
-            if loras is None:
-                loras = tuple(tuple(pair) for pair in row.loras)
-            if tuple(tuple(pair) for pair in row.loras) != loras:
+            row_loras = tuple(tuple(pair) for pair in row.loras)
+            loras = row_loras if loras is None else loras
+            if row_loras != loras:
                 break
             try:
                 skip = clip_skip_layers(self.family, row.clip_skip)
             except ValueError:
                 continue
-            row_keys = [self._text_key(row, skip), self._text_key(row, skip, negative=True),
-                        self._text_key(row, skip, filler=True)]
+            row_keys = [self._text_key(row, skip, signatures), self._text_key(row, skip, signatures, negative=True),
+                        self._text_key(row, skip, signatures, filler=True)]
             keys += [k for k in row_keys if k not in self._text_cache and k not in keys]
             chosen.append(row)
             if len(keys) >= ENCODE_AHEAD:

@@ -209,13 +209,14 @@ def rowwise_guided_eps(unet: Callable, cond: torch.Tensor, uncond: torch.Tensor,
     then combines as the batched path does, e = e_uncond + s * (e_cond - e_uncond) with s a float32
     tensor, under ExactNumerics on the CPU."""
     scale = [torch.tensor([s], dtype=torch.float32, device=device).view(-1, 1, 1, 1) for s in scales]
+    def row_input(u: torch.Tensor, c: torch.Tensor, i: int) -> torch.Tensor:
+        """Row i's [uncond_i, cond_i] (guided) or cond_i."""
+        return torch.cat([u[i:i + 1], c[i:i + 1]]) if scales[i] != 1.0 else c[i:i + 1]
+
     # each row's context (and vector) built once: the same tensors at every step, whose cross-attention
     # projections the UNet may keep (fast/context_projections.py)
-    contexts = [torch.cat([uncond[i:i + 1], cond[i:i + 1]]) if s != 1.0 else cond[i:i + 1]
-                for i, s in enumerate(scales)]
-    extras = [() if y_cond is None else
-              ((torch.cat([y_uncond[i:i + 1], y_cond[i:i + 1]]) if s != 1.0 else y_cond[i:i + 1]),)
-              for i, s in enumerate(scales)]
+    contexts = [row_input(uncond, cond, i) for i in range(len(scales))]
+    extras = [() if y_cond is None else (row_input(y_uncond, y_cond, i),) for i in range(len(scales))]
 
     def eps_model(x: torch.Tensor, t: float) -> torch.Tensor:
         outs = []
